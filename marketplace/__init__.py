@@ -1,0 +1,1 @@
+"""The gateway: x402 payments, order book and routing, the coordinator, the client SDK and the CLI."""

@@ -1,0 +1,20 @@
+"""Settings of the chain layer; the only place it reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ChainSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    rpc_url: str = Field("http://127.0.0.1:8545", description="JSON-RPC endpoint of the chain")
+    deployment_file: Path = Field(
+        Path(".strata/deployment.json"), description="where deploy writes, and everything else reads, addresses"
+    )
+    operator_key: SecretStr | None = Field(None, description="hex private key that redeems vouchers and posts roots")
+    rpc_timeout_s: float = Field(10.0, description="seconds to wait for one JSON-RPC answer")
+    receipt_timeout_s: float = Field(120.0, description="seconds to wait for a transaction's receipt")

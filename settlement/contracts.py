@@ -1,0 +1,257 @@
+"""Typed wrappers over the four contracts. Writes take the sending account; reads return plain values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from web3.contract import Contract
+from web3.types import TxReceipt
+
+from settlement.chain import Chain
+from settlement.eip712 import Domain, TransferAuthorization, compact_signature, split_signature, token_domain
+from settlement.eip712 import voucher_domain as _voucher_domain
+
+OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
+SLASHER_ROLE = keccak(text="SLASHER_ROLE")
+DEFAULT_ADMIN_ROLE = b"\x00" * 32
+
+
+class _Wrapper:
+    def __init__(self, chain: Chain, address: str, abi: list[dict[str, Any]]) -> None:
+        self.chain = chain
+        self.address = to_checksum_address(address)
+        self.contract: Contract = chain.w3.eth.contract(address=self.address, abi=abi)
+        chain.register_errors(abi)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return self.chain.call(self.contract.functions[name](*args), f"{type(self).__name__}.{name}")
+
+    def _send(self, sender: LocalAccount, name: str, *args: Any) -> TxReceipt:
+        return self.chain.transact(sender, self.contract.functions[name](*args), f"{type(self).__name__}.{name}")
+
+    def grant_role(self, sender: LocalAccount, role: bytes, account: str) -> TxReceipt:
+        return self._send(sender, "grantRole", role, to_checksum_address(account))
+
+    def has_role(self, role: bytes, account: str) -> bool:
+        return bool(self._call("hasRole", role, to_checksum_address(account)))
+
+
+class PaymentToken(_Wrapper):
+    def name(self) -> str:
+        return str(self._call("name"))
+
+    def decimals(self) -> int:
+        return int(self._call("decimals"))
+
+    def domain(self) -> Domain:
+        return token_domain(self.name(), self.chain.chain_id, self.address)
+
+    def balance_of(self, account: str) -> int:
+        return int(self._call("balanceOf", to_checksum_address(account)))
+
+    def total_supply(self) -> int:
+        return int(self._call("totalSupply"))
+
+    def allowance(self, owner: str, spender: str) -> int:
+        return int(self._call("allowance", to_checksum_address(owner), to_checksum_address(spender)))
+
+    def mint(self, sender: LocalAccount, *, to: str, amount: int) -> TxReceipt:
+        return self._send(sender, "mint", to_checksum_address(to), amount)
+
+    def approve(self, sender: LocalAccount, *, spender: str, amount: int) -> TxReceipt:
+        return self._send(sender, "approve", to_checksum_address(spender), amount)
+
+    def transfer(self, sender: LocalAccount, *, to: str, amount: int) -> TxReceipt:
+        return self._send(sender, "transfer", to_checksum_address(to), amount)
+
+    def authorization_used(self, authorizer: str, nonce: bytes) -> bool:
+        return bool(self._call("authorizationState", to_checksum_address(authorizer), nonce))
+
+    def transfer_with_authorization(
+        self, sender: LocalAccount, *, authorization: TransferAuthorization, signature: bytes
+    ) -> TxReceipt:
+        r, s, v = split_signature(signature)
+        return self._send(
+            sender,
+            "transferWithAuthorization",
+            to_checksum_address(authorization.sender),
+            to_checksum_address(authorization.recipient),
+            authorization.value,
+            authorization.valid_after,
+            authorization.valid_before,
+            authorization.nonce,
+            v,
+            r,
+            s,
+        )
+
+
+@dataclass(frozen=True)
+class StakeInfo:
+    staked: int
+    unbonding: int
+    unbonds_at: int
+
+
+class StakeManager(_Wrapper):
+    def stake(self, sender: LocalAccount, *, amount: int) -> TxReceipt:
+        return self._send(sender, "stake", amount)
+
+    def request_unstake(self, sender: LocalAccount, *, amount: int) -> TxReceipt:
+        return self._send(sender, "requestUnstake", amount)
+
+    def withdraw(self, sender: LocalAccount) -> TxReceipt:
+        return self._send(sender, "withdraw")
+
+    def slash(self, sender: LocalAccount, *, provider: str, amount: int, evidence_hash: bytes) -> TxReceipt:
+        return self._send(sender, "slash", to_checksum_address(provider), amount, evidence_hash)
+
+    def set_min_stake(self, sender: LocalAccount, *, amount: int) -> TxReceipt:
+        return self._send(sender, "setMinStake", amount)
+
+    def is_active(self, provider: str) -> bool:
+        return bool(self._call("isActive", to_checksum_address(provider)))
+
+    def stake_of(self, provider: str) -> StakeInfo:
+        staked, unbonding, unbonds_at = self._call("stakeOf", to_checksum_address(provider))
+        return StakeInfo(int(staked), int(unbonding), int(unbonds_at))
+
+    def min_stake(self) -> int:
+        return int(self._call("minStake"))
+
+    def unbonding_period(self) -> int:
+        return int(self._call("unbondingPeriod"))
+
+    def challenger_bps(self) -> int:
+        return int(self._call("challengerBps"))
+
+    def total_staked(self) -> int:
+        return int(self._call("totalStaked"))
+
+    def total_unbonding(self) -> int:
+        return int(self._call("totalUnbonding"))
+
+
+def channel_id(payer: str, salt: int) -> bytes:
+    """The id VoucherEscrow gives the channel: the payer's address, then a 96-bit salt."""
+    if not 0 <= salt < 2**96:
+        raise ValueError(f"channel salt {salt} is outside uint96")
+    return bytes.fromhex(to_checksum_address(payer)[2:]) + salt.to_bytes(12, "big")
+
+
+def random_channel_id(payer: str) -> bytes:
+    return channel_id(payer, int.from_bytes(os.urandom(12), "big"))
+
+
+def channel_payer(channel: bytes) -> str:
+    if len(channel) != 32:
+        raise ValueError(f"channel id must be 32 bytes, got {len(channel)}")
+    return to_checksum_address(channel[:20])
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    deposit: int
+    claimed: int
+    withdrawable_at: int
+
+    @property
+    def exiting(self) -> bool:
+        return self.withdrawable_at != 0
+
+    @property
+    def unclaimed(self) -> int:
+        return self.deposit - self.claimed
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """One channel in a redemption batch: the payer's voucher and the cumulative amount to claim now."""
+
+    channel_id: bytes
+    max_claimable_amount: int
+    claim_to: int
+    signature: bytes
+
+    def as_abi(self) -> tuple[bytes, int, int, bytes, bytes]:
+        r, vs = compact_signature(self.signature)
+        return (self.channel_id, self.max_claimable_amount, self.claim_to, r, vs)
+
+
+class VoucherEscrow(_Wrapper):
+    def domain(self) -> Domain:
+        return _voucher_domain(self.chain.chain_id, self.address)
+
+    def deposit(self, sender: LocalAccount, *, channel: bytes, amount: int) -> TxReceipt:
+        return self._send(sender, "deposit", channel, amount)
+
+    def redeem(self, sender: LocalAccount, redemptions: list[Redemption]) -> TxReceipt:
+        return self._send(sender, "redeem", [r.as_abi() for r in redemptions])
+
+    def initiate_withdraw(self, sender: LocalAccount, *, channel: bytes) -> TxReceipt:
+        return self._send(sender, "initiateWithdraw", channel)
+
+    def finalize_withdraw(self, sender: LocalAccount, *, channel: bytes) -> TxReceipt:
+        return self._send(sender, "finalizeWithdraw", channel)
+
+    def channel(self, channel: bytes) -> ChannelState:
+        deposit, claimed = self._call("channel", channel)
+        return ChannelState(int(deposit), int(claimed), int(self._call("withdrawableAt", channel)))
+
+    def voucher_digest(self, channel: bytes, max_claimable_amount: int) -> bytes:
+        return bytes(self._call("voucherDigest", channel, max_claimable_amount))
+
+    def total_redeemed(self) -> int:
+        return int(self._call("totalRedeemed"))
+
+    def withdraw_delay(self) -> int:
+        return int(self._call("withdrawDelay"))
+
+
+class PayoutDistributor(_Wrapper):
+    def bind_escrow(self, sender: LocalAccount, *, escrow: str) -> TxReceipt:
+        return self._send(sender, "bindEscrow", to_checksum_address(escrow))
+
+    def post_root(
+        self, sender: LocalAccount, *, epoch: int, root: bytes, provider_total: int, redeemed_total: int
+    ) -> TxReceipt:
+        return self._send(sender, "postRoot", epoch, root, provider_total, redeemed_total)
+
+    def claim(
+        self,
+        sender: LocalAccount,
+        *,
+        provider: str,
+        cumulative_amount: int,
+        proof: list[bytes],
+        expected_root: bytes,
+    ) -> TxReceipt:
+        return self._send(sender, "claim", to_checksum_address(provider), cumulative_amount, proof, expected_root)
+
+    def merkle_root(self) -> bytes:
+        return bytes(self._call("merkleRoot"))
+
+    def epoch(self) -> int:
+        return int(self._call("epoch"))
+
+    def provider_total(self) -> int:
+        return int(self._call("providerTotal"))
+
+    def fees_paid(self) -> int:
+        return int(self._call("feesPaid"))
+
+    def claimed(self, provider: str) -> int:
+        return int(self._call("claimed", to_checksum_address(provider)))
+
+    def total_claimed(self) -> int:
+        return int(self._call("totalClaimed"))
+
+    def provider_pool(self, redeemed: int) -> int:
+        return int(self._call("providerPool", redeemed))
+
+    def treasury(self) -> str:
+        return str(self._call("treasury"))

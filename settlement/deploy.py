@@ -1,0 +1,144 @@
+"""Deploying the four contracts and reading a deployment back.
+
+A deployment file records the chain id, every address, the roles, the parameters and a hash of each ABI.
+Loading it compiles the sources (cached) and refuses a deployment made from other sources than these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from settlement.chain import Chain
+from settlement.contracts import (
+    OPERATOR_ROLE,
+    SLASHER_ROLE,
+    PaymentToken,
+    PayoutDistributor,
+    StakeManager,
+    VoucherEscrow,
+)
+from settlement.errors import ConfigurationError
+from settlement.solidity import Artifact, compile_contracts
+
+TOKEN_DECIMALS = 6
+ONE_TOKEN = 10**TOKEN_DECIMALS
+
+
+@dataclass(frozen=True)
+class DeployParams:
+    """What a deployment is configured with. Amounts are in token base units, durations in seconds."""
+
+    token: str | None = None  # an existing ERC-20 (USDC on real networks); None deploys PaymentToken
+    token_name: str = "Strata USD"
+    token_symbol: str = "sUSD"
+    min_stake: int = 100 * ONE_TOKEN
+    unbonding_period_s: int = 7 * 24 * 3600
+    challenger_bps: int = 5_000  # the validator's half of a slash; the treasury gets the rest
+    withdraw_delay_s: int = 24 * 3600  # how long the operator has to redeem after a payer starts leaving
+
+
+@dataclass(frozen=True)
+class Deployment:
+    chain_id: int
+    addresses: dict[str, str]
+    abi_hashes: dict[str, str]
+    roles: dict[str, str]
+    params: dict[str, Any]
+    block_number: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"no deployment file at {path}: run `strata chain deploy` first") from exc
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigurationError(f"{path} is not a deployment file: {exc}") from exc
+
+
+@dataclass
+class Contracts:
+    """The deployed contracts, wrapped."""
+
+    chain: Chain
+    deployment: Deployment
+    token: PaymentToken
+    stake: StakeManager
+    escrow: VoucherEscrow
+    distributor: PayoutDistributor
+
+    @classmethod
+    def load(cls, chain: Chain, deployment: Deployment, artifacts: dict[str, Artifact] | None = None) -> Contracts:
+        artifacts = artifacts or compile_contracts()
+        chain.expect_chain_id(deployment.chain_id)
+        for name, expected in deployment.abi_hashes.items():
+            if artifacts[name].abi_hash != expected:
+                raise ConfigurationError(
+                    f"{name} at {deployment.addresses[name]} was deployed from other sources (ABI hash differs)"
+                )
+        a = deployment.addresses
+        return cls(
+            chain=chain,
+            deployment=deployment,
+            token=PaymentToken(chain, a["PaymentToken"], artifacts["PaymentToken"].abi),
+            stake=StakeManager(chain, a["StakeManager"], artifacts["StakeManager"].abi),
+            escrow=VoucherEscrow(chain, a["VoucherEscrow"], artifacts["VoucherEscrow"].abi),
+            distributor=PayoutDistributor(chain, a["PayoutDistributor"], artifacts["PayoutDistributor"].abi),
+        )
+
+
+def deploy(
+    chain: Chain,
+    deployer: LocalAccount,
+    *,
+    operator: str,
+    treasury: str,
+    slasher: str,
+    params: DeployParams = DeployParams(),
+    artifacts: dict[str, Artifact] | None = None,
+) -> Contracts:
+    """Deploys and wires the contracts; ``deployer`` becomes their admin."""
+    artifacts = artifacts or compile_contracts()
+    admin = deployer.address
+    operator, treasury, slasher = (to_checksum_address(a) for a in (operator, treasury, slasher))
+
+    def create(name: str, *args: Any) -> str:
+        return chain.deploy(deployer, artifacts[name].abi, artifacts[name].bytecode, *args)
+
+    token = params.token or create("PaymentToken", params.token_name, params.token_symbol, admin)
+    distributor = create("PayoutDistributor", token, treasury, admin)
+    escrow = create("VoucherEscrow", token, distributor, admin, params.withdraw_delay_s)
+    stake = create(
+        "StakeManager", token, treasury, admin, params.min_stake, params.unbonding_period_s, params.challenger_bps
+    )
+    deployment = Deployment(
+        chain_id=chain.chain_id,
+        addresses={
+            "PaymentToken": to_checksum_address(token),
+            "StakeManager": stake,
+            "VoucherEscrow": escrow,
+            "PayoutDistributor": distributor,
+        },
+        abi_hashes={name: artifact.abi_hash for name, artifact in artifacts.items()},
+        roles={"admin": admin, "operator": operator, "treasury": treasury, "slasher": slasher},
+        params=asdict(params),
+        block_number=chain.read(lambda: int(chain.w3.eth.block_number)),
+    )
+    contracts = Contracts.load(chain, deployment, artifacts)
+    contracts.distributor.bind_escrow(deployer, escrow=escrow)
+    contracts.escrow.grant_role(deployer, OPERATOR_ROLE, operator)
+    contracts.distributor.grant_role(deployer, OPERATOR_ROLE, operator)
+    contracts.stake.grant_role(deployer, SLASHER_ROLE, slasher)
+    return contracts

@@ -1,0 +1,176 @@
+"""EIP-712 typed data for every message Strata signs, used alike by signers and verifiers.
+
+Hashing goes through eth-account's typed-data encoder; nothing here hashes structs by hand. Each message type
+is declared once below with the domain it is signed under.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import SignableMessage, encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
+DOMAIN_VERSION = "1"
+
+_DOMAIN_FIELDS = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+
+VOUCHER_TYPES = {
+    "Voucher": [
+        {"name": "channelId", "type": "bytes32"},
+        {"name": "maxClaimableAmount", "type": "uint128"},
+    ]
+}
+
+TRANSFER_WITH_AUTHORIZATION_TYPES = {
+    "TransferWithAuthorization": [
+        {"name": "from", "type": "address"},
+        {"name": "to", "type": "address"},
+        {"name": "value", "type": "uint256"},
+        {"name": "validAfter", "type": "uint256"},
+        {"name": "validBefore", "type": "uint256"},
+        {"name": "nonce", "type": "bytes32"},
+    ]
+}
+
+UINT128_MAX = 2**128 - 1
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    version: str
+    chain_id: int
+    verifying_contract: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": to_checksum_address(self.verifying_contract),
+        }
+
+
+def voucher_domain(chain_id: int, escrow: str) -> Domain:
+    return Domain(VOUCHER_ESCROW_DOMAIN_NAME, DOMAIN_VERSION, chain_id, escrow)
+
+
+def token_domain(token_name: str, chain_id: int, token: str) -> Domain:
+    return Domain(token_name, DOMAIN_VERSION, chain_id, token)
+
+
+def typed_message(domain: Domain, types: dict[str, list[dict[str, str]]], message: dict[str, Any]) -> SignableMessage:
+    primary = next(iter(types))
+    return encode_typed_data(
+        full_message={
+            "types": {"EIP712Domain": _DOMAIN_FIELDS, **types},
+            "primaryType": primary,
+            "domain": domain.as_dict(),
+            "message": message,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Voucher:
+    """A payer's promise that its channel may be charged up to ``max_claimable_amount`` in total."""
+
+    channel_id: bytes
+    max_claimable_amount: int
+
+    def __post_init__(self) -> None:
+        if len(self.channel_id) != 32:
+            raise ValueError(f"channel id must be 32 bytes, got {len(self.channel_id)}")
+        if not 0 <= self.max_claimable_amount <= UINT128_MAX:
+            raise ValueError(f"maxClaimableAmount {self.max_claimable_amount} is outside uint128")
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            VOUCHER_TYPES,
+            {"channelId": self.channel_id, "maxClaimableAmount": self.max_claimable_amount},
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+    def signer(self, signature: bytes, domain: Domain) -> str:
+        return recover_signer(self.signable(domain), signature)
+
+
+@dataclass(frozen=True)
+class TransferAuthorization:
+    """An EIP-3009 ``TransferWithAuthorization``, as x402's ``exact`` scheme signs it."""
+
+    sender: str
+    recipient: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            TRANSFER_WITH_AUTHORIZATION_TYPES,
+            {
+                "from": to_checksum_address(self.sender),
+                "to": to_checksum_address(self.recipient),
+                "value": self.value,
+                "validAfter": self.valid_after,
+                "validBefore": self.valid_before,
+                "nonce": self.nonce,
+            },
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+
+def recover_signer(message: SignableMessage, signature: bytes) -> str:
+    """The address that signed ``message``; raises ValueError on a malformed signature."""
+    if len(signature) != 65:
+        raise ValueError(f"signature must be 65 bytes (r, s, v), got {len(signature)}")
+    return str(Account.recover_message(message, signature=signature))
+
+
+def split_signature(signature: bytes) -> tuple[bytes, bytes, int]:
+    """(r, s, v) of a 65-byte signature, with v normalised to 27 or 28."""
+    if len(signature) != 65:
+        raise ValueError(f"signature must be 65 bytes (r, s, v), got {len(signature)}")
+    v = signature[64]
+    if v < 27:
+        v += 27
+    return signature[:32], signature[32:64], v
+
+
+def compact_signature(signature: bytes) -> tuple[bytes, bytes]:
+    """EIP-2098 form (r, vs): s with the parity of v in its top bit, as VoucherEscrow.redeem takes it."""
+    r, s, v = split_signature(signature)
+    vs = int.from_bytes(s, "big") | ((v - 27) << 255)
+    return r, vs.to_bytes(32, "big")
+
+
+__all__ = [
+    "DOMAIN_VERSION",
+    "VOUCHER_ESCROW_DOMAIN_NAME",
+    "Domain",
+    "TransferAuthorization",
+    "Voucher",
+    "compact_signature",
+    "recover_signer",
+    "split_signature",
+    "token_domain",
+    "typed_message",
+    "voucher_domain",
+]

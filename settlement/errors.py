@@ -1,0 +1,100 @@
+"""Errors raised by the settlement layer.
+
+    SettlementError                    every error below; carries a stable ``code``
+    ├── ConfigurationError             missing or malformed settings, deployment files, keys
+    ├── CompilerError                  no usable solc, or the contracts do not compile
+    ├── ChainError                     the chain could not be used as asked
+    │   ├── ChainUnavailable           the JSON-RPC endpoint cannot be reached
+    │   ├── ChainMismatch              the endpoint serves another chain than the deployment's
+    │   ├── TransactionReverted        a call or transaction reverted; ``error`` is the decoded custom error
+    │   └── TransactionTimeout         no receipt in time; the transaction may still land
+    └── MerkleError                    a tree or proof request that cannot be answered
+
+The API edge turns these into HTTP errors by ``code``; nothing below it knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettlementError(Exception):
+    code = "settlement_error"
+
+
+class ConfigurationError(SettlementError):
+    code = "configuration_error"
+
+
+class CompilerError(SettlementError):
+    code = "compiler_error"
+
+
+class ChainError(SettlementError):
+    code = "chain_error"
+
+
+class ChainUnavailable(ChainError):
+    code = "chain_unavailable"
+
+
+class ChainMismatch(ChainError):
+    code = "chain_mismatch"
+
+
+@dataclass(frozen=True)
+class DecodedError:
+    """A Solidity custom error (or ``Error(string)`` / ``Panic(uint256)``) with its arguments by name."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        inner = ", ".join(f"{key}={_short(value)}" for key, value in self.args.items())
+        return f"{self.name}({inner})"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+class TransactionReverted(ChainError):
+    """A reverted call or transaction. ``error`` is None when the revert data matched no known error."""
+
+    code = "transaction_reverted"
+
+    def __init__(
+        self,
+        action: str,
+        error: DecodedError | None,
+        *,
+        tx_hash: str | None = None,
+        raw: bytes = b"",
+    ) -> None:
+        self.action = action
+        self.error = error
+        self.tx_hash = tx_hash
+        self.raw = raw
+        reason = str(error) if error else (f"unknown revert data 0x{raw.hex()}" if raw else "no revert data")
+        where = f" (tx {tx_hash})" if tx_hash else ""
+        super().__init__(f"{action} reverted: {reason}{where}")
+
+    @property
+    def error_name(self) -> str | None:
+        return self.error.name if self.error else None
+
+
+class TransactionTimeout(ChainError):
+    code = "transaction_timeout"
+
+    def __init__(self, action: str, tx_hash: str, timeout_s: float) -> None:
+        self.action = action
+        self.tx_hash = tx_hash
+        super().__init__(f"{action}: no receipt for {tx_hash} after {timeout_s:.0f} s; it may still be mined")
+
+
+class MerkleError(SettlementError):
+    code = "merkle_error"

@@ -1,0 +1,1 @@
+"""The provider node: shard loading, runtime, wire format, hop server and receipts."""
