@@ -15,6 +15,7 @@ class ChainSettings(BaseSettings):
     deployment_file: Path = Field(
         Path(".strata/deployment.json"), description="where deploy writes, and everything else reads, addresses"
     )
+    deployer_key: SecretStr | None = Field(None, description="hex private key that deploys and administers")
     operator_key: SecretStr | None = Field(None, description="hex private key that redeems vouchers and posts roots")
     rpc_timeout_s: float = Field(10.0, description="seconds to wait for one JSON-RPC answer")
     receipt_timeout_s: float = Field(120.0, description="seconds to wait for a transaction's receipt")

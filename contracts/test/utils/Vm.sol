@@ -7,6 +7,7 @@ interface Vm {
     function startPrank(address sender) external;
     function stopPrank() external;
     function warp(uint256 timestamp) external;
+    function roll(uint256 blockNumber) external;
     function expectRevert(bytes calldata revertData) external;
     function expectRevert() external;
     function expectEmit() external;
