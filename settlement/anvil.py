@@ -61,6 +61,7 @@ class Anvil:
         self.accounts: list[LocalAccount] = []
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self.log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -80,8 +81,9 @@ class Anvil:
         ]  # fmt: skip
         if self.block_time_s is not None:
             command += ["--block-time", str(self.block_time_s)]
-        log = (Path(self._workdir.name) / "anvil.log").open("wb")
-        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.log_path = Path(self._workdir.name) / "anvil.log"
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(config_out)
         keys = json.loads(config_out.read_text())["private_keys"]
         self.accounts = [Account.from_key(key) for key in keys]

@@ -12,7 +12,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
+from eth_utils import keccak, to_checksum_address
 
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
@@ -137,6 +137,11 @@ class TransferAuthorization:
         return bytes(account.sign_message(self.signable(domain)).signature)
 
 
+def digest(message: SignableMessage) -> bytes:
+    """The 32-byte EIP-712 digest that is signed, as contracts compute it with _hashTypedDataV4."""
+    return keccak(b"\x19" + message.version + message.header + message.body)
+
+
 def recover_signer(message: SignableMessage, signature: bytes) -> str:
     """The address that signed ``message``; raises ValueError on a malformed signature."""
     if len(signature) != 65:
@@ -168,6 +173,7 @@ __all__ = [
     "TransferAuthorization",
     "Voucher",
     "compact_signature",
+    "digest",
     "recover_signer",
     "split_signature",
     "token_domain",

@@ -97,7 +97,7 @@ abstract contract Base is Test {
         channelId = _channelId(payer, salt);
         _fund(payer, address(escrow), amount);
         vm.prank(payer);
-        escrow.deposit(channelId, uint128(amount));
+        escrow.deposit(channelId, _u128(amount));
     }
 
     /// @dev Signs `Voucher(channelId, maxClaimableAmount)` and returns it in EIP-2098 compact form.
@@ -112,13 +112,19 @@ abstract contract Base is Test {
         vs = bytes32(uint256(s) | (uint256(v - 27) << 255));
     }
 
-    function _redemption(uint256 pk, bytes32 channelId, uint128 maxClaimableAmount, uint128 claimTo)
+    /// @dev A signed batch entry. Amounts are taken as uint256 for convenience and must fit in 128 bits.
+    function _redemption(uint256 pk, bytes32 channelId, uint256 maxClaimableAmount, uint256 claimTo)
         internal
         view
         returns (IVoucherEscrow.Redemption memory red)
     {
-        (bytes32 r, bytes32 vs) = _signVoucher(pk, channelId, maxClaimableAmount);
-        red = IVoucherEscrow.Redemption(channelId, maxClaimableAmount, claimTo, r, vs);
+        (bytes32 r, bytes32 vs) = _signVoucher(pk, channelId, _u128(maxClaimableAmount));
+        red = IVoucherEscrow.Redemption(channelId, _u128(maxClaimableAmount), _u128(claimTo), r, vs);
+    }
+
+    function _u128(uint256 x) internal pure returns (uint128) {
+        if (x > type(uint128).max) revert AssertLe("uint128 test amount", x, type(uint128).max);
+        return uint128(x);
     }
 
     function _one(IVoucherEscrow.Redemption memory red)
@@ -136,7 +142,7 @@ abstract contract Base is Test {
     }
 
     /// @dev Deposits `deposited` into a fresh channel of alice and redeems `redeemed` of it, funding the distributor.
-    function _fundDistributor(uint96 salt, uint128 deposited, uint128 redeemed) internal returns (bytes32 channelId) {
+    function _fundDistributor(uint96 salt, uint256 deposited, uint256 redeemed) internal returns (bytes32 channelId) {
         channelId = _deposit(alice, salt, deposited);
         _redeem(_one(_redemption(ALICE_PK, channelId, redeemed, redeemed)));
     }

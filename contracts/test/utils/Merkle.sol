@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.26;
 
-/// @notice Builds OpenZeppelin standard Merkle trees over `(address provider, uint256 cumulativeAmount)` leaves, as
-/// the OpenZeppelin merkle-tree package's StandardMerkleTree does: each leaf is `keccak256(bytes.concat(keccak256(abi.encode(
-/// provider, cumulativeAmount))))`, leaves are sorted by hash, laid out from the end of a flat array of `2n - 1`
-/// nodes, and each parent is the keccak of its two children in ascending order. Written independently of the
-/// OpenZeppelin library the contract verifies with, so the tests check the contract rather than the library.
+/// @notice Builds OpenZeppelin standard Merkle trees over `(address provider, uint256 cumulativeAmount)` leaves,
+/// as the OpenZeppelin merkle-tree package's StandardMerkleTree does: each leaf is
+/// `keccak256(bytes.concat(keccak256(abi.encode(provider, cumulativeAmount))))`, leaves are sorted by hash and laid
+/// out from the end of a flat array of `2n - 1` nodes, and each parent is the keccak of its two children in ascending
+/// order. Written independently of the OpenZeppelin library the contract verifies with, so the tests check the
+/// contract rather than the library against itself.
 library Merkle {
     error EmptyTree();
     error LeafNotFound(bytes32 leaf);

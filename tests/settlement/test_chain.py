@@ -1,0 +1,74 @@
+"""The chain layer's failure modes: reverts decoded, endpoints down or wrong, deployments that do not match."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from settlement.anvil import free_port
+from settlement.chain import Chain
+from settlement.contracts import OPERATOR_ROLE, SLASHER_ROLE
+from settlement.deploy import Contracts, Deployment
+from settlement.errors import ChainMismatch, ChainUnavailable, ConfigurationError, TransactionReverted
+from settlement.solidity import Artifact
+from tests.conftest import Actors
+
+
+def test_revert_is_decoded_with_its_arguments(contracts: Contracts, actors: Actors) -> None:
+    with pytest.raises(TransactionReverted) as caught:
+        contracts.stake.withdraw(actors.outsider)
+    assert caught.value.error is not None
+    assert caught.value.error.name == "NothingToWithdraw"
+    assert caught.value.error.args == {"provider": actors.outsider.address}
+    assert caught.value.code == "transaction_reverted"
+    assert "NothingToWithdraw" in str(caught.value)
+
+
+def test_unknown_revert_data_is_kept_raw(chain: Chain) -> None:
+    assert chain.decode_revert(b"\xde\xad\xbe\xef" + b"\x00" * 32) is None
+
+
+def test_unreachable_endpoint_is_reported() -> None:
+    chain = Chain(f"http://127.0.0.1:{free_port()}", read_attempts=2, retry_backoff_s=0.01)
+    with pytest.raises(ChainUnavailable):
+        _ = chain.chain_id
+
+
+def test_deployment_on_another_chain_is_refused(chain: Chain, deployed: Contracts, artifacts: dict[str, Artifact]) -> None:
+    elsewhere = dataclasses.replace(deployed.deployment, chain_id=1)
+    with pytest.raises(ChainMismatch):
+        Contracts.load(chain, elsewhere, artifacts)
+
+
+def test_deployment_from_other_sources_is_refused(
+    chain: Chain, deployed: Contracts, artifacts: dict[str, Artifact]
+) -> None:
+    changed = dataclasses.replace(
+        deployed.deployment, abi_hashes={**deployed.deployment.abi_hashes, "VoucherEscrow": "0x" + "00" * 32}
+    )
+    with pytest.raises(ConfigurationError):
+        Contracts.load(chain, changed, artifacts)
+
+
+def test_deployment_file_round_trips(tmp_path: Path, deployed: Contracts) -> None:
+    path = tmp_path / "deployment.json"
+    deployed.deployment.save(path)
+    assert Deployment.load(path) == deployed.deployment
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"chain_id": 1}'])
+def test_missing_or_malformed_deployment_file(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "deployment.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigurationError):
+        Deployment.load(path)
+
+
+def test_roles_are_wired(deployed: Contracts, actors: Actors) -> None:
+    assert deployed.escrow.has_role(OPERATOR_ROLE, actors.operator.address)
+    assert deployed.distributor.has_role(OPERATOR_ROLE, actors.operator.address)
+    assert deployed.stake.has_role(SLASHER_ROLE, actors.validator.address)
+    assert not deployed.escrow.has_role(OPERATOR_ROLE, actors.outsider.address)
