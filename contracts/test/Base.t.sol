@@ -124,6 +124,7 @@ abstract contract Base is Test {
 
     function _u128(uint256 x) internal pure returns (uint128) {
         if (x > type(uint128).max) revert AssertLe("uint128 test amount", x, type(uint128).max);
+        // forge-lint: disable-next-line(unsafe-typecast) -- checked against type(uint128).max just above
         return uint128(x);
     }
 

@@ -50,9 +50,7 @@ contract PaymentTokenTest is Base {
     }
 
     function _authHash(bytes32 typehash, Auth memory a) internal view returns (bytes32) {
-        return _digest(
-            keccak256(abi.encode(typehash, a.from, a.to, a.value, a.validAfter, a.validBefore, a.nonce))
-        );
+        return _digest(keccak256(abi.encode(typehash, a.from, a.to, a.value, a.validAfter, a.validBefore, a.nonce)));
     }
 
     function _auth(uint256 value) internal view returns (Auth memory) {
@@ -164,7 +162,7 @@ contract PaymentTokenTest is Base {
         vm.expectEmit(address(token));
         emit IERC20.Transfer(alice, bob, 4);
         vm.prank(alice);
-        token.transfer(bob, 4);
+        assertTrue(token.transfer(bob, 4), "returns true");
         assertEq(token.balanceOf(alice), 6, "sender");
         assertEq(token.balanceOf(bob), 4, "recipient");
     }
@@ -173,6 +171,7 @@ contract PaymentTokenTest is Base {
         _mint(alice, 10);
         vm.expectRevert(abi.encodeWithSelector(IERC20Errors.ERC20InsufficientBalance.selector, alice, 10, 11));
         vm.prank(alice);
+        // forge-lint: disable-next-line(erc20-unchecked-transfer) -- it reverts
         token.transfer(bob, 11);
     }
 
@@ -181,7 +180,7 @@ contract PaymentTokenTest is Base {
         vm.prank(alice);
         token.approve(stranger, 6);
         vm.prank(stranger);
-        token.transferFrom(alice, bob, 4);
+        assertTrue(token.transferFrom(alice, bob, 4), "returns true");
         assertEq(token.allowance(alice, stranger), 2, "allowance left");
         assertEq(token.balanceOf(bob), 4, "recipient");
     }
@@ -192,6 +191,7 @@ contract PaymentTokenTest is Base {
         token.approve(stranger, 3);
         vm.expectRevert(abi.encodeWithSelector(IERC20Errors.ERC20InsufficientAllowance.selector, stranger, 3, 4));
         vm.prank(stranger);
+        // forge-lint: disable-next-line(erc20-unchecked-transfer) -- it reverts
         token.transferFrom(alice, bob, 4);
     }
 

@@ -158,9 +158,7 @@ contract StakeManagerTest is Base {
         // The first request's period is over, but the restarted clock holds all of it.
         vm.warp(block.timestamp + 1);
         vm.expectRevert(
-            abi.encodeWithSelector(
-                IStakeManager.UnbondingNotFinished.selector, providerA, unbondsAt, block.timestamp
-            )
+            abi.encodeWithSelector(IStakeManager.UnbondingNotFinished.selector, providerA, unbondsAt, block.timestamp)
         );
         vm.prank(providerA);
         stakeManager.withdraw();
@@ -387,6 +385,26 @@ contract StakeManagerTest is Base {
             abi.encodeWithSelector(IAccessControl.AccessControlUnauthorizedAccount.selector, validator, role)
         );
         _slash(providerA, 1, EVIDENCE);
+    }
+
+    function test_RevertWhen_GrantSlasherRoleCallerIsNotAdmin() public {
+        bytes32 role = stakeManager.SLASHER_ROLE();
+        vm.expectRevert(
+            abi.encodeWithSelector(IAccessControl.AccessControlUnauthorizedAccount.selector, validator, bytes32(0))
+        );
+        vm.prank(validator);
+        stakeManager.grantRole(role, stranger);
+    }
+
+    function test_renounceRole_SlasherGivesUpRole() public {
+        bytes32 role = stakeManager.SLASHER_ROLE();
+        vm.expectRevert(abi.encodeWithSelector(IAccessControl.AccessControlBadConfirmation.selector));
+        vm.prank(validator);
+        stakeManager.renounceRole(role, admin);
+
+        vm.prank(validator);
+        stakeManager.renounceRole(role, validator);
+        assertEq(stakeManager.hasRole(role, validator), false, "renounced");
     }
 
     // ---------------------------------------------------------------- isActive and setMinStake

@@ -78,13 +78,11 @@ contract VoucherEscrowTest is Base {
                 address(escrow)
             )
         );
-        bytes32 structHash = keccak256(
-            abi.encode(keccak256("Voucher(bytes32 channelId,uint128 maxClaimableAmount)"), channelId, uint128(42))
-        );
+        bytes32 typehash = keccak256("Voucher(bytes32 channelId,uint128 maxClaimableAmount)");
+        assertEq(escrow.VOUCHER_TYPEHASH(), typehash, "typehash");
+        bytes32 structHash = keccak256(abi.encode(typehash, channelId, uint128(42)));
         assertEq(
-            escrow.voucherDigest(channelId, 42),
-            keccak256(abi.encodePacked("\x19\x01", domain, structHash)),
-            "digest"
+            escrow.voucherDigest(channelId, 42), keccak256(abi.encodePacked("\x19\x01", domain, structHash)), "digest"
         );
     }
 
@@ -96,7 +94,7 @@ contract VoucherEscrowTest is Base {
         vm.expectEmit(address(escrow));
         emit IVoucherEscrow.ChannelFunded(channelId, alice, alice, 100 * USDC);
         vm.prank(alice);
-        escrow.deposit(channelId, uint128(100 * USDC));
+        escrow.deposit(channelId, _u128(100 * USDC));
 
         _assertChannel(channelId, 100 * USDC, 0);
         assertEq(token.balanceOf(address(escrow)), 100 * USDC, "escrow holds it");
@@ -115,7 +113,7 @@ contract VoucherEscrowTest is Base {
         vm.expectEmit(address(escrow));
         emit IVoucherEscrow.ChannelFunded(channelId, alice, stranger, 40 * USDC);
         vm.prank(stranger);
-        escrow.deposit(channelId, uint128(40 * USDC));
+        escrow.deposit(channelId, _u128(40 * USDC));
 
         // The money is the payer's: only alice can take it back.
         vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NotChannelPayer.selector, channelId, stranger));
@@ -168,9 +166,7 @@ contract VoucherEscrowTest is Base {
 
     function test_RevertWhen_DepositWithoutAllowance() public {
         _mint(alice, 5);
-        vm.expectRevert(
-            abi.encodeWithSelector(IERC20Errors.ERC20InsufficientAllowance.selector, address(escrow), 0, 5)
-        );
+        vm.expectRevert(abi.encodeWithSelector(IERC20Errors.ERC20InsufficientAllowance.selector, address(escrow), 0, 5));
         vm.prank(alice);
         escrow.deposit(_channelId(alice, 1), 5);
     }
@@ -223,9 +219,9 @@ contract VoucherEscrowTest is Base {
         uint256 n = 12;
         bytes32[] memory ids = new bytes32[](n);
         uint256[] memory pks = new uint256[](n);
-        for (uint256 i; i < n; ++i) {
+        for (uint96 i; i < n; ++i) {
             (address payer, uint256 pk) = i % 2 == 0 ? (alice, ALICE_PK) : (bob, BOB_PK);
-            ids[i] = _deposit(payer, uint96(i), 100 * USDC);
+            ids[i] = _deposit(payer, i, 100 * USDC);
             pks[i] = pk;
         }
 
@@ -233,7 +229,7 @@ contract VoucherEscrowTest is Base {
         IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](n);
         uint256 expected;
         for (uint256 i; i < n; ++i) {
-            uint128 amount = uint128(5 * USDC * (i + 1));
+            uint128 amount = _u128(5 * USDC * (i + 1));
             batch[i] = _redemption(pks[i], ids[i], amount, amount);
             expected += amount;
         }
@@ -243,7 +239,7 @@ contract VoucherEscrowTest is Base {
         // Round two: channel i is charged 10 * (i + 1), which passes the 100 deposit from i = 10 on.
         expected = 0;
         for (uint256 i; i < n; ++i) {
-            uint128 amount = uint128(10 * USDC * (i + 1));
+            uint128 amount = _u128(10 * USDC * (i + 1));
             batch[i] = _redemption(pks[i], ids[i], amount, amount);
             uint256 capped = amount < 100 * USDC ? amount : 100 * USDC;
             expected += capped - 5 * USDC * (i + 1);
@@ -314,12 +310,10 @@ contract VoucherEscrowTest is Base {
     function test_RevertWhen_RedeemVoucherAmountAltered() public {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
         IVoucherEscrow.Redemption memory red = _redemption(ALICE_PK, channelId, 10 * USDC, 10 * USDC);
-        red.maxClaimableAmount = uint128(90 * USDC);
-        red.claimTo = uint128(90 * USDC);
-        address recovered = ECDSA.recover(escrow.voucherDigest(channelId, uint128(90 * USDC)), red.r, red.vs);
-        vm.expectRevert(
-            abi.encodeWithSelector(IVoucherEscrow.InvalidVoucherSignature.selector, channelId, recovered)
-        );
+        red.maxClaimableAmount = _u128(90 * USDC);
+        red.claimTo = _u128(90 * USDC);
+        address recovered = ECDSA.recover(escrow.voucherDigest(channelId, _u128(90 * USDC)), red.r, red.vs);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.InvalidVoucherSignature.selector, channelId, recovered));
         _redeem(_one(red));
     }
 
@@ -328,7 +322,7 @@ contract VoucherEscrowTest is Base {
         bytes32 other = _deposit(alice, 2, 100 * USDC);
         IVoucherEscrow.Redemption memory red = _redemption(ALICE_PK, paid, 10 * USDC, 10 * USDC);
         red.channelId = other;
-        address recovered = ECDSA.recover(escrow.voucherDigest(other, uint128(10 * USDC)), red.r, red.vs);
+        address recovered = ECDSA.recover(escrow.voucherDigest(other, _u128(10 * USDC)), red.r, red.vs);
         vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.InvalidVoucherSignature.selector, other, recovered));
         _redeem(_one(red));
     }
@@ -340,19 +334,16 @@ contract VoucherEscrowTest is Base {
         bytes32 vs = bytes32(uint256(s) | (uint256(v - 27) << 255));
         IVoucherEscrow.Redemption memory red = IVoucherEscrow.Redemption(channelId, 10, 10, r, vs);
         address recovered = ECDSA.recover(escrow.voucherDigest(channelId, 10), r, vs);
-        vm.expectRevert(
-            abi.encodeWithSelector(IVoucherEscrow.InvalidVoucherSignature.selector, channelId, recovered)
-        );
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.InvalidVoucherSignature.selector, channelId, recovered));
         _redeem(_one(red));
     }
 
-    function test_RevertWhen_RedeemMalleatedSignature() public {
+    function test_RevertWhen_RedeemSignatureHasHighS() public {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(ALICE_PK, escrow.voucherDigest(channelId, 10));
-        // (r, n - s) with the other parity recovers the same key; ECDSA must refuse the high-s twin.
-        uint256 highS = SECP256K1_N - uint256(s);
-        bytes32 vs = bytes32(highS | (uint256(v == 27 ? 1 : 0) << 255));
-        IVoucherEscrow.Redemption memory red = IVoucherEscrow.Redemption(channelId, 10, 10, r, vs);
+        (, bytes32 r,) = vm.sign(ALICE_PK, escrow.voucherDigest(channelId, 10));
+        // ECDSA accepts only s in the lower half of the curve order, so no signature has a second, malleated form.
+        uint256 highS = SECP256K1_N / 2 + 1;
+        IVoucherEscrow.Redemption memory red = IVoucherEscrow.Redemption(channelId, 10, 10, r, bytes32(highS));
         vm.expectRevert(abi.encodeWithSelector(ECDSA.ECDSAInvalidSignatureS.selector, bytes32(highS)));
         _redeem(_one(red));
     }
@@ -543,9 +534,9 @@ contract VoucherEscrowTest is Base {
     // ---------------------------------------------------------------- fuzz
 
     function testFuzz_redeem_PaysClaimCappedAtDeposit(uint128 deposited, uint128 voucher, uint128 claimTo) public {
-        deposited = uint128(bound(deposited, 1, type(uint128).max));
-        voucher = uint128(bound(voucher, 1, type(uint128).max));
-        claimTo = uint128(bound(claimTo, 1, voucher));
+        deposited = _u128(bound(deposited, 1, type(uint128).max));
+        voucher = _u128(bound(voucher, 1, type(uint128).max));
+        claimTo = _u128(bound(claimTo, 1, voucher));
         bytes32 channelId = _deposit(alice, 1, deposited);
 
         uint256 expected = claimTo < deposited ? claimTo : deposited;
@@ -556,9 +547,9 @@ contract VoucherEscrowTest is Base {
     }
 
     function testFuzz_redeem_SecondVoucherPaysOnlyIncrease(uint128 deposited, uint128 first, uint128 second) public {
-        deposited = uint128(bound(deposited, 1, 1e18));
-        first = uint128(bound(first, 1, 2e18));
-        second = uint128(bound(second, 1, 2e18));
+        deposited = _u128(bound(deposited, 1, 1e18));
+        first = _u128(bound(first, 1, 2e18));
+        second = _u128(bound(second, 1, 2e18));
         bytes32 channelId = _deposit(alice, 1, deposited);
         uint256 firstPaid = first < deposited ? first : deposited;
         uint256 secondCapped = second < deposited ? second : deposited;
@@ -582,8 +573,8 @@ contract VoucherEscrowTest is Base {
     function testFuzz_finalizeWithdraw_ReturnsExactlyUnclaimed(uint128 deposited, uint128 claimTo, uint256 late)
         public
     {
-        deposited = uint128(bound(deposited, 1, type(uint128).max));
-        claimTo = uint128(bound(claimTo, 0, deposited));
+        deposited = _u128(bound(deposited, 1, type(uint128).max));
+        claimTo = _u128(bound(claimTo, 0, deposited));
         late = bound(late, 0, 365 days);
         bytes32 channelId = _deposit(alice, 1, deposited);
         if (claimTo != 0) _redeem(_one(_redemption(ALICE_PK, channelId, claimTo, claimTo)));

@@ -2,6 +2,7 @@
 pragma solidity ^0.8.26;
 
 import {Vm} from "./Vm.sol";
+import {Bound} from "./Bound.sol";
 
 /// @notice A minimal test base: cheatcodes, assertions that revert with the values they compared, `bound`, and
 /// named addresses. Forge fails a test when it reverts, so every assertion is a revert with a custom error.
@@ -19,7 +20,6 @@ abstract contract Test {
     error AssertLe(string what, uint256 left, uint256 right);
     error AssertGe(string what, uint256 left, uint256 right);
     error AssertFalse(string what);
-    error BoundInvalidRange(uint256 min, uint256 max);
 
     function assertEq(uint256 left, uint256 right, string memory what) internal pure {
         if (left != right) revert AssertEqUint(what, left, right);
@@ -53,17 +53,8 @@ abstract contract Test {
         if (!condition) revert AssertFalse(what);
     }
 
-    /// @dev Maps any `x` into [min, max]. Values already inside are kept; small values map to the bottom of the range
-    /// and values near 2**256 to its top, so the fuzzer's favourite edge cases stay edge cases.
     function bound(uint256 x, uint256 min, uint256 max) internal pure returns (uint256) {
-        if (min > max) revert BoundInvalidRange(min, max);
-        if (x >= min && x <= max) return x;
-        if (min == 0 && max == type(uint256).max) return x;
-        uint256 size = max - min + 1;
-        if (x < size && x < min) return min + x;
-        uint256 fromTop = type(uint256).max - x;
-        if (fromTop < size) return max - fromTop;
-        return min + x % size;
+        return Bound.bound(x, min, max);
     }
 
     function makeAddr(string memory name) internal returns (address account) {

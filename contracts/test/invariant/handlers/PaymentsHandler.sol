@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.26;
+
+import {Vm} from "../../utils/Vm.sol";
+import {Bound} from "../../utils/Bound.sol";
+import {Merkle} from "../../utils/Merkle.sol";
+import {PaymentToken} from "../../../src/PaymentToken.sol";
+import {VoucherEscrow} from "../../../src/VoucherEscrow.sol";
+import {PayoutDistributor} from "../../../src/PayoutDistributor.sol";
+import {IVoucherEscrow} from "../../../src/interfaces/IVoucherEscrow.sol";
+
+/// @notice Drives the payment path the way the gateway does: payers fund channels and sign growing vouchers, the
+/// operator redeems batches and posts Merkle roots, anyone claims for providers, payers exit. It keeps its own
+/// model of every balance in ghost variables, and counts in `ghost_mismatches` every result the contracts returned
+/// that the model did not expect, including a bad voucher or claim that went through.
+contract PaymentsHandler {
+    using Bound for uint256;
+
+    Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
+    uint96 internal constant SALTS = 2;
+    uint256 internal constant MAX_DEPOSIT = 1_000e6;
+
+    PaymentToken internal immutable token;
+    VoucherEscrow internal immutable escrow;
+    PayoutDistributor internal immutable distributor;
+    address internal immutable tokenOwner;
+    address internal immutable operator;
+
+    uint256[] internal _payerKeys;
+    address[] internal _payers;
+    address[] internal _providers;
+    address[] internal _claimers;
+    bytes32[] internal _channels;
+
+    /// @dev Block time is kept here and set on every call, so it moves forward across a whole run.
+    uint256 public currentTime;
+
+    // Per channel.
+    mapping(bytes32 channelId => uint256) public ghost_deposited;
+    mapping(bytes32 channelId => uint256) public ghost_refunded;
+    mapping(bytes32 channelId => uint256) public ghost_redeemed;
+    mapping(bytes32 channelId => uint256) public ghost_maxVoucher;
+
+    // Totals.
+    uint256 public ghost_totalDeposited;
+    uint256 public ghost_totalRefunded;
+    uint256 public ghost_totalRedeemed;
+    uint256 public ghost_totalClaimed;
+    uint256 public ghost_lastPostedRedeemed;
+    uint256 public ghost_mismatches;
+
+    // The latest posted tree.
+    bytes32 public currentRoot;
+    uint256[] internal _cumulative;
+    mapping(address provider => uint256) public ghost_posted;
+
+    constructor(
+        PaymentToken token_,
+        VoucherEscrow escrow_,
+        PayoutDistributor distributor_,
+        address tokenOwner_,
+        address operator_,
+        uint256[] memory payerKeys_,
+        address[] memory providers_,
+        address[] memory claimers_
+    ) {
+        token = token_;
+        escrow = escrow_;
+        distributor = distributor_;
+        tokenOwner = tokenOwner_;
+        operator = operator_;
+        _providers = providers_;
+        _claimers = claimers_;
+        _cumulative = new uint256[](providers_.length);
+        currentTime = block.timestamp;
+        for (uint256 i; i < payerKeys_.length; ++i) {
+            address payer = vm.addr(payerKeys_[i]);
+            _payerKeys.push(payerKeys_[i]);
+            _payers.push(payer);
+            vm.prank(payer);
+            token_.approve(address(escrow_), type(uint256).max);
+            for (uint96 salt; salt < SALTS; ++salt) {
+                _channels.push(bytes32((uint256(uint160(payer)) << 96) | salt));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- views for the invariant tests
+
+    function channels() external view returns (bytes32[] memory) {
+        return _channels;
+    }
+
+    function payers() external view returns (address[] memory) {
+        return _payers;
+    }
+
+    function providers() external view returns (address[] memory) {
+        return _providers;
+    }
+
+    function claimers() external view returns (address[] memory) {
+        return _claimers;
+    }
+
+    // ---------------------------------------------------------------- actions
+
+    function warp(uint256 seconds_) external {
+        currentTime += seconds_.bound(0, 3 days);
+        vm.warp(currentTime);
+    }
+
+    /// @notice Any payer funds any channel (the money is the channel payer's either way).
+    function deposit(uint256 channelSeed, uint256 funderSeed, uint256 amount) external {
+        vm.warp(currentTime);
+        bytes32 channelId = _channels[channelSeed % _channels.length];
+        if (escrow.withdrawableAt(channelId) != 0) return;
+        amount = amount.bound(1, MAX_DEPOSIT);
+        address funder = _payers[funderSeed % _payers.length];
+        if (token.balanceOf(funder) < amount) {
+            vm.prank(tokenOwner);
+            token.mint(funder, amount);
+        }
+        vm.prank(funder);
+        // forge-lint: disable-next-line(unsafe-typecast) -- bounded by MAX_DEPOSIT
+        escrow.deposit(channelId, uint128(amount));
+        ghost_deposited[channelId] += amount;
+        ghost_totalDeposited += amount;
+    }
+
+    /// @notice The operator redeems up to every channel at once, each with a fresh, larger voucher. A voucher never
+    /// promises more than was ever put into its channel, but may exceed what is still there after an exit.
+    function redeem(uint256 seed, uint256 count) external {
+        vm.warp(currentTime);
+        uint256 n = count.bound(1, _channels.length);
+        IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](n);
+        uint256 k;
+        uint256 expected;
+        for (uint256 i; i < n; ++i) {
+            uint256 idx = (seed % _channels.length + i) % _channels.length;
+            bytes32 channelId = _channels[idx];
+            IVoucherEscrow.Channel memory c = escrow.channel(channelId);
+            if (c.deposit <= c.claimed) continue;
+            uint256 r = uint256(keccak256(abi.encode(seed, i)));
+            uint256 maxVoucher = r.bound(uint256(c.claimed) + 1, ghost_deposited[channelId]);
+            uint256 claimTo = (r >> 128).bound(uint256(c.claimed) + 1, maxVoucher);
+            batch[k++] = _signed(idx / SALTS, channelId, maxVoucher, claimTo);
+
+            uint256 paid = (claimTo < c.deposit ? claimTo : c.deposit) - c.claimed;
+            expected += paid;
+            ghost_redeemed[channelId] += paid;
+            if (maxVoucher > ghost_maxVoucher[channelId]) ghost_maxVoucher[channelId] = maxVoucher;
+        }
+        if (k == 0) return;
+        assembly ("memory-safe") {
+            mstore(batch, k) // only the first k entries were filled
+        }
+        uint256 distributorBefore = token.balanceOf(address(distributor));
+        vm.prank(operator);
+        uint256 total = escrow.redeem(batch);
+        if (total != expected) ++ghost_mismatches;
+        if (token.balanceOf(address(distributor)) != distributorBefore + total) ++ghost_mismatches;
+        ghost_totalRedeemed += total;
+    }
+
+    /// @notice The operator tries a voucher that must not pay: a replayed or lower one, one signed by another payer,
+    /// or one whose claim exceeds its amount.
+    function redeemInvalid(uint256 channelSeed, uint256 mode, uint256 amount) external {
+        vm.warp(currentTime);
+        uint256 idx = channelSeed % _channels.length;
+        bytes32 channelId = _channels[idx];
+        IVoucherEscrow.Channel memory c = escrow.channel(channelId);
+        IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](1);
+        mode %= 3;
+        if (mode == 0) {
+            if (c.claimed == 0) return;
+            uint256 stale = amount.bound(1, c.claimed);
+            batch[0] = _signed(idx / SALTS, channelId, stale, stale);
+        } else if (mode == 1) {
+            uint256 forged = amount.bound(uint256(c.claimed) + 1, uint256(c.claimed) + MAX_DEPOSIT);
+            batch[0] = _signed((idx / SALTS + 1) % _payers.length, channelId, forged, forged);
+        } else {
+            uint256 voucher = amount.bound(uint256(c.claimed) + 1, uint256(c.claimed) + MAX_DEPOSIT);
+            batch[0] = _signed(idx / SALTS, channelId, voucher, voucher);
+            // forge-lint: disable-next-line(unsafe-typecast) -- claimed + MAX_DEPOSIT + 1 is far below 2**128
+            batch[0].claimTo = uint128(voucher + 1);
+        }
+        vm.prank(operator);
+        try escrow.redeem(batch) {
+            ++ghost_mismatches;
+        } catch {}
+    }
+
+    function initiateWithdraw(uint256 channelSeed) external {
+        vm.warp(currentTime);
+        uint256 idx = channelSeed % _channels.length;
+        bytes32 channelId = _channels[idx];
+        if (escrow.withdrawableAt(channelId) != 0) return;
+        vm.prank(_payers[idx / SALTS]);
+        escrow.initiateWithdraw(channelId);
+    }
+
+    /// @notice Finalizes an exit, first waiting out the delay when needed.
+    function finalizeWithdraw(uint256 channelSeed) external {
+        uint256 idx = channelSeed % _channels.length;
+        bytes32 channelId = _channels[idx];
+        uint256 exitAt = escrow.withdrawableAt(channelId);
+        if (exitAt == 0) return;
+        if (currentTime < exitAt) currentTime = exitAt;
+        vm.warp(currentTime);
+        IVoucherEscrow.Channel memory c = escrow.channel(channelId);
+        address payer = _payers[idx / SALTS];
+        uint256 before = token.balanceOf(payer);
+        vm.prank(payer);
+        uint256 amount = escrow.finalizeWithdraw(channelId);
+        if (amount != c.deposit - c.claimed) ++ghost_mismatches;
+        if (token.balanceOf(payer) != before + amount) ++ghost_mismatches;
+        ghost_refunded[channelId] += amount;
+        ghost_totalRefunded += amount;
+    }
+
+    /// @notice The operator promises part of the unpromised pool to providers and posts the new tree.
+    function postRoot(uint256 seed) external {
+        vm.warp(currentTime);
+        uint256 redeemed = escrow.totalRedeemed();
+        uint256 pool = distributor.providerPool(redeemed);
+        uint256 previous = distributor.providerTotal();
+        uint256 grant = seed.bound(0, pool - previous);
+        uint256 left = grant;
+        for (uint256 i; i < _providers.length; ++i) {
+            uint256 part = i == _providers.length - 1 ? left : uint256(keccak256(abi.encode(seed, i))).bound(0, left);
+            _cumulative[i] += part;
+            left -= part;
+        }
+        bytes32 root = Merkle.root(Merkle.leaves(_providers, _cumulative));
+        uint256 treasuryBefore = token.balanceOf(distributor.treasury());
+        uint256 feesBefore = distributor.feesPaid();
+        uint256 epoch = distributor.epoch() + 1;
+
+        vm.prank(operator);
+        distributor.postRoot(epoch, root, previous + grant, redeemed);
+
+        if (distributor.feesPaid() != redeemed - pool) ++ghost_mismatches;
+        if (token.balanceOf(distributor.treasury()) != treasuryBefore + (redeemed - pool) - feesBefore) {
+            ++ghost_mismatches;
+        }
+        currentRoot = root;
+        ghost_lastPostedRedeemed = redeemed;
+        for (uint256 i; i < _providers.length; ++i) {
+            ghost_posted[_providers[i]] = _cumulative[i];
+        }
+    }
+
+    /// @notice Anyone claims a provider's earnings against the current root.
+    function claim(uint256 providerSeed, uint256 callerSeed) external {
+        vm.warp(currentTime);
+        if (currentRoot == bytes32(0)) return;
+        uint256 i = providerSeed % _providers.length;
+        address provider = _providers[i];
+        uint256 already = distributor.claimed(provider);
+        if (_cumulative[i] <= already) return;
+        bytes32[] memory proof = Merkle.proof(Merkle.leaves(_providers, _cumulative), i);
+        uint256 before = token.balanceOf(provider);
+
+        vm.prank(_claimers[callerSeed % _claimers.length]);
+        uint256 amount = distributor.claim(provider, _cumulative[i], proof, currentRoot);
+
+        if (amount != _cumulative[i] - already) ++ghost_mismatches;
+        if (token.balanceOf(provider) != before + amount) ++ghost_mismatches;
+        ghost_totalClaimed += amount;
+    }
+
+    /// @notice A claim that must not pay: more than the leaf, or the leaf again.
+    function claimInvalid(uint256 providerSeed, uint256 extra) external {
+        vm.warp(currentTime);
+        if (currentRoot == bytes32(0)) return;
+        uint256 i = providerSeed % _providers.length;
+        bytes32[] memory proof = Merkle.proof(Merkle.leaves(_providers, _cumulative), i);
+        uint256 amount = _cumulative[i] + extra.bound(0, MAX_DEPOSIT);
+        // With extra == 0 this is a valid leaf: it must pay nothing only when it was already claimed.
+        if (amount == _cumulative[i] && distributor.claimed(_providers[i]) < amount) return;
+        try distributor.claim(_providers[i], amount, proof, currentRoot) {
+            ++ghost_mismatches;
+        } catch {}
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    /// @dev Amounts here are sums of bounded deposits, far below 2**128.
+    function _signed(uint256 payerIndex, bytes32 channelId, uint256 maxVoucher, uint256 claimTo)
+        internal
+        view
+        returns (IVoucherEscrow.Redemption memory)
+    {
+        // forge-lint: disable-next-line(unsafe-typecast)
+        uint128 max = uint128(maxVoucher);
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(_payerKeys[payerIndex], escrow.voucherDigest(channelId, max));
+        bytes32 vs = bytes32(uint256(s) | (uint256(v - 27) << 255));
+        // forge-lint: disable-next-line(unsafe-typecast)
+        return IVoucherEscrow.Redemption(channelId, max, uint128(claimTo), r, vs);
+    }
+}
