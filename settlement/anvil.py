@@ -90,12 +90,16 @@ class Anvil:
         return self
 
     def _wait_ready(self, config_out: Path) -> None:
-        w3 = Web3(Web3.HTTPProvider(self.url, request_kwargs={"timeout": 1}, exception_retry_configuration=None))
+        w3 = Web3(
+            Web3.HTTPProvider(self.url, request_kwargs={"timeout": 1}, exception_retry_configuration=None)
+        )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise ChainUnavailable(f"anvil exited with code {self._process.returncode} on port {self.port}")
+                raise ChainUnavailable(
+                    f"anvil exited with code {self._process.returncode} on port {self.port}"
+                )
             try:
                 if config_out.exists() and w3.eth.chain_id == self.chain_id:
                     return

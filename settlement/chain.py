@@ -12,12 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import requests
-from eth_abi import decode
+from eth_abi.abi import decode
+from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
-from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+from eth_utils.abi import function_signature_to_4byte_selector
+from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractFunction
@@ -28,6 +30,7 @@ from settlement.errors import (
     ChainMismatch,
     ChainUnavailable,
     DecodedError,
+    TransactionRejected,
     TransactionReverted,
     TransactionTimeout,
 )
@@ -47,7 +50,7 @@ def _abi_type(entry: dict[str, Any]) -> str:
     kind = str(entry["type"])
     if kind.startswith("tuple"):
         inner = ",".join(_abi_type(component) for component in entry["components"])
-        return f"({inner}){kind[len('tuple'):]}"
+        return f"({inner}){kind[len('tuple') :]}"
     return kind
 
 
@@ -129,10 +132,12 @@ class Chain:
             return None
         name, names, types = known
         try:
-            values = decode(types, bytes(data[4:]))
-        except Exception:
+            decoded = decode(types, bytes(data[4:]))
+        except DecodingError:
             return None
-        values = [to_checksum_address(v) if t == "address" else v for t, v in zip(types, values, strict=True)]
+        values = [
+            to_checksum_address(v) if t == "address" else v for t, v in zip(types, decoded, strict=True)
+        ]
         return DecodedError(name, dict(zip(names, values, strict=True)))
 
     def _reverted(self, action: str, exc: Exception, tx_hash: str | None = None) -> TransactionReverted:
@@ -163,39 +168,35 @@ class Chain:
             receipt = self._sign_and_send(sender, tx, "deploy")
         return str(receipt["contractAddress"])
 
-    def send_value(self, sender: LocalAccount, to: str, wei: int) -> TxReceipt:
-        with self._send_lock:
-            tx: TxParams = {**self._tx_base(sender), "to": to_checksum_address(to), "value": wei}
-            tx["gas"] = self.read(lambda: self.w3.eth.estimate_gas(tx))
-            return self._sign_and_send(sender, tx, "transfer ether")
-
     def _tx_base(self, sender: LocalAccount) -> TxParams:
         nonce = self.read(lambda: self.w3.eth.get_transaction_count(sender.address, "pending"))
         return {"from": sender.address, "nonce": nonce, "chainId": self.chain_id}
 
     def _sign_and_send(self, sender: LocalAccount, tx: TxParams, action: str) -> TxReceipt:
-        signed = sender.sign_transaction(dict(tx))
+        signed = sender.sign_transaction(cast(dict[str, Any], tx))
         tx_hash = HexBytes(signed.hash)
-        self._send_raw(signed.raw_transaction, tx_hash)
+        self._send_raw(signed.raw_transaction, tx_hash, action)
         receipt = self._wait(tx_hash, action)
         if receipt["status"] != 1:
             raise self._replay_failure(tx, receipt, action)
         return receipt
 
-    def _send_raw(self, raw: bytes, tx_hash: HexBytes) -> None:
+    def _send_raw(self, raw: bytes, tx_hash: HexBytes, action: str) -> None:
         for attempt in range(1, self.read_attempts + 1):
             try:
                 self.w3.eth.send_raw_transaction(raw)
                 return
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt == self.read_attempts:
-                    raise ChainUnavailable(f"{self.rpc_url} unreachable sending {tx_hash.to_0x_hex()}") from exc
+                    raise ChainUnavailable(
+                        f"{self.rpc_url} unreachable sending {tx_hash.to_0x_hex()}"
+                    ) from exc
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-            except Web3RPCError:
+            except Web3RPCError as exc:
                 # The endpoint may have accepted an earlier attempt whose answer was lost.
                 if attempt > 1 and self._known(tx_hash):
                     return
-                raise
+                raise TransactionRejected(action, tx_hash.to_0x_hex(), exc.message) from exc
 
     def _known(self, tx_hash: HexBytes) -> bool:
         try:
@@ -206,13 +207,15 @@ class Chain:
 
     def _wait(self, tx_hash: HexBytes, action: str) -> TxReceipt:
         try:
-            return self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.receipt_timeout_s, poll_latency=0.05)
+            return self.w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=self.receipt_timeout_s, poll_latency=0.05
+            )
         except TimeExhausted as exc:
             raise TransactionTimeout(action, tx_hash.to_0x_hex(), self.receipt_timeout_s) from exc
 
     def _replay_failure(self, tx: TxParams, receipt: TxReceipt, action: str) -> TransactionReverted:
         """Re-runs a mined, failed transaction as a call on its parent block to recover the revert data."""
-        call: TxParams = {key: tx[key] for key in ("from", "to", "data", "value") if key in tx}  # type: ignore[misc]
+        call = cast(TxParams, {key: tx[key] for key in ("from", "to", "data", "value") if key in tx})
         tx_hash = receipt["transactionHash"].to_0x_hex()
         try:
             self.w3.eth.call(call, block_identifier=receipt["blockNumber"] - 1)
@@ -225,7 +228,7 @@ def _revert_data(exc: Exception) -> bytes:
     """The raw revert bytes a web3 exception carries, wherever this provider put them."""
     data: Any = getattr(exc, "data", None)
     if data is None and isinstance(exc, Web3RPCError) and exc.rpc_response:
-        error = exc.rpc_response.get("error") or {}
+        error: Any = exc.rpc_response.get("error") or {}
         data = error.get("data") if isinstance(error, dict) else None
     if isinstance(data, dict):
         data = data.get("data")

@@ -11,11 +11,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ChainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    rpc_url: str = Field("http://127.0.0.1:8545", description="JSON-RPC endpoint of the chain")
+    rpc_url: str = Field(default="http://127.0.0.1:8545", description="JSON-RPC endpoint of the chain")
     deployment_file: Path = Field(
-        Path(".strata/deployment.json"), description="where deploy writes, and everything else reads, addresses"
+        default=Path(".strata/deployment.json"),
+        description="where deploy writes, and everything else reads, addresses",
     )
-    deployer_key: SecretStr | None = Field(None, description="hex private key that deploys and administers")
-    operator_key: SecretStr | None = Field(None, description="hex private key that redeems vouchers and posts roots")
-    rpc_timeout_s: float = Field(10.0, description="seconds to wait for one JSON-RPC answer")
-    receipt_timeout_s: float = Field(120.0, description="seconds to wait for a transaction's receipt")
+    deployer_key: SecretStr | None = Field(
+        default=None, description="hex private key that deploys and administers"
+    )
+    operator_key: SecretStr | None = Field(
+        default=None, description="hex private key that redeems vouchers and posts roots"
+    )
+    rpc_timeout_s: float = Field(default=10.0, description="seconds to wait for one JSON-RPC answer")
+    receipt_timeout_s: float = Field(default=120.0, description="seconds to wait for a transaction's receipt")

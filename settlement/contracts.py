@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 from web3.contract import Contract
 from web3.types import TxReceipt
 
@@ -31,7 +32,9 @@ class _Wrapper:
         return self.chain.call(self.contract.functions[name](*args), f"{type(self).__name__}.{name}")
 
     def _send(self, sender: LocalAccount, name: str, *args: Any) -> TxReceipt:
-        return self.chain.transact(sender, self.contract.functions[name](*args), f"{type(self).__name__}.{name}")
+        return self.chain.transact(
+            sender, self.contract.functions[name](*args), f"{type(self).__name__}.{name}"
+        )
 
     def grant_role(self, sender: LocalAccount, role: bytes, account: str) -> TxReceipt:
         return self._send(sender, "grantRole", role, to_checksum_address(account))
@@ -213,13 +216,8 @@ class VoucherEscrow(_Wrapper):
 
 
 class PayoutDistributor(_Wrapper):
-    def bind_escrow(self, sender: LocalAccount, *, escrow: str) -> TxReceipt:
-        return self._send(sender, "bindEscrow", to_checksum_address(escrow))
-
-    def post_root(
-        self, sender: LocalAccount, *, epoch: int, root: bytes, provider_total: int, redeemed_total: int
-    ) -> TxReceipt:
-        return self._send(sender, "postRoot", epoch, root, provider_total, redeemed_total)
+    def post_root(self, sender: LocalAccount, *, epoch: int, root: bytes, provider_total: int) -> TxReceipt:
+        return self._send(sender, "postRoot", epoch, root, provider_total)
 
     def claim(
         self,
@@ -230,7 +228,9 @@ class PayoutDistributor(_Wrapper):
         proof: list[bytes],
         expected_root: bytes,
     ) -> TxReceipt:
-        return self._send(sender, "claim", to_checksum_address(provider), cumulative_amount, proof, expected_root)
+        return self._send(
+            sender, "claim", to_checksum_address(provider), cumulative_amount, proof, expected_root
+        )
 
     def merkle_root(self) -> bytes:
         return bytes(self._call("merkleRoot"))
@@ -250,8 +250,11 @@ class PayoutDistributor(_Wrapper):
     def total_claimed(self) -> int:
         return int(self._call("totalClaimed"))
 
-    def provider_pool(self, redeemed: int) -> int:
-        return int(self._call("providerPool", redeemed))
+    def provider_pool(self, funded: int) -> int:
+        return int(self._call("providerPool", funded))
+
+    def funded(self) -> int:
+        return int(self._call("funded"))
 
     def treasury(self) -> str:
         return str(self._call("treasury"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 
 from settlement.chain import Chain
 from settlement.contracts import (
@@ -63,7 +63,9 @@ class Deployment:
             data = json.loads(path.read_text())
             return cls(**data)
         except FileNotFoundError as exc:
-            raise ConfigurationError(f"no deployment file at {path}: run `strata chain deploy` first") from exc
+            raise ConfigurationError(
+                f"no deployment file at {path}: run `strata chain deploy` first"
+            ) from exc
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigurationError(f"{path} is not a deployment file: {exc}") from exc
 
@@ -80,7 +82,9 @@ class Contracts:
     distributor: PayoutDistributor
 
     @classmethod
-    def load(cls, chain: Chain, deployment: Deployment, artifacts: dict[str, Artifact] | None = None) -> Contracts:
+    def load(
+        cls, chain: Chain, deployment: Deployment, artifacts: dict[str, Artifact] | None = None
+    ) -> Contracts:
         artifacts = artifacts or compile_contracts()
         chain.expect_chain_id(deployment.chain_id)
         for name, expected in deployment.abi_hashes.items():
@@ -121,7 +125,13 @@ def deploy(
     distributor = create("PayoutDistributor", token, treasury, admin)
     escrow = create("VoucherEscrow", token, distributor, admin, params.withdraw_delay_s)
     stake = create(
-        "StakeManager", token, treasury, admin, params.min_stake, params.unbonding_period_s, params.challenger_bps
+        "StakeManager",
+        token,
+        treasury,
+        admin,
+        params.min_stake,
+        params.unbonding_period_s,
+        params.challenger_bps,
     )
     deployment = Deployment(
         chain_id=chain.chain_id,
@@ -137,7 +147,6 @@ def deploy(
         block_number=chain.read(lambda: int(chain.w3.eth.block_number)),
     )
     contracts = Contracts.load(chain, deployment, artifacts)
-    contracts.distributor.bind_escrow(deployer, escrow=escrow)
     contracts.escrow.grant_role(deployer, OPERATOR_ROLE, operator)
     contracts.distributor.grant_role(deployer, OPERATOR_ROLE, operator)
     contracts.stake.grant_role(deployer, SLASHER_ROLE, slasher)

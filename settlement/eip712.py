@@ -12,7 +12,8 @@ from typing import Any
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
@@ -69,7 +70,9 @@ def token_domain(token_name: str, chain_id: int, token: str) -> Domain:
     return Domain(token_name, DOMAIN_VERSION, chain_id, token)
 
 
-def typed_message(domain: Domain, types: dict[str, list[dict[str, str]]], message: dict[str, Any]) -> SignableMessage:
+def typed_message(
+    domain: Domain, types: dict[str, list[dict[str, str]]], message: dict[str, Any]
+) -> SignableMessage:
     primary = next(iter(types))
     return encode_typed_data(
         full_message={

@@ -6,6 +6,7 @@
     ├── ChainError                     the chain could not be used as asked
     │   ├── ChainUnavailable           the JSON-RPC endpoint cannot be reached
     │   ├── ChainMismatch              the endpoint serves another chain than the deployment's
+    │   ├── TransactionRejected        the endpoint refused a signed transaction (funds for gas, nonce, fees)
     │   ├── TransactionReverted        a call or transaction reverted; ``error`` is the decoded custom error
     │   └── TransactionTimeout         no receipt in time; the transaction may still land
     └── MerkleError                    a tree or proof request that cannot be answered
@@ -41,6 +42,16 @@ class ChainUnavailable(ChainError):
 
 class ChainMismatch(ChainError):
     code = "chain_mismatch"
+
+
+class TransactionRejected(ChainError):
+    code = "transaction_rejected"
+
+    def __init__(self, action: str, tx_hash: str, reason: str) -> None:
+        self.action = action
+        self.tx_hash = tx_hash
+        self.reason = reason
+        super().__init__(f"{action}: the endpoint refused transaction {tx_hash}: {reason}")
 
 
 @dataclass(frozen=True)

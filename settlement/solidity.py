@@ -43,7 +43,9 @@ def find_solc(root: Path = PROJECT_ROOT) -> Path:
     if native and Path(native).resolve() != shim.resolve():
         return Path(native)
     if not (root / "node_modules" / "solc").is_dir():
-        raise CompilerError(f"no solc on PATH and no solc-js in {root / 'node_modules'}: run `npm ci` (or `make`)")
+        raise CompilerError(
+            f"no solc on PATH and no solc-js in {root / 'node_modules'}: run `npm ci` (or `make`)"
+        )
     return shim
 
 
@@ -51,7 +53,8 @@ def compiler_input(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     profile = tomllib.loads((root / "foundry.toml").read_text())["profile"]["default"]
     src = root / profile["src"]
     sources = {
-        path.relative_to(root).as_posix(): {"content": path.read_text()} for path in sorted(src.rglob("*.sol"))
+        path.relative_to(root).as_posix(): {"content": path.read_text()}
+        for path in sorted(src.rglob("*.sol"))
     }
     return {
         "language": "Solidity",
@@ -69,7 +72,9 @@ def compile_contracts(root: Path = PROJECT_ROOT, cache_dir: Path | None = None) 
     """Compiles contracts/src and returns the deployable contracts by name."""
     solc = find_solc(root)
     data = compiler_input(root)
-    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode() + _solc_version(solc).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(data, sort_keys=True).encode() + _solc_version(solc).encode()
+    ).hexdigest()[:16]
     cache = (cache_dir or root / "build" / "artifacts") / f"{key}.json"
     if cache.exists():
         output = json.loads(cache.read_text())
@@ -84,7 +89,9 @@ def compile_contracts(root: Path = PROJECT_ROOT, cache_dir: Path | None = None) 
     for contracts in output["contracts"].values():
         for name, compiled in contracts.items():
             if name in CONTRACT_NAMES:
-                artifacts[name] = Artifact(name, compiled["abi"], "0x" + compiled["evm"]["bytecode"]["object"])
+                artifacts[name] = Artifact(
+                    name, compiled["abi"], "0x" + compiled["evm"]["bytecode"]["object"]
+                )
     missing = set(CONTRACT_NAMES) - artifacts.keys()
     if missing:
         raise CompilerError(f"compiler output lacks {sorted(missing)}")

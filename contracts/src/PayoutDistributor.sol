@@ -6,7 +6,6 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {IPayoutDistributor} from "./interfaces/IPayoutDistributor.sol";
-import {IVoucherEscrow} from "./interfaces/IVoucherEscrow.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {FeeSplit} from "./libraries/FeeSplit.sol";
 
@@ -22,16 +21,14 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
     /// @inheritdoc IPayoutDistributor
     address public immutable treasury;
     /// @inheritdoc IPayoutDistributor
-    address public escrow;
-    /// @inheritdoc IPayoutDistributor
     bytes32 public merkleRoot;
 
-    // Packed by when they are used: a claim reads and writes the first pair, a post the second. 128 bits is far
-    // beyond any token supply.
-    uint128 internal _providerTotal;
-    uint128 internal _totalClaimed;
-    uint128 internal _feesPaid;
+    // A root post reads and writes this one slot (besides the root). 96 bits hold 7.9e28 base units: 7.9e22
+    // dollars of a 6-decimal token, 7.9e10 tokens of an 18-decimal one. SafeCast reverts beyond that.
+    uint96 internal _providerTotal;
+    uint96 internal _feesPaid;
     uint64 internal _epoch;
+    uint256 internal _totalClaimed;
 
     mapping(address provider => uint256 amount) public claimed;
 
@@ -43,34 +40,23 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
     }
 
     /// @inheritdoc IPayoutDistributor
-    function bindEscrow(address escrow_) external onlyRole(DEFAULT_ADMIN_ROLE) {
-        if (escrow_ == address(0)) revert ZeroAddress();
-        if (escrow != address(0)) revert EscrowAlreadyBound(escrow);
-        escrow = escrow_;
-        emit EscrowBound(escrow_);
-    }
-
-    /// @inheritdoc IPayoutDistributor
-    function postRoot(uint256 epoch_, bytes32 root, uint256 providerTotal_, uint256 redeemedTotal)
-        external
-        onlyRole(OPERATOR_ROLE)
-    {
-        address escrow_ = escrow;
-        if (escrow_ == address(0)) revert EscrowNotBound();
-        if (epoch_ != uint256(_epoch) + 1) revert EpochOutOfOrder(uint256(_epoch) + 1, epoch_);
-        uint256 redeemed = IVoucherEscrow(escrow_).totalRedeemed();
-        if (redeemedTotal != redeemed) revert RedeemedTotalMismatch(redeemedTotal, redeemed);
-        if (providerTotal_ < _providerTotal) revert ProviderTotalDecreased(_providerTotal, providerTotal_);
-        uint256 pool = FeeSplit.providerShare(redeemed);
+    function postRoot(uint256 epoch_, bytes32 root, uint256 providerTotal_) external onlyRole(OPERATOR_ROLE) {
+        uint256 expected = uint256(_epoch) + 1;
+        if (epoch_ != expected) revert EpochOutOfOrder(expected, epoch_);
+        uint256 previousTotal = _providerTotal;
+        if (providerTotal_ < previousTotal) revert ProviderTotalDecreased(previousTotal, providerTotal_);
+        uint256 feesPaid_ = _feesPaid;
+        uint256 funded_ = token.balanceOf(address(this)) + feesPaid_ + _totalClaimed;
+        uint256 pool = FeeSplit.providerShare(funded_);
         if (providerTotal_ > pool) revert ProviderTotalExceedsPool(providerTotal_, pool);
 
-        uint256 feeDue = (redeemed - pool) - _feesPaid;
+        uint256 fees = funded_ - pool;
         merkleRoot = root;
-        _epoch = epoch_.toUint64();
-        _providerTotal = providerTotal_.toUint128();
-        _feesPaid = (redeemed - pool).toUint128();
+        (_providerTotal, _feesPaid, _epoch) = (providerTotal_.toUint96(), fees.toUint96(), epoch_.toUint64());
+        // fees only grow: funded never shrinks (payouts count in it), and the pool is a fixed share of it.
+        uint256 feeDue = fees - feesPaid_;
         if (feeDue != 0) token.safeTransfer(treasury, feeDue);
-        emit RootPosted(epoch_, root, providerTotal_, redeemed, feeDue);
+        emit RootPosted(epoch_, root, providerTotal_, funded_, feeDue);
     }
 
     /// @inheritdoc IPayoutDistributor
@@ -92,14 +78,19 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
         uint256 remaining = _providerTotal - _totalClaimed;
         if (amount > remaining) revert ClaimExceedsProviderTotal(provider, amount, remaining);
         claimed[provider] = cumulativeAmount;
-        _totalClaimed += amount.toUint128();
+        _totalClaimed += amount;
         token.safeTransfer(provider, amount);
         emit Claimed(provider, msg.sender, amount, cumulativeAmount);
     }
 
     /// @inheritdoc IPayoutDistributor
-    function providerPool(uint256 redeemed) external pure returns (uint256) {
-        return FeeSplit.providerShare(redeemed);
+    function providerPool(uint256 funded_) external pure returns (uint256) {
+        return FeeSplit.providerShare(funded_);
+    }
+
+    /// @inheritdoc IPayoutDistributor
+    function funded() external view returns (uint256) {
+        return token.balanceOf(address(this)) + _feesPaid + _totalClaimed;
     }
 
     /// @inheritdoc IPayoutDistributor

@@ -16,6 +16,8 @@ contract VoucherEscrow is IVoucherEscrow, AccessControl, EIP712 {
 
     bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
     bytes32 public constant VOUCHER_TYPEHASH = keccak256("Voucher(bytes32 channelId,uint128 maxClaimableAmount)");
+    /// @notice `withdrawableAt` of a channel whose payer has left.
+    uint256 public constant CLOSED = type(uint256).max;
 
     IERC20 public immutable token;
     /// @inheritdoc IVoucherEscrow
@@ -44,8 +46,7 @@ contract VoucherEscrow is IVoucherEscrow, AccessControl, EIP712 {
         if (amount == 0) revert ZeroAmount();
         address payer = ChannelId.payer(channelId);
         if (payer == address(0)) revert InvalidChannelId(channelId);
-        uint256 exitAt = withdrawableAt[channelId];
-        if (exitAt != 0) revert ChannelExiting(channelId, exitAt);
+        _requireOpen(channelId);
         Channel storage c = _channels[channelId];
         uint256 newDeposit = uint256(c.deposit) + amount;
         if (newDeposit > type(uint128).max) revert DepositOverflow(channelId, c.deposit, amount);
@@ -60,37 +61,37 @@ contract VoucherEscrow is IVoucherEscrow, AccessControl, EIP712 {
         for (uint256 i; i < redemptions.length; ++i) {
             total += _redeemOne(redemptions[i]);
         }
-        if (total != 0) {
-            totalRedeemed += total;
-            token.safeTransfer(distributor, total);
-        }
+        uint256 redeemed = totalRedeemed + total;
+        totalRedeemed = redeemed;
+        token.safeTransfer(distributor, total);
+        emit VouchersRedeemed(msg.sender, redemptions.length, total, redeemed);
     }
 
     function _redeemOne(Redemption calldata r) internal returns (uint256 amount) {
-        if (r.claimTo > r.maxClaimableAmount) revert ClaimAboveVoucher(r.channelId, r.claimTo, r.maxClaimableAmount);
-        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, r.channelId, r.maxClaimableAmount)));
+        // Each calldata field is read once: repeated struct reads cost a bounds check each, on the hot path.
+        (bytes32 channelId, uint128 maxClaimable, uint128 claimTo) = (r.channelId, r.maxClaimableAmount, r.claimTo);
+        if (claimTo > maxClaimable) revert ClaimAboveVoucher(channelId, claimTo, maxClaimable);
+        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, maxClaimable)));
         address signer = ECDSA.recover(digest, r.r, r.vs);
-        if (signer != ChannelId.payer(r.channelId)) revert InvalidVoucherSignature(r.channelId, signer);
+        if (signer != ChannelId.payer(channelId)) revert InvalidVoucherSignature(channelId, signer);
 
-        Channel storage c = _channels[r.channelId];
+        Channel storage c = _channels[channelId];
         (uint128 deposited, uint128 claimed) = (c.deposit, c.claimed);
         // A voucher may promise more than was deposited; the operator takes what is there.
-        uint128 claimable = r.claimTo < deposited ? r.claimTo : deposited;
-        if (claimable <= claimed) revert NothingToRedeem(r.channelId, claimable, claimed);
+        uint128 claimable = claimTo < deposited ? claimTo : deposited;
+        if (claimable <= claimed) revert NothingToRedeem(channelId, claimable, claimed);
         c.claimed = claimable;
         // claimable > claimed was checked above.
         unchecked {
             amount = claimable - claimed;
         }
-        emit Redeemed(r.channelId, amount, claimable);
     }
 
     /// @inheritdoc IVoucherEscrow
     function initiateWithdraw(bytes32 channelId) external {
         if (msg.sender != ChannelId.payer(channelId)) revert NotChannelPayer(channelId, msg.sender);
-        uint256 exitAt = withdrawableAt[channelId];
-        if (exitAt != 0) revert ChannelExiting(channelId, exitAt);
-        exitAt = block.timestamp + withdrawDelay;
+        _requireOpen(channelId);
+        uint256 exitAt = block.timestamp + withdrawDelay;
         withdrawableAt[channelId] = exitAt;
         emit WithdrawInitiated(channelId, msg.sender, exitAt);
     }
@@ -100,14 +101,21 @@ contract VoucherEscrow is IVoucherEscrow, AccessControl, EIP712 {
         if (msg.sender != ChannelId.payer(channelId)) revert NotChannelPayer(channelId, msg.sender);
         uint256 exitAt = withdrawableAt[channelId];
         if (exitAt == 0) revert ChannelNotExiting(channelId);
+        if (exitAt == CLOSED) revert ChannelClosed(channelId);
         if (block.timestamp < exitAt) revert WithdrawDelayNotElapsed(channelId, exitAt, block.timestamp);
         Channel storage c = _channels[channelId];
         amount = c.deposit - c.claimed;
         // What is left was withdrawn: from now on the channel holds exactly what was claimed from it.
         c.deposit = c.claimed;
-        delete withdrawableAt[channelId];
+        withdrawableAt[channelId] = CLOSED;
         if (amount != 0) token.safeTransfer(msg.sender, amount);
         emit WithdrawFinalized(channelId, msg.sender, amount);
+    }
+
+    function _requireOpen(bytes32 channelId) internal view {
+        uint256 exitAt = withdrawableAt[channelId];
+        if (exitAt == CLOSED) revert ChannelClosed(channelId);
+        if (exitAt != 0) revert ChannelExiting(channelId, exitAt);
     }
 
     /// @inheritdoc IVoucherEscrow

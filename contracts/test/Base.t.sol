@@ -8,8 +8,9 @@ import {VoucherEscrow} from "../src/VoucherEscrow.sol";
 import {PayoutDistributor} from "../src/PayoutDistributor.sol";
 import {IVoucherEscrow} from "../src/interfaces/IVoucherEscrow.sol";
 
-/// @notice Deploys the whole system the way production wires it: the distributor bound to the escrow, the operator
-/// holding OPERATOR_ROLE on both, the validator holding SLASHER_ROLE. Amounts are in 6-decimal base units.
+/// @notice Deploys the whole system the way production wires it: the escrow paying into the distributor (which knows
+/// nothing of the escrow and counts whatever it holds as funding), the operator holding OPERATOR_ROLE on both, the
+/// validator holding SLASHER_ROLE. Amounts are in 6-decimal base units.
 abstract contract Base is Test {
     uint256 internal constant USDC = 1e6;
     uint256 internal constant MIN_STAKE = 100 * USDC;
@@ -65,7 +66,6 @@ abstract contract Base is Test {
         vm.label(address(escrow), "VoucherEscrow");
 
         vm.startPrank(admin);
-        distributor.bindEscrow(address(escrow));
         escrow.grantRole(escrow.OPERATOR_ROLE(), operator);
         distributor.grantRole(distributor.OPERATOR_ROLE(), operator);
         stakeManager.grantRole(stakeManager.SLASHER_ROLE(), validator);

@@ -8,6 +8,7 @@ import {IPayoutDistributor} from "../src/interfaces/IPayoutDistributor.sol";
 import {IVoucherEscrow} from "../src/interfaces/IVoucherEscrow.sol";
 import {IAccessControl} from "@openzeppelin/contracts/access/IAccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
 contract PayoutDistributorTest is Base {
     // Stand-in roots for tests about totals and fees, where no one claims.
@@ -45,16 +46,22 @@ contract PayoutDistributorTest is Base {
         }
     }
 
-    /// @dev Posts `t` as the next epoch, against the escrow's current total, with its leaves' sum as providerTotal.
+    /// @dev Posts `t` as the next epoch with its leaves' sum as providerTotal.
     function _post(Tree memory t) internal {
         _postTotal(t.root, _sum(t.amounts));
     }
 
     function _postTotal(bytes32 root, uint256 total) internal {
         uint256 next = distributor.epoch() + 1;
-        uint256 redeemed = escrow.totalRedeemed();
         vm.prank(operator);
-        distributor.postRoot(next, root, total, redeemed);
+        distributor.postRoot(next, root, total);
+    }
+
+    /// @dev Funds the distributor the other way: a plain token transfer to it, no escrow involved.
+    function _transferIn(uint256 amount) internal {
+        _mint(stranger, amount);
+        vm.prank(stranger);
+        assertTrue(token.transfer(address(distributor), amount), "transfer in");
     }
 
     function _claim(Tree memory t, uint256 i) internal returns (uint256) {
@@ -114,14 +121,18 @@ contract PayoutDistributorTest is Base {
         assertEq(proof[2], 0x077306a5ccdd3e488b383cb17ad2fd11a4393dd165485c71261241b0f8fbc730, "proof[2]");
     }
 
-    // ---------------------------------------------------------------- constructor and bindEscrow
+    // ---------------------------------------------------------------- constructor
 
     function test_constructor_StoresParameters() public view {
         assertEq(address(distributor.token()), address(token), "token");
         assertEq(distributor.treasury(), treasury, "treasury");
-        assertEq(distributor.escrow(), address(escrow), "escrow bound in setUp");
         assertEq(distributor.epoch(), 0, "epoch");
         assertEq(distributor.merkleRoot(), bytes32(0), "root");
+        assertEq(distributor.providerTotal(), 0, "provider total");
+        assertEq(distributor.feesPaid(), 0, "fees paid");
+        assertEq(distributor.totalClaimed(), 0, "total claimed");
+        assertEq(distributor.funded(), 0, "funded");
+        assertTrue(distributor.hasRole(distributor.DEFAULT_ADMIN_ROLE(), admin), "admin");
         assertTrue(distributor.hasRole(distributor.OPERATOR_ROLE(), operator), "operator");
     }
 
@@ -140,35 +151,33 @@ contract PayoutDistributorTest is Base {
         new PayoutDistributor(token, treasury, address(0));
     }
 
-    function test_bindEscrow_SetsEscrow() public {
-        PayoutDistributor fresh = new PayoutDistributor(token, treasury, admin);
-        vm.expectEmit(address(fresh));
-        emit IPayoutDistributor.EscrowBound(address(escrow));
-        vm.prank(admin);
-        fresh.bindEscrow(address(escrow));
-        assertEq(fresh.escrow(), address(escrow), "escrow");
+    // ---------------------------------------------------------------- funded
+
+    function test_funded_CountsRedemptions() public {
+        _fundDistributor(1, 2_000 * USDC, 1_000 * USDC);
+        assertEq(distributor.funded(), 1_000 * USDC, "funded");
+        assertEq(distributor.funded(), escrow.totalRedeemed(), "the escrow is the only source here");
     }
 
-    function test_RevertWhen_BindEscrowTwice() public {
-        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.EscrowAlreadyBound.selector, address(escrow)));
-        vm.prank(admin);
-        distributor.bindEscrow(stranger);
+    function test_funded_CountsDirectTransfer() public {
+        _transferIn(250 * USDC);
+        assertEq(distributor.funded(), 250 * USDC, "transfer alone");
+        _fundDistributor(1, 2_000 * USDC, 1_000 * USDC);
+        assertEq(distributor.funded(), 1_250 * USDC, "transfer plus redemption");
     }
 
-    function test_RevertWhen_BindEscrowToZeroAddress() public {
-        PayoutDistributor fresh = new PayoutDistributor(token, treasury, admin);
-        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.ZeroAddress.selector));
-        vm.prank(admin);
-        fresh.bindEscrow(address(0));
-    }
-
-    function test_RevertWhen_BindEscrowCallerIsNotAdmin() public {
-        PayoutDistributor fresh = new PayoutDistributor(token, treasury, admin);
-        vm.expectRevert(
-            abi.encodeWithSelector(IAccessControl.AccessControlUnauthorizedAccount.selector, operator, bytes32(0))
-        );
-        vm.prank(operator);
-        fresh.bindEscrow(address(escrow));
+    function test_funded_UnchangedByFeesAndClaims() public {
+        _fundDistributor(1, 2_000 * USDC, 1_000 * USDC);
+        Tree memory t = _tree3(300 * USDC, 200 * USDC, 100 * USDC);
+        _post(t);
+        // 200 went to the treasury and stays counted.
+        assertEq(token.balanceOf(address(distributor)), 800 * USDC, "balance after fee");
+        assertEq(distributor.funded(), 1_000 * USDC, "after the fee");
+        _claim(t, 0);
+        _claim(t, 1);
+        // 500 went to providers and stays counted.
+        assertEq(token.balanceOf(address(distributor)), 300 * USDC, "balance after claims");
+        assertEq(distributor.funded(), 1_000 * USDC, "after claims");
     }
 
     // ---------------------------------------------------------------- postRoot
@@ -234,52 +243,103 @@ contract PayoutDistributorTest is Base {
         assertEq(distributor.merkleRoot(), ROOT_2, "root replaced");
     }
 
+    function test_postRoot_WithNothingFundedPaysNoFee() public {
+        vm.expectEmit(address(distributor));
+        emit IPayoutDistributor.RootPosted(1, ROOT_1, 0, 0, 0);
+        _postTotal(ROOT_1, 0);
+        assertEq(distributor.epoch(), 1, "epoch");
+        assertEq(distributor.feesPaid(), 0, "fees paid");
+        assertEq(token.balanceOf(treasury), 0, "treasury");
+    }
+
+    function test_postRoot_CountsRedemptionsUpToThePost() public {
+        bytes32 channelId = _fundDistributor(1, 10_000, 1_000);
+        // A redemption lands after the operator computed its tree: the post counts it, and a tree computed against
+        // less funding is still within the larger pool.
+        _redeem(_one(_redemption(ALICE_PK, channelId, 1_500, 1_500)));
+        vm.expectEmit(address(distributor));
+        emit IPayoutDistributor.RootPosted(1, ROOT_1, 800, 1_500, 300);
+        _postTotal(ROOT_1, 800);
+        assertEq(token.balanceOf(treasury), 300, "fee on everything funded");
+        assertEq(token.balanceOf(address(distributor)), 1_200, "pool");
+    }
+
+    function test_postRoot_DirectTransferRaisesPoolAndPaysItsFee() public {
+        _fundDistributor(1, 10_000, 1_000);
+        _postTotal(ROOT_1, 800);
+        assertEq(token.balanceOf(treasury), 200, "epoch 1 fee");
+
+        // 500 arrives by plain transfer, not through the escrow.
+        _transferIn(500);
+        assertEq(distributor.funded(), 1_500, "funded");
+        assertEq(distributor.providerPool(distributor.funded()), 1_200, "pool grew by 80% of it");
+        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.ProviderTotalExceedsPool.selector, 1_201, 1_200));
+        vm.prank(operator);
+        distributor.postRoot(2, ROOT_2, 1_201);
+
+        // The next post pays 20% of the transfer to the treasury and may promise the rest.
+        vm.expectEmit(address(token));
+        emit IERC20.Transfer(address(distributor), treasury, 100);
+        vm.expectEmit(address(distributor));
+        emit IPayoutDistributor.RootPosted(2, ROOT_2, 1_200, 1_500, 100);
+        _postTotal(ROOT_2, 1_200);
+        assertEq(token.balanceOf(treasury), 300, "treasury");
+        assertEq(distributor.feesPaid(), 300, "fees paid");
+        assertEq(token.balanceOf(address(distributor)), 1_200, "pool stays");
+        assertEq(escrow.totalRedeemed(), 1_000, "the escrow saw none of it");
+    }
+
+    function test_postRoot_FundedByDirectTransferAlone() public {
+        _transferIn(1_000 * USDC);
+        Tree memory t = _tree3(500 * USDC, 200 * USDC, 100 * USDC);
+        vm.expectEmit(address(distributor));
+        emit IPayoutDistributor.RootPosted(1, t.root, 800 * USDC, 1_000 * USDC, 200 * USDC);
+        _post(t);
+        assertEq(token.balanceOf(treasury), 200 * USDC, "fee");
+        for (uint256 i; i < 3; ++i) {
+            assertEq(_claim(t, i), t.amounts[i], "claimed");
+        }
+        assertEq(token.balanceOf(address(distributor)), 0, "distributor empty");
+    }
+
+    function test_postRoot_AcceptsTotalsUpToUint96() public {
+        // 2**98 funds a pool of 3.2 * 2**96 and fees of 0.8 * 2**96: the largest providerTotal storage holds fits.
+        uint256 funded = 2 ** 98;
+        _transferIn(funded);
+        uint256 fees = funded - funded * 8_000 / 10_000;
+        _postTotal(ROOT_1, type(uint96).max);
+        assertEq(distributor.providerTotal(), type(uint96).max, "provider total");
+        assertEq(distributor.feesPaid(), fees, "fees paid");
+        assertEq(token.balanceOf(treasury), fees, "treasury");
+    }
+
     function test_RevertWhen_PostRootCallerIsNotOperator() public {
         bytes32 role = distributor.OPERATOR_ROLE();
         vm.expectRevert(abi.encodeWithSelector(IAccessControl.AccessControlUnauthorizedAccount.selector, admin, role));
         vm.prank(admin);
-        distributor.postRoot(1, ROOT_1, 0, 0);
-    }
-
-    function test_RevertWhen_PostRootBeforeEscrowBound() public {
-        PayoutDistributor fresh = new PayoutDistributor(token, treasury, admin);
-        bytes32 role = fresh.OPERATOR_ROLE();
-        vm.prank(admin);
-        fresh.grantRole(role, operator);
-        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.EscrowNotBound.selector));
-        vm.prank(operator);
-        fresh.postRoot(1, ROOT_1, 0, 0);
+        distributor.postRoot(1, ROOT_1, 0);
     }
 
     function test_RevertWhen_PostRootSkipsEpoch() public {
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.EpochOutOfOrder.selector, 1, 2));
         vm.prank(operator);
-        distributor.postRoot(2, ROOT_2, 0, 0);
+        distributor.postRoot(2, ROOT_2, 0);
     }
 
     function test_RevertWhen_PostRootGivenEpochZero() public {
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.EpochOutOfOrder.selector, 1, 0));
         vm.prank(operator);
-        distributor.postRoot(0, ROOT_0, 0, 0);
+        distributor.postRoot(0, ROOT_0, 0);
     }
 
     function test_RevertWhen_PostRootRetried() public {
         _fundDistributor(1, 1_000, 1_000);
         vm.prank(operator);
-        distributor.postRoot(1, ROOT_1, 800, 1_000);
+        distributor.postRoot(1, ROOT_1, 800);
         // The same post again must not land twice.
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.EpochOutOfOrder.selector, 2, 1));
         vm.prank(operator);
-        distributor.postRoot(1, ROOT_1, 800, 1_000);
-    }
-
-    function test_RevertWhen_PostRootRedeemedTotalIsStale() public {
-        bytes32 channelId = _fundDistributor(1, 10_000, 1_000);
-        // A redemption lands after the operator computed its tree.
-        _redeem(_one(_redemption(ALICE_PK, channelId, 1_500, 1_500)));
-        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.RedeemedTotalMismatch.selector, 1_000, 1_500));
-        vm.prank(operator);
-        distributor.postRoot(1, ROOT_1, 800, 1_000);
+        distributor.postRoot(1, ROOT_1, 800);
     }
 
     function test_RevertWhen_PostRootProviderTotalDecreases() public {
@@ -287,14 +347,40 @@ contract PayoutDistributorTest is Base {
         _postTotal(ROOT_1, 700);
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.ProviderTotalDecreased.selector, 700, 699));
         vm.prank(operator);
-        distributor.postRoot(2, ROOT_2, 699, 1_000);
+        distributor.postRoot(2, ROOT_2, 699);
     }
 
     function test_RevertWhen_PostRootProviderTotalExceedsPool() public {
         _fundDistributor(1, 1_001, 1_001);
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.ProviderTotalExceedsPool.selector, 801, 800));
         vm.prank(operator);
-        distributor.postRoot(1, ROOT_1, 801, 1_001);
+        distributor.postRoot(1, ROOT_1, 801);
+    }
+
+    function test_RevertWhen_PostRootWithNothingFundedPromisesAnything() public {
+        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.ProviderTotalExceedsPool.selector, 1, 0));
+        vm.prank(operator);
+        distributor.postRoot(1, ROOT_1, 1);
+    }
+
+    function test_RevertWhen_PostRootProviderTotalOverflowsUint96() public {
+        // The pool (3.2 * 2**96) allows it and the fee (0.8 * 2**96) fits: only providerTotal is too large to store.
+        _transferIn(2 ** 98);
+        uint256 tooLarge = uint256(type(uint96).max) + 1;
+        vm.expectRevert(abi.encodeWithSelector(SafeCast.SafeCastOverflowedUintDowncast.selector, 96, tooLarge));
+        vm.prank(operator);
+        distributor.postRoot(1, ROOT_1, tooLarge);
+    }
+
+    function test_RevertWhen_PostRootFeesOverflowUint96() public {
+        // 20% of 2**99 is 1.6 * 2**96: the cumulative fee no longer fits in its 96 bits.
+        uint256 funded = 2 ** 99;
+        _transferIn(funded);
+        uint256 fees = funded - funded * 8_000 / 10_000;
+        vm.expectRevert(abi.encodeWithSelector(SafeCast.SafeCastOverflowedUintDowncast.selector, 96, fees));
+        vm.prank(operator);
+        distributor.postRoot(1, ROOT_1, 0);
+        assertEq(token.balanceOf(treasury), 0, "nothing paid");
     }
 
     // ---------------------------------------------------------------- claim
@@ -500,14 +586,14 @@ contract PayoutDistributorTest is Base {
 
     // ---------------------------------------------------------------- fuzz
 
-    function testFuzz_providerPool_FeeIsTwentyPercentRoundedUp(uint256 redeemed) public view {
-        redeemed = bound(redeemed, 0, type(uint256).max / 10_000);
-        uint256 pool = distributor.providerPool(redeemed);
-        uint256 fee = redeemed - pool;
-        assertEq(pool + fee, redeemed, "split is exact");
-        assertLe(pool * 10_000, redeemed * 8_000, "pool is at most 80%");
-        assertGe(fee * 10_000, redeemed * 2_000, "fee is at least 20%");
-        assertLe(fee * 10_000, redeemed * 2_000 + 9_999, "fee exceeds 20% by under one unit");
+    function testFuzz_providerPool_FeeIsTwentyPercentRoundedUp(uint256 funded) public view {
+        funded = bound(funded, 0, type(uint256).max / 10_000);
+        uint256 pool = distributor.providerPool(funded);
+        uint256 fee = funded - pool;
+        assertEq(pool + fee, funded, "split is exact");
+        assertLe(pool * 10_000, funded * 8_000, "pool is at most 80%");
+        assertGe(fee * 10_000, funded * 2_000, "fee is at least 20%");
+        assertLe(fee * 10_000, funded * 2_000 + 9_999, "fee exceeds 20% by under one unit");
     }
 
     function testFuzz_postRoot_FeesTrackCumulativeRedemptions(uint256 first, uint256 second, uint256 share) public {
@@ -526,6 +612,44 @@ contract PayoutDistributorTest is Base {
         assertEq(token.balanceOf(treasury), total - pool, "cumulative fee");
         assertEq(distributor.feesPaid(), total - pool, "fees paid");
         assertEq(token.balanceOf(address(distributor)), pool, "distributor keeps the pool");
+    }
+
+    /// @dev Redemptions and direct transfers fund alike, and claims between posts change nothing about the fee.
+    function testFuzz_postRoot_FeesTrackFundingFromEitherSource(
+        uint256 redeemed,
+        uint256 transferred,
+        uint256 later,
+        uint256 share
+    ) public {
+        redeemed = bound(redeemed, 0, 1e15);
+        transferred = bound(transferred, 0, 1e15);
+        later = bound(later, 0, 1e15);
+        if (redeemed != 0) _fundDistributor(1, redeemed, redeemed);
+        if (transferred != 0) _transferIn(transferred);
+        uint256 funded = redeemed + transferred;
+        assertEq(distributor.funded(), funded, "funded");
+
+        // One provider is promised part of the pool and claims it before the next post.
+        uint256 promised = bound(share, 0, distributor.providerPool(funded));
+        address[] memory one = new address[](1);
+        one[0] = providerA;
+        uint256[] memory amounts = new uint256[](1);
+        amounts[0] = promised;
+        Tree memory t = _tree(one, amounts);
+        _post(t);
+        if (promised != 0) _claim(t, 0);
+        assertEq(distributor.funded(), funded, "claims stay counted");
+
+        if (later != 0) _transferIn(later);
+        funded += later;
+        uint256 pool = distributor.providerPool(funded);
+        vm.expectEmit(address(distributor));
+        emit IPayoutDistributor.RootPosted(2, ROOT_2, promised, funded, (funded - pool) - distributor.feesPaid());
+        _postTotal(ROOT_2, promised);
+
+        assertEq(distributor.feesPaid(), funded - pool, "cumulative fee");
+        assertEq(token.balanceOf(treasury), funded - pool, "treasury");
+        assertEq(token.balanceOf(address(distributor)), pool - promised, "distributor keeps the rest of the pool");
     }
 
     function testFuzz_claim_PaysEachProviderItsLeaf(uint256 redeemed, uint256 a, uint256 b, uint256 c) public {

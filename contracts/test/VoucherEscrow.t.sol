@@ -28,6 +28,13 @@ contract VoucherEscrowTest is Base {
         return escrow.finalizeWithdraw(channelId);
     }
 
+    /// @dev Runs alice's whole exit from `channelId`: initiate, wait out the delay, finalize.
+    function _close(bytes32 channelId) internal returns (uint256 refund) {
+        _initiate(alice, channelId);
+        vm.warp(block.timestamp + WITHDRAW_DELAY);
+        refund = _finalize(alice, channelId);
+    }
+
     // ---------------------------------------------------------------- constructor and pure helpers
 
     function test_constructor_StoresParameters() public view {
@@ -37,6 +44,7 @@ contract VoucherEscrowTest is Base {
         assertTrue(escrow.hasRole(escrow.DEFAULT_ADMIN_ROLE(), admin), "admin");
         assertTrue(escrow.hasRole(escrow.OPERATOR_ROLE(), operator), "operator");
         assertEq(escrow.totalRedeemed(), 0, "nothing redeemed");
+        assertEq(escrow.CLOSED(), type(uint256).max, "CLOSED");
     }
 
     function test_RevertWhen_ConstructorGivenZeroToken() public {
@@ -155,6 +163,26 @@ contract VoucherEscrowTest is Base {
         escrow.deposit(channelId, 1);
     }
 
+    function test_RevertWhen_DepositToClosedChannel() public {
+        bytes32 channelId = _deposit(alice, 1, 10 * USDC);
+        _close(channelId);
+        _fund(alice, address(escrow), 1);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId));
+        vm.prank(alice);
+        escrow.deposit(channelId, 1);
+    }
+
+    function test_RevertWhen_ThirdPartyDepositsToClosedChannel() public {
+        bytes32 channelId = _deposit(alice, 1, 10 * USDC);
+        _close(channelId);
+        // Nobody can strand money in the channel, not only its payer.
+        _fund(stranger, address(escrow), 5 * USDC);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId));
+        vm.prank(stranger);
+        escrow.deposit(channelId, _u128(5 * USDC));
+        assertEq(token.balanceOf(stranger), 5 * USDC, "stranger keeps its money");
+    }
+
     function test_RevertWhen_DepositOverflowsUint128() public {
         uint128 max = type(uint128).max;
         bytes32 channelId = _deposit(alice, 1, max);
@@ -177,10 +205,10 @@ contract VoucherEscrowTest is Base {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
         IVoucherEscrow.Redemption[] memory batch = _one(_redemption(ALICE_PK, channelId, 30 * USDC, 30 * USDC));
 
-        vm.expectEmit(address(escrow));
-        emit IVoucherEscrow.Redeemed(channelId, 30 * USDC, 30 * USDC);
         vm.expectEmit(address(token));
         emit IERC20.Transfer(address(escrow), address(distributor), 30 * USDC);
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, 1, 30 * USDC, 30 * USDC);
         uint256 total = _redeem(batch);
 
         assertEq(total, 30 * USDC, "returned total");
@@ -203,13 +231,15 @@ contract VoucherEscrowTest is Base {
     function test_redeem_CapsClaimAtDeposit() public {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
         vm.expectEmit(address(escrow));
-        emit IVoucherEscrow.Redeemed(channelId, 100 * USDC, 100 * USDC);
+        emit IVoucherEscrow.VouchersRedeemed(operator, 1, 100 * USDC, 100 * USDC);
         uint256 total = _redeem(_one(_redemption(ALICE_PK, channelId, 500 * USDC, 500 * USDC)));
         assertEq(total, 100 * USDC, "capped at deposit");
         _assertChannel(channelId, 100 * USDC, 100 * USDC);
 
         // A top-up lets the same voucher take what it could not before.
         _deposit(alice, 1, 50 * USDC);
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, 1, 50 * USDC, 150 * USDC);
         total = _redeem(_one(_redemption(ALICE_PK, channelId, 500 * USDC, 500 * USDC)));
         assertEq(total, 50 * USDC, "the top-up");
         assertEq(escrow.totalRedeemed(), 150 * USDC, "total redeemed");
@@ -244,6 +274,11 @@ contract VoucherEscrowTest is Base {
             uint256 capped = amount < 100 * USDC ? amount : 100 * USDC;
             expected += capped - 5 * USDC * (i + 1);
         }
+        // One event for the whole batch, one transfer for the whole batch.
+        vm.expectEmit(address(token));
+        emit IERC20.Transfer(address(escrow), address(distributor), expected);
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, n, expected, roundOne + expected);
         assertEq(_redeem(batch), expected, "round two pays increases only");
 
         assertEq(escrow.totalRedeemed(), roundOne + expected, "total redeemed");
@@ -260,14 +295,41 @@ contract VoucherEscrowTest is Base {
         IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](2);
         batch[0] = _redemption(ALICE_PK, channelId, 30 * USDC, 30 * USDC);
         batch[1] = _redemption(ALICE_PK, channelId, 50 * USDC, 50 * USDC);
+        // The event counts batch entries, not distinct channels.
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, 2, 50 * USDC, 50 * USDC);
         assertEq(_redeem(batch), 50 * USDC, "total");
         _assertChannel(channelId, 100 * USDC, 50 * USDC);
     }
 
-    function test_redeem_EmptyBatchMovesNothing() public {
+    function test_redeem_EmptyBatchTransfersZeroAndEmitsZeros() public {
         IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](0);
+        vm.expectEmit(address(token));
+        emit IERC20.Transfer(address(escrow), address(distributor), 0);
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, 0, 0, 0);
         assertEq(_redeem(batch), 0, "total");
         assertEq(escrow.totalRedeemed(), 0, "total redeemed");
+        assertEq(token.balanceOf(address(distributor)), 0, "distributor");
+    }
+
+    function test_redeem_EmptyBatchKeepsTotalRedeemed() public {
+        _fundDistributor(1, 100 * USDC, 30 * USDC);
+        IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](0);
+        vm.expectEmit(address(escrow));
+        emit IVoucherEscrow.VouchersRedeemed(operator, 0, 0, 30 * USDC);
+        assertEq(_redeem(batch), 0, "total");
+        assertEq(escrow.totalRedeemed(), 30 * USDC, "total redeemed");
+        assertEq(token.balanceOf(address(distributor)), 30 * USDC, "distributor");
+    }
+
+    function test_redeem_AfterDelayUntilFinalized() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        _initiate(alice, channelId);
+        // The payer could finalize now but has not: the operator may still redeem.
+        vm.warp(block.timestamp + WITHDRAW_DELAY + 1 days);
+        assertEq(_redeem(_one(_redemption(ALICE_PK, channelId, 60 * USDC, 60 * USDC))), 60 * USDC, "redeemed");
+        assertEq(_finalize(alice, channelId), 40 * USDC, "the rest");
     }
 
     function test_RevertWhen_RedeemCallerIsNotOperator() public {
@@ -407,6 +469,55 @@ contract VoucherEscrowTest is Base {
         assertEq(token.balanceOf(address(distributor)), 0, "distributor");
     }
 
+    function test_RevertWhen_RedeemBatchHasNoEntryThatPays() public {
+        bytes32 one = _deposit(alice, 1, 100 * USDC);
+        bytes32 two = _deposit(alice, 2, 100 * USDC);
+        IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](2);
+        batch[0] = _redemption(ALICE_PK, one, 10 * USDC, 10 * USDC);
+        batch[1] = _redemption(ALICE_PK, two, 20 * USDC, 20 * USDC);
+        _redeem(batch);
+        // Every entry is spent: the batch reverts as a whole rather than moving and logging zero.
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, one, 10 * USDC, 10 * USDC));
+        _redeem(batch);
+        assertEq(escrow.totalRedeemed(), 30 * USDC, "total redeemed");
+        assertEq(token.balanceOf(address(distributor)), 30 * USDC, "distributor");
+    }
+
+    function test_RevertWhen_RedeemOldVoucherAfterExit() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        // Alice signed for up to 100 but was charged only 30 before she left.
+        IVoucherEscrow.Redemption[] memory old = _one(_redemption(ALICE_PK, channelId, 100 * USDC, 100 * USDC));
+        _redeem(_one(_redemption(ALICE_PK, channelId, 100 * USDC, 30 * USDC)));
+        assertEq(_close(channelId), 70 * USDC, "refund");
+        _assertChannel(channelId, 30 * USDC, 30 * USDC);
+
+        vm.expectRevert(
+            abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, 30 * USDC, 30 * USDC)
+        );
+        _redeem(old);
+
+        // No deposit can ever put something under the old voucher again.
+        _fund(alice, address(escrow), 50 * USDC);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId));
+        vm.prank(alice);
+        escrow.deposit(channelId, _u128(50 * USDC));
+        vm.warp(block.timestamp + 365 days);
+        vm.expectRevert(
+            abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, 30 * USDC, 30 * USDC)
+        );
+        _redeem(old);
+        assertEq(token.balanceOf(alice), 120 * USDC, "alice keeps the refund and what she could not deposit");
+    }
+
+    function test_RevertWhen_RedeemNeverRedeemedVoucherAfterExit() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        IVoucherEscrow.Redemption[] memory old = _one(_redemption(ALICE_PK, channelId, 40 * USDC, 40 * USDC));
+        // The operator missed the delay: the whole deposit went back, the voucher finds nothing.
+        assertEq(_close(channelId), 100 * USDC, "refund");
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, 0, 0));
+        _redeem(old);
+    }
+
     // ---------------------------------------------------------------- initiateWithdraw and finalizeWithdraw
 
     function test_initiateWithdraw_StartsDelay() public {
@@ -434,6 +545,21 @@ contract VoucherEscrowTest is Base {
         _initiate(alice, channelId);
     }
 
+    function test_RevertWhen_InitiateWithdrawOnClosedChannel() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        _close(channelId);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId));
+        _initiate(alice, channelId);
+        assertEq(escrow.withdrawableAt(channelId), escrow.CLOSED(), "still closed");
+    }
+
+    function test_RevertWhen_InitiateWithdrawOnClosedChannelCallerIsNotPayer() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        _close(channelId);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NotChannelPayer.selector, channelId, bob));
+        _initiate(bob, channelId);
+    }
+
     function test_finalizeWithdraw_ReturnsUnclaimedToPayer() public {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
         _redeem(_one(_redemption(ALICE_PK, channelId, 30 * USDC, 30 * USDC)));
@@ -447,7 +573,7 @@ contract VoucherEscrowTest is Base {
         assertEq(amount, 70 * USDC, "returned");
         assertEq(token.balanceOf(alice), 70 * USDC, "payer refunded");
         assertEq(token.balanceOf(address(escrow)), 0, "escrow empty");
-        assertEq(escrow.withdrawableAt(channelId), 0, "exit closed");
+        assertEq(escrow.withdrawableAt(channelId), escrow.CLOSED(), "channel closed");
         _assertChannel(channelId, 30 * USDC, 30 * USDC);
     }
 
@@ -473,28 +599,23 @@ contract VoucherEscrowTest is Base {
         assertEq(token.balanceOf(alice), 0, "payer");
     }
 
-    function test_finalizeWithdraw_ChannelReusableAfterwards() public {
-        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
-        IVoucherEscrow.Redemption[] memory old = _one(_redemption(ALICE_PK, channelId, 30 * USDC, 30 * USDC));
+    function test_finalizeWithdraw_PayerComesBackWithNewSalt() public {
+        bytes32 closed = _deposit(alice, 1, 100 * USDC);
+        IVoucherEscrow.Redemption[] memory old = _one(_redemption(ALICE_PK, closed, 30 * USDC, 30 * USDC));
         _redeem(old);
-        _initiate(alice, channelId);
-        vm.warp(block.timestamp + WITHDRAW_DELAY);
-        _finalize(alice, channelId);
+        _close(closed);
 
-        _deposit(alice, 1, 50 * USDC);
-        _assertChannel(channelId, 80 * USDC, 30 * USDC);
-
-        // Old vouchers are spent; new ones continue the cumulative count.
-        vm.expectRevert(
-            abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, 30 * USDC, 30 * USDC)
-        );
+        // A new salt is a new channel: its own deposit, its own cumulative count from zero.
+        bytes32 fresh = _deposit(alice, 2, 50 * USDC);
+        _assertChannel(fresh, 50 * USDC, 0);
+        assertEq(escrow.withdrawableAt(fresh), 0, "open");
+        assertEq(_redeem(_one(_redemption(ALICE_PK, fresh, 20 * USDC, 20 * USDC))), 20 * USDC, "new voucher");
+        _assertChannel(closed, 30 * USDC, 30 * USDC);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, closed, 30 * USDC, 30 * USDC));
         _redeem(old);
-        assertEq(_redeem(_one(_redemption(ALICE_PK, channelId, 50 * USDC, 50 * USDC))), 20 * USDC, "new voucher");
 
-        // And the channel can be exited again.
-        _initiate(alice, channelId);
-        vm.warp(block.timestamp + WITHDRAW_DELAY);
-        assertEq(_finalize(alice, channelId), 30 * USDC, "second exit");
+        // And it can be exited in turn.
+        assertEq(_close(fresh), 30 * USDC, "second exit");
     }
 
     function test_RevertWhen_FinalizeWithdrawBeforeDelay() public {
@@ -516,11 +637,17 @@ contract VoucherEscrowTest is Base {
 
     function test_RevertWhen_FinalizeWithdrawTwice() public {
         bytes32 channelId = _deposit(alice, 1, 100 * USDC);
-        _initiate(alice, channelId);
-        vm.warp(block.timestamp + WITHDRAW_DELAY);
+        _close(channelId);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId));
         _finalize(alice, channelId);
-        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.ChannelNotExiting.selector, channelId));
-        _finalize(alice, channelId);
+        assertEq(token.balanceOf(alice), 100 * USDC, "refunded once");
+    }
+
+    function test_RevertWhen_FinalizeWithdrawOnClosedChannelCallerIsNotPayer() public {
+        bytes32 channelId = _deposit(alice, 1, 100 * USDC);
+        _close(channelId);
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NotChannelPayer.selector, channelId, bob));
+        _finalize(bob, channelId);
     }
 
     function test_RevertWhen_FinalizeWithdrawCallerIsNotPayer() public {
@@ -582,5 +709,28 @@ contract VoucherEscrowTest is Base {
         vm.warp(block.timestamp + WITHDRAW_DELAY + late);
         assertEq(_finalize(alice, channelId), deposited - claimTo, "refund");
         assertEq(token.balanceOf(alice) + token.balanceOf(address(distributor)), deposited, "all accounted");
+        assertEq(escrow.withdrawableAt(channelId), escrow.CLOSED(), "closed");
+        _assertChannel(channelId, claimTo, claimTo);
+    }
+
+    /// @dev Whatever voucher alice signed for a channel, once she has left it pays nothing, ever.
+    function testFuzz_redeem_NothingAfterExit(uint128 deposited, uint128 charged, uint128 voucher, uint256 late)
+        public
+    {
+        deposited = _u128(bound(deposited, 1, type(uint128).max));
+        charged = _u128(bound(charged, 0, deposited));
+        voucher = _u128(bound(voucher, 1, type(uint128).max));
+        late = bound(late, 0, 3650 days);
+        bytes32 channelId = _deposit(alice, 1, deposited);
+        if (charged != 0) _redeem(_one(_redemption(ALICE_PK, channelId, charged, charged)));
+        _close(channelId);
+        vm.warp(block.timestamp + late);
+
+        uint256 claimable = voucher < charged ? voucher : charged;
+        IVoucherEscrow.Redemption[] memory batch = _one(_redemption(ALICE_PK, channelId, voucher, voucher));
+        vm.expectRevert(abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, claimable, charged));
+        _redeem(batch);
+        assertEq(escrow.totalRedeemed(), charged, "total redeemed");
+        assertEq(token.balanceOf(address(escrow)), 0, "escrow empty");
     }
 }

@@ -53,15 +53,26 @@ def _contracts_table(contracts: Contracts) -> Table:
 @app.command("deploy")
 def deploy_command(
     rpc: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL [default: RPC_URL]")] = None,
-    key: Annotated[str | None, typer.Option(help="deployer's hex private key [default: DEPLOYER_KEY]")] = None,
-    operator: Annotated[str | None, typer.Option(help="redeems vouchers, posts roots [default: deployer]")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="deployer's hex private key [default: DEPLOYER_KEY]")
+    ] = None,
+    operator: Annotated[
+        str | None, typer.Option(help="redeems vouchers, posts roots [default: deployer]")
+    ] = None,
     treasury: Annotated[str | None, typer.Option(help="receives platform fees [default: deployer]")] = None,
-    slasher: Annotated[str | None, typer.Option(help="the validator allowed to slash [default: deployer]")] = None,
-    token: Annotated[str | None, typer.Option(help="an existing ERC-20 (e.g. USDC); omit to deploy one")] = None,
-    min_stake: Annotated[int, typer.Option(min=0, help="minimum provider stake, base units")] = 100 * ONE_TOKEN,
+    slasher: Annotated[
+        str | None, typer.Option(help="the validator allowed to slash [default: deployer]")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="an existing ERC-20 (e.g. USDC); omit to deploy one")
+    ] = None,
+    min_stake: Annotated[int, typer.Option(min=0, help="minimum provider stake, base units")] = 100
+    * ONE_TOKEN,
     unbonding_period: Annotated[int, typer.Option(min=0, help="seconds")] = 7 * 24 * 3600,
     withdraw_delay: Annotated[int, typer.Option(min=0, help="seconds")] = 24 * 3600,
-    challenger_bps: Annotated[int, typer.Option(min=0, max=10_000, help="validator's share of a slash")] = 5_000,
+    challenger_bps: Annotated[
+        int, typer.Option(min=0, max=10_000, help="validator's share of a slash")
+    ] = 5_000,
     out: Annotated[Path | None, typer.Option(help="deployment file [default: DEPLOYMENT_FILE]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the deployment as JSON")] = False,
 ) -> None:
@@ -80,7 +91,9 @@ def deploy_command(
         challenger_bps=challenger_bps,
     )
     with reported(as_json=as_json):
-        chain = Chain(rpc_url, request_timeout_s=settings.rpc_timeout_s, receipt_timeout_s=settings.receipt_timeout_s)
+        chain = Chain(
+            rpc_url, request_timeout_s=settings.rpc_timeout_s, receipt_timeout_s=settings.receipt_timeout_s
+        )
         contracts = _deploy_with_progress(
             chain,
             deployer,
@@ -133,7 +146,9 @@ def up_command(
         json.dumps(
             {
                 "rpc_url": anvil.url,
-                "accounts": {r: {"address": a.address, "key": a.key.to_0x_hex()} for r, a in accounts.items()},
+                "accounts": {
+                    r: {"address": a.address, "key": "0x" + a.key.hex()} for r, a in accounts.items()
+                },
             },
             indent=2,
         )
@@ -145,7 +160,7 @@ def up_command(
         table.add_column(column)
     for role, account in accounts.items():
         balance = contracts.token.balance_of(account.address) / ONE_TOKEN
-        table.add_row(role, account.address, account.key.to_0x_hex(), f"{balance:,.2f}")
+        table.add_row(role, account.address, "0x" + account.key.hex(), f"{balance:,.2f}")
     console.print(table)
     console.print(f"Chain: [bold]{anvil.url}[/] (chain id {chain.chain_id})")
     console.print(f"Deployment: [bold]{path}[/]   Demo accounts: [bold]{devnet_file}[/]")

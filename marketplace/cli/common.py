@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import typer
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import is_address, to_checksum_address
+from eth_utils.address import is_address, to_checksum_address
 from rich.console import Console
 
 from settlement.errors import SettlementError
@@ -41,9 +41,10 @@ def parse_key(value: str) -> LocalAccount:
     if len(text) != 64:
         raise typer.BadParameter("a private key is 32 bytes of hex")
     try:
-        return Account.from_key(bytes.fromhex(text))
+        account: LocalAccount = Account.from_key(bytes.fromhex(text))
     except ValueError as exc:
         raise typer.BadParameter(f"not a usable private key: {exc}") from exc
+    return account
 
 
 def fail(message: str, code: str, *, as_json: bool = False) -> NoReturn:

@@ -36,7 +36,9 @@ def test_unreachable_endpoint_is_reported() -> None:
         _ = chain.chain_id
 
 
-def test_deployment_on_another_chain_is_refused(chain: Chain, deployed: Contracts, artifacts: dict[str, Artifact]) -> None:
+def test_deployment_on_another_chain_is_refused(
+    chain: Chain, deployed: Contracts, artifacts: dict[str, Artifact]
+) -> None:
     elsewhere = dataclasses.replace(deployed.deployment, chain_id=1)
     with pytest.raises(ChainMismatch):
         Contracts.load(chain, elsewhere, artifacts)

@@ -54,7 +54,9 @@ def test_compact_signature_packs_parity_into_s() -> None:
     assert int.from_bytes(vs, "big") & ((1 << 255) - 1) == int.from_bytes(s, "big")
 
 
-def _authorization(actors: Actors, chain: Chain, contracts: Contracts, **overrides: object) -> TransferAuthorization:
+def _authorization(
+    actors: Actors, chain: Chain, contracts: Contracts, **overrides: object
+) -> TransferAuthorization:
     now = chain.timestamp()
     fields: dict[str, object] = dict(
         sender=actors.payers[0].address,
@@ -73,11 +75,15 @@ def test_transfer_with_authorization_pays_once(contracts: Contracts, actors: Act
     signature = authorization.sign(actors.payers[0], contracts.token.domain())
     before = contracts.token.balance_of(actors.treasury.address)
     # Anyone may submit it; the signer pays the named recipient.
-    contracts.token.transfer_with_authorization(actors.outsider, authorization=authorization, signature=signature)
+    contracts.token.transfer_with_authorization(
+        actors.outsider, authorization=authorization, signature=signature
+    )
     assert contracts.token.balance_of(actors.treasury.address) - before == 3 * ONE_TOKEN
     assert contracts.token.authorization_used(actors.payers[0].address, authorization.nonce)
     with pytest.raises(TransactionReverted) as replay:
-        contracts.token.transfer_with_authorization(actors.outsider, authorization=authorization, signature=signature)
+        contracts.token.transfer_with_authorization(
+            actors.outsider, authorization=authorization, signature=signature
+        )
     assert replay.value.error_name == "ERC3009UsedAuthorization"
 
 
@@ -86,13 +92,19 @@ def test_expired_authorization_is_refused(contracts: Contracts, actors: Actors, 
     authorization = _authorization(actors, chain, contracts, valid_after=now - 600, valid_before=now - 1)
     signature = authorization.sign(actors.payers[0], contracts.token.domain())
     with pytest.raises(TransactionReverted) as caught:
-        contracts.token.transfer_with_authorization(actors.outsider, authorization=authorization, signature=signature)
+        contracts.token.transfer_with_authorization(
+            actors.outsider, authorization=authorization, signature=signature
+        )
     assert caught.value.error_name == "ERC3009InvalidAuthorizationTime"
 
 
-def test_authorization_signed_by_another_key_is_refused(contracts: Contracts, actors: Actors, chain: Chain) -> None:
+def test_authorization_signed_by_another_key_is_refused(
+    contracts: Contracts, actors: Actors, chain: Chain
+) -> None:
     authorization = _authorization(actors, chain, contracts)
     signature = authorization.sign(actors.outsider, contracts.token.domain())
     with pytest.raises(TransactionReverted) as caught:
-        contracts.token.transfer_with_authorization(actors.outsider, authorization=authorization, signature=signature)
+        contracts.token.transfer_with_authorization(
+            actors.outsider, authorization=authorization, signature=signature
+        )
     assert caught.value.error_name == "ERC3009InvalidSignature"

@@ -37,7 +37,9 @@ def open_channel(contracts: Contracts, payer: LocalAccount, amount: int, salt: i
     return channel
 
 
-def voucher(contracts: Contracts, signer: LocalAccount, channel: bytes, cumulative: int, claim_to: int) -> Redemption:
+def voucher(
+    contracts: Contracts, signer: LocalAccount, channel: bytes, cumulative: int, claim_to: int
+) -> Redemption:
     signature = Voucher(channel, cumulative).sign(signer, contracts.escrow.domain())
     return Redemption(channel, cumulative, claim_to, signature)
 
@@ -84,17 +86,21 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
             voucher(contracts, payer_b, channel_b, 6 * ONE_TOKEN, 5 * ONE_TOKEN),
         ],
     )
-    assert changes(before, balances(contracts, actors)) == {"escrow": -15 * ONE_TOKEN, "distributor": 15 * ONE_TOKEN}
+    assert changes(before, balances(contracts, actors)) == {
+        "escrow": -15 * ONE_TOKEN,
+        "distributor": 15 * ONE_TOKEN,
+    }
     assert contracts.escrow.channel(channel_a).claimed == 10 * ONE_TOKEN
     assert contracts.escrow.total_redeemed() == 15 * ONE_TOKEN
 
     # Providers' cumulative earnings: 80% of 15 = 12, split 9 / 3. The treasury gets the other 3.
     tree = PayoutTree.build({provider_x.address: 9 * ONE_TOKEN, provider_y.address: 3 * ONE_TOKEN})
     before = balances(contracts, actors)
-    contracts.distributor.post_root(
-        actors.operator, epoch=1, root=tree.root, provider_total=tree.total, redeemed_total=15 * ONE_TOKEN
-    )
-    assert changes(before, balances(contracts, actors)) == {"distributor": -3 * ONE_TOKEN, "treasury": 3 * ONE_TOKEN}
+    contracts.distributor.post_root(actors.operator, epoch=1, root=tree.root, provider_total=tree.total)
+    assert changes(before, balances(contracts, actors)) == {
+        "distributor": -3 * ONE_TOKEN,
+        "treasury": 3 * ONE_TOKEN,
+    }
 
     before = balances(contracts, actors)
     contracts.distributor.claim(
@@ -119,12 +125,12 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
     }
 
     # Epoch 2: payer A spends 20 more; cumulative earnings grow, and claims pay only the difference.
-    contracts.escrow.redeem(actors.operator, [voucher(contracts, payer_a, channel_a, 31 * ONE_TOKEN, 30 * ONE_TOKEN)])
+    contracts.escrow.redeem(
+        actors.operator, [voucher(contracts, payer_a, channel_a, 31 * ONE_TOKEN, 30 * ONE_TOKEN)]
+    )
     tree2 = PayoutTree.build({provider_x.address: 9 * ONE_TOKEN, provider_y.address: 19 * ONE_TOKEN})
     before = balances(contracts, actors)
-    contracts.distributor.post_root(
-        actors.operator, epoch=2, root=tree2.root, provider_total=tree2.total, redeemed_total=35 * ONE_TOKEN
-    )
+    contracts.distributor.post_root(actors.operator, epoch=2, root=tree2.root, provider_total=tree2.total)
     contracts.distributor.claim(
         provider_y,
         provider=provider_y.address,
@@ -140,12 +146,22 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
 
     # Payer A leaves with what was never claimed; the operator can still redeem during the delay.
     contracts.escrow.initiate_withdraw(payer_a, channel=channel_a)
-    contracts.escrow.redeem(actors.operator, [voucher(contracts, payer_a, channel_a, 40 * ONE_TOKEN, 40 * ONE_TOKEN)])
+    contracts.escrow.redeem(
+        actors.operator, [voucher(contracts, payer_a, channel_a, 40 * ONE_TOKEN, 40 * ONE_TOKEN)]
+    )
     expect_revert("WithdrawDelayNotElapsed", contracts.escrow.finalize_withdraw, payer_a, channel=channel_a)
     advance_time(chain, WITHDRAW_DELAY_S)
     before = balances(contracts, actors)
     contracts.escrow.finalize_withdraw(payer_a, channel=channel_a)
-    assert changes(before, balances(contracts, actors)) == {"escrow": -60 * ONE_TOKEN, "payer0": 60 * ONE_TOKEN}
+    assert changes(before, balances(contracts, actors)) == {
+        "escrow": -60 * ONE_TOKEN,
+        "payer0": 60 * ONE_TOKEN,
+    }
+    # The channel is closed for good: no deposit can ever meet a voucher signed before the exit.
+    contracts.token.approve(payer_a, spender=contracts.escrow.address, amount=ONE_TOKEN)
+    expect_revert("ChannelClosed", contracts.escrow.deposit, payer_a, channel=channel_a, amount=ONE_TOKEN)
+    old = voucher(contracts, payer_a, channel_a, 90 * ONE_TOKEN, 90 * ONE_TOKEN)
+    expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [old])
 
     # Conservation: everything the payers put in is with the escrow, the distributor, providers or the treasury.
     end = balances(contracts, actors)
@@ -153,6 +169,7 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
     # The last 10 redeemed arrive after epoch 2's root, so no fee or promise covers them yet.
     assert contracts.escrow.total_redeemed() == 45 * ONE_TOKEN
     assert contracts.distributor.fees_paid() == 7 * ONE_TOKEN
+    assert contracts.distributor.funded() == 45 * ONE_TOKEN
     assert end["distributor"] == 45 * ONE_TOKEN - 7 * ONE_TOKEN - 28 * ONE_TOKEN
     assert contracts.distributor.total_claimed() == 28 * ONE_TOKEN
 
@@ -193,8 +210,13 @@ def test_redemption_never_exceeds_the_deposit(contracts: Contracts, actors: Acto
     payer = actors.payers[2]
     channel = open_channel(contracts, payer, 10 * ONE_TOKEN)
     before = balances(contracts, actors)
-    contracts.escrow.redeem(actors.operator, [voucher(contracts, payer, channel, 25 * ONE_TOKEN, 25 * ONE_TOKEN)])
-    assert changes(before, balances(contracts, actors)) == {"escrow": -10 * ONE_TOKEN, "distributor": 10 * ONE_TOKEN}
+    contracts.escrow.redeem(
+        actors.operator, [voucher(contracts, payer, channel, 25 * ONE_TOKEN, 25 * ONE_TOKEN)]
+    )
+    assert changes(before, balances(contracts, actors)) == {
+        "escrow": -10 * ONE_TOKEN,
+        "distributor": 10 * ONE_TOKEN,
+    }
     again = voucher(contracts, payer, channel, 25 * ONE_TOKEN, 25 * ONE_TOKEN)
     expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [again])
 
@@ -207,11 +229,11 @@ def test_only_the_operator_redeems(contracts: Contracts, actors: Actors) -> None
 
 def _posted_tree(contracts: Contracts, actors: Actors) -> PayoutTree:
     channel = open_channel(contracts, actors.payers[0], 10 * ONE_TOKEN)
-    contracts.escrow.redeem(actors.operator, [voucher(contracts, actors.payers[0], channel, 10 * ONE_TOKEN, 10 * ONE_TOKEN)])
-    tree = PayoutTree.build({p.address: 2 * ONE_TOKEN for p in actors.providers})
-    contracts.distributor.post_root(
-        actors.operator, epoch=1, root=tree.root, provider_total=tree.total, redeemed_total=10 * ONE_TOKEN
+    contracts.escrow.redeem(
+        actors.operator, [voucher(contracts, actors.payers[0], channel, 10 * ONE_TOKEN, 10 * ONE_TOKEN)]
     )
+    tree = PayoutTree.build({p.address: 2 * ONE_TOKEN for p in actors.providers})
+    contracts.distributor.post_root(actors.operator, epoch=1, root=tree.root, provider_total=tree.total)
     return tree
 
 
@@ -266,9 +288,11 @@ def test_root_that_promises_more_than_the_pool_is_refused(contracts: Contracts, 
         epoch=2,
         root=tree.root,
         provider_total=tree.total,
-        redeemed_total=10 * ONE_TOKEN,
     )
-    assert error.error is not None and error.error.args == {"posted": 8 * ONE_TOKEN + 1, "pool": 8 * ONE_TOKEN}
+    assert error.error is not None and error.error.args == {
+        "posted": 8 * ONE_TOKEN + 1,
+        "pool": 8 * ONE_TOKEN,
+    }
 
 
 def test_a_retried_root_post_cannot_land_twice(contracts: Contracts, actors: Actors) -> None:
@@ -280,7 +304,6 @@ def test_a_retried_root_post_cannot_land_twice(contracts: Contracts, actors: Act
         epoch=1,
         root=tree.root,
         provider_total=tree.total,
-        redeemed_total=10 * ONE_TOKEN,
     )
 
 
@@ -328,7 +351,9 @@ def test_unbonding_stake_stays_slashable(contracts: Contracts, actors: Actors) -
     contracts.stake.request_unstake(provider, amount=100 * ONE_TOKEN)
     before = balances(contracts, actors)
     validator_before = contracts.token.balance_of(actors.validator.address)
-    contracts.stake.slash(actors.validator, provider=provider.address, amount=40 * ONE_TOKEN, evidence_hash=b"\x02" * 32)
+    contracts.stake.slash(
+        actors.validator, provider=provider.address, amount=40 * ONE_TOKEN, evidence_hash=b"\x02" * 32
+    )
     assert contracts.stake.stake_of(provider.address).unbonding == 60 * ONE_TOKEN
     assert changes(before, balances(contracts, actors)) == {"treasury": 20 * ONE_TOKEN}
     assert contracts.token.balance_of(actors.validator.address) - validator_before == 20 * ONE_TOKEN

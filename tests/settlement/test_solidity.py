@@ -19,7 +19,9 @@ SHIM = PROJECT_ROOT / "bin" / "solc"
 def run_shim(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     # STRATA_SOLC_JS forces the solc-js path even where a native solc is installed.
     env = {"PATH": "/usr/bin:/bin", "STRATA_SOLC_JS": "1"}
-    return subprocess.run([str(SHIM), *args], input=stdin, capture_output=True, text=True, env=env, check=False)
+    return subprocess.run(
+        [str(SHIM), *args], input=stdin, capture_output=True, text=True, env=env, check=False
+    )
 
 
 def test_version_looks_native() -> None:
@@ -32,7 +34,9 @@ def test_large_standard_json_on_stdin_compiles() -> None:
     # The project's own input with OpenZeppelin inlined is far larger than a pipe buffer.
     data = compiler_input()
     data["settings"]["outputSelection"] = {"*": {"*": ["abi"]}}
-    result = run_shim("--standard-json", "--base-path", str(PROJECT_ROOT), "--allow-paths", "/tmp", stdin=json.dumps(data))
+    result = run_shim(
+        "--standard-json", "--base-path", str(PROJECT_ROOT), "--allow-paths", "/tmp", stdin=json.dumps(data)
+    )
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
     assert not [e for e in output.get("errors", []) if e["severity"] == "error"]
@@ -49,7 +53,9 @@ def test_compile_errors_raise(tmp_path: Path) -> None:
     for name in ("foundry.toml", "bin", "node_modules"):
         (tmp_path / name).symlink_to(PROJECT_ROOT / name)
     (tmp_path / "contracts" / "src").mkdir(parents=True)
-    (tmp_path / "contracts" / "src" / "Broken.sol").write_text("pragma solidity ^0.8.26; contract Broken { uint x = ; }")
+    (tmp_path / "contracts" / "src" / "Broken.sol").write_text(
+        "pragma solidity ^0.8.26; contract Broken { uint x = ; }"
+    )
     with pytest.raises(CompilerError, match="compilation failed"):
         compile_contracts(tmp_path, cache_dir=tmp_path / "cache")
 

@@ -37,16 +37,18 @@ abstract contract InvariantBase is Base, InvariantTest {
         payments = new PaymentsHandler(token, escrow, distributor, admin, operator, keys, providers, claimers);
         vm.label(address(payments), "PaymentsHandler");
 
-        bytes4[] memory selectors = new bytes4[](9);
+        bytes4[] memory selectors = new bytes4[](11);
         selectors[0] = PaymentsHandler.warp.selector;
         selectors[1] = PaymentsHandler.deposit.selector;
         selectors[2] = PaymentsHandler.redeem.selector;
         selectors[3] = PaymentsHandler.redeemInvalid.selector;
         selectors[4] = PaymentsHandler.initiateWithdraw.selector;
         selectors[5] = PaymentsHandler.finalizeWithdraw.selector;
-        selectors[6] = PaymentsHandler.postRoot.selector;
-        selectors[7] = PaymentsHandler.claim.selector;
-        selectors[8] = PaymentsHandler.claimInvalid.selector;
+        selectors[6] = PaymentsHandler.useClosedChannel.selector;
+        selectors[7] = PaymentsHandler.transferToDistributor.selector;
+        selectors[8] = PaymentsHandler.postRoot.selector;
+        selectors[9] = PaymentsHandler.claim.selector;
+        selectors[10] = PaymentsHandler.claimInvalid.selector;
         targetContract(address(payments));
         targetSelector(FuzzSelector(address(payments), selectors));
     }

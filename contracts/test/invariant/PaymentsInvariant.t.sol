@@ -4,8 +4,8 @@ pragma solidity ^0.8.26;
 import {InvariantBase} from "./InvariantBase.sol";
 import {IVoucherEscrow} from "../../src/interfaces/IVoucherEscrow.sol";
 
-/// @notice Escrow and distributor accounting under random sequences of deposits, batch redemptions, exits, root
-/// posts and claims.
+/// @notice Escrow and distributor accounting under random sequences of deposits, batch redemptions, exits, attempts to
+/// reuse closed channels, direct transfers to the distributor, root posts and claims.
 contract PaymentsInvariantTest is InvariantBase {
     function setUp() public override {
         super.setUp();
@@ -60,15 +60,43 @@ contract PaymentsInvariantTest is InvariantBase {
         assertLe(distributor.totalClaimed(), distributor.providerTotal(), "totalClaimed <= providerTotal");
     }
 
-    /// @notice The distributor holds what was redeemed less fees and claims, which covers every open promise; fees
-    /// are 20% rounded up of what was redeemed when the last root was posted.
+    /// @notice A closed channel stays closed and holds exactly what was claimed from it, so no voucher signed for it
+    /// can take anything more; the handler's attempts to reuse one all failed (counted in the mismatches).
+    function invariant_closedChannelsStayClosed() public view {
+        bytes32[] memory closed = payments.closedChannels();
+        for (uint256 i; i < closed.length; ++i) {
+            assertTrue(payments.ghost_closed(closed[i]), "closed in the model");
+            assertEq(escrow.withdrawableAt(closed[i]), escrow.CLOSED(), "withdrawableAt == CLOSED");
+            IVoucherEscrow.Channel memory c = escrow.channel(closed[i]);
+            assertEq(c.deposit, c.claimed, "closed channel: deposit == claimed");
+        }
+        bytes32[] memory ids = payments.channels();
+        uint256 closedSeen;
+        for (uint256 i; i < ids.length; ++i) {
+            if (payments.ghost_closed(ids[i])) {
+                ++closedSeen;
+            } else {
+                assertTrue(
+                    escrow.withdrawableAt(ids[i]) != escrow.CLOSED(), "only channels the model closed are closed"
+                );
+            }
+        }
+        assertEq(closedSeen, closed.length, "every closed channel is tracked");
+    }
+
+    /// @notice The distributor's funding is what was redeemed plus what was sent to it directly; it holds that less
+    /// fees and claims, which covers every open promise. Fees are 20% rounded up of the funding at the last post.
     function invariant_distributorBacksPromises() public view {
         uint256 balance = token.balanceOf(address(distributor));
-        uint256 redeemed = escrow.totalRedeemed();
-        assertEq(balance, redeemed - distributor.feesPaid() - distributor.totalClaimed(), "distributor balance");
+        uint256 funded = distributor.funded();
+        assertEq(
+            funded, payments.ghost_totalRedeemed() + payments.ghost_totalTransferredIn(), "funded == redeemed + sent"
+        );
+        assertEq(balance, funded - distributor.feesPaid() - distributor.totalClaimed(), "distributor balance");
         assertGe(balance, distributor.providerTotal() - distributor.totalClaimed(), "open promises are funded");
-        assertLe(distributor.providerTotal(), distributor.providerPool(redeemed), "providerTotal <= pool");
-        uint256 posted = payments.ghost_lastPostedRedeemed();
+        uint256 posted = payments.ghost_lastPostedFunded();
+        assertLe(posted, funded, "funding never shrinks");
+        assertLe(distributor.providerTotal(), distributor.providerPool(posted), "providerTotal <= pool when posted");
         assertEq(distributor.feesPaid(), posted - distributor.providerPool(posted), "fees == posted - pool");
         assertEq(token.balanceOf(treasury), distributor.feesPaid(), "treasury received the fees");
     }

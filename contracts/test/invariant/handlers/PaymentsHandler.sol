@@ -13,6 +13,11 @@ import {IVoucherEscrow} from "../../../src/interfaces/IVoucherEscrow.sol";
 /// operator redeems batches and posts Merkle roots, anyone claims for providers, payers exit. It keeps its own
 /// model of every balance in ghost variables, and counts in `ghost_mismatches` every result the contracts returned
 /// that the model did not expect, including a bad voucher or claim that went through.
+///
+/// An exit closes a channel for good. Each payer has SALTS open channel slots; when a channel in a slot closes, the
+/// payer comes back the way the interface says it must, with a channel of a new salt in that slot, and the closed
+/// channel is kept for `useClosedChannel` to try (and fail) to bring back to life. Besides redemptions, anyone may
+/// fund the distributor with a plain transfer (`transferToDistributor`), which counts as funding too.
 contract PaymentsHandler {
     using Bound for uint256;
 
@@ -30,7 +35,14 @@ contract PaymentsHandler {
     address[] internal _payers;
     address[] internal _providers;
     address[] internal _claimers;
+    /// @dev The open channel slots: slot `i` belongs to payer `i / SALTS`.
     bytes32[] internal _channels;
+    /// @dev Every channel ever used, open or closed, for the invariants.
+    bytes32[] internal _allChannels;
+    bytes32[] internal _closedChannels;
+    mapping(bytes32 channelId => uint256) internal _payerIndexOf;
+    /// @dev Salts below SALTS are the first channels; each reopening takes the next one.
+    uint96 internal _nextSalt = SALTS;
 
     /// @dev Block time is kept here and set on every call, so it moves forward across a whole run.
     uint256 public currentTime;
@@ -40,13 +52,17 @@ contract PaymentsHandler {
     mapping(bytes32 channelId => uint256) public ghost_refunded;
     mapping(bytes32 channelId => uint256) public ghost_redeemed;
     mapping(bytes32 channelId => uint256) public ghost_maxVoucher;
+    mapping(bytes32 channelId => bool) public ghost_closed;
 
     // Totals.
     uint256 public ghost_totalDeposited;
     uint256 public ghost_totalRefunded;
     uint256 public ghost_totalRedeemed;
     uint256 public ghost_totalClaimed;
-    uint256 public ghost_lastPostedRedeemed;
+    /// @dev Tokens sent straight to the distributor, past the escrow.
+    uint256 public ghost_totalTransferredIn;
+    /// @dev The distributor's funding (`funded()`) when the latest root was posted.
+    uint256 public ghost_lastPostedFunded;
     uint256 public ghost_mismatches;
 
     // The latest posted tree.
@@ -80,15 +96,23 @@ contract PaymentsHandler {
             vm.prank(payer);
             token_.approve(address(escrow_), type(uint256).max);
             for (uint96 salt; salt < SALTS; ++salt) {
-                _channels.push(bytes32((uint256(uint160(payer)) << 96) | salt));
+                bytes32 channelId = bytes32((uint256(uint160(payer)) << 96) | salt);
+                _channels.push(channelId);
+                _allChannels.push(channelId);
+                _payerIndexOf[channelId] = i;
             }
         }
     }
 
     // ---------------------------------------------------------------- views for the invariant tests
 
+    /// @notice Every channel ever used, the closed ones included.
     function channels() external view returns (bytes32[] memory) {
-        return _channels;
+        return _allChannels;
+    }
+
+    function closedChannels() external view returns (bytes32[] memory) {
+        return _closedChannels;
     }
 
     function payers() external view returns (address[] memory) {
@@ -128,8 +152,9 @@ contract PaymentsHandler {
         ghost_totalDeposited += amount;
     }
 
-    /// @notice The operator redeems up to every channel at once, each with a fresh, larger voucher. A voucher never
-    /// promises more than was ever put into its channel, but may exceed what is still there after an exit.
+    /// @notice The operator redeems up to every open channel at once, each with a fresh, larger voucher. A voucher
+    /// never promises more than was put into its channel. When no channel has anything left the batch is empty, which
+    /// must move and log zero.
     function redeem(uint256 seed, uint256 count) external {
         vm.warp(currentTime);
         uint256 n = count.bound(1, _channels.length);
@@ -151,15 +176,16 @@ contract PaymentsHandler {
             ghost_redeemed[channelId] += paid;
             if (maxVoucher > ghost_maxVoucher[channelId]) ghost_maxVoucher[channelId] = maxVoucher;
         }
-        if (k == 0) return;
         assembly ("memory-safe") {
             mstore(batch, k) // only the first k entries were filled
         }
         uint256 distributorBefore = token.balanceOf(address(distributor));
+        uint256 redeemedBefore = escrow.totalRedeemed();
         vm.prank(operator);
         uint256 total = escrow.redeem(batch);
         if (total != expected) ++ghost_mismatches;
         if (token.balanceOf(address(distributor)) != distributorBefore + total) ++ghost_mismatches;
+        if (escrow.totalRedeemed() != redeemedBefore + total) ++ghost_mismatches;
         ghost_totalRedeemed += total;
     }
 
@@ -200,12 +226,17 @@ contract PaymentsHandler {
         escrow.initiateWithdraw(channelId);
     }
 
-    /// @notice Finalizes an exit, first waiting out the delay when needed.
+    /// @notice Finalizes an exit, first waiting out the delay when needed. The channel closes for good; its payer
+    /// comes back with a channel of a new salt in the same slot.
     function finalizeWithdraw(uint256 channelSeed) external {
         uint256 idx = channelSeed % _channels.length;
         bytes32 channelId = _channels[idx];
         uint256 exitAt = escrow.withdrawableAt(channelId);
         if (exitAt == 0) return;
+        if (exitAt == escrow.CLOSED()) {
+            ++ghost_mismatches; // a closed channel never stays in a slot
+            return;
+        }
         if (currentTime < exitAt) currentTime = exitAt;
         vm.warp(currentTime);
         IVoucherEscrow.Channel memory c = escrow.channel(channelId);
@@ -215,15 +246,82 @@ contract PaymentsHandler {
         uint256 amount = escrow.finalizeWithdraw(channelId);
         if (amount != c.deposit - c.claimed) ++ghost_mismatches;
         if (token.balanceOf(payer) != before + amount) ++ghost_mismatches;
+        if (escrow.withdrawableAt(channelId) != escrow.CLOSED()) ++ghost_mismatches;
         ghost_refunded[channelId] += amount;
         ghost_totalRefunded += amount;
+        ghost_closed[channelId] = true;
+        _closedChannels.push(channelId);
+
+        bytes32 reopened = bytes32((uint256(uint160(payer)) << 96) | _nextSalt++);
+        _channels[idx] = reopened;
+        _allChannels.push(reopened);
+        _payerIndexOf[reopened] = idx / SALTS;
+    }
+
+    /// @notice Tries to use a closed channel again: a deposit (by its payer or anyone), a new exit, a second
+    /// finalize, or a voucher of any amount. Each must revert, with ChannelClosed or, for the voucher, with
+    /// NothingToRedeem, since a closed channel holds exactly what was claimed from it.
+    function useClosedChannel(uint256 channelSeed, uint256 mode, uint256 amount) external {
+        vm.warp(currentTime);
+        if (_closedChannels.length == 0) return;
+        bytes32 channelId = _closedChannels[channelSeed % _closedChannels.length];
+        uint256 payerIndex = _payerIndexOf[channelId];
+        address payer = _payers[payerIndex];
+        bytes memory expected = abi.encodeWithSelector(IVoucherEscrow.ChannelClosed.selector, channelId);
+        bool ok;
+        bytes memory reason;
+        mode %= 4;
+        if (mode == 0) {
+            amount = amount.bound(1, MAX_DEPOSIT);
+            // The funder can pay, so only the closed channel can stop the deposit.
+            address funder = _payers[(payerIndex + amount) % _payers.length];
+            if (token.balanceOf(funder) < amount) {
+                vm.prank(tokenOwner);
+                token.mint(funder, amount);
+            }
+            vm.prank(funder);
+            // forge-lint: disable-next-line(unsafe-typecast) -- bounded by MAX_DEPOSIT
+            (ok, reason) = address(escrow).call(abi.encodeCall(escrow.deposit, (channelId, uint128(amount))));
+        } else if (mode == 1) {
+            vm.prank(payer);
+            (ok, reason) = address(escrow).call(abi.encodeCall(escrow.initiateWithdraw, (channelId)));
+        } else if (mode == 2) {
+            vm.prank(payer);
+            (ok, reason) = address(escrow).call(abi.encodeCall(escrow.finalizeWithdraw, (channelId)));
+        } else {
+            IVoucherEscrow.Channel memory c = escrow.channel(channelId);
+            uint256 voucher = amount.bound(1, ghost_deposited[channelId] + MAX_DEPOSIT);
+            IVoucherEscrow.Redemption[] memory batch = new IVoucherEscrow.Redemption[](1);
+            batch[0] = _signed(payerIndex, channelId, voucher, voucher);
+            uint256 claimable = voucher < c.claimed ? voucher : c.claimed;
+            expected = abi.encodeWithSelector(IVoucherEscrow.NothingToRedeem.selector, channelId, claimable, c.claimed);
+            vm.prank(operator);
+            (ok, reason) = address(escrow).call(abi.encodeCall(escrow.redeem, (batch)));
+        }
+        if (ok || keccak256(reason) != keccak256(expected)) ++ghost_mismatches;
+    }
+
+    /// @notice Someone sends tokens straight to the distributor; the next root post counts them as funding.
+    function transferToDistributor(uint256 senderSeed, uint256 amount) external {
+        vm.warp(currentTime);
+        amount = amount.bound(1, MAX_DEPOSIT);
+        address sender = _payers[senderSeed % _payers.length];
+        if (token.balanceOf(sender) < amount) {
+            vm.prank(tokenOwner);
+            token.mint(sender, amount);
+        }
+        uint256 fundedBefore = distributor.funded();
+        vm.prank(sender);
+        if (!token.transfer(address(distributor), amount)) ++ghost_mismatches;
+        if (distributor.funded() != fundedBefore + amount) ++ghost_mismatches;
+        ghost_totalTransferredIn += amount;
     }
 
     /// @notice The operator promises part of the unpromised pool to providers and posts the new tree.
     function postRoot(uint256 seed) external {
         vm.warp(currentTime);
-        uint256 redeemed = escrow.totalRedeemed();
-        uint256 pool = distributor.providerPool(redeemed);
+        uint256 funded = distributor.funded();
+        uint256 pool = distributor.providerPool(funded);
         uint256 previous = distributor.providerTotal();
         uint256 grant = seed.bound(0, pool - previous);
         uint256 left = grant;
@@ -238,14 +336,15 @@ contract PaymentsHandler {
         uint256 epoch = distributor.epoch() + 1;
 
         vm.prank(operator);
-        distributor.postRoot(epoch, root, previous + grant, redeemed);
+        distributor.postRoot(epoch, root, previous + grant);
 
-        if (distributor.feesPaid() != redeemed - pool) ++ghost_mismatches;
-        if (token.balanceOf(distributor.treasury()) != treasuryBefore + (redeemed - pool) - feesBefore) {
+        if (distributor.feesPaid() != funded - pool) ++ghost_mismatches;
+        if (token.balanceOf(distributor.treasury()) != treasuryBefore + (funded - pool) - feesBefore) {
             ++ghost_mismatches;
         }
+        if (distributor.funded() != funded) ++ghost_mismatches; // paying the fee leaves funding as it was
         currentRoot = root;
-        ghost_lastPostedRedeemed = redeemed;
+        ghost_lastPostedFunded = funded;
         for (uint256 i; i < _providers.length; ++i) {
             ghost_posted[_providers[i]] = _cumulative[i];
         }
