@@ -109,9 +109,6 @@ class Chain:
         except (ContractLogicError, Web3RPCError) as exc:
             raise self._reverted(action, exc) from exc
 
-    def balance(self, address: str) -> int:
-        return self.read(lambda: int(self.w3.eth.get_balance(to_checksum_address(address))))
-
     def timestamp(self) -> int:
         return self.read(lambda: int(self.w3.eth.get_block("latest")["timestamp"]))
 
