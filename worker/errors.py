@@ -173,3 +173,34 @@ class WireUnsupportedHost(WireError):
     def __init__(self, byteorder: str) -> None:
         self.byteorder = byteorder
         super().__init__(f"tensor frames are little-endian; this host is {byteorder}-endian")
+
+
+class SessionError(WorkerError):
+    """A step that the runtime cannot run for this session; the subclass says why."""
+
+
+class ProviderBusy(SessionError):
+    """Refused to protect memory: too many sessions or cached tokens. The caller may retry or route elsewhere."""
+
+    code = "provider_busy"
+
+
+class UnknownSession(SessionError):
+    code = "unknown_session"
+
+
+class SessionExists(SessionError):
+    code = "session_exists"
+
+
+class StepOutOfOrder(SessionError):
+    code = "step_out_of_order"
+
+    def __init__(self, session: str, expected: int, got: int) -> None:
+        self.expected = expected
+        self.got = got
+        super().__init__(f"session {session}: expected step {expected}, got {got}")
+
+
+class BadStepInput(SessionError):
+    code = "bad_step_input"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import typer
+from transformers.utils import logging as hf_logging
 
-from marketplace.cli import chain
+from marketplace.cli import chain, model
 
 app = typer.Typer(
     name="strata",
@@ -15,8 +16,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(chain.app, name="chain")
+app.add_typer(model.app, name="model")
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Rich spinners say what is going on; transformers' own progress bars would only interleave with them.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     app()
