@@ -18,12 +18,7 @@ from eth_utils.crypto import keccak
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
 
-_DOMAIN_FIELDS = [
-    {"name": "name", "type": "string"},
-    {"name": "version", "type": "string"},
-    {"name": "chainId", "type": "uint256"},
-    {"name": "verifyingContract", "type": "address"},
-]
+PROTOCOL_DOMAIN_NAME = "Strata"  # tickets and receipts: signed off chain, checked by the gateway and validators
 
 VOUCHER_TYPES = {
     "Voucher": [
@@ -43,6 +38,26 @@ TRANSFER_WITH_AUTHORIZATION_TYPES = {
     ]
 }
 
+JOB_TICKET_TYPES = {
+    "JobTicket": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "modelRoot", "type": "bytes32"},
+        {"name": "expiresAt", "type": "uint64"},
+    ]
+}
+
+HOP_RECEIPT_TYPES = {
+    "HopReceipt": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "provider", "type": "address"},
+        {"name": "modelRoot", "type": "bytes32"},
+        {"name": "layerStart", "type": "uint32"},
+        {"name": "layerEnd", "type": "uint32"},
+        {"name": "tokens", "type": "uint64"},
+        {"name": "transcriptRoot", "type": "bytes32"},
+    ]
+}
+
 UINT128_MAX = 2**128 - 1
 
 
@@ -51,15 +66,27 @@ class Domain:
     name: str
     version: str
     chain_id: int
-    verifying_contract: str
+    verifying_contract: str | None = None  # None for messages no contract checks
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "chainId": self.chain_id,
-            "verifyingContract": to_checksum_address(self.verifying_contract),
-        }
+        domain: dict[str, Any] = {"name": self.name, "version": self.version, "chainId": self.chain_id}
+        if self.verifying_contract is not None:
+            domain["verifyingContract"] = to_checksum_address(self.verifying_contract)
+        return domain
+
+    def fields(self) -> list[dict[str, str]]:
+        fields = [
+            {"name": "name", "type": "string"},
+            {"name": "version", "type": "string"},
+            {"name": "chainId", "type": "uint256"},
+        ]
+        if self.verifying_contract is not None:
+            fields.append({"name": "verifyingContract", "type": "address"})
+        return fields
+
+
+def protocol_domain(chain_id: int) -> Domain:
+    return Domain(PROTOCOL_DOMAIN_NAME, DOMAIN_VERSION, chain_id)
 
 
 def voucher_domain(chain_id: int, escrow: str) -> Domain:
@@ -76,7 +103,7 @@ def typed_message(
     primary = next(iter(types))
     return encode_typed_data(
         full_message={
-            "types": {"EIP712Domain": _DOMAIN_FIELDS, **types},
+            "types": {"EIP712Domain": domain.fields(), **types},
             "primaryType": primary,
             "domain": domain.as_dict(),
             "message": message,
@@ -140,6 +167,59 @@ class TransferAuthorization:
         return bytes(account.sign_message(self.signable(domain)).signature)
 
 
+@dataclass(frozen=True)
+class JobTicket:
+    """The gateway's permission for providers to serve ``job_id`` on model ``model_root`` until ``expires_at``."""
+
+    job_id: bytes
+    model_root: bytes
+    expires_at: int
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            JOB_TICKET_TYPES,
+            {"jobId": self.job_id, "modelRoot": self.model_root, "expiresAt": self.expires_at},
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+
+@dataclass(frozen=True)
+class HopReceipt:
+    """A provider's signed account of one session of one job on its layer span."""
+
+    job_id: bytes
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    tokens: int
+    transcript_root: bytes
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            HOP_RECEIPT_TYPES,
+            {
+                "jobId": self.job_id,
+                "provider": to_checksum_address(self.provider),
+                "modelRoot": self.model_root,
+                "layerStart": self.layer_start,
+                "layerEnd": self.layer_end,
+                "tokens": self.tokens,
+                "transcriptRoot": self.transcript_root,
+            },
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+    def signer(self, signature: bytes, domain: Domain) -> str:
+        return recover_signer(self.signable(domain), signature)
+
+
 def digest(message: SignableMessage) -> bytes:
     """The 32-byte EIP-712 digest that is signed, as contracts compute it with _hashTypedDataV4."""
     return keccak(b"\x19" + message.version + message.header + message.body)
@@ -173,10 +253,13 @@ __all__ = [
     "DOMAIN_VERSION",
     "VOUCHER_ESCROW_DOMAIN_NAME",
     "Domain",
+    "HopReceipt",
+    "JobTicket",
     "TransferAuthorization",
     "Voucher",
     "compact_signature",
     "digest",
+    "protocol_domain",
     "recover_signer",
     "split_signature",
     "token_domain",

@@ -204,3 +204,30 @@ class StepOutOfOrder(SessionError):
 
 class BadStepInput(SessionError):
     code = "bad_step_input"
+
+
+class TicketRefused(WorkerError):
+    """A hop request without a valid job ticket: unsigned, forged, expired, or for another model."""
+
+    code = "ticket_refused"
+
+
+class ProtocolError(WorkerError):
+    """A hop message that does not follow the protocol."""
+
+    code = "bad_hop_message"
+
+
+class HopUnreachable(WorkerError):
+    """The next provider on the route could not be reached or dropped the connection."""
+
+    code = "hop_unreachable"
+
+
+class HopFailed(WorkerError):
+    """A provider on the route answered a step with an error; ``hop`` is the endpoint that failed."""
+
+    def __init__(self, code: str, message: str, hop: str) -> None:
+        self.code = code
+        self.hop = hop
+        super().__init__(f"{hop}: {message} ({code})")

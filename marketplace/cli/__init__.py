@@ -7,7 +7,7 @@ import logging
 import typer
 from transformers.utils import logging as hf_logging
 
-from marketplace.cli import chain, model
+from marketplace.cli import chain, model, provider
 
 app = typer.Typer(
     name="strata",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(chain.app, name="chain")
 app.add_typer(model.app, name="model")
+app.add_typer(provider.app, name="provider")
 
 
 def main() -> None:

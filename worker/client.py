@@ -1,0 +1,167 @@
+"""Persistent connections to providers: one per endpoint, requests answered in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.errors import HopFailed, HopUnreachable, ProtocolError, WireError
+from worker.protocol import Message, read_message, write_message
+from worker.wire import FrameLimits
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError(f"{endpoint!r} is not a host:port endpoint")
+    return host.strip("[]"), int(port)
+
+
+class HopConnection:
+    """A connection to one provider, opened on first use and again after it breaks."""
+
+    def __init__(self, endpoint: str, limits: FrameLimits, *, connect_timeout_s: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.host, self.port = parse_endpoint(endpoint)
+        self.limits = limits
+        self.connect_timeout_s = connect_timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def request(
+        self,
+        control: dict[str, Any],
+        tensor: torch.Tensor | None = None,
+        *,
+        session: bytes = b"",
+        step: int = 0,
+    ) -> Message:
+        async with self._lock:
+            try:
+                reader, writer = await self._connected()
+                write_message(writer, control, tensor, session=session, step=step)
+                await writer.drain()
+                return await read_message(reader, self.limits)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                await self._drop()
+                raise HopUnreachable(f"{self.endpoint}: {exc!r}") from exc
+            except (ProtocolError, WireError):
+                await self._drop()  # the stream's framing can no longer be trusted
+                raise
+
+    async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None or self._writer.is_closing():
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.connect_timeout_s
+            )
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # Steps are small request/response exchanges: Nagle's delay would add up at every hop.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._reader, self._writer = reader, writer
+        return self._reader, self._writer
+
+    async def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):  # already gone: nothing left to close
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+
+class ConnectionPool:
+    def __init__(self, limits: FrameLimits) -> None:
+        self.limits = limits
+        self._connections: dict[str, HopConnection] = {}
+
+    def get(self, endpoint: str) -> HopConnection:
+        connection = self._connections.get(endpoint)
+        if connection is None:
+            connection = self._connections[endpoint] = HopConnection(endpoint, self.limits)
+        return connection
+
+    async def close(self) -> None:
+        for connection in self._connections.values():
+            await connection.close()
+        self._connections.clear()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token: int
+    transcript: list[dict[str, Any]]  # one entry per hop: provider, span, input hash, output hash
+
+
+class RouteClient:
+    """Drives sessions along one route of providers; the route's first endpoint is the only one contacted."""
+
+    def __init__(self, route: list[str], ticket: dict[str, Any], pool: ConnectionPool) -> None:
+        if not route:
+            raise ValueError("a route needs at least one provider")
+        self.route = route
+        self.ticket = ticket
+        self.pool = pool
+
+    async def step(
+        self, session: bytes, step: int, token_ids: torch.Tensor, sampling: dict[str, Any] | None = None
+    ) -> StepResult:
+        control: dict[str, Any] = {
+            "op": "step",
+            "session": session.hex(),
+            "step": step,
+            "route": self.route[1:],
+            "ticket": self.ticket,
+        }
+        if sampling is not None:
+            control["sampling"] = sampling
+        reply = _checked(
+            await self.pool.get(self.route[0]).request(control, token_ids, session=session, step=step)
+        )
+        token, transcript = reply.get("token"), reply.get("transcript")
+        if not isinstance(token, int) or not isinstance(transcript, list):
+            raise ProtocolError("a step reply must carry a token and a transcript")
+        return StepResult(token, transcript)
+
+    async def close(self, session: bytes) -> list[dict[str, Any]]:
+        control = {"op": "close", "session": session.hex(), "route": self.route[1:], "ticket": self.ticket}
+        reply = _checked(await self.pool.get(self.route[0]).request(control))
+        receipts = reply.get("receipts")
+        if not isinstance(receipts, list):
+            raise ProtocolError("a close reply must carry receipts")
+        return receipts
+
+    async def generate(
+        self,
+        session: bytes,
+        prompt: list[int],
+        *,
+        max_tokens: int,
+        sampling: dict[str, Any] | None = None,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> tuple[list[int], list[StepResult]]:
+        """Prefill, then one step per token until ``max_tokens`` or a stop token. Does not close the session."""
+        results = [await self.step(session, 0, torch.tensor([prompt], dtype=torch.int64), sampling or {})]
+        while len(results) < max_tokens and results[-1].token not in stop_token_ids:
+            last = torch.tensor([[results[-1].token]], dtype=torch.int64)
+            results.append(await self.step(session, len(results), last))
+        return [r.token for r in results], results
+
+
+def _checked(message: Message) -> dict[str, Any]:
+    control = message.control
+    if control.get("ok") is True:
+        return control
+    error = control.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError("an error reply without an error")
+    raise HopFailed(str(error.get("code")), str(error.get("message")), str(error.get("hop")))
