@@ -18,7 +18,8 @@ from eth_utils.crypto import keccak
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
 
-PROTOCOL_DOMAIN_NAME = "Strata"  # tickets and receipts: signed off chain, checked by the gateway and validators
+# Tickets and receipts: signed off chain, checked by the gateway and validators.
+PROTOCOL_DOMAIN_NAME = "Strata"
 
 VOUCHER_TYPES = {
     "Voucher": [

@@ -61,10 +61,16 @@ class GatewayTicketVerifier:
         model_root = _bytes_field(ticket, "modelRoot", 32)
         signature = _bytes_field(ticket, "signature", 65)
         expires_at = ticket.get("expiresAt")
-        if not isinstance(expires_at, int) or isinstance(expires_at, bool) or not 0 <= expires_at <= UINT64_MAX:
+        if (
+            not isinstance(expires_at, int)
+            or isinstance(expires_at, bool)
+            or not 0 <= expires_at <= UINT64_MAX
+        ):
             raise TicketRefused("ticket field expiresAt must be a uint64")
         try:
-            signer = recover_signer(JobTicket(job_id, model_root, expires_at).signable(self.domain), signature)
+            signer = recover_signer(
+                JobTicket(job_id, model_root, expires_at).signable(self.domain), signature
+            )
         except ValueError as exc:
             raise TicketRefused(f"ticket signature is malformed: {exc}") from exc
         if signer not in self.trusted:

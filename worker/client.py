@@ -100,6 +100,7 @@ class ConnectionPool:
 class StepResult:
     token: int
     transcript: list[dict[str, Any]]  # one entry per hop: provider, span, input hash, output hash
+    logits: torch.Tensor | None = None  # the last position's (1, vocab), when asked for
 
 
 class RouteClient:
@@ -113,7 +114,13 @@ class RouteClient:
         self.pool = pool
 
     async def step(
-        self, session: bytes, step: int, token_ids: torch.Tensor, sampling: dict[str, Any] | None = None
+        self,
+        session: bytes,
+        step: int,
+        token_ids: torch.Tensor,
+        sampling: dict[str, Any] | None = None,
+        *,
+        logits: bool = False,
     ) -> StepResult:
         control: dict[str, Any] = {
             "op": "step",
@@ -124,13 +131,14 @@ class RouteClient:
         }
         if sampling is not None:
             control["sampling"] = sampling
-        reply = _checked(
-            await self.pool.get(self.route[0]).request(control, token_ids, session=session, step=step)
-        )
+        if logits:
+            control["logits"] = True
+        message = await self.pool.get(self.route[0]).request(control, token_ids, session=session, step=step)
+        reply = _checked(message)
         token, transcript = reply.get("token"), reply.get("transcript")
         if not isinstance(token, int) or not isinstance(transcript, list):
             raise ProtocolError("a step reply must carry a token and a transcript")
-        return StepResult(token, transcript)
+        return StepResult(token, transcript, message.frame.tensor if message.frame is not None else None)
 
     async def close(self, session: bytes) -> list[dict[str, Any]]:
         control = {"op": "close", "session": session.hex(), "route": self.route[1:], "ticket": self.ticket}
@@ -148,12 +156,14 @@ class RouteClient:
         max_tokens: int,
         sampling: dict[str, Any] | None = None,
         stop_token_ids: frozenset[int] = frozenset(),
+        logits: bool = False,
     ) -> tuple[list[int], list[StepResult]]:
         """Prefill, then one step per token until ``max_tokens`` or a stop token. Does not close the session."""
-        results = [await self.step(session, 0, torch.tensor([prompt], dtype=torch.int64), sampling or {})]
+        prompt_ids = torch.tensor([prompt], dtype=torch.int64)
+        results = [await self.step(session, 0, prompt_ids, sampling or {}, logits=logits)]
         while len(results) < max_tokens and results[-1].token not in stop_token_ids:
             last = torch.tensor([[results[-1].token]], dtype=torch.int64)
-            results.append(await self.step(session, len(results), last))
+            results.append(await self.step(session, len(results), last, logits=logits))
         return [r.token for r in results], results
 
 

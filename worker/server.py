@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from worker.client import ConnectionPool, parse_endpoint
-from worker.errors import ProtocolError, UnknownSession, WireError, WorkerError
+from worker.errors import ProtocolError, TicketRefused, UnknownSession, WireError, WorkerError
 from worker.protocol import Message, error_reply, read_message, write_message
 from worker.receipts import ReceiptFields, ReceiptSigner, TicketGrant, TicketVerifier, transcript_root
 from worker.runtime import SpanRuntime
@@ -100,8 +100,19 @@ class HopServer:
                     write_message(writer, error_reply(exc.code, str(exc), self.endpoint))
                     await writer.drain()
                     return
-                reply, tensor = await self._dispatch(message)
-                write_message(writer, reply, tensor)
+                try:
+                    reply, tensor = await self._dispatch(message)
+                except Exception:  # a bug here must not take the connection, or other sessions, down with it
+                    log.exception("hop request failed")
+                    reply, tensor = error_reply("internal_error", "the provider failed", self.endpoint), None
+                frame = message.frame
+                write_message(
+                    writer,
+                    reply,
+                    tensor,
+                    session=frame.session if frame is not None else bytes(16),
+                    step=frame.step if frame is not None else 0,
+                )
                 await writer.drain()
         except (ConnectionError, OSError) as exc:
             log.info("connection dropped: %s", exc)
@@ -112,7 +123,7 @@ class HopServer:
         op = message.control.get("op")
         try:
             if op == "step":
-                return await self._step(message), None
+                return await self._step(message)
             if op == "close":
                 return await self._close(message), None
             raise ProtocolError(f"unknown op {op!r}")
@@ -157,7 +168,7 @@ class HopServer:
 
     # -- operations ---------------------------------------------------------------------------------------
 
-    async def _step(self, message: Message) -> dict[str, Any]:
+    async def _step(self, message: Message) -> tuple[dict[str, Any], torch.Tensor | None]:
         control = message.control
         session = self._session_id(control)
         step = control.get("step")
@@ -185,26 +196,30 @@ class HopServer:
         if last:
             assert meta.sampler is not None
             token = meta.sampler.next_token(output[:, -1, :])
-            return {"ok": True, "token": token, "transcript": [own]}
+            logits = output[:, -1, :] if control.get("logits") is True else None
+            return {"ok": True, "token": token, "transcript": [own]}, logits
 
         forwarded: dict[str, Any] = {
-            key: control[key] for key in ("op", "session", "step", "ticket", "sampling") if key in control
+            key: control[key]
+            for key in ("op", "session", "step", "ticket", "sampling", "logits")
+            if key in control
         }
         forwarded["route"] = route[1:]
         reply = await self.peers.get(route[0]).request(forwarded, output, session=session, step=step)
         if reply.control.get("ok") is not True:
-            return reply.control
+            return reply.control, None
         transcript = reply.control.get("transcript")
         if not isinstance(transcript, list):
             raise ProtocolError(f"{route[0]} replied without a transcript")
-        return {**reply.control, "transcript": [own, *transcript]}
+        logits = reply.frame.tensor if reply.frame is not None else None
+        return {**reply.control, "transcript": [own, *transcript]}, logits
 
     def _open(self, session: bytes, control: dict[str, Any]) -> _SessionMeta:
         ticket = control.get("ticket")
         grant = self.verify_ticket(ticket if isinstance(ticket, dict) else {}, now=int(self.clock()))
         root = bytes.fromhex(self.runtime.shard.root.removeprefix("0x"))
         if grant.model_root != root:
-            raise ProtocolError(
+            raise TicketRefused(
                 f"the ticket is for model 0x{grant.model_root.hex()}, this provider serves {self.runtime.shard.root}"
             )
         sampler = None

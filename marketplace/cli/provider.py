@@ -103,9 +103,12 @@ def serve_command(
         await server.start(host, port)
         console.print(
             f"Serving layers {shard.span} of model {shard.root} on {host}:{port} as {account.address} "
-            f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')})"
+            f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')})",
+            soft_wrap=True,
         )
+        # Scripts and tests wait for this line; stdout may be a pipe, which Python buffers.
         console.print("ready", highlight=False)
+        console.file.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
