@@ -189,9 +189,16 @@ class HopServer:
             )
 
         meta = self._open(session, control) if step == 0 else self._authorised(session, control)
+        started = time.perf_counter()
         output, record = self.runtime.step(session, step, frame.tensor)
-        own = {"provider": self.sign_receipt.address, "span": self.span, "in": record.input_hash.hex(),
-               "out": record.output_hash.hex()}  # fmt: skip
+        own = {
+            "provider": self.sign_receipt.address,
+            "span": self.span,
+            "in": record.input_hash.hex(),
+            "out": record.output_hash.hex(),
+            # Compute time of this hop, so a caller can tell transport from compute (not part of any receipt).
+            "compute_ms": round((time.perf_counter() - started) * 1e3, 3),
+        }
 
         if last:
             assert meta.sampler is not None

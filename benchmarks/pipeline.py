@@ -1,0 +1,184 @@
+"""Pipeline decode speed: three provider processes on loopback against one process running generate().
+
+Builds a Llama-style model of about 300M parameters (hidden 1024, 24 layers) locally, starts three providers
+serving layers 0:8, 8:16 and 16:24, and generates the same 64 greedy tokens from the same prompt both ways,
+alternating the two so that machine noise falls on both alike.
+
+    ratio_tokens_per_s   pipeline tokens/s ÷ single-process tokens/s (target ≥ 0.95)
+    hop_overhead_ms_p50  per decode step, (step latency seen by the caller − Σ the providers' compute) ÷ the
+                         number of hops, median over steps (target ≤ 1.0)
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from eth_account import Account
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from settlement.anvil import free_port
+from settlement.tickets import issue_ticket
+from worker.client import ConnectionPool, RouteClient
+from worker.identity import MANIFEST_FILE, Manifest
+from worker.tiny import BOS, write_tiny_checkpoint
+from worker.wire import FrameLimits
+
+GATEWAY = Account.from_key(b"\x42" * 32)
+SPANS = ("0:8", "8:16", "16:24")
+PROMPT = [BOS, *b"The marketplace routes each request through the cheapest chain of providers. "]
+STRATA = str(Path(sys.executable).with_name("strata"))
+# Three providers and the caller share this machine's cores. Idle OpenMP threads that spin-wait after a step
+# steal the core the next provider computes on, so providers here let theirs sleep at once.
+PROVIDER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def start_providers(model: Path) -> tuple[list[subprocess.Popen[str]], list[str]]:
+    processes, endpoints = [], []
+    for index, span in enumerate(SPANS):
+        port = free_port()
+        env = {**os.environ, "PROVIDER_KEY": (index + 1).to_bytes(32, "big").hex(), **PROVIDER_ENV}
+        processes.append(
+            subprocess.Popen(
+                [
+                    STRATA,
+                    "provider",
+                    "serve",
+                    "--model",
+                    str(model),
+                    "--layers",
+                    span,
+                    "--port",
+                    str(port),
+                    "--trust-gateway",
+                    GATEWAY.address,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
+        )
+        endpoints.append(f"127.0.0.1:{port}")
+    for process in processes:
+        assert process.stdout is not None
+        while (line := process.stdout.readline()) and line.strip() != "ready":
+            pass
+        if not line:
+            raise RuntimeError("a provider exited before it was ready")
+    return processes, endpoints
+
+
+def single_process(model: torch.nn.Module, new_tokens: int) -> tuple[list[int], float]:
+    prompt = torch.tensor([PROMPT])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(  # type: ignore[operator]
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=258
+        )
+    return output[0, len(PROMPT) :].tolist(), time.perf_counter() - started
+
+
+async def pipeline(client: RouteClient, new_tokens: int) -> tuple[list[int], float, list[float]]:
+    session = os.urandom(16)
+    started = time.perf_counter()
+    step = await client.step(session, 0, torch.tensor([PROMPT]), {})
+    tokens, overheads = [step.token], []
+    while len(tokens) < new_tokens:
+        sent = time.perf_counter()
+        step = await client.step(session, len(tokens), torch.tensor([[tokens[-1]]]))
+        latency_ms = (time.perf_counter() - sent) * 1e3
+        compute_ms = sum(hop["compute_ms"] for hop in step.transcript)
+        overheads.append((latency_ms - compute_ms) / len(step.transcript))
+        tokens.append(step.token)
+    elapsed = time.perf_counter() - started
+    await client.close(session)
+    return tokens, elapsed, overheads
+
+
+async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, object]:
+    model_dir = workdir / "llama-300m"
+    if not (model_dir / "config.json").exists():
+        write_tiny_checkpoint(model_dir, arch="llama", layers=24, hidden=1024)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    parameters = sum(p.numel() for p in reference.parameters())
+    processes, endpoints = start_providers(model_dir)
+    root = bytes.fromhex(Manifest.load(model_dir / MANIFEST_FILE).root[2:])
+    pool = ConnectionPool(FrameLimits())
+    client = RouteClient(
+        endpoints,
+        issue_ticket(
+            GATEWAY,
+            job_id=os.urandom(32),
+            model_root=root,
+            expires_at=int(time.time()) + 3600,
+            chain_id=31337,
+        ),
+        pool,
+    )
+    single_times, pipeline_times, overheads = [], [], []
+    try:
+        await pipeline(client, 4)  # warm-up: connections, allocator, first-call paths on both sides
+        single_process(reference, 4)
+        for _ in range(rounds):
+            expected, seconds = single_process(reference, new_tokens)
+            single_times.append(seconds)
+            tokens, seconds, step_overheads = await pipeline(client, new_tokens)
+            pipeline_times.append(seconds)
+            overheads += step_overheads
+            if tokens != expected:
+                raise RuntimeError("the pipeline's tokens differ from generate()'s")
+    finally:
+        await pool.close()
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    single_tps = new_tokens / statistics.median(single_times)
+    pipeline_tps = new_tokens / statistics.median(pipeline_times)
+    return {
+        "parameters": parameters,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "single_tokens_per_s": round(single_tps, 2),
+        "pipeline_tokens_per_s": round(pipeline_tps, 2),
+        "ratio_tokens_per_s": round(pipeline_tps / single_tps, 3),
+        "hop_overhead_ms_p50": round(statistics.median(overheads), 3),
+        "hop_overhead_ms_p90": round(statistics.quantiles(overheads, n=10)[-1], 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the model here between runs")
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(main_async(args.rounds, args.new_tokens, args.workdir))
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            result = asyncio.run(main_async(args.rounds, args.new_tokens, Path(workdir)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
