@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install test test-python test-contracts up lint gas clean
+.PHONY: install test test-python test-contracts up lint gas pipeline clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -39,6 +39,9 @@ lint: install
 
 gas: install
 	$(BIN)/python benchmarks/gas.py
+
+pipeline: install
+	$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

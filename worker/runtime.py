@@ -137,6 +137,9 @@ class SpanRuntime:
             ]:
                 del self._closed[session_id]
 
+    def is_open(self, session_id: bytes) -> bool:
+        return session_id in self._open
+
     @property
     def cached_tokens(self) -> int:
         return sum(session.positions for session in self._open.values())

@@ -70,16 +70,28 @@ class HopServer:
         self.peers = ConnectionPool(self.limits)
         self._sessions: dict[bytes, _SessionMeta] = {}
         self._server: asyncio.Server | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     @property
     def span(self) -> list[int]:
         return [self.runtime.shard.span.start, self.runtime.shard.span.end]
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, *, expire_every_s: float = 10.0) -> asyncio.Server:
         self._server = await asyncio.start_server(self._serve_connection, host, port)
+        self._expiry = asyncio.create_task(self._expire_periodically(expire_every_s))
         return self._server
 
+    async def _expire_periodically(self, every_s: float) -> None:
+        """Frees the KV caches of abandoned sessions and the retained steps of old ones."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.runtime.expire()
+            for session in [s for s in self._sessions if not self.runtime.is_open(s)]:
+                del self._sessions[session]
+
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
