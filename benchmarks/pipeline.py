@@ -93,21 +93,23 @@ def single_process(model: torch.nn.Module, new_tokens: int) -> tuple[list[int], 
     return output[0, len(PROMPT) :].tolist(), time.perf_counter() - started
 
 
-async def pipeline(client: RouteClient, new_tokens: int) -> tuple[list[int], float, list[float]]:
+async def pipeline(client: RouteClient, new_tokens: int) -> tuple[list[int], float, list[float], list[float]]:
+    """Returns the tokens, the elapsed seconds, and per decode step the per-hop overhead and the compute (ms)."""
     session = os.urandom(16)
     started = time.perf_counter()
     step = await client.step(session, 0, torch.tensor([PROMPT]), {})
-    tokens, overheads = [step.token], []
+    tokens, overheads, computes = [step.token], [], []
     while len(tokens) < new_tokens:
         sent = time.perf_counter()
         step = await client.step(session, len(tokens), torch.tensor([[tokens[-1]]]))
         latency_ms = (time.perf_counter() - sent) * 1e3
         compute_ms = sum(hop["compute_ms"] for hop in step.transcript)
         overheads.append((latency_ms - compute_ms) / len(step.transcript))
+        computes.append(compute_ms)
         tokens.append(step.token)
     elapsed = time.perf_counter() - started
     await client.close(session)
-    return tokens, elapsed, overheads
+    return tokens, elapsed, overheads, computes
 
 
 async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, object]:
@@ -130,16 +132,17 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
         ),
         pool,
     )
-    single_times, pipeline_times, overheads = [], [], []
+    single_times, pipeline_times, overheads, computes = [], [], [], []
     try:
         await pipeline(client, 4)  # warm-up: connections, allocator, first-call paths on both sides
         single_process(reference, 4)
         for _ in range(rounds):
             expected, seconds = single_process(reference, new_tokens)
             single_times.append(seconds)
-            tokens, seconds, step_overheads = await pipeline(client, new_tokens)
+            tokens, seconds, step_overheads, step_computes = await pipeline(client, new_tokens)
             pipeline_times.append(seconds)
             overheads += step_overheads
+            computes += step_computes
             if tokens != expected:
                 raise RuntimeError("the pipeline's tokens differ from generate()'s")
     finally:
@@ -158,6 +161,10 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
         "ratio_tokens_per_s": round(pipeline_tps / single_tps, 3),
         "hop_overhead_ms_p50": round(statistics.median(overheads), 3),
         "hop_overhead_ms_p90": round(statistics.quantiles(overheads, n=10)[-1], 3),
+        # Where a pipeline token's time goes: the providers' compute, summed over hops, against one process's
+        # whole token (its compute and generate()'s own per-token work).
+        "pipeline_compute_ms_per_token_p50": round(statistics.median(computes), 2),
+        "single_ms_per_token": round(1e3 / single_tps, 2),
         "torch_threads": torch.get_num_threads(),
     }
 
