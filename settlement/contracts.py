@@ -150,25 +150,11 @@ def random_channel_id(payer: str) -> bytes:
     return channel_id(payer, int.from_bytes(os.urandom(12), "big"))
 
 
-def channel_payer(channel: bytes) -> str:
-    if len(channel) != 32:
-        raise ValueError(f"channel id must be 32 bytes, got {len(channel)}")
-    return to_checksum_address(channel[:20])
-
-
 @dataclass(frozen=True)
 class ChannelState:
     deposit: int
     claimed: int
     withdrawable_at: int
-
-    @property
-    def exiting(self) -> bool:
-        return self.withdrawable_at != 0
-
-    @property
-    def unclaimed(self) -> int:
-        return self.deposit - self.claimed
 
 
 @dataclass(frozen=True)

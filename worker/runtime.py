@@ -156,8 +156,14 @@ class SpanRuntime:
 
     # -- steps ----------------------------------------------------------------------------------------------
 
-    def step(self, session_id: bytes, step: int, inputs: torch.Tensor) -> tuple[torch.Tensor, StepRecord]:
-        """Runs one step. Returns the span's output (hidden states, or last-position logits on the last span)."""
+    def step(
+        self, session_id: bytes, step: int, inputs: torch.Tensor, *, input_hash: bytes | None = None
+    ) -> tuple[torch.Tensor, StepRecord]:
+        """Runs one step. Returns the span's output (hidden states, or last-position logits on the last span).
+
+        ``input_hash`` is the inputs' sha256 when the caller already verified it (a wire frame's), so the hot
+        path does not hash the same bytes twice.
+        """
         with self._lock:
             session = self._open.get(session_id)
             if session is None:
@@ -178,7 +184,9 @@ class SpanRuntime:
                 output = self.shard.forward(cache=session.cache, input_ids=inputs)
             else:
                 output = self.shard.forward(cache=session.cache, hidden=inputs)
-            record = StepRecord(step, inputs, output, payload_sha256(inputs), payload_sha256(output))
+            record = StepRecord(
+                step, inputs, output, input_hash or payload_sha256(inputs), payload_sha256(output)
+            )
             session.records.append(record)
             session.positions += seq
             session.next_step += 1

@@ -202,7 +202,7 @@ class HopServer:
 
         meta = self._open(session, control) if step == 0 else self._authorised(session, control)
         started = time.perf_counter()
-        output, record = self.runtime.step(session, step, frame.tensor)
+        output, record = self.runtime.step(session, step, frame.tensor, input_hash=frame.sha256)
         own = {
             "provider": self.sign_receipt.address,
             "span": self.span,
