@@ -102,10 +102,11 @@ class Chain:
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    def call(self, fn: ContractFunction, action: str) -> Any:
-        """eth_call of a contract function, with reverts decoded."""
+    def call(self, fn: ContractFunction, action: str, *, sender: str | None = None) -> Any:
+        """eth_call of a contract function (as ``sender``, when given), with reverts decoded."""
+        params: TxParams = {"from": to_checksum_address(sender)} if sender is not None else {}
         try:
-            return self.read(fn.call)
+            return self.read(lambda: fn.call(params))
         except (ContractLogicError, Web3RPCError) as exc:
             raise self._reverted(action, exc) from exc
 

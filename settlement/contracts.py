@@ -31,6 +31,11 @@ class _Wrapper:
     def _call(self, name: str, *args: Any) -> Any:
         return self.chain.call(self.contract.functions[name](*args), f"{type(self).__name__}.{name}")
 
+    def _call_as(self, caller: str, name: str, *args: Any) -> Any:
+        return self.chain.call(
+            self.contract.functions[name](*args), f"{type(self).__name__}.{name}", sender=caller
+        )
+
     def _send(self, sender: LocalAccount, name: str, *args: Any) -> TxReceipt:
         return self.chain.transact(
             sender, self.contract.functions[name](*args), f"{type(self).__name__}.{name}"
@@ -77,20 +82,28 @@ class PaymentToken(_Wrapper):
     def transfer_with_authorization(
         self, sender: LocalAccount, *, authorization: TransferAuthorization, signature: bytes
     ) -> TxReceipt:
-        r, s, v = split_signature(signature)
-        return self._send(
-            sender,
-            "transferWithAuthorization",
-            to_checksum_address(authorization.sender),
-            to_checksum_address(authorization.recipient),
-            authorization.value,
-            authorization.valid_after,
-            authorization.valid_before,
-            authorization.nonce,
-            v,
-            r,
-            s,
-        )
+        return self._send(sender, "transferWithAuthorization", *_authorization_args(authorization, signature))
+
+    def simulate_transfer_with_authorization(
+        self, caller: str, *, authorization: TransferAuthorization, signature: bytes
+    ) -> None:
+        """Runs the transfer as an eth_call from ``caller``: raises TransactionReverted where sending would."""
+        self._call_as(caller, "transferWithAuthorization", *_authorization_args(authorization, signature))
+
+
+def _authorization_args(authorization: TransferAuthorization, signature: bytes) -> tuple[Any, ...]:
+    r, s, v = split_signature(signature)
+    return (
+        to_checksum_address(authorization.sender),
+        to_checksum_address(authorization.recipient),
+        authorization.value,
+        authorization.valid_after,
+        authorization.valid_before,
+        authorization.nonce,
+        v,
+        r,
+        s,
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from eth_utils.crypto import keccak
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
 
-# Tickets and receipts: signed off chain, checked by the gateway and validators.
+# Tickets, receipts, asks and heartbeats: signed off chain, checked by the gateway, providers and validators.
 PROTOCOL_DOMAIN_NAME = "Strata"
 
 VOUCHER_TYPES = {
@@ -56,6 +56,28 @@ HOP_RECEIPT_TYPES = {
         {"name": "layerEnd", "type": "uint32"},
         {"name": "tokens", "type": "uint64"},
         {"name": "transcriptRoot", "type": "bytes32"},
+    ]
+}
+
+# Asks and heartbeats: signed by a provider's staked key, checked by the gateway's order book.
+ASK_TYPES = {
+    "Ask": [
+        {"name": "provider", "type": "address"},
+        {"name": "modelRoot", "type": "bytes32"},
+        {"name": "layerStart", "type": "uint32"},
+        {"name": "layerEnd", "type": "uint32"},
+        {"name": "pricePerMillion", "type": "uint64"},
+        {"name": "capacity", "type": "uint32"},
+        {"name": "endpoint", "type": "string"},
+        {"name": "nonce", "type": "uint64"},
+        {"name": "expiresAt", "type": "uint64"},
+    ]
+}
+
+HEARTBEAT_TYPES = {
+    "Heartbeat": [
+        {"name": "provider", "type": "address"},
+        {"name": "timestamp", "type": "uint64"},
     ]
 }
 
@@ -167,6 +189,9 @@ class TransferAuthorization:
     def sign(self, account: LocalAccount, domain: Domain) -> bytes:
         return bytes(account.sign_message(self.signable(domain)).signature)
 
+    def signer(self, signature: bytes, domain: Domain) -> str:
+        return recover_signer(self.signable(domain), signature)
+
 
 @dataclass(frozen=True)
 class JobTicket:
@@ -221,6 +246,70 @@ class HopReceipt:
         return recover_signer(self.signable(domain), signature)
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A provider's offer to serve layers ``[layer_start, layer_end)`` of model ``model_root``.
+
+    ``price_per_million`` is in token base units per million token-layers; ``capacity`` is how many sessions it
+    serves at once (0 withdraws the offer); ``nonce`` only grows per provider, so an old ask cannot be replayed
+    over a newer one.
+    """
+
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    price_per_million: int
+    capacity: int
+    endpoint: str
+    nonce: int
+    expires_at: int
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            ASK_TYPES,
+            {
+                "provider": to_checksum_address(self.provider),
+                "modelRoot": self.model_root,
+                "layerStart": self.layer_start,
+                "layerEnd": self.layer_end,
+                "pricePerMillion": self.price_per_million,
+                "capacity": self.capacity,
+                "endpoint": self.endpoint,
+                "nonce": self.nonce,
+                "expiresAt": self.expires_at,
+            },
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+    def signer(self, signature: bytes, domain: Domain) -> str:
+        return recover_signer(self.signable(domain), signature)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A provider saying it is alive at ``timestamp`` (unix seconds)."""
+
+    provider: str
+    timestamp: int
+
+    def signable(self, domain: Domain) -> SignableMessage:
+        return typed_message(
+            domain,
+            HEARTBEAT_TYPES,
+            {"provider": to_checksum_address(self.provider), "timestamp": self.timestamp},
+        )
+
+    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+    def signer(self, signature: bytes, domain: Domain) -> str:
+        return recover_signer(self.signable(domain), signature)
+
+
 def digest(message: SignableMessage) -> bytes:
     """The 32-byte EIP-712 digest that is signed, as contracts compute it with _hashTypedDataV4."""
     return keccak(b"\x19" + message.version + message.header + message.body)
@@ -253,7 +342,9 @@ def compact_signature(signature: bytes) -> tuple[bytes, bytes]:
 __all__ = [
     "DOMAIN_VERSION",
     "VOUCHER_ESCROW_DOMAIN_NAME",
+    "Ask",
     "Domain",
+    "Heartbeat",
     "HopReceipt",
     "JobTicket",
     "TransferAuthorization",
