@@ -54,6 +54,11 @@ class HopConnection:
             except (ProtocolError, WireError):
                 await self._drop()  # the stream's framing can no longer be trusted
                 raise
+            except BaseException:
+                # Cancelled mid-exchange (a caller's timeout): the reply may still arrive and would be read as
+                # the answer to the next request, so this connection is done. No await: we are being cancelled.
+                self._abandon()
+                raise
 
     async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None or self._writer.is_closing():
@@ -66,6 +71,11 @@ class HopConnection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._reader, self._writer = reader, writer
         return self._reader, self._writer
+
+    def _abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
 
     async def _drop(self) -> None:
         if self._writer is not None:
