@@ -1,0 +1,59 @@
+"""Settings of the gateway; with the chain layer's, the only place it reads the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from settlement.config import ChainSettings
+
+
+class GatewaySettings(ChainSettings):
+    database_url: str = Field(
+        default="sqlite:///.strata/gateway.db",
+        description="SQLAlchemy URL: sqlite:///FILE (the default) or postgresql://USER@HOST/DB",
+    )
+    gateway_key: SecretStr | None = Field(
+        default=None,
+        description="hex private key: signs job tickets (providers trust its address) and sends exact settlements",
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="checkpoint directories served, each `PATH` or `NAME=PATH` (JSON list)",
+    )
+    payments_enabled: bool = Field(
+        default=True, description="false serves without payment checks: for measurement and local trials only"
+    )
+    public_url: str | None = Field(
+        default=None, description="base URL clients reach the gateway at; 402 quotes name resources under it"
+    )
+    quote_timeout_s: int = Field(
+        default=300, ge=10, description="seconds a client has to pay a quote (x402 maxTimeoutSeconds)"
+    )
+    settle_margin_s: int = Field(
+        default=30,
+        ge=1,
+        description="seconds an exact authorization must stay valid for, to settle it in time",
+    )
+    heartbeat_ttl_s: float = Field(
+        default=30.0, gt=0, description="seconds after its last heartbeat that a provider stays matchable"
+    )
+    heartbeat_skew_s: int = Field(
+        default=60, gt=0, description="seconds a heartbeat's timestamp may differ from the gateway's clock"
+    )
+    failure_suspend_s: float = Field(
+        default=30.0, ge=0, description="seconds a provider that failed a job is left out of matching"
+    )
+    chain_poll_s: float = Field(default=1.0, gt=0, description="seconds between reads of new chain events")
+    step_timeout_s: float = Field(
+        default=60.0, gt=0, description="seconds one step may take across the whole route before it fails"
+    )
+    ticket_ttl_s: int = Field(default=3600, gt=0, description="seconds a job ticket is valid for")
+    max_failovers: int = Field(
+        default=3, ge=0, description="times a job may be moved to a fresh route after a provider fails"
+    )
+    job_sweep_s: float = Field(
+        default=1.0, gt=0, description="seconds between matching passes over jobs resting in the book"
+    )
+    max_job_ttl_s: int = Field(
+        default=86_400, gt=0, description="longest a job may rest in the book, seconds"
+    )

@@ -1,0 +1,248 @@
+"""The gateway's tables. One Alembic history (migrations/) creates them on SQLite and PostgreSQL alike.
+
+Money is integers in token base units, stored as BIGINT: the API refuses amounts above 2**63 - 1 (9.2e12
+dollars of a 6-decimal token) before they reach a table. Hex identifiers (addresses, job and channel ids,
+hashes, signatures) are stored 0x-prefixed and lower-case, except addresses, which are checksummed.
+
+A channel row is the gateway's side of a payment channel: the newest voucher it accepted, what it charged, and
+what is reserved by requests in flight. The check constraint ``charged + reserved <= voucher_amount`` is the
+voucher invariant itself: no request runs unless the payer's signature covers it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ADDRESS = String(42)
+HASH = String(66)  # 0x + 32 bytes
+SIGNATURE = String(132)  # 0x + 65 bytes
+
+# Stable constraint names, so migrations can name what they change on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive and gives it back naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored: pass a UTC-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Provider(Base):
+    __tablename__ = "providers"
+
+    address: Mapped[str] = mapped_column(ADDRESS, primary_key=True)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_timestamp: Mapped[int] = mapped_column(BigInteger, default=0)  # newest signed heartbeat, unix s
+    ask_nonce: Mapped[int] = mapped_column(BigInteger, default=0)  # newest ask nonce accepted
+
+
+class Ask(Base):
+    """A signed offer. Replacing or withdrawing it sets ``withdrawn_at``; the live book is the rows without."""
+
+    __tablename__ = "asks"
+    __table_args__ = (
+        CheckConstraint("layer_start >= 0 AND layer_end > layer_start", name="span"),
+        CheckConstraint("price_per_million > 0", name="price"),
+        CheckConstraint("capacity > 0", name="capacity"),
+        Index("ix_asks_live", "model_root", "withdrawn_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(ForeignKey("providers.address"), index=True)
+    model_root: Mapped[str] = mapped_column(HASH)
+    layer_start: Mapped[int] = mapped_column(Integer)
+    layer_end: Mapped[int] = mapped_column(Integer)
+    price_per_million: Mapped[int] = mapped_column(BigInteger)
+    capacity: Mapped[int] = mapped_column(Integer)
+    endpoint: Mapped[str] = mapped_column(String(255))
+    nonce: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)  # unix s
+    signature: Mapped[str] = mapped_column(SIGNATURE)
+    posted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+    __table_args__ = (
+        CheckConstraint("charged >= 0 AND reserved >= 0", name="non_negative"),
+        CheckConstraint("charged + reserved <= voucher_amount", name="covered_by_voucher"),
+    )
+
+    id: Mapped[str] = mapped_column(HASH, primary_key=True)
+    payer: Mapped[str] = mapped_column(ADDRESS, index=True)
+    voucher_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # the newest accepted voucher's amount
+    voucher_signature: Mapped[str | None] = mapped_column(SIGNATURE)
+    charged: Mapped[int] = mapped_column(BigInteger, default=0)  # cumulative, what settlement may claim
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # quotes of requests in flight
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("charged >= 0 AND charged <= quote", name="charged_within_quote"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(HASH, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # chat, completion, job
+    model_root: Mapped[str] = mapped_column(HASH)
+    model_name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))  # resting, running, completed, failed, expired, cancelled
+    scheme: Mapped[str] = mapped_column(String(16))  # voucher, exact, none (payments off)
+    payer: Mapped[str | None] = mapped_column(ADDRESS, index=True)
+    channel_id: Mapped[str | None] = mapped_column(ForeignKey("channels.id"), index=True)
+    quote: Mapped[int] = mapped_column(BigInteger, default=0)  # reserved (voucher) or paid (exact) up front
+    charged: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_price: Mapped[int | None] = mapped_column(BigInteger)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # what to run: prompt ids and sampling
+    output: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    failovers: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Hop(Base):
+    """One provider's session for a job. ``attempt`` counts routes: a failover starts attempt + 1."""
+
+    __tablename__ = "hops"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    ask_id: Mapped[int] = mapped_column(ForeignKey("asks.id"))
+    provider: Mapped[str] = mapped_column(ADDRESS, index=True)
+    endpoint: Mapped[str] = mapped_column(String(255))
+    layer_start: Mapped[int] = mapped_column(Integer)
+    layer_end: Mapped[int] = mapped_column(Integer)
+    price_per_million: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(Integer)  # positions the gateway sent through this hop
+    transcript_root: Mapped[str] = mapped_column(HASH)  # computed by the gateway from the steps' hashes
+    status: Mapped[str] = mapped_column(String(16))  # billed, unverified, abandoned, failed
+
+
+class Receipt(Base):
+    """A provider's signed HopReceipt, as received, with the gateway's verdict on it."""
+
+    __tablename__ = "receipts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hop_id: Mapped[int] = mapped_column(ForeignKey("hops.id"), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    provider: Mapped[str] = mapped_column(ADDRESS)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    transcript_root: Mapped[str] = mapped_column(HASH)
+    signature: Mapped[str] = mapped_column(SIGNATURE)
+    verified: Mapped[bool] = mapped_column(Boolean)
+    amount: Mapped[int] = mapped_column(BigInteger)  # what this hop bills the client; 0 unless verified
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Voucher(Base):
+    """Every voucher the gateway accepted, newest last; the channel row holds the newest."""
+
+    __tablename__ = "vouchers"
+    __table_args__ = (UniqueConstraint("channel_id", "amount"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    signature: Mapped[str] = mapped_column(SIGNATURE)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    accepted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Charge(Base):
+    """What a finished job cost its payer. ``refund`` is owed back on chain (exact payments paid the quote)."""
+
+    __tablename__ = "charges"
+    __table_args__ = (
+        CheckConstraint("amount >= 0 AND amount <= quote", name="within_quote"),
+        CheckConstraint("refund >= 0 AND refund <= quote - amount", name="refund"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    payer: Mapped[str] = mapped_column(ADDRESS, index=True)
+    scheme: Mapped[str] = mapped_column(String(16))
+    channel_id: Mapped[str | None] = mapped_column(ForeignKey("channels.id"))
+    quote: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    refund: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Authorization(Base):
+    """An EIP-3009 authorization (x402 `exact`), recorded before it is sent so a nonce is settled once."""
+
+    __tablename__ = "authorizations"
+    __table_args__ = (UniqueConstraint("payer", "nonce"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    payer: Mapped[str] = mapped_column(ADDRESS)
+    nonce: Mapped[str] = mapped_column(HASH)
+    value: Mapped[int] = mapped_column(BigInteger)
+    valid_before: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # pending, settled, failed
+    tx_hash: Mapped[str | None] = mapped_column(HASH)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
