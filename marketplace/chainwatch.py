@@ -1,0 +1,155 @@
+"""The chain state the gateway decides with, cached and kept current from contract events.
+
+Paying a request must not wait for the chain, so channel deposits and exits, and whether a provider is
+staked, are read once and then followed: every ``poll_s`` the watcher reads the new logs of VoucherEscrow and
+StakeManager and re-reads the state of every channel or provider they touch. It re-reads rather than applying
+each event's delta, so a value read at block N and an event from block N or earlier can never be counted twice.
+
+What it costs to be a poll behind: a payer who starts to leave its channel is seen at most ``poll_s`` late,
+and the operator still has the escrow's whole withdraw delay to redeem what was charged before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from eth_utils.abi import event_abi_to_log_topic
+from eth_utils.address import to_checksum_address
+from web3._utils.events import get_event_data
+
+from settlement.deploy import Contracts
+from settlement.errors import ChainError
+
+log = logging.getLogger(__name__)
+
+CLOSED = 2**256 - 1  # VoucherEscrow.withdrawableAt of a channel whose payer has left
+BIGINT_MAX = 2**63 - 1  # the largest amount the gateway's tables account in
+
+_CHANNEL_EVENTS = {"ChannelFunded", "WithdrawInitiated", "WithdrawFinalized"}
+_STAKE_EVENTS = {"Staked", "UnstakeRequested", "Withdrawn", "Slashed"}
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    deposit: int  # capped at BIGINT_MAX: no voucher above it is accepted anyway
+    withdrawable_at: int  # 0 while open; CLOSED once the payer left; else when it may leave
+
+    @property
+    def exiting(self) -> bool:
+        return 0 < self.withdrawable_at < CLOSED
+
+    @property
+    def closed(self) -> bool:
+        return self.withdrawable_at == CLOSED
+
+
+class ChainWatcher:
+    def __init__(
+        self,
+        contracts: Contracts,
+        *,
+        poll_s: float = 1.0,
+        on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
+    ) -> None:
+        self.contracts = contracts
+        self.poll_s = poll_s
+        self.on_stake_change = on_stake_change
+        self._channels: dict[bytes, ChannelView] = {}
+        self._active: dict[str, bool] = {}
+        self._events: dict[bytes, dict[str, Any]] = {}
+        for wrapper in (contracts.escrow, contracts.stake):
+            for entry in wrapper.contract.abi:
+                if entry.get("type") == "event":
+                    event = cast(dict[str, Any], entry)
+                    self._events[event_abi_to_log_topic(event)] = event  # type: ignore[arg-type]
+        self._cursor: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    async def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelView:
+        view = None if fresh else self._channels.get(channel_id)
+        if view is None:
+            view = await asyncio.to_thread(self._read_channel, channel_id)
+            self._channels[channel_id] = view
+        return view
+
+    def _read_channel(self, channel_id: bytes) -> ChannelView:
+        state = self.contracts.escrow.channel(channel_id)
+        return ChannelView(min(state.deposit, BIGINT_MAX), state.withdrawable_at)
+
+    async def is_active(self, provider: str, *, fresh: bool = False) -> bool:
+        provider = to_checksum_address(provider)
+        active = None if fresh else self._active.get(provider)
+        if active is None:
+            active = await asyncio.to_thread(self.contracts.stake.is_active, provider)
+            self._active[provider] = active
+            self.on_stake_change(provider, active)
+        return active
+
+    # -- following events ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._cursor = await asyncio.to_thread(self._block_number)
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _block_number(self) -> int:
+        chain = self.contracts.chain
+        return chain.read(lambda: int(chain.w3.eth.block_number))
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.sync()
+            except ChainError as exc:
+                log.warning("chain events not read this round: %s", exc)
+
+    async def sync(self) -> None:
+        """Reads the logs since the last sync and refreshes what they touched."""
+        latest = await asyncio.to_thread(self._block_number)
+        if self._cursor is None:
+            self._cursor = latest
+            return
+        if latest <= self._cursor:
+            return
+        logs = await asyncio.to_thread(self._logs, self._cursor + 1, latest)
+        channels: set[bytes] = set()
+        providers: set[str] = set()
+        everyone = False
+        for entry in logs:
+            abi = self._events.get(bytes(entry["topics"][0])) if entry["topics"] else None
+            if abi is None:
+                continue
+            event = get_event_data(self.contracts.chain.w3.codec, abi, entry)
+            name = event["event"]
+            if name in _CHANNEL_EVENTS:
+                channels.add(bytes(event["args"]["channelId"]))
+            elif name in _STAKE_EVENTS:
+                providers.add(to_checksum_address(event["args"]["provider"]))
+            elif name == "MinStakeChanged":
+                everyone = True
+        for channel_id in channels & self._channels.keys():
+            self._channels[channel_id] = await asyncio.to_thread(self._read_channel, channel_id)
+        for provider in self._active.keys() if everyone else providers:
+            await self.is_active(provider, fresh=True)
+        self._cursor = latest
+
+    def _logs(self, first: int, last: int) -> list[Any]:
+        chain = self.contracts.chain
+        addresses = [self.contracts.escrow.address, self.contracts.stake.address]
+        return chain.read(
+            lambda: list(chain.w3.eth.get_logs({"address": addresses, "fromBlock": first, "toBlock": last}))
+        )

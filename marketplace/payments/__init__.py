@@ -1,0 +1,1 @@
+"""x402 payments: the wire format, and securing and settling the money for each request."""
