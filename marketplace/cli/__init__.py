@@ -7,7 +7,7 @@ import logging
 import typer
 from transformers.utils import logging as hf_logging
 
-from marketplace.cli import chain, model, provider
+from marketplace.cli import chain, client, gateway, model, provider
 
 app = typer.Typer(
     name="strata",
@@ -18,6 +18,8 @@ app = typer.Typer(
 app.add_typer(chain.app, name="chain")
 app.add_typer(model.app, name="model")
 app.add_typer(provider.app, name="provider")
+app.add_typer(gateway.app, name="gateway")
+app.add_typer(client.app, name="client")
 
 
 def main() -> None:

@@ -30,6 +30,13 @@ def parse_rpc_url(value: str) -> str:
     return value
 
 
+def parse_http_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise typer.BadParameter(f"{value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
 def parse_address(value: str) -> str:
     if not is_address(value):
         raise typer.BadParameter(f"{value!r} is not an Ethereum address")

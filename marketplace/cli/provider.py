@@ -12,7 +12,8 @@ import typer
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from marketplace.cli.common import console, fail, parse_address, parse_key
+from marketplace.announce import AnnounceError, Announcer, Offer
+from marketplace.cli.common import console, fail, parse_address, parse_http_url, parse_key
 from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
 from worker.errors import WorkerError
 from worker.runtime import RuntimeLimits, SpanRuntime
@@ -34,6 +35,7 @@ class ProviderSettings(BaseSettings):
         default_factory=list, description="gateways whose job tickets are honoured"
     )
     chain_id: int = Field(default=31337, description="chain id in the EIP-712 domain of tickets and receipts")
+    gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")
 
 
 @app.command("serve")
@@ -59,6 +61,15 @@ def serve_command(
     max_cached_tokens: Annotated[
         int, typer.Option(min=1, help="KV cache positions over all sessions")
     ] = 65_536,
+    gateway: Annotated[
+        str | None, typer.Option(help="gateway URL to post the ask to and heartbeat [default: GATEWAY_URL]")
+    ] = None,
+    price: Annotated[
+        int | None, typer.Option(min=1, help="ask price: token base units per million token-layers")
+    ] = None,
+    capacity: Annotated[
+        int | None, typer.Option(min=1, help="sessions offered [default: max-sessions]")
+    ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
     settings = ProviderSettings()
@@ -76,6 +87,13 @@ def serve_command(
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA device is available", "no_cuda")
     chain = chain_id or settings.chain_id
+    gateway_url = gateway or settings.gateway_url
+    if gateway_url is not None:
+        gateway_url = parse_http_url(gateway_url)
+        if price is None:
+            raise typer.BadParameter(
+                "a provider that announces itself to a gateway needs --price", param_hint="--price"
+            )
 
     try:
         with console.status(f"Loading layers {layers} of {model}…"):
@@ -99,8 +117,26 @@ def serve_command(
         sign_receipt=KeyReceiptSigner(account, chain_id=chain),
     )
 
+    announcer = None
+    if gateway_url is not None:
+        assert price is not None
+        announcer = Announcer(
+            gateway_url,
+            account,
+            Offer(
+                shard.root,
+                shard.span.start,
+                shard.span.end,
+                price,
+                capacity or max_sessions,
+                advertise or f"{host}:{port}",
+            ),
+            chain_id=chain,
+        )
+
     async def serve() -> None:
         await server.start(host, port)
+        announcing = asyncio.create_task(announcer.run()) if announcer is not None else None
         console.print(
             f"Serving layers {shard.span} of model {shard.root} on {host}:{port} as {account.address} "
             f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')})",
@@ -114,6 +150,13 @@ def serve_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if announcer is not None and announcing is not None:
+            announcing.cancel()
+            try:
+                await announcer.withdraw()  # stop being matched before the port closes
+            except AnnounceError as exc:
+                console.print(f"could not withdraw the ask: {exc}")
+            await announcer.aclose()
         await server.close()
 
     try:

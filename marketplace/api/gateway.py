@@ -1,0 +1,120 @@
+"""Everything a running gateway holds, built when it starts and torn down when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from marketplace.catalog import Catalog
+from marketplace.chainwatch import ChainWatcher
+from marketplace.config import GatewaySettings
+from marketplace.coordinator import Coordinator
+from marketplace.db.engine import create_engine, migrate, sessions
+from marketplace.jobs import JobRunner
+from marketplace.market import Market
+from marketplace.metrics import Metrics
+from marketplace.orderbook import OrderBook
+from marketplace.payments.gate import PaymentGate, Terms
+from settlement.chain import Chain
+from settlement.deploy import Contracts, Deployment
+from settlement.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    contracts: Contracts
+    account: LocalAccount
+    catalog: Catalog
+    book: OrderBook
+    watcher: ChainWatcher
+    terms: Terms
+    market: Market
+    runner: JobRunner
+    metrics: Metrics
+
+    @classmethod
+    async def start(cls, settings: GatewaySettings) -> Gateway:
+        if settings.gateway_key is None:
+            raise ConfigurationError("no GATEWAY_KEY: the gateway signs job tickets with it")
+        try:
+            account: LocalAccount = Account.from_key(settings.gateway_key.get_secret_value())
+        except ValueError as exc:
+            raise ConfigurationError(f"GATEWAY_KEY is not a private key: {exc}") from exc
+        if not settings.models:
+            raise ConfigurationError("no MODELS: name at least one checkpoint directory to serve")
+
+        await asyncio.to_thread(migrate, settings.database_url)
+        engine = create_engine(settings.database_url)
+        chain = Chain(
+            settings.rpc_url,
+            request_timeout_s=settings.rpc_timeout_s,
+            receipt_timeout_s=settings.receipt_timeout_s,
+        )
+        deployment = Deployment.load(settings.deployment_file)
+        contracts = await asyncio.to_thread(Contracts.load, chain, deployment)
+        catalog = await asyncio.to_thread(Catalog.load, settings.models)
+        terms = await asyncio.to_thread(
+            Terms.of, contracts, timeout_s=settings.quote_timeout_s, settle_margin_s=settings.settle_margin_s
+        )
+
+        metrics = Metrics()
+        book = OrderBook(heartbeat_ttl_s=settings.heartbeat_ttl_s, clock=time.time)
+        watcher = ChainWatcher(contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active)
+        session_factory = sessions(engine)
+        coordinator = Coordinator(
+            book,
+            account,
+            chain_id=terms.chain_id,
+            step_timeout_s=settings.step_timeout_s,
+            ticket_ttl_s=settings.ticket_ttl_s,
+            max_failovers=settings.max_failovers,
+            failure_suspend_s=settings.failure_suspend_s,
+            clock=time.time,
+        )
+        runner = JobRunner(
+            book=book,
+            catalog=catalog,
+            coordinator=coordinator,
+            gate=PaymentGate(terms, watcher, contracts, account),
+            terms=terms,
+            sessions=session_factory,
+            payments_enabled=settings.payments_enabled,
+            metrics=metrics,
+            sweep_s=settings.job_sweep_s,
+        )
+        market = Market(
+            book=book,
+            catalog=catalog,
+            watcher=watcher,
+            sessions=session_factory,
+            chain_id=terms.chain_id,
+            heartbeat_skew_s=settings.heartbeat_skew_s,
+            on_change=runner.wake,
+        )
+        gateway = cls(
+            settings, engine, session_factory, contracts, account, catalog, book, watcher, terms, market, runner,
+            metrics,
+        )  # fmt: skip
+        await watcher.start()
+        await market.load()
+        await runner.start()
+        log.info(
+            "gateway %s serving %s on chain %d", account.address, [m.name for m in catalog], terms.chain_id
+        )
+        return gateway
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        await self.watcher.stop()
+        await self.engine.dispose()

@@ -1,0 +1,31 @@
+"""Prometheus metrics of one gateway, in a registry of its own (so two gateways in one process do not clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "strata_http_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
+        )
+        self.payments = Counter(
+            "strata_payments", "payment checks by scheme and outcome code", ["scheme", "outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.jobs = Counter("strata_jobs", "jobs finished, by status", ["status"], registry=self.registry)
+        self.jobs_running = Gauge("strata_jobs_running", "jobs generating now", registry=self.registry)
+        self.tokens = Counter("strata_tokens_generated", "tokens sampled for clients", registry=self.registry)
+        self.charged = Counter(
+            "strata_charged_base_units", "base units charged to clients", ["scheme"], registry=self.registry
+        )
+        self.failovers = Counter("strata_failovers", "jobs moved to a fresh route", registry=self.registry)
+        self.route_seconds = Histogram(
+            "strata_route_planning_seconds", "time to plan a route", registry=self.registry,
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "strata_request_seconds", "time to answer a request", ["route"], registry=self.registry
+        )
