@@ -1,0 +1,394 @@
+"""A whole marketplace for tests: a private anvil with the contracts, provider processes over a tiny model,
+and gateways served by uvicorn on real ports, on SQLite or PostgreSQL.
+
+Nothing here is faked: providers are `strata provider serve` processes, the gateway is the real app, the chain
+is anvil, and the databases are a SQLite file and a fresh PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import create_engine
+
+from marketplace.announce import AnnounceError, Announcer, Offer
+from marketplace.api.app import create_app
+from marketplace.catalog import load_model
+from marketplace.client import ChannelWallet, StrataClient, fund_channel
+from marketplace.config import GatewaySettings
+from marketplace.db.engine import sync_url
+from marketplace.payments.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    decode_header,
+    encode_header,
+)
+from settlement.anvil import Anvil, free_port
+from settlement.chain import Chain
+from settlement.contracts import random_channel_id
+from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
+from settlement.eip712 import Domain, TransferAuthorization, Voucher, voucher_domain
+from worker.tiny import write_tiny_checkpoint
+
+STRATA = str(Path(sys.executable).with_name("strata"))
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+MIN_STAKE = 100 * ONE_TOKEN
+PRICE = 1_000_000  # base units per million token-layers: one base unit per token-layer
+
+
+@dataclass
+class Market:
+    anvil: Anvil
+    contracts: Contracts
+    deployment_file: Path
+    admin: LocalAccount
+    operator: LocalAccount
+    gateway_key: LocalAccount
+    providers: list[LocalAccount]
+    clients: list[LocalAccount]
+
+
+def start_market(tmp: Path) -> Market:
+    anvil = Anvil(accounts=12).start()
+    a = anvil.accounts
+    chain = Chain(anvil.url, receipt_timeout_s=30)
+    contracts = deploy(
+        chain,
+        a[0],
+        operator=a[1].address,
+        treasury=a[2].address,
+        slasher=a[3].address,
+        # No withdraw delay: tests take channels through exiting to closed without moving the chain's clock.
+        params=DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600, withdraw_delay_s=0),
+    )
+    providers, clients = a[4:9], a[9:12]
+    for account in [*providers, *clients]:
+        contracts.token.mint(a[0], to=account.address, amount=10_000 * ONE_TOKEN)
+    for provider in providers:
+        contracts.token.approve(provider, spender=contracts.stake.address, amount=MIN_STAKE)
+        contracts.stake.stake(provider, amount=MIN_STAKE)
+    gateway_key = Account.from_key(b"\x42" * 32)
+    # The gateway sends exact-scheme settlements, so it pays gas.
+    chain.w3.provider.make_request("anvil_setBalance", [gateway_key.address, hex(10**21)])  # type: ignore[arg-type]
+    deployment_file = tmp / "deployment.json"
+    contracts.deployment.save(deployment_file)
+    return Market(anvil, contracts, deployment_file, a[0], a[1], gateway_key, providers, clients)
+
+
+@dataclass
+class ProviderProcess:
+    account: LocalAccount
+    span: tuple[int, int]
+    port: int
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def start_provider(
+    model: Path, account: LocalAccount, span: tuple[int, int], gateway: LocalAccount, extra: list[str] = ()
+) -> ProviderProcess:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROVIDER_KEY": account.key.hex()}
+    process = subprocess.Popen(
+        [STRATA, "provider", "serve", "--model", str(model), "--layers", f"{span[0]}:{span[1]}",
+         "--port", str(port), "--trust-gateway", gateway.address, "--chain-id", "31337", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    return ProviderProcess(account, span, port, process)
+
+
+def wait_ready(provider: ProviderProcess, timeout_s: float = 300) -> None:
+    assert provider.process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        line = provider.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"provider {provider.span} exited:\n{''.join(provider.output)}")
+        provider.output.append(line)
+        if line.strip() == "ready":
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"provider {provider.span} not ready:\n{''.join(provider.output)}")
+
+
+def stop_providers(providers: list[ProviderProcess]) -> None:
+    for provider in providers:
+        if provider.process.poll() is None:
+            provider.process.terminate()
+    for provider in providers:
+        try:
+            provider.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            provider.process.kill()
+            provider.process.wait()
+        if provider.process.stdout is not None:
+            provider.process.stdout.close()
+
+
+def tiny_model(root: Path, name: str = "tiny", seed: int = 3) -> Path:
+    model = write_tiny_checkpoint(root / name, arch="llama", layers=6, hidden=128, seed=seed)
+    load_model(model)  # writes the manifest once, before several processes would race to
+    return model
+
+
+@contextmanager
+def database(backend: str, tmp: Path) -> Iterator[str]:
+    """A fresh, empty database URL on ``backend``; PostgreSQL skips the test if no server answers."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp / f'gateway-{uuid.uuid4().hex[:8]}.db'}"
+        return
+    name = f"strata_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{base}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class GatewayServer:
+    """The real gateway app under uvicorn, in a thread of its own, on a free port."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def gateway(self):  # type: ignore[no-untyped-def]
+        return self.app.state.gateway
+
+
+def gateway_settings(
+    market: Market, database_url: str, models: dict[str, Path], **overrides: object
+) -> GatewaySettings:
+    return GatewaySettings(
+        rpc_url=market.anvil.url,
+        deployment_file=market.deployment_file,
+        database_url=database_url,
+        gateway_key=market.gateway_key.key.hex(),
+        models=[f"{name}={path}" for name, path in models.items()],
+        chain_poll_s=0.2,
+        job_sweep_s=0.2,
+        step_timeout_s=20,
+        heartbeat_ttl_s=3600,
+        _env_file=None,
+        **overrides,
+    )  # type: ignore[call-arg]
+
+
+def announce(
+    url: str, provider: ProviderProcess, root: str, *, price: int = PRICE, capacity: int = 8
+) -> Announcer:
+    """Posts a provider's ask and one heartbeat to the gateway at ``url``, as `provider serve --gateway` would.
+
+    The announcer comes back with its HTTP client closed; `signed_ask` still works, and `withdraw` below
+    opens a client of its own."""
+    announcer = Announcer(
+        url,
+        provider.account,
+        Offer(root, provider.span[0], provider.span[1], price, capacity, provider.endpoint),
+        chain_id=31337,
+        heartbeat_s=2.0,
+    )
+
+    async def post() -> None:
+        await announcer.post_ask()
+        try:
+            await announcer.heartbeat()
+        except AnnounceError as exc:
+            if exc.code != "stale_heartbeat":  # a newer heartbeat is in: the provider is alive already
+                raise
+
+    _with_client(announcer, post)
+    return announcer
+
+
+def withdraw(announcer: Announcer) -> None:
+    _with_client(announcer, announcer.withdraw)
+
+
+def _with_client(announcer: Announcer, action: Callable[[], Awaitable[None]]) -> None:
+    """Runs ``action`` on a client bound to a loop of its own, and closes both."""
+
+    async def run() -> None:
+        announcer.client = httpx.AsyncClient(timeout=10.0)
+        try:
+            await action()
+        finally:
+            await announcer.aclose()
+
+    asyncio.run(run())
+
+
+def open_channel(market: Market, client: LocalAccount, amount: int) -> bytes:
+    channel = random_channel_id(client.address)
+    asyncio.run(fund_channel(market.contracts, client, channel, amount))
+    return channel
+
+
+def wallet_for(market: Market, client: LocalAccount, channel: bytes, **options: object) -> ChannelWallet:
+    return ChannelWallet(
+        client,
+        channel,
+        escrow=market.contracts.escrow.address,
+        chain_id=31337,
+        deposit=market.contracts.escrow.channel(channel).deposit,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def strata_client(url: str, wallet: ChannelWallet) -> StrataClient:
+    return StrataClient(url, wallet)
+
+
+# -- raw HTTP, for crafting payments by hand ---------------------------------------------------------------
+
+
+def post(url: str, path: str, body: dict[str, Any], payment: str | None = None) -> httpx.Response:
+    headers = {PAYMENT_SIGNATURE: payment} if payment is not None else {}
+    return httpx.post(url + path, json=body, headers=headers, timeout=120)
+
+
+def chat_body(content: str = "hello", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}  # fmt: skip
+
+
+def requirement(response: httpx.Response, scheme: str) -> dict[str, Any]:
+    assert response.status_code == 402, response.text
+    required = decode_header(response.headers[PAYMENT_REQUIRED])
+    return next(r for r in required["accepts"] if r["scheme"] == scheme)
+
+
+def voucher_header(
+    account: LocalAccount,
+    channel: bytes,
+    amount: int,
+    accepted: dict[str, Any],
+    *,
+    domain: Domain | None = None,
+) -> str:
+    domain = domain or voucher_domain(31337, accepted["payTo"])
+    signature = Voucher(channel, amount).sign(account, domain)
+    payload = {
+        "channelId": "0x" + channel.hex(),
+        "maxClaimableAmount": str(amount),
+        "signature": "0x" + signature.hex(),
+    }
+    return encode_header({"x402Version": 2, "accepted": accepted, "payload": payload})
+
+
+def exact_header(
+    account: LocalAccount,
+    accepted: dict[str, Any],
+    token_domain: Domain,
+    *,
+    value: int | None = None,
+    to: str | None = None,
+    valid_after: int = 0,
+    valid_before: int | None = None,
+    nonce: bytes | None = None,
+    signer: LocalAccount | None = None,
+) -> str:
+    authorization = TransferAuthorization(
+        account.address,
+        to or accepted["payTo"],
+        int(accepted["amount"]) if value is None else value,
+        valid_after,
+        int(time.time()) + 300 if valid_before is None else valid_before,
+        nonce or os.urandom(32),
+    )
+    signature = authorization.sign(signer or account, token_domain)
+    payload = {
+        "authorization": {
+            "from": authorization.sender,
+            "to": authorization.recipient,
+            "value": str(authorization.value),
+            "validAfter": str(authorization.valid_after),
+            "validBefore": str(authorization.valid_before),
+            "nonce": "0x" + authorization.nonce.hex(),
+        },
+        "signature": "0x" + signature.hex(),
+    }
+    return encode_header({"x402Version": 2, "accepted": accepted, "payload": payload})
+
+
+def channel_state(url: str, channel: bytes) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/channels/0x{channel.hex()}", timeout=30)
+    assert response.status_code == 200, response.text
+    state: dict[str, Any] = response.json()
+    return state
+
+
+def settled(response: httpx.Response) -> dict[str, Any]:
+    return decode_header(response.headers[PAYMENT_RESPONSE])
+
+
+def rows(server: GatewayServer, statement: Any) -> list[Any]:
+    """Reads the gateway's database from the test's thread, with a connection of its own."""
+    engine = create_engine(sync_url(server.gateway.settings.database_url))
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(statement))
+    finally:
+        engine.dispose()
+
+
+def wait_until(check: Any, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(every_s)

@@ -1,0 +1,644 @@
+"""The gateway end to end: a real anvil, real provider processes, real payments, on SQLite and PostgreSQL.
+
+Every refused request is checked to have changed nothing: neither the channel's figures at the gateway nor
+any balance on chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from sqlalchemy import select
+
+from marketplace.announce import Announcer, Offer
+from marketplace.catalog import load_model
+from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
+from marketplace.db.schema import Authorization, Charge, Hop, Job, Receipt
+from marketplace.payments.x402 import PAYMENT_REQUIRED, decode_header
+from settlement.deploy import ONE_TOKEN
+from settlement.eip712 import Heartbeat, protocol_domain
+from tests.marketplace.harness import (
+    PRICE,
+    GatewayServer,
+    Market,
+    ProviderProcess,
+    announce,
+    channel_state,
+    chat_body,
+    exact_header,
+    open_channel,
+    post,
+    requirement,
+    rows,
+    settled,
+    strata_client,
+    voucher_header,
+    wait_until,
+    wallet_for,
+    withdraw,
+)
+
+CHAT = "/v1/chat/completions"
+LAYERS = 6
+PER_TOKEN = LAYERS * PRICE // 1_000_000  # every hop prices a layer at one base unit per token
+
+
+def prompt_tokens(model_dir: Path, content: str) -> int:
+    return len(load_model(model_dir).encode_chat([("user", content)]))
+
+
+def balances(market: Market, *accounts: str) -> dict[str, int]:
+    return {account: market.contracts.token.balance_of(account) for account in accounts}
+
+
+def error_code(response: httpx.Response) -> str:
+    return str(response.json()["error"]["code"])
+
+
+# -- paying ------------------------------------------------------------------------------------------------
+
+
+def test_unpaid_request_gets_a_quote_for_the_cheapest_route(
+    gateway: GatewayServer, market: Market, model_dir: Path, providers: dict[str, ProviderProcess]
+) -> None:
+    response = post(gateway.url, CHAT, chat_body("quote me", max_tokens=10))
+    assert response.status_code == 402
+    assert error_code(response) == "payment_required"
+    required = decode_header(response.headers[PAYMENT_REQUIRED])
+    assert required["x402Version"] == 2
+    assert required["resource"]["url"] == gateway.url + CHAT
+    quote = (prompt_tokens(model_dir, "quote me") + 10) * PER_TOKEN
+    voucher, exact = required["accepts"]
+    assert voucher["scheme"] == "voucher" and exact["scheme"] == "exact"
+    for offer in (voucher, exact):
+        assert offer["network"] == "eip155:31337"
+        assert offer["asset"] == market.contracts.token.address
+        assert offer["amount"] == str(quote)
+    assert voucher["payTo"] == voucher["extra"]["escrow"] == market.contracts.escrow.address
+    assert exact["payTo"] == market.operator.address
+    assert exact["extra"] == {"name": "Strata USD", "version": "1"}
+    # Price-time priority: the backup serves B's span at B's price but was posted later.
+    route = [hop["provider"] for hop in voucher["extra"]["route"]]
+    assert route == [providers[name].account.address for name in ("a", "b", "c")]
+
+
+def test_paid_chat_is_charged_its_verified_receipts(
+    gateway: GatewayServer, market: Market, model_dir: Path, providers: dict[str, ProviderProcess]
+) -> None:
+    client = market.clients[0]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    first = post(gateway.url, CHAT, chat_body("pay me", max_tokens=12))
+    offer = requirement(first, "voucher")
+    quote = int(offer["amount"])
+
+    response = post(
+        gateway.url, CHAT, chat_body("pay me", max_tokens=12), voucher_header(client, channel, quote, offer)
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    usage = answer["usage"]
+    charged = (usage["prompt_tokens"] + usage["completion_tokens"] - 1) * PER_TOKEN
+    payment = settled(response)
+    assert payment["success"] is True and payment["payer"] == client.address
+    assert payment["amount"] == str(charged) and charged <= quote
+    assert payment["extra"]["cumulativeCharged"] == str(charged)
+    assert payment["extra"]["voucherAmount"] == str(quote)
+    state = channel_state(gateway.url, channel)
+    assert (state["charged"], state["reserved"], state["voucherAmount"]) == (str(charged), "0", str(quote))
+
+    job_id = "0x" + answer["id"].removeprefix("chatcmpl-")
+    (job,) = rows(gateway, select(Job).where(Job.id == job_id))
+    assert (job.status, job.charged, job.quote) == ("completed", charged, quote)
+    hops = rows(gateway, select(Hop).where(Hop.job_id == job_id).order_by(Hop.position))
+    assert [h.provider for h in hops] == [providers[n].account.address for n in ("a", "b", "c")]
+    assert all(h.status == "billed" for h in hops)
+    receipts = rows(gateway, select(Receipt).where(Receipt.job_id == job_id))
+    assert len(receipts) == 3 and all(r.verified for r in receipts)
+    assert sum(r.amount for r in receipts) == charged
+    (charge,) = rows(gateway, select(Charge).where(Charge.job_id == job_id))
+    assert (charge.amount, charge.quote, charge.refund) == (charged, quote, 0)
+
+    # The next voucher must cover what is charged plus the next quote, and be above the last one.
+    again = post(
+        gateway.url,
+        CHAT,
+        chat_body("pay me", max_tokens=12),
+        voucher_header(client, channel, charged + quote, offer),
+    )
+    assert again.status_code == 200, again.text
+    assert channel_state(gateway.url, channel)["charged"] == str(2 * charged)
+
+
+def test_sdk_and_openai_client_stream_what_a_whole_answer_says(
+    gateway: GatewayServer, market: Market
+) -> None:
+    from openai import AsyncOpenAI
+
+    client = market.clients[2]
+    wallet = wallet_for(market, client, open_channel(market, client, 10 * ONE_TOKEN))
+    messages = [{"role": "user", "content": "stream this"}]
+
+    async def ask() -> tuple[dict[str, Any], list[Any], str]:
+        async with strata_client(gateway.url, wallet) as strata:
+            whole = await strata.chat("tiny", messages, max_tokens=12, temperature=0)
+            openai = AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", http_client=strata.http)
+            stream = await openai.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+            )  # fmt: skip
+            chunks = [chunk async for chunk in stream]
+            sdk_text = "".join(
+                [text async for text in strata.stream_chat("tiny", messages, max_tokens=12, temperature=0)]
+            )
+            return whole, chunks, sdk_text
+
+    whole, chunks, sdk_text = asyncio.run(ask())
+    text = whole["choices"][0]["message"]["content"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text == sdk_text
+    finish = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finish.choices[0].finish_reason == whole["choices"][0]["finish_reason"]
+    payment = finish.payment  # type: ignore[attr-defined]
+    assert payment["extra"]["status"] == "settled"
+    assert chunks[-1].usage.completion_tokens == whole["usage"]["completion_tokens"]
+    # The wallet followed every charge, streamed ones included, and holds nothing in flight.
+    state = channel_state(gateway.url, wallet.channel_id)
+    assert wallet.charged == int(state["charged"]) == 3 * int(payment["amount"])
+    assert wallet.in_flight == 0 and state["reserved"] == "0"
+
+
+def test_x402_exact_client_pays_the_quote_and_is_owed_the_rest(
+    gateway: GatewayServer, market: Market
+) -> None:
+    from x402 import x402Client
+    from x402.http.clients import x402HttpxClient
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+    from x402.mechanisms.evm.signers import EthAccountSigner
+
+    client = market.clients[1]
+    payer = x402Client()
+    register_exact_evm_client(payer, EthAccountSigner(client))
+    payer.set_spend_controls(
+        {"allowed_assets": [{"network": "eip155:31337", "asset": market.contracts.token.address}]}
+    )
+    before = balances(market, client.address, market.operator.address)
+
+    async def ask() -> httpx.Response:
+        async with x402HttpxClient(payer, timeout=60) as http:
+            return await http.post(gateway.url + CHAT, json=chat_body("exact", max_tokens=6))
+
+    response = asyncio.run(ask())
+    assert response.status_code == 200, response.text
+    payment = settled(response)
+    quote, charged = int(payment["extra"]["quote"]), int(payment["amount"])
+    assert payment["extra"]["scheme"] == "exact" and payment["transaction"].startswith("0x")
+    assert int(payment["extra"]["refund"]) == quote - charged and 0 < charged <= quote
+    after = balances(market, client.address, market.operator.address)
+    assert after[client.address] == before[client.address] - quote
+    assert after[market.operator.address] == before[market.operator.address] + quote
+    job_id = payment["extra"]["jobId"]
+    (charge,) = rows(gateway, select(Charge).where(Charge.job_id == job_id))
+    assert (charge.scheme, charge.amount, charge.refund) == ("exact", charged, quote - charged)
+    (authorization,) = rows(gateway, select(Authorization).where(Authorization.job_id == job_id))
+    assert authorization.status == "settled" and authorization.tx_hash == payment["transaction"]
+
+
+# -- refusals ----------------------------------------------------------------------------------------------
+
+
+def _encoded(document: Any) -> str:
+    return base64.b64encode(json.dumps(document).encode()).decode()
+
+
+def test_bad_vouchers_are_refused_and_change_nothing(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[0]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    body = chat_body("refuse me", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    quote = int(offer["amount"])
+    good = voucher_header(client, channel, quote, offer)
+    assert post(gateway.url, CHAT, body, good).status_code == 200
+    charged = int(channel_state(gateway.url, channel)["charged"])
+    empty = os.urandom(12)  # a channel of this payer that was never funded
+    stranger = Account.create()
+
+    cases: list[tuple[str, int, str]] = [
+        ("not base64 at all!", 400, "invalid_payment_header"),
+        (_encoded(["a", "list"]), 400, "invalid_payment_header"),
+        (
+            _encoded({"x402Version": 2, "accepted": offer, "payload": {"channelId": "0x12"}}),
+            400,
+            "invalid_payment_header",
+        ),
+        ("A" * 9000, 400, "invalid_payment_header"),
+        (_encoded({"x402Version": 1, "accepted": offer, "payload": {}}), 400, "unsupported_x402_version"),
+        (
+            voucher_header(client, channel, charged + quote + 1, {**offer, "scheme": "upto"}),
+            402,
+            "unsupported_scheme",
+        ),
+        (
+            voucher_header(client, channel, charged + quote + 1, {**offer, "network": "eip155:1"}),
+            402,
+            "wrong_network",
+        ),
+        (
+            voucher_header(client, channel, charged + quote + 1, {**offer, "asset": stranger.address}),
+            402,
+            "wrong_asset",
+        ),
+        (voucher_header(stranger, channel, charged + quote + 1, offer), 402, "invalid_signature"),
+        (voucher_header(client, channel, 2 * ONE_TOKEN, offer), 402, "insufficient_deposit"),
+        (
+            voucher_header(client, bytes.fromhex(client.address[2:]) + empty, quote, offer),
+            402,
+            "unknown_channel",
+        ),
+        (good, 402, "voucher_not_increasing"),  # a replay
+        (voucher_header(client, channel, quote - 1, offer), 402, "voucher_not_increasing"),  # a decrease
+        (
+            voucher_header(client, channel, quote + 1, offer),
+            402,
+            "voucher_too_low",
+        ),  # covers not charged + quote
+        (voucher_header(client, channel, 2**70, offer), 402, "amount_out_of_range"),
+    ]
+    before_state = channel_state(gateway.url, channel)
+    before = balances(market, client.address, market.contracts.escrow.address)
+    for header, status, code in cases:
+        response = post(gateway.url, CHAT, body, header)
+        assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
+        if status == 402:
+            assert decode_header(response.headers[PAYMENT_REQUIRED])["error"] == code
+    assert channel_state(gateway.url, channel) == before_state
+    assert balances(market, client.address, market.contracts.escrow.address) == before
+
+
+def test_exiting_and_closed_channels_are_refused(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[2]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    body = chat_body("exit", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    market.contracts.escrow.initiate_withdraw(client, channel=channel)
+    wait_until(lambda: channel_state(gateway.url, channel)["exiting"])
+    response = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+    assert (response.status_code, error_code(response)) == (402, "channel_exiting")
+    market.contracts.escrow.finalize_withdraw(client, channel=channel)
+    wait_until(lambda: channel_state(gateway.url, channel)["closed"])
+    response = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+    assert (response.status_code, error_code(response)) == (402, "channel_closed")
+    assert channel_state(gateway.url, channel)["charged"] == "0"
+
+
+def test_bad_exact_authorizations_are_refused_and_move_no_money(
+    gateway: GatewayServer, market: Market
+) -> None:
+    client = market.clients[1]
+    body = chat_body("exact refusals", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "exact")
+    domain = market.contracts.token.domain()
+    now = int(time.time())
+    nonce = os.urandom(32)
+    used = exact_header(client, offer, domain, nonce=nonce)
+    assert post(gateway.url, CHAT, body, used).status_code == 200
+    broke = Account.create()
+    cases = [
+        (exact_header(client, offer, domain, valid_before=now - 1), "authorization_expired"),
+        (
+            exact_header(client, offer, domain, valid_before=now + 5),
+            "authorization_expired",
+        ),  # no time to settle
+        (exact_header(client, offer, domain, valid_after=now + 3600), "authorization_not_yet_valid"),
+        (exact_header(client, offer, domain, to=client.address), "wrong_recipient"),
+        (exact_header(client, offer, domain, value=int(offer["amount"]) - 1), "amount_too_low"),
+        (exact_header(client, offer, domain, signer=broke), "invalid_signature"),
+        (used, "authorization_used"),
+        (exact_header(broke, offer, domain), "insufficient_balance"),
+        (exact_header(client, {**offer, "network": "eip155:10"}, domain), "wrong_network"),
+    ]
+    before = balances(market, client.address, broke.address, market.operator.address)
+    for header, code in cases:
+        response = post(gateway.url, CHAT, body, header)
+        assert (response.status_code, error_code(response)) == (402, code), (code, response.text)
+    assert balances(market, client.address, broke.address, market.operator.address) == before
+
+
+def test_bad_requests_are_refused_before_any_payment(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[0]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    offer = requirement(post(gateway.url, CHAT, chat_body()), "voucher")
+    payment = voucher_header(client, channel, int(offer["amount"]) * 100, offer)
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({**chat_body(), "model": "no-such-model"}, 404, "unknown_model"),
+        ({**chat_body(), "model": "lonely"}, 409, "no_route"),
+        (chat_body("x" * 3000), 400, "prompt_too_long"),
+        (chat_body(max_tokens=4000), 400, "prompt_too_long"),
+        (chat_body(max_price=1), 409, "max_price_exceeded"),
+        (chat_body(n=2), 400, "unsupported_parameter"),
+        (chat_body(logprobs=True), 400, "unsupported_parameter"),
+        (chat_body(temperature=3), 400, "invalid_request"),
+        ({"model": "tiny"}, 400, "invalid_request"),
+        ({**chat_body(), "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        for header in (None, payment):
+            response = post(gateway.url, CHAT, body, header)
+            assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
+    response = httpx.post(
+        gateway.url + CHAT, content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    assert httpx.get(gateway.url + "/v1/nowhere").json()["error"]["code"] == "not_found"
+    state = channel_state(gateway.url, channel)
+    assert (state["charged"], state["reserved"], state["voucherAmount"]) == ("0", "0", "0")
+
+
+def test_concurrent_requests_cannot_spend_the_same_headroom(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[2]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    body = chat_body("race", max_tokens=48)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    quote = int(offer["amount"])
+    # Each voucher covers one quote; none covers two. While one request runs, no other fits beside it.
+    headers = [voucher_header(client, channel, quote + i, offer) for i in range(6)]
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return list(
+                await asyncio.gather(
+                    *(
+                        http.post(gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": h})
+                        for h in headers
+                    )
+                )
+            )
+
+    responses = asyncio.run(race())
+    paid = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert paid and refused
+    assert {error_code(r) for r in refused} <= {"voucher_too_low", "voucher_not_increasing"}
+    state = channel_state(gateway.url, channel)
+    assert state["reserved"] == "0"
+    assert (
+        int(state["charged"]) == sum(int(settled(r)["amount"]) for r in paid) <= int(state["voucherAmount"])
+    )
+
+
+# -- the market --------------------------------------------------------------------------------------------
+
+
+def test_order_book_models_providers_and_health(
+    gateway: GatewayServer, providers: dict[str, ProviderProcess]
+) -> None:
+    book = httpx.get(gateway.url + "/v1/orderbook", params={"model": "tiny"}).json()
+    assert [span["layers"] for span in book["spans"]] == [[0, 2], [2, 4], [4, 6]]
+    middle = book["spans"][1]["levels"]
+    assert middle == [{"pricePerMillion": str(PRICE), "asks": 2, "capacity": 16, "free": 16}]
+    assert [ask["provider"] for ask in book["bestRoute"]["asks"]] == [
+        providers[name].account.address for name in ("a", "b", "c")
+    ]
+    assert book["bestRoute"]["pricePerMillionTokens"] == str(LAYERS * PRICE)
+
+    models = {m["id"]: m for m in httpx.get(gateway.url + "/v1/models").json()["data"]}
+    assert models["tiny"]["price_per_million_tokens"] == str(LAYERS * PRICE)
+    assert models["lonely"]["price_per_million_tokens"] is None
+    assert models["tiny"]["layers"] == LAYERS and models["tiny"]["root"].startswith("0x")
+
+    listed = httpx.get(gateway.url + "/v1/providers").json()["data"]
+    assert {p["address"] for p in listed} >= {p.account.address for p in providers.values()}
+    one = httpx.get(gateway.url + f"/v1/providers/{providers['b'].account.address}").json()
+    assert one["active"] and one["matchable"] and one["asks"][0]["layers"] == [2, 4]
+    assert httpx.get(gateway.url + "/v1/providers/0x" + "ab" * 20).status_code == 404
+
+    health = httpx.get(gateway.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert "strata_http_requests_total" in httpx.get(gateway.url + "/metrics").text
+    operations = {
+        op["operationId"] for path in gateway.app.openapi()["paths"].values() for op in path.values()
+    }
+    assert operations == {
+        "createChatCompletion", "createCompletion", "listModels", "retrieveModel", "createJob", "getJob",
+        "postAsk", "listAsks", "getOrderBook", "postHeartbeat", "listProviders", "getProvider", "getChannel",
+        "getHealth", "getMetrics",
+    }  # fmt: skip
+
+
+def test_completions_take_text_and_token_ids(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[0]
+    wallet = wallet_for(market, client, open_channel(market, client, 10 * ONE_TOKEN))
+
+    async def complete() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with strata_client(gateway.url, wallet) as strata:
+            by_text = await strata.http.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "abc", "temperature": 0}
+            )
+            by_ids = await strata.http.post(
+                "/v1/completions", json={"model": "tiny", "prompt": [97, 98, 99], "temperature": 0}
+            )
+            return by_text.json(), by_ids.json()
+
+    by_text, by_ids = asyncio.run(complete())
+    assert by_text["object"] == "text_completion"
+    assert by_text["choices"][0]["text"] == by_ids["choices"][0]["text"]
+    assert by_text["usage"]["completion_tokens"] <= 16
+
+
+def test_asks_and_heartbeats_are_checked(
+    gateway: GatewayServer, market: Market, providers: dict[str, ProviderProcess]
+) -> None:
+    root = gateway.gateway.catalog.get("tiny").root
+    backup = providers["backup"]
+    announcer = announce(gateway.url, backup, root)  # a fresh nonce for the tests below
+    ask = announcer.signed_ask()
+
+    def posted(changes: dict[str, Any]) -> httpx.Response:
+        return httpx.post(gateway.url + "/v1/asks", json={**ask, **changes})
+
+    unstaked = Account.create()
+    forged = {**announcer.signed_ask(), "pricePerMillion": "1"}
+    cases = [
+        (forged, 403, "invalid_signature"),
+        ({"provider": unstaked.address, "signature": ask["signature"]}, 403, "invalid_signature"),
+        ({}, 409, "stale_nonce"),  # the same ask again
+        ({"modelRoot": "0x" + "11" * 32}, 404, "unknown_model"),
+        ({"layerEnd": 7}, 400, "bad_span"),
+        ({"endpoint": "no-port"}, 400, "bad_endpoint"),
+        ({"expiresAt": int(time.time()) - 5}, 400, "bad_expiry"),
+        ({"pricePerMillion": "0"}, 400, "invalid_request"),
+        ({"capacity": -1}, 400, "invalid_request"),
+    ]
+    posted({})  # uses the nonce once, so the case above is a replay
+    before = httpx.get(gateway.url + "/v1/asks", params={"model": "tiny"}).json()
+    for changes, status, code in cases:
+        body = changes if changes is forged else {**ask, **changes}
+        response = httpx.post(gateway.url + "/v1/asks", json=body)
+        assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
+    assert httpx.get(gateway.url + "/v1/asks", params={"model": "tiny"}).json() == before
+
+    # A well-signed ask from a key with no stake is refused.
+    stranger = Announcer(gateway.url, unstaked, Offer(root, 0, 2, PRICE, 1, "127.0.0.1:1"), chain_id=31337)
+    response = httpx.post(gateway.url + "/v1/asks", json=stranger.signed_ask())
+    assert (response.status_code, error_code(response)) == (403, "provider_not_staked")
+
+    beat = {"provider": backup.account.address, "timestamp": int(time.time()) + 30}
+
+    def signed(by: Any, timestamp: int) -> dict[str, Any]:
+        signature = Heartbeat(backup.account.address, timestamp).sign(by, protocol_domain(31337))
+        return {**beat, "timestamp": timestamp, "signature": "0x" + signature.hex()}
+
+    assert (
+        httpx.post(
+            gateway.url + "/v1/providers/heartbeat", json=signed(backup.account, beat["timestamp"])
+        ).status_code
+        == 200
+    )
+    heartbeat_cases = [
+        (signed(unstaked, beat["timestamp"] + 1), 403, "invalid_signature"),
+        (signed(backup.account, beat["timestamp"]), 409, "stale_heartbeat"),
+        (signed(backup.account, int(time.time()) + 3600), 400, "bad_timestamp"),
+        ({**signed(unstaked, 5), "provider": unstaked.address}, 400, "bad_timestamp"),
+    ]
+    for body, status, code in heartbeat_cases:
+        response = httpx.post(gateway.url + "/v1/providers/heartbeat", json=body)
+        assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
+    stranger_beat = Heartbeat(unstaked.address, int(time.time())).sign(unstaked, protocol_domain(31337))
+    response = httpx.post(
+        gateway.url + "/v1/providers/heartbeat",
+        json={
+            "provider": unstaked.address,
+            "timestamp": int(time.time()),
+            "signature": "0x" + stranger_beat.hex(),
+        },
+    )
+    assert (response.status_code, error_code(response)) == (404, "unknown_provider")
+
+
+def test_capacity_zero_withdraws_a_span(
+    gateway: GatewayServer, providers: dict[str, ProviderProcess]
+) -> None:
+    root = gateway.gateway.catalog.get("tiny").root
+    announcer = announce(gateway.url, providers["backup"], root)
+    withdraw(announcer)
+    book = httpx.get(gateway.url + "/v1/orderbook", params={"model": "tiny"}).json()
+    assert book["spans"][1]["levels"][0]["asks"] == 1
+    announce(gateway.url, providers["backup"], root)  # back, behind B in time priority
+    book = httpx.get(gateway.url + "/v1/orderbook", params={"model": "tiny"}).json()
+    assert book["spans"][1]["levels"][0]["asks"] == 2
+    assert book["bestRoute"]["asks"][1]["provider"] == providers["b"].account.address
+
+
+# -- jobs and disconnects ----------------------------------------------------------------------------------
+
+
+def test_a_job_rests_until_a_route_within_its_price_appears(
+    gateway: GatewayServer, market: Market, model_dir: Path, providers: dict[str, ProviderProcess]
+) -> None:
+    client = market.clients[0]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    tokens = prompt_tokens(model_dir, "patience") + 8
+    max_price = tokens * PER_TOKEN // 2  # half of today's price
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "patience"}], "max_tokens": 8,
+            "temperature": 0, "max_price": max_price, "ttl_s": 120}  # fmt: skip
+    offer = requirement(post(gateway.url, "/v1/jobs", body), "voucher")
+    assert int(offer["amount"]) == max_price
+    response = post(gateway.url, "/v1/jobs", body, voucher_header(client, channel, max_price, offer))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "resting"
+    assert channel_state(gateway.url, channel)["reserved"] == str(max_price)
+
+    root = gateway.gateway.catalog.get("tiny").root
+    try:
+        for name in ("a", "b", "c"):  # the providers halve their prices
+            announce(gateway.url, providers[name], root, price=PRICE // 2)
+        done = wait_until(
+            lambda: (
+                (j := httpx.get(f"{gateway.url}/v1/jobs/{job['id']}").json())["status"] == "completed" and j
+            )
+        )
+    finally:
+        for name in ("a", "b", "c", "backup"):  # back to the book every other test expects
+            announce(gateway.url, providers[name], root)
+    assert 0 < int(done["charged"]) <= max_price
+    assert done["output"] is not None and done["usage"]["completion_tokens"] >= 1
+    state = channel_state(gateway.url, channel)
+    assert (state["charged"], state["reserved"]) == (done["charged"], "0")
+
+
+def test_a_job_that_finds_no_route_expires_and_releases_its_reservation(
+    gateway: GatewayServer, market: Market
+) -> None:
+    client = market.clients[1]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    body = {"model": "lonely", "prompt": "anyone?", "max_tokens": 4, "max_price": 5000, "ttl_s": 1}
+    offer = requirement(post(gateway.url, "/v1/jobs", body), "voucher")
+    response = post(gateway.url, "/v1/jobs", body, voucher_header(client, channel, 5000, offer))
+    assert response.status_code == 202
+    job_id = response.json()["id"]
+    done = wait_until(
+        lambda: (j := httpx.get(f"{gateway.url}/v1/jobs/{job_id}").json())["status"] == "expired" and j
+    )
+    assert done["charged"] == "0"
+    state = channel_state(gateway.url, channel)
+    assert (state["charged"], state["reserved"], state["voucherAmount"]) == ("0", "0", "5000")
+    assert httpx.get(gateway.url + "/v1/jobs/0x" + "00" * 32).status_code == 404
+    assert httpx.get(gateway.url + "/v1/jobs/nope").status_code == 400
+
+
+def test_a_client_that_disconnects_pays_only_for_what_was_computed(
+    gateway: GatewayServer, market: Market
+) -> None:
+    client = market.clients[2]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    body = chat_body("long story", max_tokens=400, stream=True)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    quote = int(offer["amount"])
+    header = voucher_header(client, channel, quote, offer)
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header}) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+        for _ in range(3):
+            next(lines)
+    job_id = "0x" + first["id"].removeprefix("chatcmpl-")
+    job = wait_until(
+        lambda: (j := httpx.get(f"{gateway.url}/v1/jobs/{job_id}").json())["status"] != "running" and j
+    )
+    assert job["status"] == "cancelled"
+    assert 0 < int(job["charged"]) < quote
+    assert job["usage"]["completion_tokens"] < 400
+    state = channel_state(gateway.url, channel)
+    assert (state["charged"], state["reserved"]) == (job["charged"], "0")
+
+
+def test_the_wallet_tops_up_its_channel_only_when_allowed(gateway: GatewayServer, market: Market) -> None:
+    client = market.clients[0]
+    channel = open_channel(market, client, 10)  # ten base units: less than any quote
+    messages = [{"role": "user", "content": "top me up"}]
+
+    async def ask(wallet: ChannelWallet) -> dict[str, Any]:
+        async with strata_client(gateway.url, wallet) as strata:
+            return await strata.chat("tiny", messages, max_tokens=4, temperature=0)
+
+    with pytest.raises(InsufficientDeposit):
+        asyncio.run(ask(wallet_for(market, client, channel)))
+    assert channel_state(gateway.url, channel)["voucherAmount"] == "0"
+
+    fund = functools.partial(fund_channel, market.contracts, client, channel)
+    wallet = wallet_for(market, client, channel, fund=fund, top_up=ONE_TOKEN)
+    asyncio.run(ask(wallet))
+    assert market.contracts.escrow.channel(channel).deposit > ONE_TOKEN
+    assert int(channel_state(gateway.url, channel)["charged"]) > 0
