@@ -6,9 +6,11 @@ is declared once below with the domain it is signed under.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+from coincurve import PublicKey
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
@@ -159,6 +161,43 @@ class Voucher:
 
     def signer(self, signature: bytes, domain: Domain) -> str:
         return recover_signer(self.signable(domain), signature)
+
+    def digest(self, domain: Domain) -> bytes:
+        """The EIP-712 hash this voucher's signature signs, computed directly: a gateway recovers one signer
+        per paid request, and the generic typed-data encoder costs several times the recovery itself."""
+        struct = keccak(_VOUCHER_TYPEHASH + self.channel_id + self.max_claimable_amount.to_bytes(32, "big"))
+        return keccak(b"\x19\x01" + _domain_separator(domain) + struct)
+
+    def fast_signer(self, signature: bytes, domain: Domain) -> str:
+        """Same as :meth:`signer`; raises ValueError on a malformed signature."""
+        return recover_hash_signer(self.digest(domain), signature)
+
+
+_VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint128 maxClaimableAmount)")
+
+
+@functools.lru_cache(maxsize=64)
+def _domain_separator(domain: Domain) -> bytes:
+    return bytes(
+        typed_message(domain, VOUCHER_TYPES, {"channelId": b"\0" * 32, "maxClaimableAmount": 0}).header
+    )
+
+
+def recover_hash_signer(digest: bytes, signature: bytes) -> str:
+    """The address whose key signed the 32-byte ``digest``; raises ValueError on a malformed signature."""
+    r, s, v = split_signature(signature)
+    if v not in (27, 28):
+        raise ValueError(f"signature v must be 27 or 28, got {v}")
+    if int.from_bytes(s, "big") > _SECP256K1_HALF_N:
+        raise ValueError("signature s is in the upper half of the curve order (EIP-2)")
+    try:
+        public = PublicKey.from_signature_and_message(r + s + bytes([v - 27]), digest, hasher=None)
+    except Exception as exc:  # coincurve raises plain Exceptions for unrecoverable signatures
+        raise ValueError(f"signature cannot be recovered: {exc}") from exc
+    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+
+
+_SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
 @dataclass(frozen=True)

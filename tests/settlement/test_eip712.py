@@ -45,6 +45,31 @@ def test_malformed_signature_is_refused() -> None:
         voucher.signer(b"\x00" * 64, DOMAIN)
 
 
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@pytest.mark.parametrize("amount", [0, 1, 10**18, 2**128 - 1])
+def test_the_direct_voucher_digest_is_the_typed_data_hash(amount: int) -> None:
+    account = Account.create()
+    voucher = Voucher(random_channel_id(account.address), amount)
+    signature = voucher.sign(account, DOMAIN)
+    assert voucher.fast_signer(signature, DOMAIN) == voucher.signer(signature, DOMAIN) == account.address
+    assert Voucher(voucher.channel_id, amount ^ 1).fast_signer(signature, DOMAIN) != account.address
+    assert voucher.fast_signer(signature, voucher_domain(1, DOMAIN.verifying_contract)) != account.address
+
+
+def test_fast_recovery_refuses_what_the_escrow_would_refuse() -> None:
+    account = Account.create()
+    voucher = Voucher(random_channel_id(account.address), 7)
+    r, s, v = split_signature(voucher.sign(account, DOMAIN))
+    # The same signature with s mirrored into the upper half: valid ECDSA, but OpenZeppelin's ECDSA (and
+    # EIP-2098's compact form the escrow takes) cannot carry it, so a voucher signed so could never be redeemed.
+    high_s = (SECP256K1_N - int.from_bytes(s, "big")).to_bytes(32, "big")
+    for malformed in (r + high_s + bytes([55 - v]), r + s + bytes([29]), b"\x00" * 65, r + s):
+        with pytest.raises(ValueError):
+            voucher.fast_signer(malformed, DOMAIN)
+
+
 def test_compact_signature_packs_parity_into_s() -> None:
     signature = Voucher(b"\x01" * 32, 1).sign(Account.create(), DOMAIN)
     r, s, v = split_signature(signature)
