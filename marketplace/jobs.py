@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from eth_utils.address import to_checksum_address
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -96,21 +97,33 @@ class Finished:
     settled: Settled
 
 
+@dataclass(frozen=True)
+class Unrecorded:
+    """The job ended but its outcome could not be written: nothing is charged for it, and its reservation is
+    released when the gateway next starts."""
+
+    message: str
+
+
+Event = Delta | Finished | Unrecorded
+
+
 @dataclass
 class JobRun:
-    """A job the runner accepted. ``events`` carries its text deltas, then one Finished, to a listener."""
+    """A job the runner accepted. ``events`` carries its text deltas, then one Finished (or Unrecorded), to a
+    listener."""
 
     job_id: str
     request: Request
     reservation: Reservation
     listen: bool
-    events: asyncio.Queue[Delta | Finished] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     halted: bool = False  # the listener went away: stop after the current step
 
     def halt(self) -> None:
         self.halted = True
 
-    def publish(self, event: Delta | Finished) -> None:
+    def publish(self, event: Event) -> None:
         if self.listen:
             self.events.put_nowait(event)
 
@@ -238,15 +251,12 @@ class JobRunner:
                 reservation = await self._pay_exact(request, payment, quote.amount, job_id, status)
             else:
                 await self.gate.check_voucher(payment)
+                # A channel id starts with its payer's address.
+                payer = to_checksum_address(payment.channel_id[:20])
+                pending = Reservation(VOUCHER, payer, quote.amount, channel_id=hex0x(payment.channel_id))
                 async with self.sessions() as session, session.begin():
-                    session.add(
-                        self._job_row(job_id, request, Reservation(VOUCHER, None, quote.amount), status)
-                    )
-                    await session.flush()
-                    reservation = await self.gate.reserve_voucher(session, payment, quote.amount, job_id)
-                    job = await session.get(Job, job_id)
-                    assert job is not None
-                    job.payer, job.channel_id = reservation.payer, reservation.channel_id
+                    job = self._job_row(job_id, request, pending, status)
+                    reservation = await self.gate.reserve_voucher(session, payment, quote.amount, job)
         except BaseException:
             if route is not None:
                 self.book.release(route)
@@ -362,10 +372,17 @@ class JobRunner:
             status, finish = (COMPLETED, "stop") if text.stopped else (CANCELLED, None)
         else:
             status, finish = COMPLETED, outcome.finish
-        charged = outcome.charged if status != FAILED else 0
+        # Without payment checks nobody is charged; what the providers metered stays on the hops and receipts.
+        paid = run.reservation.scheme != NONE
+        charged = outcome.charged if status != FAILED and paid else 0
         self.metrics.tokens.inc(len(outcome.tokens))
         self.metrics.failovers.inc(outcome.failovers)
-        await self._finish(run, status, finish, text.text, outcome, charged)
+        try:
+            await self._finish(run, status, finish, text.text, outcome, charged)
+        except Exception as exc:
+            run.publish(
+                Unrecorded(f"the gateway could not record this job's outcome: {exc.__class__.__name__}")
+            )
 
     async def _finish(
         self, run: JobRun, status: str, finish: str | None, text: str, outcome: Outcome, charged: int
@@ -548,4 +565,4 @@ def _receipt_row(job_id: str, hop_id: int, provider: str, receipt: dict[str, Any
     )
 
 
-__all__ = ["GatewayError", "JobRun", "JobRunner", "Quote", "Request"]
+__all__ = ["GatewayError", "JobRun", "JobRunner", "Quote", "Request", "Unrecorded"]

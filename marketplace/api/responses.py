@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from marketplace.db.schema import Job
-from marketplace.jobs import CANCELLED, FAILED, Delta, Finished, JobRun
+from marketplace.jobs import CANCELLED, FAILED, Delta, Finished, JobRun, Unrecorded
 from marketplace.payments.gate import NONE, Settled
 from marketplace.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
 
@@ -118,7 +118,7 @@ class Answer:
 
     async def whole(self) -> JSONResponse:
         parts: list[str] = []
-        finished = None
+        finished: Finished | Unrecorded | None = None
         try:
             while finished is None:
                 event = await self.run.events.get()
@@ -129,6 +129,8 @@ class Answer:
         finally:
             if finished is None:
                 self.run.halt()  # the client went away before the answer was complete
+        if isinstance(finished, Unrecorded):
+            return JSONResponse(_unrecorded(finished), status_code=500)
         job = finished.job
         headers = _payment_headers(
             settled_document(job, finished.settled, self.network) if self.paid else None
@@ -145,7 +147,7 @@ class Answer:
         return StreamingResponse(self._events(include_usage), media_type="text/event-stream", headers=headers)
 
     async def _events(self, include_usage: bool) -> AsyncIterator[str]:
-        finished = None
+        finished: Finished | Unrecorded | None = None
         try:
             if self.kind == "chat":
                 first = self._choice("", None, delta=True)
@@ -153,10 +155,15 @@ class Answer:
                 yield _sse(self._envelope([first], chunk=True))
             while finished is None:
                 event = await self.run.events.get()
-                if isinstance(event, Finished):
+                if isinstance(event, Delta):
+                    if event.text:
+                        yield _sse(self._envelope([self._choice(event.text, None, delta=True)], chunk=True))
+                else:
                     finished = event
-                elif event.text:
-                    yield _sse(self._envelope([self._choice(event.text, None, delta=True)], chunk=True))
+            if isinstance(finished, Unrecorded):
+                yield _sse(_unrecorded(finished))
+                yield "data: [DONE]\n\n"
+                return
             job = finished.job
             if job.status in (FAILED, CANCELLED):
                 error: dict[str, Any] = {
@@ -178,6 +185,10 @@ class Answer:
         finally:
             if finished is None:
                 self.run.halt()  # the client disconnected mid-stream: stop generating, bill what was computed
+
+
+def _unrecorded(event: Unrecorded) -> dict[str, Any]:
+    return {"error": {"message": event.message, "type": "server_error", "code": "internal_error"}}
 
 
 def _sse(data: dict[str, Any]) -> str:
