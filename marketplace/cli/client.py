@@ -10,10 +10,11 @@ import asyncio
 import json
 import sys
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from eth_account.signers.local import LocalAccount
 from pydantic import Field, SecretStr
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from marketplace.cli.common import console, emit_json, errors, fail, parse_http_url, parse_key, reported
 from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
+from marketplace.payments.x402 import VOUCHER, network_of
 from settlement.chain import Chain
 from settlement.config import ChainSettings
 from settlement.contracts import random_channel_id
@@ -49,8 +51,14 @@ def parse_amount(text: str) -> int:
         value = Decimal(text)
     except InvalidOperation as exc:
         raise typer.BadParameter(f"{text!r} is not an amount") from exc
-    units = value * 10**TOKEN_DECIMALS
-    if not value.is_finite() or value <= 0 or units != units.to_integral_value():
+    with localcontext() as context:
+        context.traps[Inexact] = True  # a rounded product would be another amount than the one typed
+        try:
+            units = value * 10**TOKEN_DECIMALS
+            valid = value.is_finite() and value > 0 and units == units.to_integral_value()
+        except ArithmeticError:  # sNaN, an overflowing exponent, more digits than the context holds
+            valid = False
+    if not valid:
         raise typer.BadParameter(f"{text!r} must be positive with at most {TOKEN_DECIMALS} decimals")
     return int(units)
 
@@ -176,10 +184,51 @@ def ask_command(
         answer = asyncio.run(run())
     except PaymentFailed as exc:
         fail(str(exc), exc.code or "request_failed", as_json=as_json)
+    except httpx.HTTPError as exc:  # not an OSError: refused, timed out, or dropped mid-answer
+        fail(f"{session.gateway_url} unreachable: {exc}", "gateway_unavailable", as_json=as_json)
     if answer is not None:
         emit_json(answer)
     else:
         errors.print(f"[dim]channel total charged: {tokens(wallet.charged)} tokens[/]")
+
+
+@app.command("pay")
+def pay_command(
+    quote: Annotated[int, typer.Argument(min=1, help="the amount a 402 asked for, in base units")],
+    key: KeyOption = None,
+) -> None:
+    """Print a PAYMENT-SIGNATURE header paying QUOTE from your channel, for curl and other plain clients.
+
+    The voucher covers what the channel was charged so far plus QUOTE, read from the gateway just now; pay
+    one request with it at a time."""
+    session = Session(key, as_json=False)
+    channel = session.channel()
+    if channel is None:
+        fail("you have no channel: run `strata client deposit AMOUNT` first", "no_channel")
+    with reported():
+        wallet = session.wallet(channel, 0)
+
+    async def sign() -> str:
+        async with StrataClient(session.gateway_url, wallet) as strata:
+            state = await strata.channel()
+        # Other requests in flight hold part of the channel: the voucher must cover them too.
+        amount = await wallet.sign(quote, minimum=int(state["charged"]) + int(state["reserved"]) + quote)
+        requirement = {
+            "scheme": VOUCHER,
+            "network": network_of(wallet.chain_id),
+            "asset": session.contracts.token.address,
+            "amount": str(quote),
+            "payTo": wallet.escrow,
+        }
+        return wallet.header(amount, requirement)
+
+    try:
+        header = asyncio.run(sign())
+    except PaymentFailed as exc:
+        fail(str(exc), exc.code or "request_failed")
+    except httpx.HTTPError as exc:
+        fail(f"{session.gateway_url} unreachable: {exc}", "gateway_unavailable")
+    sys.stdout.write(header + "\n")
 
 
 @app.command("balance")
@@ -201,7 +250,7 @@ def balance_command(key: KeyOption = None, as_json: JsonOption = False) -> None:
                     return await strata.channel()
 
             report["channel"] = asyncio.run(read())
-        except (PaymentFailed, OSError) as exc:
+        except (PaymentFailed, httpx.HTTPError, OSError) as exc:
             report["channel"]["gateway"] = f"unreachable: {exc}"
     if as_json:
         emit_json(report)
