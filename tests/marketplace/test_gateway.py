@@ -600,7 +600,7 @@ def test_a_client_that_disconnects_pays_only_for_what_was_computed(
 ) -> None:
     client = market.clients[2]
     channel = open_channel(market, client, 10 * ONE_TOKEN)
-    body = chat_body("long story", max_tokens=400, stream=True)
+    body = chat_body("long story", max_tokens=1500, stream=True)
     offer = requirement(post(gateway.url, CHAT, body), "voucher")
     quote = int(offer["amount"])
     header = voucher_header(client, channel, quote, offer)
@@ -619,7 +619,7 @@ def test_a_client_that_disconnects_pays_only_for_what_was_computed(
     )
     assert job["status"] == "cancelled"
     assert 0 < int(job["charged"]) < quote
-    assert job["usage"]["completion_tokens"] < 400
+    assert job["usage"]["completion_tokens"] < 1500
     state = channel_state(gateway.url, channel)
     assert (state["charged"], state["reserved"]) == (job["charged"], "0")
 

@@ -1,0 +1,136 @@
+"""A provider killed in the middle of a streamed answer: the job moves to a fresh route, replays its prefix,
+and the client gets the answer a run without the failure gives, paying for the final route only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from marketplace.db.schema import Hop
+from settlement.deploy import ONE_TOKEN
+from tests.marketplace.harness import (
+    PRICE,
+    GatewayServer,
+    Market,
+    ProviderProcess,
+    announce,
+    channel_state,
+    chat_body,
+    database,
+    gateway_settings,
+    open_channel,
+    post,
+    requirement,
+    rows,
+    settled,
+    start_provider,
+    stop_providers,
+    voucher_header,
+    wait_ready,
+    wait_until,
+)
+
+CHAT = "/v1/chat/completions"
+MAX_TOKENS = 800
+
+
+@pytest.fixture
+def failing_market(
+    market: Market, model_dir: Path, providers: dict[str, ProviderProcess], tmp_path: Path
+) -> Iterator[tuple[GatewayServer, ProviderProcess]]:
+    """A gateway of its own whose best route runs through X, a provider that announces itself with
+    `provider serve --gateway`; the backup serves X's span at X's price but was posted after it."""
+    with database("sqlite", tmp_path) as url:
+        server = GatewayServer(
+            gateway_settings(market, url, {"tiny": model_dir}, failure_suspend_s=600)
+        ).start()
+        root = server.gateway.catalog.get("tiny").root
+        x = start_provider(
+            model_dir, market.providers[4], (2, 4), market.gateway_key,
+            ["--gateway", server.url, "--price", str(PRICE), "--capacity", "4"],
+        )  # fmt: skip
+        try:
+            wait_ready(x)
+            for name in ("a", "c"):
+                announce(server.url, providers[name], root)
+            wait_until(
+                lambda: any(
+                    ask["provider"] == x.account.address
+                    for ask in httpx.get(server.url + "/v1/asks", params={"model": "tiny"}).json()["data"]
+                )
+            )
+            announce(server.url, providers["backup"], root)
+            yield server, x
+        finally:
+            stop_providers([x])
+            server.stop()
+
+
+def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
+    failing_market: tuple[GatewayServer, ProviderProcess],
+    market: Market,
+    providers: dict[str, ProviderProcess],
+) -> None:
+    server, x = failing_market
+    client = market.clients[1]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    body = chat_body("tell me everything", max_tokens=MAX_TOKENS)
+    offer = requirement(post(server.url, CHAT, body), "voucher")
+    quote = int(offer["amount"])
+    assert [hop["provider"] for hop in offer["extra"]["route"]][1] == x.account.address
+
+    # The answer without a failure, on the route through X.
+    baseline = post(server.url, CHAT, body, voucher_header(client, channel, quote, offer))
+    assert baseline.status_code == 200, baseline.text
+    expected = baseline.json()
+    # A failure can only land mid-answer if the answer is long: greedy decoding runs to the token limit.
+    assert expected["choices"][0]["finish_reason"] == "length"
+    baseline_charge = int(settled(baseline)["amount"])
+
+    header = voucher_header(client, channel, baseline_charge + quote, offer)
+    pieces: list[str] = []
+    chunks: list[dict[str, object]] = []
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream(
+            "POST", server.url + CHAT, json={**body, "stream": True}, headers={"PAYMENT-SIGNATURE": header}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            chunks.append(chunk)
+            for choice in chunk["choices"]:
+                pieces.append(choice["delta"].get("content") or "")
+            if len(chunks) == 3:
+                x.kill()
+
+    assert "".join(pieces) == expected["choices"][0]["message"]["content"]
+    final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])  # type: ignore[index]
+    assert final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    payment = final["payment"]
+    # Billed as a run on the final route alone: the same tokens through the same layers at the same prices.
+    assert int(payment["amount"]) == baseline_charge  # type: ignore[index]
+
+    job_id = "0x" + str(chunks[0]["id"]).removeprefix("chatcmpl-")
+    hops = rows(server, select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt, Hop.position))
+    first = [(h.provider, h.status) for h in hops if h.attempt == 0]
+    second = [(h.provider, h.status) for h in hops if h.attempt == 1]
+    a, backup, c = (providers[n].account.address for n in ("a", "backup", "c"))
+    assert first == [(a, "abandoned"), (x.account.address, "failed"), (c, "abandoned")]
+    assert second == [(a, "billed"), (backup, "billed"), (c, "billed")]
+    assert max(h.attempt for h in hops) == 1
+
+    state = channel_state(server.url, channel)
+    assert (state["charged"], state["reserved"]) == (str(2 * baseline_charge), "0")
+    # The provider at fault is out of matching, and the next request goes around it.
+    assert not httpx.get(f"{server.url}/v1/providers/{x.account.address}").json()["matchable"]
+    again = requirement(post(server.url, CHAT, body), "voucher")
+    assert [hop["provider"] for hop in again["extra"]["route"]] == [a, backup, c]
