@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install test test-python test-contracts up lint gas pipeline clean
+.PHONY: install test test-python test-contracts up lint gas pipeline gateway clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -42,6 +42,9 @@ gas: install
 
 pipeline: install
 	$(BIN)/python benchmarks/pipeline.py
+
+gateway: install
+	$(BIN)/python benchmarks/gateway.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
