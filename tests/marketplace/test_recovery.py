@@ -156,7 +156,8 @@ def test_a_gateway_killed_mid_answer_releases_what_it_held_and_keeps_resting_job
     # The book came back from the database; a quarter of the price brings the resting job a route.
     for name in ("a", "b", "c"):
         announce(gateway.url, providers[name], root, price=PRICE // 4)
-    done = wait_until(lambda: (j := job(gateway.url, resting_id))["status"] != "resting" and j)
+    settled = ("completed", "failed", "expired", "cancelled")
+    done = wait_until(lambda: (j := job(gateway.url, resting_id))["status"] in settled and j, timeout_s=120)
     assert done["status"] == "completed", done
     assert 0 < int(done["charged"]) <= max_price
     state = channel_state(gateway.url, channel)
