@@ -17,55 +17,40 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from marketplace.db.schema import Job
 from marketplace.jobs import CANCELLED, FAILED, Delta, Finished, JobRun, Unrecorded
-from marketplace.payments.gate import NONE, Settled
+from marketplace.payments.gate import NONE, Reservation, Settled
 from marketplace.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
 
 ACCESS_CONTROL_EXPOSE = "Access-Control-Expose-Headers"
 
 
-def reserved_document(run: JobRun, network: str) -> dict[str, Any]:
-    reservation = run.reservation
+def payment_document(
+    job_id: str, reservation: Reservation, network: str, settled: Settled | None = None
+) -> dict[str, Any]:
+    """PAYMENT-RESPONSE's body: what is reserved while a job runs, what was charged once it is settled."""
     extra: dict[str, Any] = {
-        "status": "reserved",
+        "status": "reserved" if settled is None else "settled",
         "scheme": reservation.scheme,
-        "jobId": run.job_id,
+        "jobId": job_id,
         "quote": str(reservation.quote),
     }
+    if settled is not None:
+        extra["charged"] = str(settled.charged)
+        if reservation.scheme == EXACT:
+            extra["refund"] = str(settled.refund)
     if reservation.channel_id is not None:
         extra["channelId"] = reservation.channel_id
         extra["voucherAmount"] = str(reservation.voucher_amount)
-    return {
+        if settled is not None:
+            extra["cumulativeCharged"] = str(settled.channel_charged)
+    document: dict[str, Any] = {
         "success": True,
         "transaction": reservation.tx_hash or "",
         "network": network,
         "payer": reservation.payer,
-        "extra": extra,
     }
-
-
-def settled_document(job: Job, settled: Settled, network: str) -> dict[str, Any]:
-    reservation = settled.reservation
-    extra: dict[str, Any] = {
-        "status": "settled",
-        "scheme": reservation.scheme,
-        "jobId": job.id,
-        "quote": str(reservation.quote),
-        "charged": str(settled.charged),
-    }
-    if reservation.scheme == EXACT:
-        extra["refund"] = str(settled.refund)
-    if reservation.channel_id is not None:
-        extra["channelId"] = reservation.channel_id
-        extra["voucherAmount"] = str(reservation.voucher_amount)
-        extra["cumulativeCharged"] = str(settled.channel_charged)
-    return {
-        "success": True,
-        "transaction": reservation.tx_hash or "",
-        "network": network,
-        "payer": reservation.payer,
-        "amount": str(settled.charged),
-        "extra": extra,
-    }
+    if settled is not None:
+        document["amount"] = str(settled.charged)
+    return {**document, "extra": extra}
 
 
 def _payment_headers(document: dict[str, Any] | None) -> dict[str, str]:
@@ -133,7 +118,9 @@ class Answer:
             return JSONResponse(_unrecorded(finished), status_code=500)
         job = finished.job
         headers = _payment_headers(
-            settled_document(job, finished.settled, self.network) if self.paid else None
+            payment_document(job.id, finished.settled.reservation, self.network, finished.settled)
+            if self.paid
+            else None
         )
         if job.status == FAILED:
             return _failure(job, headers)
@@ -142,7 +129,9 @@ class Answer:
         return JSONResponse(body, headers=headers)
 
     def streamed(self, include_usage: bool) -> StreamingResponse:
-        headers = _payment_headers(reserved_document(self.run, self.network) if self.paid else None)
+        headers = _payment_headers(
+            payment_document(self.run.job_id, self.run.reservation, self.network) if self.paid else None
+        )
         headers["Cache-Control"] = "no-cache"
         return StreamingResponse(self._events(include_usage), media_type="text/event-stream", headers=headers)
 
@@ -170,12 +159,16 @@ class Answer:
                     "error": {"message": job.error_message, "type": "provider_error", "code": job.error_code}
                 }
                 if self.paid:
-                    error["payment"] = settled_document(job, finished.settled, self.network)
+                    error["payment"] = payment_document(
+                        job.id, finished.settled.reservation, self.network, finished.settled
+                    )
                 yield _sse(error)
             else:
                 last = self._envelope([self._choice("", job.finish_reason, delta=True)], chunk=True)
                 if self.paid:
-                    last["payment"] = settled_document(job, finished.settled, self.network)
+                    last["payment"] = payment_document(
+                        job.id, finished.settled.reservation, self.network, finished.settled
+                    )
                 yield _sse(last)
                 if include_usage:
                     usage = self._envelope([], chunk=True)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from marketplace.api.deps import GatewayDep, PaymentHeader, resource_url
-from marketplace.api.responses import ACCESS_CONTROL_EXPOSE, reserved_document
+from marketplace.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
 from marketplace.api.routes.inference import PAID, build_request
 from marketplace.api.schemas import JobBody
 from marketplace.db.schema import Job
@@ -72,7 +72,9 @@ async def create_job(
     headers = {}
     if run.reservation.scheme != NONE:
         headers = {
-            PAYMENT_RESPONSE: encode_header(reserved_document(run, gateway.terms.network)),
+            PAYMENT_RESPONSE: encode_header(
+                payment_document(run.job_id, run.reservation, gateway.terms.network)
+            ),
             ACCESS_CONTROL_EXPOSE: PAYMENT_RESPONSE,
         }
     return JSONResponse(job_view(row), status_code=202, headers=headers)
