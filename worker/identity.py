@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,7 +81,16 @@ class Manifest:
             raise ModelIdentityError(f"manifest root {self.root} does not match its contents ({expected})")
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Writes to a temporary name, then renames: providers starting together on one checkpoint may all
+        save it, and none of them may read a half-written file."""
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as file:
+            file.write(json.dumps(asdict(self), indent=2) + "\n")
+        try:
+            os.chmod(file.name, 0o644)  # readable like any other file of the checkpoint
+            os.replace(file.name, path)
+        except OSError:
+            os.unlink(file.name)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> Manifest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.worker.conftest import TINY_LAYERS
 from worker.errors import CheckpointError, ModelIdentityError
-from worker.identity import MANIFEST_FILE
+from worker.identity import MANIFEST_FILE, Manifest
 from worker.shard import LayerSpan, Shard, load_shard
 from worker.tiny import ARCHITECTURES, BOS
 
@@ -120,6 +121,32 @@ def test_manifest_that_does_not_add_up_is_refused(tiny_models: dict[str, Path], 
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ModelIdentityError, match="does not match its contents"):
         load_shard(directory, "0:2", device=CPU)
+
+
+def test_manifest_saved_while_others_read_it_is_never_seen_half_written(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    # Providers started together on a fresh checkpoint all hash it and save the manifest at once.
+    directory = _copy(tiny_models["llama"], tmp_path)
+    load_shard(directory, "0:2", device=CPU)
+    path = directory / MANIFEST_FILE
+    manifest = Manifest.load(path)
+    stop = threading.Event()
+
+    def save_repeatedly() -> None:
+        while not stop.is_set():
+            manifest.save(path)
+
+    writer = threading.Thread(target=save_repeatedly)
+    writer.start()
+    try:
+        for _ in range(2000):
+            assert Manifest.load(path) == manifest
+    finally:
+        stop.set()
+        writer.join()
+    assert [p.name for p in directory.iterdir() if p.name.startswith(MANIFEST_FILE)] == [MANIFEST_FILE]
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_gpt2_checkpoint_without_base_prefix_loads_as_the_same_model(
