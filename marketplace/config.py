@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from settlement.config import ChainSettings
+from settlement.config import SettlementSettings
 
 
-class GatewaySettings(ChainSettings):
-    database_url: str = Field(
-        default="sqlite:///.strata/gateway.db",
-        description="SQLAlchemy URL: sqlite:///FILE (the default) or postgresql://USER@HOST/DB",
-    )
+class GatewaySettings(SettlementSettings):
     gateway_key: SecretStr | None = Field(
         default=None,
         description="hex private key: signs job tickets (providers trust its address) and sends exact settlements",

@@ -36,15 +36,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.catalog import Catalog, ServedModel
 from marketplace.coordinator import Coordinator, JobSpec, Outcome
-from marketplace.db.schema import Authorization, Channel, Job
-from marketplace.db.schema import Hop as HopRow
-from marketplace.db.schema import Receipt as ReceiptRow
 from marketplace.errors import Conflict, GatewayError, PaymentRejected
 from marketplace.metrics import Metrics
 from marketplace.orderbook import OrderBook, Route
 from marketplace.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
 from marketplace.text import TextStream
+from settlement.db.schema import Authorization, Channel, Job
+from settlement.db.schema import Hop as HopRow
+from settlement.db.schema import Receipt as ReceiptRow
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +414,7 @@ class JobRunner:
                             price_per_million=hop.ask.price_per_million,
                             tokens=hop.tokens,
                             transcript_root=hex0x(hop.transcript_root),
+                            transcript=[[step, hex0x(i), hex0x(o)] for step, i, o in hop.steps],
                             status=hop.status,
                         )
                         session.add(row)

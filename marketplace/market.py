@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.catalog import Catalog
 from marketplace.chainwatch import ChainWatcher
-from marketplace.db.schema import Ask, Provider, utcnow
 from marketplace.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from marketplace.orderbook import BookAsk, OrderBook
+from settlement.db.schema import Ask, Provider, utcnow
 from settlement.eip712 import Ask as SignedAsk
 from settlement.eip712 import Heartbeat, protocol_domain
 from worker.client import parse_endpoint

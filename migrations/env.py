@@ -1,7 +1,7 @@
 """Alembic environment: the gateway's one migration history, run with the sync drivers.
 
-The URL comes from the Alembic config (``marketplace.db.engine.alembic_config`` sets it from DATABASE_URL), or,
-when Alembic's own command line runs without one, from the gateway's settings.
+The URL comes from the Alembic config (``settlement.db.engine.alembic_config`` sets it from DATABASE_URL), or,
+when Alembic's own command line runs without one, from the settings.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from marketplace.db.schema import Base
+from settlement.db.schema import Base
 
 config = context.config
 
@@ -18,10 +18,10 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from marketplace.config import GatewaySettings
-    from marketplace.db.engine import sync_url
+    from settlement.config import SettlementSettings
+    from settlement.db.engine import sync_url
 
-    return sync_url(GatewaySettings().database_url).render_as_string(hide_password=False)
+    return sync_url(SettlementSettings().database_url).render_as_string(hide_password=False)
 
 
 def run_offline() -> None:

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
 
 import requests
 from eth_abi.abi import decode
@@ -52,6 +53,18 @@ def _abi_type(entry: dict[str, Any]) -> str:
         inner = ",".join(_abi_type(component) for component in entry["components"])
         return f"({inner}){kind[len('tuple') :]}"
     return kind
+
+
+@dataclass(frozen=True)
+class SignedTransaction:
+    """A transaction signed once, to be broadcast (and rebroadcast) as these exact bytes."""
+
+    sender: str
+    nonce: int
+    tx_hash: str
+    raw: bytes
+    action: str
+    call: dict[str, Any]  # from, to, data: replayed as an eth_call to decode a revert
 
 
 class Chain:
@@ -154,6 +167,44 @@ class Chain:
                 raise self._reverted(action, exc) from exc
             return self._sign_and_send(sender, tx, action)
 
+    def sign(self, sender: LocalAccount, fn: ContractFunction, action: str) -> SignedTransaction:
+        """Builds and signs ``fn`` at the sender's next nonce without sending it; reverts are raised decoded.
+
+        For callers that record the signed bytes before broadcasting them (:mod:`settlement.outbox`).
+        """
+        with self._send_lock:
+            try:
+                tx = fn.build_transaction(self._tx_base(sender))
+            except (ContractLogicError, Web3RPCError) as exc:
+                raise self._reverted(action, exc) from exc
+        signed = sender.sign_transaction(cast(dict[str, Any], tx))
+        call: dict[str, Any] = {key: tx[key] for key in ("from", "to", "data") if key in tx}
+        return SignedTransaction(
+            sender.address, int(tx["nonce"]), HexBytes(signed.hash).to_0x_hex(), bytes(signed.raw_transaction),
+            action, call,
+        )  # fmt: skip
+
+    def broadcast(self, signed: SignedTransaction) -> TxReceipt:
+        """Sends signed bytes (again, if need be) and waits for the receipt; a mined revert is raised decoded."""
+        tx_hash = HexBytes(signed.tx_hash)
+        self._send_raw(signed.raw, tx_hash, signed.action, resend=True)
+        receipt = self._wait(tx_hash, signed.action)
+        if receipt["status"] != 1:
+            raise self._replay_failure(cast(TxParams, signed.call), receipt, signed.action)
+        return receipt
+
+    def receipt(self, tx_hash: str) -> TxReceipt | None:
+        """The receipt of a mined transaction, or None while it is pending or unknown."""
+        try:
+            return self.read(lambda: self.w3.eth.get_transaction_receipt(HexBytes(tx_hash)))
+        except TransactionNotFound:
+            return None
+
+    def nonce(self, address: str, *, pending: bool = False) -> int:
+        """Transactions ``address`` has had mined, or also sent when ``pending``."""
+        block: Literal["latest", "pending"] = "pending" if pending else "latest"
+        return self.read(lambda: int(self.w3.eth.get_transaction_count(to_checksum_address(address), block)))
+
     def deploy(self, sender: LocalAccount, abi: list[dict[str, Any]], bytecode: str, *args: Any) -> str:
         """Deploys a contract and returns its address."""
         factory = self.w3.eth.contract(abi=abi, bytecode=bytecode)
@@ -179,7 +230,8 @@ class Chain:
             raise self._replay_failure(tx, receipt, action)
         return receipt
 
-    def _send_raw(self, raw: bytes, tx_hash: HexBytes, action: str) -> None:
+    def _send_raw(self, raw: bytes, tx_hash: HexBytes, action: str, *, resend: bool = False) -> None:
+        """``resend``: these bytes may have been broadcast before, so the endpoint knowing them is success."""
         for attempt in range(1, self.read_attempts + 1):
             try:
                 self.w3.eth.send_raw_transaction(raw)
@@ -192,7 +244,7 @@ class Chain:
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
             except Web3RPCError as exc:
                 # The endpoint may have accepted an earlier attempt whose answer was lost.
-                if attempt > 1 and self._known(tx_hash):
+                if (attempt > 1 or resend) and self._known(tx_hash):
                     return
                 raise TransactionRejected(action, tx_hash.to_0x_hex(), exc.message) from exc
 

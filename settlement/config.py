@@ -24,3 +24,17 @@ class ChainSettings(BaseSettings):
     )
     rpc_timeout_s: float = Field(default=10.0, description="seconds to wait for one JSON-RPC answer")
     receipt_timeout_s: float = Field(default=120.0, description="seconds to wait for a transaction's receipt")
+
+
+class SettlementSettings(ChainSettings):
+    """What the settlement worker reads; the gateway shares the database and broker settings."""
+
+    database_url: str = Field(
+        default="sqlite:///.strata/gateway.db",
+        description="SQLAlchemy URL: sqlite:///FILE (the default) or postgresql://USER@HOST/DB",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Celery's broker and result backend, redis://HOST:PORT/DB; `strata up` starts one when unset",
+    )
+    epoch_s: float = Field(default=300.0, gt=0, description="seconds between scheduled epoch closes")

@@ -2,6 +2,7 @@
 
     SettlementError                    every error below; carries a stable ``code``
     ├── ConfigurationError             missing or malformed settings, deployment files, keys
+    │   └── BadDatabaseURL             a database URL that is not SQLite or PostgreSQL
     ├── CompilerError                  no usable solc, or the contracts do not compile
     ├── ChainError                     the chain could not be used as asked
     │   ├── ChainUnavailable           the JSON-RPC endpoint cannot be reached
@@ -26,6 +27,10 @@ class SettlementError(Exception):
 
 class ConfigurationError(SettlementError):
     code = "configuration_error"
+
+
+class BadDatabaseURL(ConfigurationError):
+    code = "bad_database_url"
 
 
 class CompilerError(SettlementError):

@@ -15,13 +15,13 @@ from marketplace.catalog import Catalog
 from marketplace.chainwatch import ChainWatcher
 from marketplace.config import GatewaySettings
 from marketplace.coordinator import Coordinator
-from marketplace.db.engine import create_engine, migrate, sessions
 from marketplace.jobs import JobRunner
 from marketplace.market import Market
 from marketplace.metrics import Metrics
 from marketplace.orderbook import OrderBook
 from marketplace.payments.gate import PaymentGate, Terms
 from settlement.chain import Chain
+from settlement.db.engine import create_engine, migrate, sessions
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ConfigurationError
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from marketplace.db.schema import Job
 from marketplace.jobs import CANCELLED, FAILED, Delta, Finished, JobRun, Unrecorded
 from marketplace.payments.gate import NONE, Reservation, Settled
 from marketplace.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
+from settlement.db.schema import Job
 
 ACCESS_CONTROL_EXPOSE = "Access-Control-Expose-Headers"
 

@@ -67,13 +67,9 @@ def migrate_command(
     database_url: Annotated[str | None, typer.Option(help="[default: DATABASE_URL or sqlite]")] = None,
 ) -> None:
     """Bring the gateway's database up to the newest schema."""
-    from marketplace.db.engine import migrate
+    from settlement.db.engine import migrate
 
     settings = _settings(database_url, None, None)
-    with console.status("Migrating…"):
-        try:
-            migrate(settings.database_url)
-        except GatewayError as exc:
-            console.print(f"[bold red]error[/] [dim]({exc.code})[/] {exc.message}")
-            raise typer.Exit(1) from exc
+    with reported(), console.status("Migrating…"):
+        migrate(settings.database_url)
     console.print(f"Database at [bold]{settings.database_url}[/] is up to date.")

@@ -37,7 +37,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from marketplace.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
-from marketplace.db.schema import Authorization, Channel, Charge, Job, Voucher, utcnow
 from marketplace.errors import PaymentRejected
 from marketplace.payments.x402 import (
     EXACT,
@@ -47,6 +46,7 @@ from marketplace.payments.x402 import (
     network_of,
     requirement,
 )
+from settlement.db.schema import Authorization, Channel, Charge, Job, Voucher, utcnow
 from settlement.deploy import Contracts
 from settlement.eip712 import DOMAIN_VERSION, VOUCHER_ESCROW_DOMAIN_NAME, Domain
 from settlement.eip712 import Voucher as SignedVoucher

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import marketplace.db.schema
+import settlement.db.schema
 
 revision = "0001"
 down_revision = None
@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("voucher_signature", sa.String(length=132), nullable=True),
         sa.Column("charged", sa.BigInteger(), nullable=False),
         sa.Column("reserved", sa.BigInteger(), nullable=False),
-        sa.Column("updated_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "charged + reserved <= voucher_amount", name=op.f("ck_channels_covered_by_voucher")
         ),
@@ -41,8 +41,8 @@ def upgrade() -> None:
     op.create_table(
         "providers",
         sa.Column("address", sa.String(length=42), nullable=False),
-        sa.Column("first_seen_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_heartbeat_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("first_seen_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_heartbeat_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=True),
         sa.Column("heartbeat_timestamp", sa.BigInteger(), nullable=False),
         sa.Column("ask_nonce", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("address", name=op.f("pk_providers")),
@@ -60,8 +60,8 @@ def upgrade() -> None:
         sa.Column("nonce", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.BigInteger(), nullable=False),
         sa.Column("signature", sa.String(length=132), nullable=False),
-        sa.Column("posted_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("withdrawn_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("posted_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("withdrawn_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint("capacity > 0", name=op.f("ck_asks_capacity")),
         sa.CheckConstraint("layer_start >= 0 AND layer_end > layer_start", name=op.f("ck_asks_span")),
         sa.CheckConstraint("price_per_million > 0", name=op.f("ck_asks_price")),
@@ -94,10 +94,10 @@ def upgrade() -> None:
         sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
         sa.Column("failovers", sa.Integer(), nullable=False),
-        sa.Column("created_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("started_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("expires_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("expires_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint("charged >= 0 AND charged <= quote", name=op.f("ck_jobs_charged_within_quote")),
         sa.ForeignKeyConstraint(["channel_id"], ["channels.id"], name=op.f("fk_jobs_channel_id_channels")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
@@ -117,7 +117,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("tx_hash", sa.String(length=66), nullable=True),
         sa.Column("job_id", sa.String(length=66), nullable=True),
-        sa.Column("created_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_authorizations_job_id_jobs")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_authorizations")),
         sa.UniqueConstraint("payer", "nonce", name=op.f("uq_authorizations_payer")),
@@ -132,7 +132,7 @@ def upgrade() -> None:
         sa.Column("quote", sa.BigInteger(), nullable=False),
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("refund", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint("amount >= 0 AND amount <= quote", name=op.f("ck_charges_within_quote")),
         sa.CheckConstraint("refund >= 0 AND refund <= quote - amount", name=op.f("ck_charges_refund")),
         sa.ForeignKeyConstraint(["channel_id"], ["channels.id"], name=op.f("fk_charges_channel_id_channels")),
@@ -174,7 +174,7 @@ def upgrade() -> None:
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("signature", sa.String(length=132), nullable=False),
         sa.Column("job_id", sa.String(length=66), nullable=True),
-        sa.Column("accepted_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("accepted_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["channel_id"], ["channels.id"], name=op.f("fk_vouchers_channel_id_channels")
         ),
@@ -196,7 +196,7 @@ def upgrade() -> None:
         sa.Column("signature", sa.String(length=132), nullable=False),
         sa.Column("verified", sa.Boolean(), nullable=False),
         sa.Column("amount", sa.BigInteger(), nullable=False),
-        sa.Column("received_at", marketplace.db.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", settlement.db.schema.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["hop_id"], ["hops.id"], name=op.f("fk_receipts_hop_id_hops")),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_receipts_job_id_jobs")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_receipts")),

@@ -33,7 +33,6 @@ from marketplace.api.app import create_app
 from marketplace.catalog import load_model
 from marketplace.client import ChannelWallet, StrataClient, fund_channel
 from marketplace.config import GatewaySettings
-from marketplace.db.engine import sync_url
 from marketplace.payments.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
@@ -44,6 +43,7 @@ from marketplace.payments.x402 import (
 from settlement.anvil import Anvil, free_port
 from settlement.chain import Chain
 from settlement.contracts import random_channel_id
+from settlement.db.engine import sync_url
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
 from settlement.eip712 import Domain, TransferAuthorization, Voucher, voucher_domain
 from worker.tiny import write_tiny_checkpoint

@@ -21,10 +21,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from marketplace.cli import app
-from marketplace.db.schema import Channel
 from marketplace.payments.x402 import PAYMENT_REQUIRED, decode_header
 from settlement.anvil import free_port
 from settlement.contracts import Redemption
+from settlement.db.schema import Channel
 from settlement.deploy import ONE_TOKEN
 from tests.marketplace.harness import GatewayServer, Market, channel_state, rows, wait_until
 

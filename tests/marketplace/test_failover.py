@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from marketplace.db.schema import Hop
+from settlement.db.schema import Hop
 from settlement.deploy import ONE_TOKEN
 from tests.marketplace.harness import (
     PRICE,

@@ -23,8 +23,8 @@ from sqlalchemy import select
 from marketplace.announce import Announcer, Offer
 from marketplace.catalog import load_model
 from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
-from marketplace.db.schema import Authorization, Charge, Hop, Job, Receipt
 from marketplace.payments.x402 import PAYMENT_REQUIRED, decode_header
+from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
 from settlement.eip712 import Heartbeat, protocol_domain
 from tests.marketplace.harness import (

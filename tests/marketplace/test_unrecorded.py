@@ -9,8 +9,8 @@ import httpx
 import psycopg
 from sqlalchemy import create_engine, select, text
 
-from marketplace.db.engine import sync_url
-from marketplace.db.schema import Hop, Job
+from settlement.db.engine import sync_url
+from settlement.db.schema import Hop, Job
 from settlement.deploy import ONE_TOKEN
 from tests.marketplace.harness import (
     GatewayServer,

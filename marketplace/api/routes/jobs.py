@@ -14,10 +14,10 @@ from marketplace.api.deps import GatewayDep, PaymentHeader, resource_url
 from marketplace.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
 from marketplace.api.routes.inference import PAID, build_request
 from marketplace.api.schemas import JobBody
-from marketplace.db.schema import Job
 from marketplace.errors import InvalidRequest, NotFound
 from marketplace.payments.gate import NONE
 from marketplace.payments.x402 import PAYMENT_RESPONSE, encode_header
+from settlement.db.schema import Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

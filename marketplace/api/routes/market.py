@@ -11,10 +11,10 @@ from sqlalchemy import func, select
 
 from marketplace.api.deps import GatewayDep
 from marketplace.api.schemas import AskBody, HeartbeatBody
-from marketplace.db.schema import Channel, Hop, Provider
 from marketplace.errors import InvalidRequest, NotFound
 from marketplace.market import AskInput
 from marketplace.orderbook import BookAsk
+from settlement.db.schema import Channel, Hop, Provider
 
 router = APIRouter(prefix="/v1", tags=["market"])
 

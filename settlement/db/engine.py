@@ -1,7 +1,8 @@
 """Database URLs, engines and migrations.
 
 Users write plain URLs (``sqlite:///FILE``, ``postgresql://USER@HOST/DB``); the gateway talks to them through
-async drivers (aiosqlite, psycopg 3) and Alembic through the same drivers' sync side.
+async drivers (aiosqlite, psycopg 3), and settlement's Celery tasks and Alembic through the same drivers' sync
+side.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
-from marketplace.errors import InvalidRequest
+from settlement.errors import BadDatabaseURL
 from settlement.solidity import PROJECT_ROOT
 
 MIGRATIONS = PROJECT_ROOT / "migrations"
@@ -29,10 +32,10 @@ def _parsed(url: str) -> tuple[URL, str]:
     try:
         parsed = make_url(url)
     except Exception as exc:  # SQLAlchemy raises ArgumentError, and ValueError for a bad port
-        raise InvalidRequest("bad_database_url", f"{url!r} is not a database URL: {exc}") from exc
+        raise BadDatabaseURL(f"{url!r} is not a database URL: {exc}") from exc
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
-        raise InvalidRequest("bad_database_url", f"{backend!r} is not supported: use sqlite or postgresql")
+        raise BadDatabaseURL(f"{backend!r} is not supported: use sqlite or postgresql")
     return parsed, backend
 
 
@@ -68,6 +71,20 @@ def create_engine(url: str) -> AsyncEngine:
     if target.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def create_blocking_engine(url: str) -> Engine:
+    """A synchronous engine, for Celery tasks and command-line tools."""
+    target = sync_url(url)
+    _ensure_sqlite_directory(target)
+    engine = create_sync_engine(target, pool_pre_ping=target.get_backend_name() != "sqlite")
+    if target.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def blocking_sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -1,4 +1,5 @@
-"""The gateway's tables. One Alembic history (migrations/) creates them on SQLite and PostgreSQL alike.
+"""The marketplace's tables: the gateway writes jobs, payments and receipts; settlement turns them into the
+ledger and epochs. One Alembic history (migrations/) creates them on SQLite and PostgreSQL alike.
 
 Money is integers in token base units, stored as BIGINT: the API refuses amounts above 2**63 - 1 (9.2e12
 dollars of a 6-decimal token) before they reach a table. Hex identifiers (addresses, job and channel ids,
@@ -7,6 +8,12 @@ hashes, signatures) are stored 0x-prefixed and lower-case, except addresses, whi
 A channel row is the gateway's side of a payment channel: the newest voucher it accepted, what it charged, and
 what is reserved by requests in flight. The check constraint ``charged + reserved <= voucher_amount`` is the
 voucher invariant itself: no request runs unless the payer's signature covers it.
+
+The ledger (see ``settlement.ledger``): metering writes one :class:`LedgerEntry` per billable hop, splitting its
+charge between the provider and the platform; an :class:`Epoch` settles every metered charge not yet settled
+(redeeming vouchers, forwarding exact payments, refunding what exact payers overpaid) and posts the providers'
+cumulative earnings as a Merkle root. :class:`ChainSend` records each transaction settlement signs before it is
+broadcast, so a worker that dies mid-epoch finds it again instead of sending a second one.
 """
 
 from __future__ import annotations
@@ -123,6 +130,8 @@ class Channel(Base):
     voucher_signature: Mapped[str | None] = mapped_column(SIGNATURE)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)  # cumulative, what settlement may claim
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # quotes of requests in flight
+    # Cumulative, redeemed on chain by settlement. The server default fills rows older than settlement.
+    claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
@@ -157,6 +166,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    metered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when its receipts entered the ledger
 
 
 class Hop(Base):
@@ -177,6 +187,10 @@ class Hop(Base):
     price_per_million: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(Integer)  # positions the gateway sent through this hop
     transcript_root: Mapped[str] = mapped_column(HASH)  # computed by the gateway from the steps' hashes
+    # [[step, input hash, output hash], ...] as the route reported them: metering re-checks the links and the
+    # root from these, and a validator compares a provider's retained tensors with them.
+    # None on hops recorded before settlement existed.
+    transcript: Mapped[list[list[Any]] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))  # billed, unverified, abandoned, failed
 
 
@@ -212,12 +226,17 @@ class Voucher(Base):
 
 
 class Charge(Base):
-    """What a finished job cost its payer. ``refund`` is owed back on chain (exact payments paid the quote)."""
+    """What a finished job cost its payer. ``refund`` is owed back on chain (exact payments paid the quote).
+
+    ``metered`` is what the ledger bills, set by metering: the gateway's ``amount`` re-derived from receipts
+    that verify. Settlement collects ``metered`` (at most ``amount``) in epoch ``epoch``.
+    """
 
     __tablename__ = "charges"
     __table_args__ = (
         CheckConstraint("amount >= 0 AND amount <= quote", name="within_quote"),
         CheckConstraint("refund >= 0 AND refund <= quote - amount", name="refund"),
+        Index("ix_charges_unsettled", "epoch", "metered"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -229,6 +248,8 @@ class Charge(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     refund: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    metered: Mapped[int | None] = mapped_column(BigInteger)
+    epoch: Mapped[int | None] = mapped_column(Integer)
 
 
 class Authorization(Base):
@@ -245,4 +266,63 @@ class Authorization(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending, settled, failed
     tx_hash: Mapped[str | None] = mapped_column(HASH)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LedgerEntry(Base):
+    """One billable hop: its charge to the client, split between its provider and the platform."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint("provider_share >= 0 AND platform_fee >= 0", name="non_negative"),
+        CheckConstraint("provider_share + platform_fee = charge", name="split"),
+        Index("ix_ledger_entries_provider_epoch", "provider", "epoch"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    hop_id: Mapped[int] = mapped_column(ForeignKey("hops.id"), unique=True)
+    provider: Mapped[str] = mapped_column(ADDRESS)
+    token_layers: Mapped[int] = mapped_column(BigInteger)
+    charge: Mapped[int] = mapped_column(BigInteger)
+    provider_share: Mapped[int] = mapped_column(BigInteger)
+    platform_fee: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int | None] = mapped_column(Integer)  # the epoch whose root first includes it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Epoch(Base):
+    """One settlement: the charges it collects and the root it posts. ``number`` is the distributor's epoch.
+
+    ``status`` walks redeem → forward → refund → post → posted; each step is done when its transaction is
+    mined (or the chain shows its effect), so a rerun resumes where the last run stopped.
+    """
+
+    __tablename__ = "epochs"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(String(16))
+    settled: Mapped[int] = mapped_column(BigInteger)  # Σ metered charges this epoch collects
+    redemptions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # channel, voucher, signature, claimTo
+    forward: Mapped[int] = mapped_column(BigInteger)  # exact payments passed on to the distributor
+    refunds: Mapped[dict[str, str]] = mapped_column(JSON)  # payer -> base units owed back (exact)
+    leaves: Mapped[dict[str, str]] = mapped_column(JSON)  # account -> cumulative amount in the root
+    root: Mapped[str] = mapped_column(HASH)
+    provider_total: Mapped[int] = mapped_column(BigInteger)  # Σ leaves
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ChainSend(Base):
+    """A transaction settlement signed, recorded before broadcast under an idempotency key."""
+
+    __tablename__ = "chain_sends"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(128), unique=True)  # e.g. epoch:3:redeem
+    sender: Mapped[str] = mapped_column(ADDRESS)
+    nonce: Mapped[int] = mapped_column(BigInteger)
+    tx_hash: Mapped[str] = mapped_column(HASH)
+    raw: Mapped[str] = mapped_column(Text)  # the signed bytes, hex: resent as they are, never re-signed
+    status: Mapped[str] = mapped_column(String(16))  # signed, mined, reverted, dropped
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -18,9 +18,9 @@ from sqlalchemy import CheckConstraint, Engine, insert, inspect, select, text, u
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from marketplace.db.engine import alembic_config, async_url, create_engine, migrate, sessions, sync_url
-from marketplace.db.schema import Ask, Base, Channel, Provider
-from marketplace.errors import InvalidRequest
+from settlement.db.engine import alembic_config, async_url, create_engine, migrate, sessions, sync_url
+from settlement.db.schema import Ask, Base, Channel, Provider
+from settlement.errors import BadDatabaseURL
 from tests.marketplace.harness import database
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -214,10 +214,9 @@ def test_amount_above_bigint_is_refused_not_rounded(engine: Engine) -> None:
 )
 @pytest.mark.parametrize("use", [sync_url, async_url, create_engine, migrate, alembic_config])
 def test_bad_database_url_is_refused(use: Callable[[str], object], bad: str) -> None:
-    with pytest.raises(InvalidRequest) as raised:
+    with pytest.raises(BadDatabaseURL) as raised:
         use(bad)
     assert raised.value.code == "bad_database_url"
-    assert raised.value.status == 400
 
 
 @pytest.mark.parametrize(
