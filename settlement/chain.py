@@ -64,7 +64,7 @@ class SignedTransaction:
     tx_hash: str
     raw: bytes
     action: str
-    call: dict[str, Any]  # from, to, data: replayed as an eth_call to decode a revert
+    call: dict[str, Any]  # from, to, data: replayed as an eth_call to decode a revert; {} to fetch it
 
 
 class Chain:
@@ -190,8 +190,14 @@ class Chain:
         self._send_raw(signed.raw, tx_hash, signed.action, resend=True)
         receipt = self._wait(tx_hash, signed.action)
         if receipt["status"] != 1:
-            raise self._replay_failure(cast(TxParams, signed.call), receipt, signed.action)
+            call = signed.call or self._call_of(tx_hash)
+            raise self._replay_failure(cast(TxParams, call), receipt, signed.action)
         return receipt
+
+    def _call_of(self, tx_hash: HexBytes) -> dict[str, Any]:
+        """The from, to and data of a transaction known to the chain (to replay it and decode its revert)."""
+        tx = self.read(lambda: self.w3.eth.get_transaction(tx_hash))
+        return {"from": tx["from"], "to": tx.get("to"), "data": tx["input"]}
 
     def receipt(self, tx_hash: str) -> TxReceipt | None:
         """The receipt of a mined transaction, or None while it is pending or unknown."""

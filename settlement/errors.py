@@ -10,7 +10,10 @@
     │   ├── TransactionRejected        the endpoint refused a signed transaction (funds for gas, nonce, fees)
     │   ├── TransactionReverted        a call or transaction reverted; ``error`` is the decoded custom error
     │   └── TransactionTimeout         no receipt in time; the transaction may still land
-    └── MerkleError                    a tree or proof request that cannot be answered
+    ├── MerkleError                    a tree or proof request that cannot be answered
+    ├── UnknownJob                     metering was asked for a job the database does not have
+    ├── EpochBusy                      another close_epoch holds the lock
+    └── LedgerMismatch                 the database and the chain disagree about settlement
 
 The API edge turns these into HTTP errors by ``code``; nothing below it knows about HTTP.
 """
@@ -114,3 +117,17 @@ class TransactionTimeout(ChainError):
 
 class MerkleError(SettlementError):
     code = "merkle_error"
+
+
+class UnknownJob(SettlementError):
+    code = "unknown_job"
+
+
+class EpochBusy(SettlementError):
+    code = "epoch_busy"
+
+
+class LedgerMismatch(SettlementError):
+    """The database and the chain disagree about settlement; an operator has to look."""
+
+    code = "ledger_mismatch"

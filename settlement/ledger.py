@@ -1,0 +1,195 @@
+"""Metering: a finished job's signed receipts become ledger entries, one per billable hop.
+
+A hop is billable only if everything the gateway saw can be checked again from what it recorded:
+
+    the provider's HopReceipt signature recovers to the hop's provider, over the job, the model root, the span,
+    the positions and the transcript root;
+    the transcript root is sha256 over the hop's recorded (step, input hash, output hash) triples;
+    the transcript links: at every step each hop's input hash is the previous hop's output hash.
+
+Its charge is ``tokens × span layers × price`` (settlement.pricing, rounded down per hop), split
+
+    provider_share = charge × 8000 // 10000      (80%, rounded down, exactly as FeeSplit.providerShare on chain)
+    platform_fee   = charge − provider_share     (20%, rounded up)
+
+so every entry satisfies provider_share + platform_fee = charge in integer base units, and the job's charge is
+the sum of its entries. The gateway charged the client the same sum from the same receipts; if the recorded
+data no longer supports what it charged, metering bills only what does verify and the rest of the charge is
+never collected: it stays in the client's channel (or is refunded, for exact payments).
+
+Metering is idempotent: a job is metered once (``jobs.metered_at``), under a row lock where the database has
+them, so a task delivered twice writes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import pairwise
+
+from eth_utils.address import to_checksum_address
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt
+from settlement.errors import UnknownJob
+from settlement.pricing import hop_charge
+from settlement.tickets import receipt_signer
+from worker.receipts import ReceiptFields, transcript_root_of
+
+log = logging.getLogger(__name__)
+
+BPS = 10_000
+PROVIDER_BPS = 8_000
+FINISHED = ("completed", "cancelled", "failed", "expired")
+
+
+def split(charge: int) -> tuple[int, int]:
+    """(provider share, platform fee) of a hop's charge; see the module docstring for the rounding."""
+    provider_share = charge * PROVIDER_BPS // BPS
+    return provider_share, charge - provider_share
+
+
+@dataclass(frozen=True)
+class Metered:
+    job_id: str
+    charge: int  # what the ledger bills: Σ of the job's entries
+    entries: int
+    refused: dict[int, str] = field(default_factory=dict)  # hop id -> why it is not billable
+    already: bool = False  # metered by an earlier run
+
+
+def meter_job(session: Session, job_id: str, *, chain_id: int) -> Metered | None:
+    """Writes ``job_id``'s ledger entries in the caller's transaction; None while the job is still running."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise UnknownJob(f"no job {job_id}")
+    if job.metered_at is not None:
+        total = session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.charge), 0)).filter_by(job_id=job_id)
+        )
+        count = session.scalar(select(func.count()).select_from(LedgerEntry).filter_by(job_id=job_id))
+        return Metered(job_id, int(total or 0), int(count or 0), already=True)
+    if job.status not in FINISHED:
+        return None
+
+    charge = session.scalar(select(Charge).where(Charge.job_id == job_id))
+    hops = session.scalars(select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt, Hop.position)).all()
+    receipts = {r.hop_id: r for r in session.scalars(select(Receipt).where(Receipt.job_id == job_id))}
+    billed = [hop for hop in hops if hop.status == "billed"]
+    refused = _refusals(job, hops, billed, receipts, chain_id)
+    # Unpaid jobs (payments off) and jobs charged nothing bill nobody, whatever their receipts say.
+    collectable = charge.amount if charge is not None else 0
+    entries: list[LedgerEntry] = []
+    for hop in billed:
+        if hop.id in refused:
+            continue
+        amount = hop_charge(hop.tokens, hop.layer_end - hop.layer_start, hop.price_per_million)
+        if amount > collectable:
+            refused[hop.id] = f"its charge {amount} is more than the client was charged"
+            continue
+        collectable -= amount
+        provider_share, platform_fee = split(amount)
+        entries.append(
+            LedgerEntry(
+                job_id=job_id,
+                hop_id=hop.id,
+                provider=hop.provider,
+                token_layers=hop.tokens * (hop.layer_end - hop.layer_start),
+                charge=amount,
+                provider_share=provider_share,
+                platform_fee=platform_fee,
+            )
+        )
+    session.add_all(entries)
+    total = sum(entry.charge for entry in entries)
+    if charge is not None:
+        charge.metered = total
+        if total != charge.amount:
+            log.error(
+                "job %s: the gateway charged %d but only %d is backed by verifiable receipts (%s)",
+                job_id, charge.amount, total, refused,
+            )  # fmt: skip
+    job.metered_at = datetime.now(UTC)
+    return Metered(job_id, total, len(entries), refused)
+
+
+def _refusals(
+    job: Job, hops: Sequence[Hop], billed: list[Hop], receipts: dict[int, Receipt], chain_id: int
+) -> dict[int, str]:
+    """Why each billed hop that fails a check is not billable, by hop id."""
+    refused: dict[int, str] = {}
+    for hop in billed:
+        reason = _receipt_problem(job, hop, receipts.get(hop.id), chain_id)
+        if reason is not None:
+            refused[hop.id] = reason
+    # Links are checked over the whole route a billed hop ran on, including hops whose receipts failed.
+    routes: dict[int, list[Hop]] = defaultdict(list)
+    for hop in hops:
+        routes[hop.attempt].append(hop)
+    for attempt in {hop.attempt for hop in billed}:
+        broken = _broken_link(routes[attempt])
+        if broken is not None:
+            for hop in billed:
+                if hop.attempt == attempt:
+                    refused.setdefault(hop.id, broken)
+    return refused
+
+
+def _steps(hop: Hop) -> list[tuple[int, bytes, bytes]]:
+    return [(int(step), bytes.fromhex(i[2:]), bytes.fromhex(o[2:])) for step, i, o in hop.transcript or []]
+
+
+def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, chain_id: int) -> str | None:
+    if receipt is None:
+        return "no receipt"
+    if not hop.transcript:
+        return "no recorded transcript"
+    try:
+        steps = _steps(hop)
+        root = transcript_root_of(steps)
+        signature = bytes.fromhex(receipt.signature[2:])
+        fields = ReceiptFields(
+            bytes.fromhex(job.id[2:]),
+            to_checksum_address(hop.provider),
+            bytes.fromhex(job.model_root[2:]),
+            hop.layer_start,
+            hop.layer_end,
+            receipt.tokens,
+            root,
+        )
+        signer = receipt_signer(fields, signature, chain_id=chain_id)
+    except (ValueError, TypeError) as exc:
+        return f"unreadable receipt or transcript: {exc}"
+    if "0x" + root.hex() != hop.transcript_root or hop.transcript_root != receipt.transcript_root:
+        return "the transcript root does not match the recorded steps"
+    if receipt.tokens != hop.tokens:
+        return f"the receipt says {receipt.tokens} positions, the gateway sent {hop.tokens}"
+    if signer != to_checksum_address(hop.provider):
+        return f"the receipt is signed by {signer}, not {hop.provider}"
+    return None
+
+
+def _broken_link(route: list[Hop]) -> str | None:
+    """Why a route's transcripts do not chain hop to hop, or None when they do."""
+    route = sorted(route, key=lambda hop: hop.position)
+    if [hop.position for hop in route] != list(range(len(route))):
+        return "the route's hops are not all recorded"
+    try:
+        transcripts = [_steps(hop) for hop in route]
+    except (ValueError, TypeError) as exc:
+        return f"unreadable transcript: {exc}"
+    steps = [step for step, _, _ in transcripts[0]]
+    if any([step for step, _, _ in t] != steps for t in transcripts):
+        return "the hops recorded different steps"
+    for upstream, downstream in pairwise(transcripts):
+        for (_, _, output), (_, received, _) in zip(upstream, downstream, strict=True):
+            if output != received:
+                return "a hop's input is not the previous hop's output"
+    return None
+
+
+__all__ = ["FINISHED", "Metered", "UnknownJob", "meter_job", "split"]

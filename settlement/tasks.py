@@ -1,0 +1,153 @@
+"""Settlement's Celery app: ``celery -A settlement.tasks worker -B`` meters jobs and closes epochs.
+
+    settlement.meter_job(job_id)   a finished job's receipts into the ledger; the gateway sends one per job
+    settlement.close_epoch()       Celery beat every EPOCH_S seconds, or on demand; see settlement.epochs
+
+Redis (REDIS_URL) is both broker and result backend. Tasks are acknowledged after they run
+(``task_acks_late``), so a worker killed mid-task has its task delivered again; both tasks are idempotent, and
+close_epoch resumes its unfinished epoch. Only one close_epoch runs at a time: it holds a Redis lock.
+
+Settings are read when the app is first configured, not at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from celery import Celery
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from redis import Redis
+from redis.exceptions import LockError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from settlement.chain import Chain
+from settlement.config import SettlementSettings
+from settlement.db.engine import blocking_sessions, create_blocking_engine
+from settlement.deploy import Contracts, Deployment
+from settlement.epochs import EpochCloser
+from settlement.errors import (
+    ChainUnavailable,
+    ConfigurationError,
+    EpochBusy,
+    TransactionRejected,
+    TransactionTimeout,
+)
+from settlement.ledger import meter_job as meter
+
+log = logging.getLogger(__name__)
+
+METER_JOB = "settlement.meter_job"
+CLOSE_EPOCH = "settlement.close_epoch"
+_CLOSE_LOCK = "strata:close_epoch"
+# Failures that a later attempt can get past; a revert or a ledger mismatch is not one of them.
+_TRANSIENT = (ChainUnavailable, TransactionTimeout, TransactionRejected, OperationalError, EpochBusy)
+
+
+def make_app(settings: SettlementSettings | None = None) -> Celery:
+    """A Celery app on ``settings``' Redis; with none, SettlementSettings() when it is first configured."""
+    app = Celery("strata")
+
+    def configure(*_: Any, **__: Any) -> None:
+        nonlocal settings
+        settings = settings or SettlementSettings()
+        if settings.redis_url is None:
+            raise ConfigurationError("no REDIS_URL: settlement needs Redis as its Celery broker")
+        app.conf.update(
+            broker_url=settings.redis_url,
+            result_backend=settings.redis_url,
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+            result_expires=24 * 3600,
+            broker_connection_retry_on_startup=True,
+            beat_schedule={"close-epoch": {"task": CLOSE_EPOCH, "schedule": settings.epoch_s}},
+        )
+
+    app.on_configure.connect(configure, weak=False)
+    return app
+
+
+app = make_app()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the tasks of one worker process share, built on first use."""
+
+    settings: SettlementSettings
+    sessions: sessionmaker[Session]
+    contracts: Contracts
+    operator: LocalAccount
+    redis: Redis
+
+
+@cache
+def context() -> Context:
+    settings = SettlementSettings()
+    if settings.operator_key is None:
+        raise ConfigurationError("no OPERATOR_KEY: settlement signs redemptions and roots with it")
+    if settings.redis_url is None:
+        raise ConfigurationError("no REDIS_URL")
+    chain = Chain(
+        settings.rpc_url,
+        request_timeout_s=settings.rpc_timeout_s,
+        receipt_timeout_s=settings.receipt_timeout_s,
+    )
+    contracts = Contracts.load(chain, Deployment.load(settings.deployment_file))
+    operator: LocalAccount = Account.from_key(settings.operator_key.get_secret_value())
+    return Context(
+        settings,
+        blocking_sessions(create_blocking_engine(settings.database_url)),
+        contracts,
+        operator,
+        Redis.from_url(settings.redis_url),
+    )
+
+
+@app.task(
+    name=METER_JOB,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=8,
+)
+def meter_job(job_id: str) -> dict[str, Any]:
+    ctx = context()
+    with ctx.sessions.begin() as session:
+        metered = meter(session, job_id, chain_id=ctx.contracts.deployment.chain_id)
+    if metered is None:
+        return {"jobId": job_id, "metered": False}
+    return {
+        "jobId": job_id,
+        "metered": True,
+        "charge": str(metered.charge),
+        "entries": metered.entries,
+        "refused": {str(hop): reason for hop, reason in metered.refused.items()},
+    }
+
+
+@app.task(
+    name=CLOSE_EPOCH,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=120,
+    max_retries=10,
+)
+def close_epoch() -> dict[str, Any]:
+    ctx = context()
+    # The lock outlives a worker killed while holding it by at most its timeout; the rerun then resumes.
+    lock = ctx.redis.lock(_CLOSE_LOCK, timeout=15 * 60, blocking_timeout=5 * 60)
+    if not lock.acquire():
+        raise EpochBusy("another close_epoch held the lock for five minutes")
+    try:
+        closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator)
+        return closer.close().as_json()
+    finally:
+        with contextlib.suppress(LockError):  # it expired: whoever holds it now resumes the same epoch
+            lock.release()
