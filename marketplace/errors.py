@@ -6,7 +6,8 @@
     ├── NotFound          404    an unknown model, job, channel or provider
     ├── Conflict          409    the market cannot serve the request now: no route, prices above the bid
     ├── PaymentRejected   402    a payment that does not secure the request; answered with a fresh quote
-    └── ServiceFailed     502    providers failed and no other route could finish the job
+    ├── ServiceFailed     502    providers failed and no other route could finish the job
+    └── Unavailable       503    the chain does not answer
 
 Codes are part of the API: clients branch on them, so they never change meaning. The codes in use are listed
 on each raise site; :data:`PAYMENT_CODES` lists those of rejected payments. Nothing below the API edge knows
@@ -66,6 +67,13 @@ class PaymentRejected(GatewayError):
 class ServiceFailed(GatewayError):
     status = 502
     kind = "provider_error"
+
+
+class Unavailable(GatewayError):
+    """Something the gateway depends on (the chain) does not answer; the client may retry."""
+
+    status = 503
+    kind = "service_unavailable"
 
 
 PAYMENT_CODES = frozenset(

@@ -149,6 +149,7 @@ class JobRunner:
         metrics: Metrics,
         sweep_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        on_finished: Callable[[str], None] | None = None,
     ) -> None:
         self.book = book
         self.catalog = catalog
@@ -160,6 +161,7 @@ class JobRunner:
         self.metrics = metrics
         self.sweep_s = sweep_s
         self.clock = clock
+        self.on_finished = on_finished  # hands the recorded job to metering
         self._resting: dict[str, Resting] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -430,6 +432,8 @@ class JobRunner:
                     raise
                 await asyncio.sleep(0.2 * attempt)
         assert job is not None
+        if self.on_finished is not None:
+            self.on_finished(run.job_id)
         self.metrics.jobs.labels(status=status).inc()
         if charged:
             self.metrics.charged.labels(scheme=run.reservation.scheme).inc(charged)

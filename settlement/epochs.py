@@ -90,8 +90,8 @@ def _no_checkpoint(step: str) -> None:
 class EpochCloser:
     """Runs close_epoch for one operator. One closer at a time: the Celery task holds a lock around it.
 
-    ``checkpoint`` is called with each step's name once the step is committed (and with ``signed:<key>`` once a
-    transaction is recorded but before it is broadcast): the seam where tests kill the process.
+    ``checkpoint`` hears each step's name once the step is committed, and each transaction's ``recorded:<key>``
+    and ``mined:<key>`` (see :func:`send_once`): the seam where tests kill the process.
     """
 
     def __init__(
@@ -292,7 +292,7 @@ class EpochCloser:
             key,
             build,
             action,
-            on_recorded=lambda recorded: self.checkpoint(f"signed:{recorded}"),
+            progress=self.checkpoint,
         )
 
     def _redeem(self, epoch: Epoch) -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
 
+from eth_keys.exceptions import BadSignature
 from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -162,7 +163,7 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, chain_id: int)
             root,
         )
         signer = receipt_signer(fields, signature, chain_id=chain_id)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, BadSignature) as exc:
         return f"unreadable receipt or transcript: {exc}"
     if "0x" + root.hex() != hop.transcript_root or hop.transcript_root != receipt.transcript_root:
         return "the transcript root does not match the recorded steps"

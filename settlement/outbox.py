@@ -42,11 +42,12 @@ def send_once(
     build: Callable[[], ContractFunction],
     action: str,
     *,
-    on_recorded: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] = lambda event: None,
 ) -> TxReceipt:
     """Sends the transaction ``build`` makes, once per ``key``; returns its receipt once mined.
 
-    ``on_recorded(key)`` runs after the signed bytes are committed and before they are broadcast.
+    ``progress`` hears ``recorded:<key>`` once the signed bytes are committed (before they are broadcast) and
+    ``mined:<key>`` once they are mined (before that is recorded).
     """
     with sessions.begin() as session:
         record = session.scalar(select(ChainSend).where(ChainSend.key == key))
@@ -61,12 +62,14 @@ def send_once(
             known = None
         elif receipt is None:
             log.info("%s: broadcasting %s again", key, known.tx_hash)
-            return _finish(sessions, chain, key, known)
+            return _finish(sessions, chain, key, known, progress)
         elif receipt["status"] == 1:
             _mark(sessions, key, MINED)
             return receipt
         else:
-            return _finish(sessions, chain, key, known)  # raises the decoded revert, marks it reverted
+            return _finish(
+                sessions, chain, key, known, progress
+            )  # raises the decoded revert, marks it reverted
     signed = chain.sign(sender, build(), action)
     with sessions.begin() as session:
         record = session.scalar(select(ChainSend).where(ChainSend.key == key))
@@ -78,9 +81,8 @@ def send_once(
         record.tx_hash = signed.tx_hash
         record.raw = "0x" + signed.raw.hex()
         record.status = SIGNED
-    if on_recorded is not None:
-        on_recorded(key)
-    return _finish(sessions, chain, key, signed)
+    progress(f"recorded:{key}")
+    return _finish(sessions, chain, key, signed, progress)
 
 
 def _signed(record: ChainSend, action: str) -> SignedTransaction:
@@ -89,12 +91,19 @@ def _signed(record: ChainSend, action: str) -> SignedTransaction:
     )
 
 
-def _finish(sessions: sessionmaker[Session], chain: Chain, key: str, signed: SignedTransaction) -> TxReceipt:
+def _finish(
+    sessions: sessionmaker[Session],
+    chain: Chain,
+    key: str,
+    signed: SignedTransaction,
+    progress: Callable[[str], None],
+) -> TxReceipt:
     try:
         receipt = chain.broadcast(signed)
     except TransactionReverted:
         _mark(sessions, key, REVERTED)
         raise
+    progress(f"mined:{key}")
     _mark(sessions, key, MINED)
     return receipt
 

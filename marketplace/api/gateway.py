@@ -21,11 +21,40 @@ from marketplace.metrics import Metrics
 from marketplace.orderbook import OrderBook
 from marketplace.payments.gate import PaymentGate, Terms
 from settlement.chain import Chain
+from settlement.config import SettlementSettings
 from settlement.db.engine import create_engine, migrate, sessions
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ConfigurationError
+from settlement.tasks import METER_JOB, make_app
 
 log = logging.getLogger(__name__)
+
+
+class MeteringQueue:
+    """Hands each recorded job to settlement's meter_job task on Redis.
+
+    Best effort by design: a job whose task is lost (Redis down, a full queue) is metered by the next
+    close_epoch, which meters every finished job nobody metered. Sending runs on a worker thread, so a slow
+    broker never holds up a request.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.app = make_app(SettlementSettings(redis_url=redis_url))
+        self._sending: set[asyncio.Future[None]] = set()
+
+    def submit(self, job_id: str) -> None:
+        future = asyncio.ensure_future(asyncio.to_thread(self._send, job_id))
+        self._sending.add(future)
+        future.add_done_callback(self._sending.discard)
+
+    def _send(self, job_id: str) -> None:
+        try:
+            self.app.send_task(METER_JOB, args=[job_id], retry=False)
+        except Exception as exc:  # kombu raises many kinds; close_epoch meters the job instead
+            log.warning("job %s not queued for metering (close_epoch will meter it): %r", job_id, exc)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 @dataclass
@@ -42,6 +71,7 @@ class Gateway:
     market: Market
     runner: JobRunner
     metrics: Metrics
+    metering: MeteringQueue | None
 
     @classmethod
     async def start(cls, settings: GatewaySettings) -> Gateway:
@@ -72,6 +102,7 @@ class Gateway:
         book = OrderBook(heartbeat_ttl_s=settings.heartbeat_ttl_s, clock=time.time)
         watcher = ChainWatcher(contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active)
         session_factory = sessions(engine)
+        metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
         coordinator = Coordinator(
             book,
             account,
@@ -92,6 +123,7 @@ class Gateway:
             payments_enabled=settings.payments_enabled,
             metrics=metrics,
             sweep_s=settings.job_sweep_s,
+            on_finished=metering.submit if metering else None,
         )
         market = Market(
             book=book,
@@ -104,7 +136,7 @@ class Gateway:
         )
         gateway = cls(
             settings, engine, session_factory, contracts, account, catalog, book, watcher, terms, market, runner,
-            metrics,
+            metrics, metering,
         )  # fmt: skip
         await watcher.start()
         await market.load()
@@ -116,5 +148,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.runner.stop()
+        if self.metering is not None:
+            await self.metering.close()
         await self.watcher.stop()
         await self.engine.dispose()
