@@ -51,7 +51,7 @@ from settlement.deploy import Contracts
 from settlement.errors import LedgerMismatch
 from settlement.ledger import BPS, FINISHED, PROVIDER_BPS, meter_job
 from settlement.merkle import PayoutTree
-from settlement.outbox import send_once
+from settlement.outbox import reconcile, send_once
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,9 @@ class EpochCloser:
             r for r in epoch.redemptions
             if escrow.channel(bytes.fromhex(r["channel"][2:])).claimed < int(r["claimTo"])
         ]  # fmt: skip
-        if due:
+        if not due:
+            reconcile(self.sessions, self.chain, self._key(epoch, REDEEM))
+        else:
             batch = [
                 Redemption(
                     bytes.fromhex(r["channel"][2:]),
@@ -352,6 +354,7 @@ class EpochCloser:
         if on_chain >= epoch.number:
             if on_chain == epoch.number and distributor.merkle_root() != root:
                 raise LedgerMismatch(f"epoch {epoch.number} on chain has another root than {epoch.root}")
+            reconcile(self.sessions, self.chain, self._key(epoch, POST))
             return POSTED
         self._send(
             self._key(epoch, POST),

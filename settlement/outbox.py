@@ -49,27 +49,14 @@ def send_once(
     ``progress`` hears ``recorded:<key>`` once the signed bytes are committed (before they are broadcast) and
     ``mined:<key>`` once they are mined (before that is recorded).
     """
-    with sessions.begin() as session:
-        record = session.scalar(select(ChainSend).where(ChainSend.key == key))
-        known = _signed(record, action) if record is not None and record.status in (SIGNED, MINED) else None
-    if known is not None:
-        receipt = chain.receipt(known.tx_hash)
-        if receipt is None and chain.nonce(known.sender) > known.nonce:
-            log.warning(
-                "%s: transaction %s was never mined and its nonce is taken: signing anew", key, known.tx_hash
-            )
-            _mark(sessions, key, DROPPED)
-            known = None
-        elif receipt is None:
-            log.info("%s: broadcasting %s again", key, known.tx_hash)
-            return _finish(sessions, chain, key, known, progress)
-        elif receipt["status"] == 1:
-            _mark(sessions, key, MINED)
+    known, receipt = _recorded(sessions, chain, key, action)
+    if known is not None and receipt is None:
+        log.info("%s: broadcasting %s again", key, known.tx_hash)
+        return _finish(sessions, chain, key, known, progress)
+    if known is not None and receipt is not None:
+        if receipt["status"] == 1:
             return receipt
-        else:
-            return _finish(
-                sessions, chain, key, known, progress
-            )  # raises the decoded revert, marks it reverted
+        return _finish(sessions, chain, key, known, progress)  # raises the decoded revert, marks it reverted
     signed = chain.sign(sender, build(), action)
     with sessions.begin() as session:
         record = session.scalar(select(ChainSend).where(ChainSend.key == key))
@@ -83,6 +70,31 @@ def send_once(
         record.status = SIGNED
     progress(f"recorded:{key}")
     return _finish(sessions, chain, key, signed, progress)
+
+
+def reconcile(sessions: sessionmaker[Session], chain: Chain, key: str) -> None:
+    """Brings ``key``'s record up to date with the chain, for a step the caller found already done on chain."""
+    _recorded(sessions, chain, key, "reconcile")
+
+
+def _recorded(
+    sessions: sessionmaker[Session], chain: Chain, key: str, action: str
+) -> tuple[SignedTransaction | None, TxReceipt | None]:
+    """The live transaction recorded under ``key`` (None if there is none, or it can never land) and its
+    receipt (None while it is not mined), with the record updated to match."""
+    with sessions() as session:
+        record = session.scalar(select(ChainSend).where(ChainSend.key == key))
+        known = _signed(record, action) if record is not None and record.status in (SIGNED, MINED) else None
+    if known is None:
+        return None, None
+    receipt = chain.receipt(known.tx_hash)
+    if receipt is None and chain.nonce(known.sender) > known.nonce:
+        log.warning("%s: transaction %s was never mined and its nonce is taken", key, known.tx_hash)
+        _mark(sessions, key, DROPPED)
+        return None, None
+    if receipt is not None and receipt["status"] == 1:
+        _mark(sessions, key, MINED)
+    return known, receipt
 
 
 def _signed(record: ChainSend, action: str) -> SignedTransaction:

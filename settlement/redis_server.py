@@ -91,7 +91,11 @@ class RedisServer:
         self.log_path = self._log_path or workdir / "redis.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            # A session of its own: a Ctrl-C at the terminal reaches the owner only, which stops the
+            # server after whatever still uses it.
+            self._process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except BaseException:
