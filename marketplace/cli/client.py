@@ -10,7 +10,6 @@ import asyncio
 import json
 import sys
 import time
-from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,13 +19,23 @@ from eth_account.signers.local import LocalAccount
 from pydantic import Field, SecretStr
 from rich.table import Table
 
-from marketplace.cli.common import console, emit_json, errors, fail, parse_http_url, parse_key, reported
+from marketplace.cli.common import (
+    console,
+    emit_json,
+    errors,
+    fail,
+    parse_amount,
+    parse_http_url,
+    parse_key,
+    reported,
+    tokens,
+)
 from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
 from marketplace.payments.x402 import VOUCHER, network_of
 from settlement.chain import Chain
 from settlement.config import ChainSettings
 from settlement.contracts import random_channel_id
-from settlement.deploy import TOKEN_DECIMALS, Contracts, Deployment
+from settlement.deploy import Contracts, Deployment
 
 app = typer.Typer(help="Pay per request from a payment channel.", no_args_is_help=True)
 
@@ -43,28 +52,6 @@ KeyOption = Annotated[
     str | None, typer.Option("--key", help="paying account's hex private key [default: CLIENT_KEY]")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
-
-
-def parse_amount(text: str) -> int:
-    """A token amount like ``12.5`` in base units; at most TOKEN_DECIMALS decimals."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise typer.BadParameter(f"{text!r} is not an amount") from exc
-    with localcontext() as context:
-        context.traps[Inexact] = True  # a rounded product would be another amount than the one typed
-        try:
-            units = value * 10**TOKEN_DECIMALS
-            valid = value.is_finite() and value > 0 and units == units.to_integral_value()
-        except ArithmeticError:  # sNaN, an overflowing exponent, more digits than the context holds
-            valid = False
-    if not valid:
-        raise typer.BadParameter(f"{text!r} must be positive with at most {TOKEN_DECIMALS} decimals")
-    return int(units)
-
-
-def tokens(amount: int) -> str:
-    return f"{Decimal(amount) / 10**TOKEN_DECIMALS:,.6f}"
 
 
 class Session:

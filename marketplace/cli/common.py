@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
@@ -14,7 +15,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import is_address, to_checksum_address
 from rich.console import Console
 
-from settlement.errors import SettlementError
+from settlement.deploy import TOKEN_DECIMALS
+from settlement.errors import SettlementError, TransactionReverted
 
 console = Console()
 errors = Console(stderr=True)
@@ -54,6 +56,29 @@ def parse_key(value: str) -> LocalAccount:
     return account
 
 
+def parse_amount(text: str) -> int:
+    """A token amount like ``12.5`` in base units; at most TOKEN_DECIMALS decimals."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise typer.BadParameter(f"{text!r} is not an amount") from exc
+    with localcontext() as context:
+        context.traps[Inexact] = True  # a rounded product would be another amount than the one typed
+        try:
+            units = value * 10**TOKEN_DECIMALS
+            valid = value.is_finite() and value > 0 and units == units.to_integral_value()
+        except ArithmeticError:  # sNaN, an overflowing exponent, more digits than the context holds
+            valid = False
+    if not valid:
+        raise typer.BadParameter(f"{text!r} must be positive with at most {TOKEN_DECIMALS} decimals")
+    return int(units)
+
+
+def tokens(amount: int) -> str:
+    """Base units as tokens for people: ``12,500.000000``."""
+    return f"{Decimal(amount) / 10**TOKEN_DECIMALS:,.6f}"
+
+
 def fail(message: str, code: str, *, as_json: bool = False) -> NoReturn:
     if as_json:
         console.print_json(json.dumps({"error": {"code": code, "message": message}}))
@@ -63,10 +88,15 @@ def fail(message: str, code: str, *, as_json: bool = False) -> NoReturn:
 
 
 @contextmanager
-def reported(*, as_json: bool = False) -> Iterator[None]:
-    """Turns settlement errors into a clear message, a stable code and exit status 1."""
+def reported(*, as_json: bool = False, reverts: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Turns settlement errors into a clear message, a stable code and exit status 1.
+
+    ``reverts`` gives a contract's custom errors, by name, the codes a command reports them under (a
+    StakeBelowMinimum revert as ``stake_below_minimum``, say); other reverts keep ``transaction_reverted``."""
     try:
         yield
+    except TransactionReverted as exc:
+        fail(str(exc), (reverts or {}).get(exc.error_name or "", exc.code), as_json=as_json)
     except SettlementError as exc:
         fail(str(exc), exc.code, as_json=as_json)
 

@@ -1,41 +1,63 @@
-"""`strata provider`: run a provider node serving a span of a model's layers."""
+"""`strata provider`: run a provider node serving a span of a model's layers, post or withdraw its ask on a
+gateway, and (from :mod:`marketplace.cli.staking`) stake, unstake, withdraw, see its status and claim payouts.
+
+A gateway matches only staked providers: `ask` checks StakeManager before it posts, and `serve --gateway`, which
+needs no chain, stops at the gateway's refusal of its first ask; both fail with ``inactive_provider``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import httpx
 import torch
 import typer
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from eth_account.signers.local import LocalAccount
 
 from marketplace.announce import AnnounceError, Announcer, Offer
-from marketplace.cli.common import console, fail, parse_address, parse_http_url, parse_key
+from marketplace.cli import staking
+from marketplace.cli.common import (
+    console,
+    emit_json,
+    fail,
+    parse_address,
+    parse_http_url,
+    parse_key,
+    reported,
+)
+from marketplace.cli.staking import (
+    DeploymentOption,
+    GatewayOption,
+    GatewayRefused,
+    JsonOption,
+    KeyOption,
+    ProviderSession,
+    ProviderSettings,
+    RpcOption,
+)
 from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
-from worker.errors import WorkerError
+from worker.client import parse_endpoint
+from worker.errors import ProtocolError, WorkerError
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.server import HopServer
 from worker.shard import load_shard
 
-app = typer.Typer(help="Serve a span of a model's layers and get paid for it.", no_args_is_help=True)
+app = typer.Typer(
+    help="Stake, serve a span of a model's layers, and claim what it earns.", no_args_is_help=True
+)
+app.add_typer(staking.app)  # stake, unstake, withdraw, status, claim: commands of `strata provider` itself
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The gateway's code refusing an ask from a provider StakeManager deems inactive.
+NOT_STAKED = "provider_not_staked"
+MODEL_ROOT = re.compile(r"0x[0-9a-fA-F]{64}")
 
-
-class ProviderSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    provider_key: SecretStr | None = Field(
-        default=None, description="hex private key: signs receipts and asks"
-    )
-    gateway_addresses: list[str] = Field(
-        default_factory=list, description="gateways whose job tickets are honoured"
-    )
-    chain_id: int = Field(default=31337, description="chain id in the EIP-712 domain of tickets and receipts")
-    gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")
+T = TypeVar("T")
 
 
 @app.command("serve")
@@ -134,8 +156,18 @@ def serve_command(
             chain_id=chain,
         )
 
-    async def serve() -> None:
+    async def serve() -> str | None:
+        """Serves until a signal; returns why the gateway refused the provider, if it did."""
         await server.start(host, port)
+        if announcer is not None:
+            try:
+                await announcer.post_ask()
+            except AnnounceError as exc:
+                if exc.code == NOT_STAKED:
+                    await announcer.aclose()
+                    await server.close()
+                    return f"{account.address} is not staked, so {gateway_url} refuses its ask: {exc}"
+                console.print(f"could not post the ask yet ({exc}); retrying")
         announcing = asyncio.create_task(announcer.run()) if announcer is not None else None
         console.print(
             f"Serving layers {shard.span} of model {shard.root} on {host}:{port} as {account.address} "
@@ -158,8 +190,190 @@ def serve_command(
                 console.print(f"could not withdraw the ask: {exc}")
             await announcer.aclose()
         await server.close()
+        return None
 
     try:
-        asyncio.run(serve())
+        refusal = asyncio.run(serve())
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc}", "listen_failed")
+    if refusal is not None:
+        fail(f"{refusal}; run `strata provider stake AMOUNT` first", "inactive_provider")
+
+
+def parse_model_root(value: str) -> str:
+    if not MODEL_ROOT.fullmatch(value):
+        raise typer.BadParameter(
+            f"{value!r} is not a model root (0x and 64 hex digits)", param_hint="--model-root"
+        )
+    return value.lower()
+
+
+def parse_layers(value: str) -> tuple[int, int]:
+    start, sep, end = value.partition(":")
+    if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise typer.BadParameter(f"{value!r} is not a span start:end with start < end", param_hint="--layers")
+    return int(start), int(end)
+
+
+def parse_endpoint_option(value: str) -> str:
+    try:
+        parse_endpoint(value)
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--endpoint") from exc
+    return value
+
+
+@app.command("ask")
+def ask_command(
+    model_root: Annotated[
+        str | None,
+        typer.Option("--model-root", help="the model's root, 0x + 64 hex (`strata model inspect`)"),
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="the span, start:end (end exclusive)")] = None,
+    price: Annotated[
+        int | None, typer.Option(min=1, help="token base units per million token-layers")
+    ] = None,
+    capacity: Annotated[int, typer.Option(min=1, help="sessions offered at once")] = 64,
+    endpoint: Annotated[
+        str | None, typer.Option(help="host:port the gateway and other providers reach your hop server at")
+    ] = None,
+    withdraw: Annotated[
+        bool,
+        typer.Option(
+            "--withdraw",
+            help="withdraw your live asks on the gateway instead (those of --model-root and --layers, if given)",
+        ),
+    ] = False,
+    key: KeyOption = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
+    gateway: GatewayOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Post, replace or withdraw your signed ask on a gateway, for a hop server you run yourself.
+
+    A new ask for the same model and span replaces the old one. The ask goes with one heartbeat: the gateway
+    matches a provider only while it heartbeats (`serve --gateway` does, every few seconds)."""
+    root = parse_model_root(model_root) if model_root is not None else None
+    span = parse_layers(layers) if layers is not None else None
+    endpoint = parse_endpoint_option(endpoint) if endpoint is not None else None
+    offer = None if withdraw else _offer_of_options(root, span, price, capacity, endpoint)
+    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    account = session.signer()
+    with reported(as_json=as_json):
+        active = session.contracts.stake.is_active(account.address)
+        chain_id = session.contracts.chain.chain_id
+    if not active:
+        session.fail(
+            f"{account.address} is not staked (or below the minimum stake): gateways refuse its asks, withdrawals "
+            "included, and match none of them; run `strata provider stake AMOUNT` first",
+            "inactive_provider",
+        )
+    if offer is None:
+        _withdraw_asks(session, account, chain_id, root, span)
+        return
+    announcer = Announcer(session.gateway_url, account, offer, chain_id=chain_id)
+
+    async def post() -> tuple[dict[str, Any], int | None]:
+        try:
+            posted = await announcer.post_ask()
+            try:
+                until: int | None = int((await announcer.heartbeat())["matchableUntil"])
+            except AnnounceError as exc:
+                if exc.code != "stale_heartbeat":  # a running `serve --gateway` heartbeated this second
+                    raise
+                until = None
+            return posted, until
+        finally:
+            await announcer.aclose()
+
+    with console.status(f"Posting the ask to {session.gateway_url}…"):
+        posted, until = _announced(session, post)
+    if as_json:
+        emit_json({"provider": account.address, "ask": posted["ask"], "matchableUntil": until})
+        return
+    console.print(
+        f"Ask posted: layers {offer.layer_start}:{offer.layer_end} of {offer.model_root} at {offer.price_per_million} "
+        f"base units per million token-layers, {offer.capacity} sessions, at {offer.endpoint}."
+    )
+
+
+def _offer_of_options(
+    root: str | None, span: tuple[int, int] | None, price: int | None, capacity: int, endpoint: str | None
+) -> Offer:
+    if root is None:
+        raise typer.BadParameter("posting an ask needs the model's root", param_hint="--model-root")
+    if span is None:
+        raise typer.BadParameter("posting an ask needs a span", param_hint="--layers")
+    if price is None:
+        raise typer.BadParameter("posting an ask needs a price", param_hint="--price")
+    if endpoint is None:
+        raise typer.BadParameter("posting an ask needs your hop server's host:port", param_hint="--endpoint")
+    return Offer(root, span[0], span[1], price, capacity, endpoint)
+
+
+def _withdraw_asks(
+    session: ProviderSession,
+    account: LocalAccount,
+    chain_id: int,
+    root: str | None,
+    span: tuple[int, int] | None,
+) -> None:
+    """Withdraws the provider's live asks on the gateway that match ``root`` and ``span`` (all when None), each
+    by re-signing it with capacity 0."""
+    try:
+        live: list[dict[str, Any]] = session.get(f"/v1/providers/{account.address}")["asks"]
+    except GatewayRefused as exc:
+        if exc.code != "unknown_provider":  # unknown: it never posted an ask there
+            session.fail(str(exc), exc.code)
+        live = []
+    offers = [
+        Offer(
+            ask["modelRoot"],
+            int(ask["layers"][0]),
+            int(ask["layers"][1]),
+            int(ask["pricePerMillion"]),
+            int(ask["capacity"]),
+            str(ask["endpoint"]),
+        )
+        for ask in live
+    ]
+    chosen = [
+        o
+        for o in offers
+        if (root is None or o.model_root.lower() == root)
+        and (span is None or (o.layer_start, o.layer_end) == span)
+    ]
+    if chosen:
+        # One announcer for them all: its nonces rise from one withdrawal to the next.
+        announcer = Announcer(session.gateway_url, account, chosen[0], chain_id=chain_id)
+
+        async def post() -> None:
+            try:
+                for offer in chosen:
+                    announcer.offer = offer
+                    await announcer.withdraw()
+            finally:
+                await announcer.aclose()
+
+        with console.status(f"Withdrawing {len(chosen)} ask(s) from {session.gateway_url}…"):
+            _announced(session, post)
+    withdrawn = [{"modelRoot": o.model_root, "layers": [o.layer_start, o.layer_end]} for o in chosen]
+    if session.as_json:
+        emit_json({"provider": account.address, "withdrawn": withdrawn})
+        return
+    if not chosen:
+        console.print(f"No live ask of {account.address} on {session.gateway_url} to withdraw.")
+    for o in chosen:
+        console.print(f"Withdrew the ask for layers {o.layer_start}:{o.layer_end} of {o.model_root}.")
+
+
+def _announced(session: ProviderSession, action: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Runs an announcing coroutine; the gateway's refusals fail the command with the gateway's code."""
+    try:
+        return asyncio.run(action())
+    except AnnounceError as exc:
+        if exc.code == NOT_STAKED:
+            session.fail(f"{exc}: run `strata provider stake AMOUNT` first", "inactive_provider")
+        unreachable = isinstance(exc.__cause__, httpx.HTTPError)
+        session.fail(str(exc), exc.code or ("gateway_unavailable" if unreachable else "gateway_error"))
