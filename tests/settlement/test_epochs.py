@@ -23,6 +23,7 @@ from settlement.deploy import Contracts
 from settlement.epochs import EpochCloser
 from settlement.errors import ChainUnavailable, LedgerMismatch
 from settlement.merkle import PayoutTree
+from settlement.report import ledger_and_chain
 from tests.conftest import Actors, advance_time
 from tests.settlement.ledger_data import Recorder, ledger_database
 
@@ -98,6 +99,8 @@ def assert_chain_matches_ledger(recorder: Recorder, actors: Actors) -> None:
     assert distributor.merkle_root() == bytes.fromhex(epoch.root[2:])
     for provider, share in books.provider_shares.items():
         assert leaves[provider] == share
+    report = ledger_and_chain(recorder.sessions, recorder.contracts)
+    assert report.matches and report.settled == books.charges, report
 
 
 def claim_all(recorder: Recorder, actors: Actors) -> dict[str, int]:
