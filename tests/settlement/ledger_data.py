@@ -29,14 +29,21 @@ SPANS = ((0, 2), (2, 4), (4, 6))
 
 
 @contextmanager
+def ledger_sessions(url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the database at ``url``, migrated first."""
+    migrate(url)
+    engine = create_blocking_engine(url)
+    try:
+        yield blocking_sessions(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
 def ledger_database(backend: str, tmp: Path) -> Iterator[sessionmaker[Session]]:
-    with database(backend, tmp) as url:
-        migrate(url)
-        engine = create_blocking_engine(url)
-        try:
-            yield blocking_sessions(engine)
-        finally:
-            engine.dispose()
+    """Sessions on a fresh, migrated database on ``backend``."""
+    with database(backend, tmp) as url, ledger_sessions(url) as sessions:
+        yield sessions
 
 
 @dataclass

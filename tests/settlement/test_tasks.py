@@ -1,0 +1,132 @@
+"""The Celery tasks through a real worker process and a real Redis: the running one at 127.0.0.1:6379 (as in
+CI) and a redis-server started here (the embedded default)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from settlement.config import SettlementSettings
+from settlement.db.schema import LedgerEntry
+from settlement.deploy import Contracts
+from settlement.errors import UnknownJob
+from settlement.redis_server import RedisServer
+from settlement.report import ledger_and_chain
+from settlement.tasks import CLOSE_EPOCH, METER_JOB, make_app
+from tests.conftest import Actors
+from tests.marketplace.harness import database
+from tests.settlement.ledger_data import Recorder, ledger_sessions
+
+ONE = 10**6
+SYSTEM_REDIS = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture(params=["system", "embedded"])
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "embedded":
+        with RedisServer() as server:
+            yield server.url
+        return
+    try:
+        redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=2).ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"no Redis at {SYSTEM_REDIS}: {exc}")
+    # A database of its own, emptied afterwards, so parallel runs and other users of this Redis are untouched.
+    number = 1 + uuid.uuid4().int % 15
+    url = f"{SYSTEM_REDIS}/{number}"
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    with database("sqlite", tmp_path) as made:
+        yield made
+
+
+@pytest.fixture
+def worker(
+    redis_url: str, url: str, contracts: Contracts, actors: Actors, tmp_path: Path
+) -> Iterator[Celery]:
+    deployment = tmp_path / "deployment.json"
+    contracts.deployment.save(deployment)
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "REDIS_URL": redis_url,
+        "RPC_URL": contracts.chain.rpc_url,
+        "DEPLOYMENT_FILE": str(deployment),
+        "OPERATOR_KEY": "0x" + actors.operator.key.hex(),
+        "EPOCH_S": "3600",
+    }
+    celery = Path(sys.executable).parent / "celery"
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(celery),
+            "-A",
+            "settlement.tasks",
+            "worker",
+            "--concurrency",
+            "1",
+            "--pool",
+            "solo",
+            "-Q",
+            "celery",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield make_app(SettlementSettings(redis_url=redis_url, _env_file=None))  # type: ignore[call-arg]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def recorder(url: str, contracts: Contracts, actors: Actors, tmp_path: Path) -> Iterator[Recorder]:
+    with ledger_sessions(url) as sessions:
+        recorder = Recorder(sessions, contracts, actors.providers)
+        recorder.open_channel(actors.payers[0], 5 * ONE)
+        yield recorder
+
+
+def test_the_worker_meters_jobs_and_closes_epochs(worker: Celery, recorder: Recorder, actors: Actors) -> None:
+    job_id = recorder.voucher_job(actors.payers[0], tokens=50_000, headroom=10)
+    metered = worker.send_task(METER_JOB, args=[job_id]).get(timeout=120)
+    assert metered == {"jobId": job_id, "metered": True, "charge": "450", "entries": 3, "refused": {}}
+    assert _entries(recorder.sessions) == 3
+
+    # Delivered twice, the task writes nothing more.
+    assert worker.send_task(METER_JOB, args=[job_id]).get(timeout=60)["charge"] == "450"
+    assert _entries(recorder.sessions) == 3
+
+    recorder.voucher_job(actors.payers[0], tokens=70_000)  # left to close_epoch to meter
+    report = worker.send_task(CLOSE_EPOCH).get(timeout=180)
+    assert (report["status"], report["epoch"], report["settled"]) == ("posted", 1, str(450 + 630))
+    assert ledger_and_chain(recorder.sessions, recorder.contracts).matches
+    assert worker.send_task(CLOSE_EPOCH).get(timeout=120)["status"] == "idle"
+
+    # A job the database does not have is refused, and the worker carries on.
+    with pytest.raises(UnknownJob, match="no job"):
+        worker.send_task(METER_JOB, args=["0x" + "00" * 32]).get(timeout=60)
+    assert _entries(recorder.sessions) == 6
+
+
+def _entries(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return len(session.scalars(select(LedgerEntry)).all())
