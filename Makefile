@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install test test-python test-contracts up lint gas pipeline gateway clean
+.PHONY: install test test-python test-contracts up lint gas pipeline gateway settlement clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -30,7 +30,7 @@ test-contracts: install
 	node_modules/.bin/forge test
 
 up: install
-	$(BIN)/strata chain up
+	$(BIN)/strata up
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,6 +45,9 @@ pipeline: install
 
 gateway: install
 	$(BIN)/python benchmarks/gateway.py
+
+settlement: install
+	$(BIN)/python benchmarks/settlement.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from eth_account.signers.local import LocalAccount
+from rich.console import Console
 from rich.table import Table
 
 from marketplace.cli.common import (
@@ -36,8 +39,100 @@ DEVNET_ROLES = (
 DEVNET_FUNDING = 10_000 * ONE_TOKEN
 
 
-def _deploy_with_progress(chain: Chain, deployer: LocalAccount, **kwargs: Any) -> Contracts:
-    with console.status(f"Compiling and deploying to {chain.rpc_url} (chain {chain.chain_id})…"):
+@dataclass
+class Devnet:
+    """A local anvil with the contracts deployed, roles granted and the demo accounts funded."""
+
+    anvil: Anvil
+    contracts: Contracts
+    accounts: dict[str, LocalAccount]  # by role, see DEVNET_ROLES
+    deployment_file: Path
+
+    @property
+    def rpc_url(self) -> str:
+        return self.anvil.url
+
+    @property
+    def chain_id(self) -> int:
+        return self.contracts.chain.chain_id
+
+    @property
+    def devnet_file(self) -> Path:
+        return devnet_file_of(self.deployment_file)
+
+    def write(self, **services: Any) -> Path:
+        """Writes the devnet file: the chain, the demo accounts with their keys, and ``services`` (URLs
+        of what runs beside the chain, for `strata demo`)."""
+        record = {
+            "rpc_url": self.rpc_url,
+            "chain_id": self.chain_id,
+            "deployment_file": str(self.deployment_file),
+            **services,
+            "accounts": {
+                role: {"address": a.address, "key": key_hex(a)} for role, a in self.accounts.items()
+            },
+        }
+        self.devnet_file.write_text(json.dumps(record, indent=2) + "\n")
+        return self.devnet_file
+
+
+def key_hex(account: LocalAccount) -> str:
+    return "0x" + bytes(account.key).hex()
+
+
+def devnet_file_of(deployment_file: Path) -> Path:
+    """Where the demo accounts are written: beside the deployment file."""
+    return deployment_file.with_name("devnet.json")
+
+
+def start_devnet(
+    *, port: int, deployment_file: Path, params: DeployParams | None = None, status: Console = console
+) -> Devnet:
+    """Starts anvil on 127.0.0.1:``port``, deploys with one dev account per role (admin, operator, treasury,
+    validator), funds the providers', clients' and validator's accounts, and writes the deployment and
+    devnet files. Stops anvil again if any of that fails."""
+    anvil = Anvil(port=port, accounts=len(DEVNET_ROLES))
+    with status.status(f"Starting anvil on 127.0.0.1:{port}…"):
+        anvil.start()
+    try:
+        accounts = dict(zip(DEVNET_ROLES, anvil.accounts, strict=True))
+        chain = Chain(anvil.url)
+        contracts = _deploy_with_progress(
+            chain,
+            accounts["admin"],
+            status=status,
+            operator=accounts["operator"].address,
+            treasury=accounts["treasury"].address,
+            slasher=accounts["validator"].address,
+            params=params or DeployParams(),
+        )
+        with status.status("Funding demo accounts…"):
+            for role, account in accounts.items():
+                if role.startswith(("provider", "client", "validator")):
+                    contracts.token.mint(accounts["admin"], to=account.address, amount=DEVNET_FUNDING)
+        contracts.deployment.save(deployment_file)
+        devnet = Devnet(anvil, contracts, accounts, deployment_file)
+        devnet.write()
+    except BaseException:
+        anvil.stop()
+        raise
+    return devnet
+
+
+def accounts_table(devnet: Devnet) -> Table:
+    table = Table(title="Demo accounts (development keys: never use them on a real network)")
+    for column in ("role", "address", "private key", "sUSD"):
+        table.add_column(column, overflow="fold")
+    for role, account in devnet.accounts.items():
+        balance = devnet.contracts.token.balance_of(account.address) / ONE_TOKEN
+        table.add_row(role, account.address, key_hex(account), f"{balance:,.2f}")
+    return table
+
+
+def _deploy_with_progress(
+    chain: Chain, deployer: LocalAccount, *, status: Console = console, **kwargs: Any
+) -> Contracts:
+    with status.status(f"Compiling and deploying to {chain.rpc_url} (chain {chain.chain_id})…"):
         return deploy(chain, deployer, **kwargs)
 
 
@@ -117,58 +212,24 @@ def up_command(
     out: Annotated[Path | None, typer.Option(help="deployment file [default: DEPLOYMENT_FILE]")] = None,
 ) -> None:
     """Start a local anvil, deploy, fund demo accounts, and keep the chain running until Ctrl-C."""
-    settings = ChainSettings()
-    anvil = Anvil(port=port, accounts=len(DEVNET_ROLES))
+    path = out or ChainSettings().deployment_file
     with reported():
-        with console.status(f"Starting anvil on 127.0.0.1:{port}…"):
-            anvil.start()
-        try:
-            accounts = dict(zip(DEVNET_ROLES, anvil.accounts, strict=True))
-            chain = Chain(anvil.url)
-            contracts = _deploy_with_progress(
-                chain,
-                accounts["admin"],
-                operator=accounts["operator"].address,
-                treasury=accounts["treasury"].address,
-                slasher=accounts["validator"].address,
-            )
-            with console.status("Funding demo accounts…"):
-                for role, account in accounts.items():
-                    if role.startswith(("provider", "client", "validator")):
-                        contracts.token.mint(accounts["admin"], to=account.address, amount=DEVNET_FUNDING)
-        except BaseException:
-            anvil.stop()
-            raise
-    path = out or settings.deployment_file
-    contracts.deployment.save(path)
-    devnet_file = path.with_name("devnet.json")
-    devnet_file.write_text(
-        json.dumps(
-            {
-                "rpc_url": anvil.url,
-                "accounts": {
-                    r: {"address": a.address, "key": "0x" + a.key.hex()} for r, a in accounts.items()
-                },
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    console.print(_contracts_table(contracts))
-    table = Table(title="Demo accounts (development keys: never use them on a real network)")
-    for column in ("role", "address", "private key", "sUSD"):
-        table.add_column(column)
-    for role, account in accounts.items():
-        balance = contracts.token.balance_of(account.address) / ONE_TOKEN
-        table.add_row(role, account.address, "0x" + account.key.hex(), f"{balance:,.2f}")
-    console.print(table)
-    console.print(f"Chain: [bold]{anvil.url}[/] (chain id {chain.chain_id})")
-    console.print(f"Deployment: [bold]{path}[/]   Demo accounts: [bold]{devnet_file}[/]")
+        devnet = start_devnet(port=port, deployment_file=path)
+    console.print(_contracts_table(devnet.contracts))
+    console.print(accounts_table(devnet))
+    console.print(f"Chain: [bold]{devnet.rpc_url}[/] (chain id {devnet.chain_id})")
+    console.print(f"Deployment: [bold]{path}[/]   Demo accounts: [bold]{devnet.devnet_file}[/]")
     console.print("Press Ctrl-C to stop.")
-    signal.signal(signal.SIGTERM, lambda *_: anvil.stop())
+    # SIGTERM interrupts the wait like Ctrl-C: stopping anvil inside the handler would wait for the process
+    # that the interrupted wait is still reaping, and hang.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        anvil.wait()
+        devnet.anvil.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        anvil.stop()
+        devnet.anvil.stop()
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,479 @@
+"""`strata demo`: one paid request through a running `strata up`, from the client's first 402 to a provider's
+claim on chain, with every balance before and after and the ledger beside the chain.
+
+It reads what `strata up` wrote to ``devnet.json`` in the state directory (the URLs and the development keys),
+and plays two parts: client-1, which opens a payment channel and pays a streamed answer with a voucher, and
+provider-1, which claims its payout once an epoch has settled. In between it closes an epoch on demand, as the
+settlement worker does on its schedule.
+
+The ledger-vs-chain check follows settlement's accounting (see :mod:`settlement.epochs`): over posted epochs,
+
+    distributor funded                      = Σ charges settled
+    distributor providerTotal               = Σ provider earnings + the treasury's rounding leaf
+    distributor feesPaid + the treasury's leaf = Σ platform fees
+
+Exit status: 0 when every figure matches, 1 with a stable code otherwise (``marketplace_not_running`` when
+there is no marketplace to talk to, ``ledger_mismatch`` when the books disagree).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from marketplace.cli.common import console, emit_json, errors, fail, parse_amount, reported, tokens
+from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
+from marketplace.payments.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, VOUCHER, decode_header
+from settlement.chain import Chain
+from settlement.config import SettlementSettings
+from settlement.contracts import random_channel_id
+from settlement.db.engine import create_blocking_engine
+from settlement.db.schema import Epoch, LedgerEntry
+from settlement.deploy import Contracts, Deployment
+from settlement.epochs import POSTED
+from settlement.errors import SettlementError
+
+NOT_RUNNING = "marketplace_not_running"
+PROVIDERS = ("provider-1", "provider-2", "provider-3")
+CLIENT = "client-1"
+CLAIMANT = "provider-1"
+
+
+class DemoFailed(Exception):
+    """A step could not be done; ``code`` is the stable code the command exits with."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Marketplace:
+    """A running `strata up`, as its devnet file describes it."""
+
+    devnet: dict[str, Any]
+    contracts: Contracts
+    gateway_url: str
+    redis_url: str
+    database_url: str
+    model: str
+
+    def account(self, role: str) -> LocalAccount:
+        account: LocalAccount = Account.from_key(self.devnet["accounts"][role]["key"])
+        return account
+
+
+def connect(state_dir: Path) -> Marketplace:
+    """Reads the devnet file and checks that the gateway and the chain answer."""
+    path = state_dir / "devnet.json"
+    try:
+        devnet = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DemoFailed(f"no {path}: start the marketplace with `strata up` first", NOT_RUNNING) from exc
+    except json.JSONDecodeError as exc:
+        raise DemoFailed(f"{path} is not a devnet file: {exc}", NOT_RUNNING) from exc
+    if not isinstance(devnet, dict) or "gateway_url" not in devnet:
+        raise DemoFailed(
+            f"{path} describes a chain without a marketplace (`strata chain up`?): run `strata up`",
+            NOT_RUNNING,
+        )
+    gateway_url = str(devnet["gateway_url"])
+    try:
+        health = httpx.get(f"{gateway_url}/health", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise DemoFailed(
+            f"the gateway at {gateway_url} does not answer ({exc}): is `strata up` running?", NOT_RUNNING
+        ) from exc
+    if health.status_code != 200:
+        raise DemoFailed(f"the gateway at {gateway_url} is not healthy: {health.text[:200]}", NOT_RUNNING)
+    try:
+        chain = Chain(devnet["rpc_url"], request_timeout_s=5.0)
+        contracts = Contracts.load(chain, Deployment.load(Path(devnet["deployment_file"])))
+    except SettlementError as exc:
+        raise DemoFailed(f"the chain at {devnet['rpc_url']} cannot be used: {exc}", NOT_RUNNING) from exc
+    return Marketplace(
+        devnet,
+        contracts,
+        gateway_url,
+        str(devnet["redis_url"]),
+        str(devnet["database_url"]),
+        str(devnet["model"]["name"]),
+    )
+
+
+# -- figures -----------------------------------------------------------------------------------------------
+
+
+def balances(market: Marketplace, channel: bytes) -> dict[str, Any]:
+    """Every balance the demo moves, as decimal strings of base units."""
+    token, escrow, distributor = market.contracts.token, market.contracts.escrow, market.contracts.distributor
+    client = market.account(CLIENT).address
+    state = escrow.channel(channel)
+    figures: dict[str, Any] = {
+        CLIENT: {
+            "address": client,
+            "balance": str(token.balance_of(client)),
+            "channelDeposit": str(state.deposit),
+            "channelClaimed": str(state.claimed),
+        }
+    }
+    for role in PROVIDERS:
+        address = market.account(role).address
+        figures[role] = {
+            "address": address,
+            "balance": str(token.balance_of(address)),
+            "claimed": str(distributor.claimed(address)),
+        }
+    treasury = market.account("treasury").address
+    figures["treasury"] = {"address": treasury, "balance": str(token.balance_of(treasury))}
+    figures["distributor"] = {
+        "address": distributor.address,
+        "balance": str(token.balance_of(distributor.address)),
+        "funded": str(distributor.funded()),
+        "providerTotal": str(distributor.provider_total()),
+        "feesPaid": str(distributor.fees_paid()),
+        "totalClaimed": str(distributor.total_claimed()),
+        "epoch": distributor.epoch(),
+    }
+    return figures
+
+
+def ledger_totals(database_url: str) -> dict[str, str]:
+    """Σ charges, provider earnings and platform fees of the ledger entries in posted epochs."""
+    engine = create_blocking_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            posted = select(Epoch.number).where(Epoch.status == POSTED)
+            charges, shares, fees = connection.execute(
+                select(
+                    func.coalesce(func.sum(LedgerEntry.charge), 0),
+                    func.coalesce(func.sum(LedgerEntry.provider_share), 0),
+                    func.coalesce(func.sum(LedgerEntry.platform_fee), 0),
+                ).where(LedgerEntry.epoch.in_(posted))
+            ).one()
+    finally:
+        engine.dispose()
+    return {"charges": str(charges), "providerEarnings": str(shares), "platformFees": str(fees)}
+
+
+def checks(ledger: dict[str, str], treasury_leaf: int, chain: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ledger figure beside the distributor's: see the module docstring for why the treasury's leaf."""
+    rows = [
+        ("Σ charges settled", int(ledger["charges"]), "funded", int(chain["funded"])),
+        (
+            "Σ provider earnings + treasury leaf",
+            int(ledger["providerEarnings"]) + treasury_leaf,
+            "providerTotal",
+            int(chain["providerTotal"]),
+        ),
+        (
+            "Σ platform fees",
+            int(ledger["platformFees"]),
+            "feesPaid + treasury leaf",
+            int(chain["feesPaid"]) + treasury_leaf,
+        ),
+    ]
+    return [
+        {
+            "ledgerFigure": left_name,
+            "ledger": str(left),
+            "chainFigure": right_name,
+            "chain": str(right),
+            "match": left == right,
+        }
+        for left_name, left, right_name, right in rows
+    ]
+
+
+# -- the steps ---------------------------------------------------------------------------------------------
+
+
+def unpaid_quote(market: Marketplace, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sends the request without payment: the gateway answers 402 with what it would cost at most."""
+    try:
+        response = httpx.post(f"{market.gateway_url}/v1/chat/completions", json=body, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise DemoFailed(f"{market.gateway_url} unreachable: {exc}", "gateway_unavailable") from exc
+    if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+        raise DemoFailed(
+            f"expected 402 with a quote, got HTTP {response.status_code}: {response.text[:200]}",
+            "unexpected_response",
+        )
+    required = decode_header(response.headers[PAYMENT_REQUIRED])
+    voucher = next((r for r in required.get("accepts", []) if r.get("scheme") == VOUCHER), None)
+    if voucher is None:
+        raise DemoFailed("the gateway offers no voucher payment", "no_requirement")
+    return required, voucher
+
+
+@dataclass
+class Answer:
+    text: str
+    reserved: dict[str, Any] | None  # PAYMENT-RESPONSE as the stream began
+    settled: dict[str, Any]  # the stream's last chunk's payment: what it was charged
+
+
+async def _stream(
+    market: Marketplace, wallet: ChannelWallet, body: dict[str, Any], out: Console, echo: bool
+) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """Sends the request again through the SDK, which pays the 402 with a voucher, and streams the answer."""
+    text: list[str] = []
+    reserved = settled = None
+    streamed = {**body, "stream": True}
+    async with (
+        StrataClient(market.gateway_url, wallet) as strata,
+        strata.http.stream("POST", "/v1/chat/completions", json=streamed) as response,
+    ):
+        if response.status_code != 200:
+            await response.aread()
+            raise PaymentFailed(f"HTTP {response.status_code}: {response.text[:200]}")
+        header = response.headers.get(PAYMENT_RESPONSE)
+        reserved = decode_header(header) if header else None
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise PaymentFailed(
+                    chunk["error"].get("message", "the job failed"), chunk["error"].get("code")
+                )
+            if isinstance(chunk.get("payment"), dict):
+                settled = chunk["payment"]
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    text.append(piece)
+                    if echo:
+                        out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+    if echo:
+        out.print()
+    return "".join(text), reserved, settled
+
+
+def paid_stream(
+    market: Marketplace, wallet: ChannelWallet, body: dict[str, Any], out: Console, echo: bool
+) -> Answer:
+    """The paid, streamed request (``echo`` prints the text as it comes); refused or unpriced, it fails."""
+    try:
+        text, reserved, settled = asyncio.run(_stream(market, wallet, body, out, echo))
+    except PaymentFailed as exc:
+        raise DemoFailed(str(exc), exc.code or "request_failed") from exc
+    except httpx.HTTPError as exc:  # refused, timed out, or dropped mid-answer
+        raise DemoFailed(f"{market.gateway_url} failed mid-answer: {exc}", "gateway_unavailable") from exc
+    if settled is None:
+        raise DemoFailed("the answer ended without saying what it cost", "unsettled")
+    return Answer(text, reserved, settled)
+
+
+def close_epoch(redis_url: str, timeout_s: float) -> dict[str, Any]:
+    """Runs settlement's close_epoch task now, on the worker `strata up` started, and waits for its report."""
+    from settlement.tasks import CLOSE_EPOCH, make_app
+
+    app = make_app(SettlementSettings(redis_url=redis_url))
+    try:
+        report: dict[str, Any] = app.send_task(CLOSE_EPOCH).get(timeout=timeout_s)
+    except Exception as exc:  # Celery re-raises the task's own error, or its broker's: many kinds
+        raise DemoFailed(f"close_epoch failed: {exc!r}", "epoch_failed") from exc
+    finally:
+        app.close()
+    return report
+
+
+def payout(market: Marketplace, address: str) -> dict[str, Any]:
+    """``GET /v1/payouts/{address}``: what the ledger says ``address`` earned and may claim, with the proof."""
+    try:
+        response = httpx.get(f"{market.gateway_url}/v1/payouts/{address}", timeout=30.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise DemoFailed(f"GET /v1/payouts/{address} failed: {exc}", "gateway_unavailable") from exc
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def claim(market: Marketplace, claimant: LocalAccount, due: dict[str, Any]) -> str:
+    """Claims ``due`` (a payout as the gateway serves it) from the distributor; returns the transaction hash."""
+    receipt = market.contracts.distributor.claim(
+        claimant,
+        provider=claimant.address,
+        cumulative_amount=int(due["cumulativeAmount"]),
+        proof=[bytes.fromhex(node.removeprefix("0x")) for node in due["proof"]],
+        expected_root=bytes.fromhex(str(due["root"]).removeprefix("0x")),
+    )
+    return "0x" + bytes(receipt["transactionHash"]).hex()
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+
+def _balances_table(title: str, figures: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    for column in ("account", "address", "sUSD balance", "detail"):
+        table.add_column(column, overflow="fold")
+    client = figures[CLIENT]
+    table.add_row(
+        CLIENT,
+        client["address"],
+        tokens(int(client["balance"])),
+        f"channel deposit {tokens(int(client['channelDeposit']))}, claimed {tokens(int(client['channelClaimed']))}",
+    )
+    for role in PROVIDERS:
+        row = figures[role]
+        table.add_row(
+            role, row["address"], tokens(int(row["balance"])), f"claimed {tokens(int(row['claimed']))}"
+        )
+    table.add_row("treasury", figures["treasury"]["address"], tokens(int(figures["treasury"]["balance"])), "")
+    d = figures["distributor"]
+    table.add_row(
+        "distributor",
+        d["address"],
+        tokens(int(d["balance"])),
+        f"epoch {d['epoch']}, funded {tokens(int(d['funded']))}, providerTotal {tokens(int(d['providerTotal']))}, "
+        f"feesPaid {tokens(int(d['feesPaid']))}",
+    )
+    return table
+
+
+def _document_table(title: str, document: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="dim")
+    table.add_column("value", overflow="fold")
+    flat = {**{k: v for k, v in document.items() if k != "extra"}, **(document.get("extra") or {})}
+    for key, value in flat.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    return table
+
+
+def _checks_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Ledger vs chain (posted epochs)")
+    for column in ("ledger", "sUSD", "chain", "sUSD ", "match"):
+        table.add_column(column, overflow="fold", justify="right" if column.startswith("sUSD") else "left")
+    for row in rows:
+        table.add_row(
+            row["ledgerFigure"],
+            tokens(int(row["ledger"])),
+            row["chainFigure"],
+            tokens(int(row["chain"])),
+            "[green]yes[/]" if row["match"] else "[bold red]NO[/]",
+        )
+    return table
+
+
+# -- the command -------------------------------------------------------------------------------------------
+
+
+def demo_command(
+    state_dir: Annotated[Path, typer.Option(help="the state directory `strata up` writes")] = Path(".strata"),
+    prompt: Annotated[str, typer.Option(help="what client-1 asks")] = "Tell me about layer-split inference.",
+    max_tokens: Annotated[int, typer.Option(min=1, max=512)] = 24,
+    deposit: Annotated[str, typer.Option(help="tokens client-1 deposits into its new channel")] = "10",
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the epoch to close")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
+) -> None:
+    """Play a client and a provider against a running `strata up`: a 402, a voucher-paid streamed answer, an
+    epoch settled on chain, a claimed payout, and the ledger checked against the chain."""
+    deposit_units = parse_amount(deposit)
+    # Progress goes to stderr under --json, so stdout carries only the report.
+    out = errors if as_json else console
+    try:
+        with reported(as_json=as_json):
+            report = _play(connect(state_dir), deposit_units, prompt, max_tokens, timeout, out, as_json)
+    except DemoFailed as exc:
+        fail(str(exc), exc.code, as_json=as_json)
+    if as_json:
+        emit_json(report)
+    else:
+        out.print(_balances_table("After", report["after"]))
+        out.print(_checks_table(report["checks"]))
+        out.print(
+            "[dim]The treasury's leaf is the per-hop rounding residue: it stays in the providers' pool on chain, "
+            "claimable by the treasury.[/]"
+        )
+    if not report["ok"]:
+        if as_json:
+            raise typer.Exit(1)  # the report says which figure differs
+        fail("the ledger and the chain disagree", "ledger_mismatch")
+
+
+def _play(
+    market: Marketplace,
+    deposit: int,
+    prompt: str,
+    max_tokens: int,
+    timeout_s: float,
+    out: Console,
+    as_json: bool,
+) -> dict[str, Any]:
+    """The six steps; returns the report. Tables are printed as it goes unless ``as_json``."""
+    show = (lambda *_args, **_kwargs: None) if as_json else out.print
+    client, claimant = market.account(CLIENT), market.account(CLAIMANT)
+    channel = random_channel_id(client.address)
+    report: dict[str, Any] = {
+        "client": client.address,
+        "channelId": "0x" + channel.hex(),
+        "model": market.model,
+    }
+
+    out.rule("1. Balances before")
+    report["before"] = balances(market, channel)
+    show(_balances_table("Before", report["before"]))
+
+    out.rule("2. A request without payment")
+    body = {
+        "model": market.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    required, voucher = unpaid_quote(market, body)
+    report["paymentRequired"] = required
+    show(f"HTTP 402 Payment Required: PAYMENT-REQUIRED offers {len(required['accepts'])} way(s) to pay.")
+    show(_document_table("The voucher quote", voucher))
+
+    out.rule("3. Open a channel and pay with a voucher")
+    with out.status(f"Depositing {tokens(deposit)} sUSD into channel 0x{channel.hex()[:16]}…"):
+        held = asyncio.run(fund_channel(market.contracts, client, channel, deposit))
+    escrow, chain_id = market.contracts.escrow.address, market.contracts.chain.chain_id
+    wallet = ChannelWallet(client, channel, escrow=escrow, chain_id=chain_id, deposit=held)
+    show(f"[bold]{client.address}[/] asks {market.model!r}: {prompt}")
+    show("[dim](the demo model has random weights: expect gibberish, paid for all the same)[/]")
+    answer = paid_stream(market, wallet, body, out, echo=not as_json)
+    report.update(answer=answer.text, paymentReserved=answer.reserved, payment=answer.settled)
+    report["charged"] = str(answer.settled["extra"]["charged"])
+    if answer.reserved:
+        show(_document_table("PAYMENT-RESPONSE (as the stream began)", answer.reserved))
+    show(_document_table("Payment (the stream's last chunk)", answer.settled))
+
+    out.rule("4. Close an epoch")
+    with out.status("Settling: redeeming vouchers, posting the payout root…"):
+        report["epoch"] = close_epoch(market.redis_url, timeout_s)
+    show(_document_table("close_epoch", report["epoch"]))
+
+    out.rule(f"5. {CLAIMANT} claims its payout")
+    due = report["payout"] = payout(market, claimant.address)
+    claimable = int(due["claimable"])
+    report["claim"] = None
+    if claimable > 0:
+        with out.status(f"Claiming {tokens(claimable)} sUSD with a proof of {len(due['proof'])} nodes…"):
+            report["claim"] = {"amount": str(claimable), "tx": claim(market, claimant, due)}
+        show(f"{CLAIMANT} claimed [bold]{tokens(claimable)}[/] sUSD (tx {report['claim']['tx']}).")
+    else:
+        show(f"{CLAIMANT} has nothing to claim (settled {tokens(int(due['settled']))}, already claimed).")
+
+    out.rule("6. Balances after, and the ledger beside the chain")
+    report["after"] = balances(market, channel)
+    treasury_leaf = int(payout(market, market.account("treasury").address)["settled"])
+    report["ledger"] = {**ledger_totals(market.database_url), "treasuryLeaf": str(treasury_leaf)}
+    report["checks"] = checks(report["ledger"], treasury_leaf, report["after"]["distributor"])
+    report["ok"] = all(row["match"] for row in report["checks"])
+    return report

@@ -1,0 +1,367 @@
+"""`strata up` and `strata demo`: the whole local marketplace as a user starts it, a paid request through it
+down to a claimed payout, every balance checked on chain, and everything gone after Ctrl-C.
+
+The end-to-end test runs twice: on the embedded defaults (SQLite, a redis-server `strata up` starts) and on
+PostgreSQL with the Redis already running on this machine (in a database number nobody else uses). The epoch is
+an hour long, so the only settlement is the one `strata demo` asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from marketplace.cli import app
+from marketplace.cli.up import Supervisor, UpFailed, wait_until
+from settlement.anvil import free_port
+from settlement.chain import Chain
+from settlement.deploy import ONE_TOKEN, Contracts, Deployment
+from tests.marketplace.harness import database
+
+STRATA = str(Path(sys.executable).with_name("strata"))
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+FUNDING = 10_000 * ONE_TOKEN  # what `strata up` mints to each demo account
+STAKE = 100 * ONE_TOKEN  # the deployment's minimum stake, which each provider bonds
+DEPOSIT = 10 * ONE_TOKEN  # `strata demo`'s default deposit
+READY_TIMEOUT_S = 150
+# Settings a developer's shell may hold; `strata up` must run on what the test gives it.
+SETTINGS = (
+    "DATABASE_URL", "REDIS_URL", "RPC_URL", "DEPLOYMENT_FILE", "GATEWAY_KEY", "MODELS", "OPERATOR_KEY",
+    "DEPLOYER_KEY", "EPOCH_S", "GATEWAY_URL", "CLIENT_KEY", "PROVIDER_KEY", "GATEWAY_ADDRESSES",
+)  # fmt: skip
+
+runner = CliRunner()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in SETTINGS}
+    return {**env, **extra}
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _first_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line of ``process``'s stdout, or a failure with its stderr if it exits or times out first."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout_s)
+    except queue.Empty:
+        line = ""
+    if not line:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        pytest.fail(
+            f"strata up was not ready within {timeout_s} s (exit {process.returncode}):\n{err[-6000:]}"
+        )
+    return line
+
+
+@contextmanager
+def strata_up(state: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """`strata up --json` on free ports; yields it with its summary once ready, then stops it with SIGINT
+    (as Ctrl-C would) and checks that it left nothing running."""
+    process = subprocess.Popen(
+        [STRATA, "up", "--state-dir", str(state), "--port", str(free_port()),
+         "--chain-port", str(free_port()), "--epoch-seconds", "3600", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=state.parent,
+    )  # fmt: skip
+    try:
+        summary = json.loads(_first_line(process, READY_TIMEOUT_S))
+        yield process, summary
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+            pytest.fail(f"strata up did not stop within 90 s after SIGINT:\n{err[-4000:]}")
+    assert process.returncode == 0, err[-4000:]
+    assert "Stopped." in err
+    pids = [summary["gateway"]["pid"], summary["worker"]["pid"], *(p["pid"] for p in summary["providers"])]
+    assert not [pid for pid in pids if alive(pid)]
+    ports = [
+        int(summary["gateway_url"].rsplit(":", 1)[1]),
+        int(summary["rpc_url"].rsplit(":", 1)[1]),
+        *(int(p["endpoint"].rsplit(":", 1)[1]) for p in summary["providers"]),
+    ]
+    if summary["redis_url"] != env.get("REDIS_URL"):  # the redis-server it started
+        ports.append(int(summary["redis_url"].split(":")[2].split("/")[0]))
+    assert not [port for port in ports if listening(port)]
+
+
+@contextmanager
+def spare_redis_db() -> Iterator[str]:
+    """A URL of an empty database on the running Redis; afterwards, removes only the keys Celery and
+    settlement create there."""
+    try:
+        probe = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        probe.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    probe.close()
+    for number in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{number}")
+        if client.dbsize() == 0:
+            break
+        client.close()
+    else:
+        pytest.skip(f"every database of {REDIS_URL} holds keys")
+    try:
+        yield f"{REDIS_URL}/{number}"
+    finally:
+        for pattern in ("celery*", "_kombu*", "unacked*", "strata:*"):
+            for key in client.scan_iter(match=pattern):
+                client.delete(key)
+        client.close()
+
+
+@contextmanager
+def backend_env(backend: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    if backend == "embedded":
+        yield clean_env()
+        return
+    with database("postgresql", tmp_path) as database_url, spare_redis_db() as redis_url:
+        yield clean_env(DATABASE_URL=database_url, REDIS_URL=redis_url)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgresql"])
+def test_up_then_demo_pays_settles_and_claims(backend: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with backend_env(backend, tmp_path) as env, strata_up(state, env) as (_process, summary):
+        if backend == "postgresql":
+            assert summary["database_url"] == env["DATABASE_URL"]
+            assert summary["redis_url"] == env["REDIS_URL"]
+        else:
+            assert summary["database_url"] == f"sqlite:///{state / 'gateway.db'}"
+        devnet = json.loads((state / "devnet.json").read_text())
+        assert devnet["gateway_url"] == summary["gateway_url"]
+        assert devnet["redis_url"] == summary["redis_url"]
+
+        demo = subprocess.run(
+            [STRATA, "demo", "--state-dir", str(state), "--json"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        )  # fmt: skip
+        assert demo.returncode == 0, demo.stdout + demo.stderr[-4000:]
+        report = json.loads(demo.stdout)
+        assert report["ok"], report["checks"]
+
+        gateway = summary["gateway_url"]
+        accounts = {role: a["address"] for role, a in summary["accounts"].items()}
+        payouts = {
+            role: httpx.get(f"{gateway}/v1/payouts/{accounts[role]}", timeout=10).json()
+            for role in ("provider-1", "provider-2", "provider-3", "treasury")
+        }
+        chain = Chain(summary["rpc_url"])
+        contracts = Contracts.load(chain, Deployment.load(Path(summary["deployment_file"])))
+        token, distributor = contracts.token, contracts.distributor
+
+        charged = int(report["charged"])
+        assert 0 < charged <= int(report["paymentRequired"]["accepts"][0]["amount"])
+        assert report["epoch"]["status"] == "posted"
+        assert int(report["epoch"]["settled"]) == charged
+
+        # The client deposited, and the escrow took exactly the charge from its channel.
+        client = accounts["client-1"]
+        channel = contracts.escrow.channel(bytes.fromhex(report["channelId"][2:]))
+        assert token.balance_of(client) == FUNDING - DEPOSIT
+        assert (channel.deposit, channel.claimed) == (DEPOSIT, charged)
+
+        # Every base unit of the charge went to the distributor: providers' pool and the platform's fee.
+        fees = distributor.fees_paid()
+        assert distributor.funded() == charged
+        assert fees == charged - charged * 8_000 // 10_000
+        assert token.balance_of(accounts["treasury"]) == fees
+        earnings = sum(int(payouts[role]["settled"]) for role in ("provider-1", "provider-2", "provider-3"))
+        treasury_leaf = int(payouts["treasury"]["settled"])
+        assert (
+            distributor.provider_total() == earnings + treasury_leaf == int(report["epoch"]["providerTotal"])
+        )
+        assert earnings == sum(int(payouts[r]["earned"]) for r in ("provider-1", "provider-2", "provider-3"))
+        assert all(int(payouts[r]["settled"]) > 0 for r in ("provider-1", "provider-2", "provider-3"))
+
+        # provider-1 claimed what it was due; the others have yet to.
+        claimed = int(report["claim"]["amount"])
+        assert claimed == int(report["payout"]["claimable"]) == int(payouts["provider-1"]["settled"])
+        assert token.balance_of(accounts["provider-1"]) == FUNDING - STAKE + claimed
+        assert distributor.claimed(accounts["provider-1"]) == claimed
+        for role in ("provider-2", "provider-3"):
+            assert token.balance_of(accounts[role]) == FUNDING - STAKE
+            assert int(payouts[role]["claimable"]) == int(payouts[role]["settled"])
+        assert token.balance_of(distributor.address) == charged - fees - claimed
+
+        # The demo's own before/after figures say the same.
+        before, after = report["before"], report["after"]
+        assert int(before["client-1"]["balance"]) - int(after["client-1"]["balance"]) == DEPOSIT
+        assert int(after["provider-1"]["balance"]) - int(before["provider-1"]["balance"]) == claimed
+        assert int(after["treasury"]["balance"]) - int(before["treasury"]["balance"]) == fees
+        assert report["ledger"] == {
+            "charges": str(charged),
+            "providerEarnings": str(earnings),
+            "platformFees": str(charged - earnings),
+            "treasuryLeaf": str(treasury_leaf),
+        }
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env, and .strata/ lands in the test's own directory
+    return tmp_path
+
+
+@pytest.mark.parametrize("which", ["--port", "--chain-port"])
+def test_up_on_a_port_in_use_fails_with_a_code(which: str, in_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), "--chain-port": str(free_port()), which: str(busy)}
+        result = runner.invoke(app, ["up", *(x for pair in ports.items() for x in pair), "--json"])
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "port_in_use"
+    assert str(busy) in error["message"]
+    assert not (in_tmp / ".strata").exists()  # nothing was started
+
+
+def test_up_with_one_port_for_both_is_a_usage_error(in_tmp: Path) -> None:
+    port = str(free_port())
+    result = runner.invoke(app, ["up", "--port", port, "--chain-port", port])
+    assert result.exit_code == 2
+
+
+def test_up_with_an_unreachable_redis_fails_with_a_code(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    args = ["up", "--port", str(free_port()), "--chain-port", str(free_port()), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["error"]["code"] == "broker_unavailable"
+
+
+def test_demo_with_nothing_running_fails_with_a_code(in_tmp: Path) -> None:
+    result = runner.invoke(app, ["demo", "--json"])
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "marketplace_not_running"
+    assert "strata up" in error["message"]
+
+
+def test_demo_against_a_stopped_marketplace_fails_with_a_code(in_tmp: Path) -> None:
+    """A devnet file left behind by a `strata up` that has stopped."""
+    state = in_tmp / "state"
+    state.mkdir()
+    gone = f"http://127.0.0.1:{free_port()}"
+    (state / "devnet.json").write_text(
+        json.dumps(
+            {
+                "rpc_url": gone,
+                "gateway_url": gone,
+                "redis_url": "redis://127.0.0.1:1/0",
+                "database_url": "sqlite:///x.db",
+                "model": {"name": "tiny"},
+                "accounts": {},
+            }
+        )
+    )
+    result = runner.invoke(app, ["demo", "--state-dir", str(state), "--json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["error"]["code"] == "marketplace_not_running"
+
+
+def test_demo_refuses_a_chain_only_devnet(in_tmp: Path) -> None:
+    """`strata chain up` writes a devnet file too, without a gateway."""
+    state = in_tmp / "state"
+    state.mkdir()
+    (state / "devnet.json").write_text(json.dumps({"rpc_url": "http://127.0.0.1:8545", "accounts": {}}))
+    result = runner.invoke(app, ["demo", "--state-dir", str(state), "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"]["code"] == "marketplace_not_running"
+
+
+# -- the supervisor ----------------------------------------------------------------------------------------
+
+# A child that records its SIGTERM in a file, or ignores it, then sleeps.
+CHILD = """
+import signal, sys, time
+name, record, obey = sys.argv[1], sys.argv[2], sys.argv[3] == "obey"
+def stop(*_):
+    with open(record, "a") as f:
+        f.write(name + "\\n")
+    if obey:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print(name, "ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_supervisor_stops_users_before_services_and_kills_the_deaf(tmp_path: Path) -> None:
+    record = tmp_path / "stopped.txt"
+    supervisor = Supervisor(tmp_path / "logs", stop_timeout_s=1.0)
+    env = dict(os.environ)
+    spawned = {
+        name: supervisor.spawn(
+            name, [sys.executable, "-c", CHILD, name, str(record), mode], env=env, tier=tier
+        )
+        for name, tier, mode in [("service", 1, "obey"), ("user", 3, "obey"), ("deaf", 3, "ignore")]
+    }
+    for child in spawned.values():
+        wait_until(supervisor, child.name, lambda c=child: c.log is not None and "ready" in c.log.read_text())
+    started = time.monotonic()
+    supervisor.stop_all()
+    assert time.monotonic() - started < 10
+    order = record.read_text().split()
+    assert set(order[:2]) == {"user", "deaf"} and order[2:] == ["service"]
+    assert not [child.name for child in spawned.values() if child.alive()]
+
+
+def test_supervisor_reports_a_child_that_dies_at_start_up(tmp_path: Path) -> None:
+    supervisor = Supervisor(tmp_path / "logs")
+    script = "import sys; print('cannot open the model'); sys.exit(3)"
+    supervisor.spawn("provider-1", [sys.executable, "-c", script], env=dict(os.environ), tier=3)
+    with pytest.raises(UpFailed) as failed:
+        wait_until(supervisor, "provider-1", lambda: False, timeout_s=30)
+    assert failed.value.code == "service_exited"
+    assert "provider-1 exited with code 3" in str(failed.value)
+    assert failed.value.log is not None and "cannot open the model" in failed.value.log.read_text()
+    supervisor.stop_all()
