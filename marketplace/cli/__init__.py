@@ -7,7 +7,7 @@ import logging
 import typer
 from transformers.utils import logging as hf_logging
 
-from marketplace.cli import chain, client, gateway, model, provider
+from marketplace.cli import chain, client, demo, gateway, model, provider, settlement, up
 
 app = typer.Typer(
     name="strata",
@@ -20,6 +20,9 @@ app.add_typer(model.app, name="model")
 app.add_typer(provider.app, name="provider")
 app.add_typer(gateway.app, name="gateway")
 app.add_typer(client.app, name="client")
+app.add_typer(settlement.app, name="settlement")
+app.command("up")(up.up_command)
+app.command("demo")(demo.demo_command)
 
 
 def main() -> None:
