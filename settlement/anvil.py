@@ -83,7 +83,10 @@ class Anvil:
             command += ["--block-time", str(self.block_time_s)]
         self.log_path = Path(self._workdir.name) / "anvil.log"
         with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            # A session of its own: a Ctrl-C at the terminal goes to whoever started anvil, which stops it last.
+            self._process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_ready(config_out)
         keys = json.loads(config_out.read_text())["private_keys"]
         self.accounts = [Account.from_key(key) for key in keys]

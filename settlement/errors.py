@@ -13,6 +13,7 @@
     ├── MerkleError                    a tree or proof request that cannot be answered
     ├── UnknownJob                     metering was asked for a job the database does not have
     ├── EpochBusy                      another close_epoch holds the lock
+    ├── BrokerUnavailable              the local redis-server did not start or does not answer
     └── LedgerMismatch                 the database and the chain disagree about settlement
 
 The API edge turns these into HTTP errors by ``code``; nothing below it knows about HTTP.
@@ -131,3 +132,7 @@ class LedgerMismatch(SettlementError):
     """The database and the chain disagree about settlement; an operator has to look."""
 
     code = "ledger_mismatch"
+
+
+class BrokerUnavailable(SettlementError):
+    code = "broker_unavailable"

@@ -18,13 +18,7 @@ from types import TracebackType
 import redis
 
 from settlement.anvil import free_port
-from settlement.errors import ConfigurationError, SettlementError
-
-
-class BrokerUnavailable(SettlementError):
-    """The local redis-server did not start or did not answer."""
-
-    code = "broker_unavailable"
+from settlement.errors import BrokerUnavailable, ConfigurationError
 
 
 def redis_server_binary() -> Path:

@@ -31,8 +31,11 @@ from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
 app = typer.Typer(help="Deploy the contracts, or run a local chain with them.", no_args_is_help=True)
 
 # anvil's dev accounts, by the role each plays on a local marketplace.
+# The gateway has a key of its own: it signs job tickets and submits exact payments, while the operator's key
+# (redeeming, posting roots, forwarding) belongs to the settlement worker; one key in two processes would race
+# for nonces.
 DEVNET_ROLES = (
-    "admin", "operator", "treasury", "validator",
+    "admin", "operator", "treasury", "validator", "gateway",
     "provider-1", "provider-2", "provider-3",
     "client-1", "client-2", "client-3",
 )  # fmt: skip

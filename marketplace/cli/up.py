@@ -5,8 +5,8 @@ What it runs:
     anvil          the chain on --chain-port: contracts deployed, one dev account per role, demo accounts funded
     redis-server   Celery's broker and result backend, unless REDIS_URL names a Redis
     (database)     SQLite under the state directory unless DATABASE_URL names one; migrated to the newest schema
-    gateway        `strata gateway serve` on --port, keyed with the operator's key: the tickets providers
-                   trust and the exact payments it receives are the operator's, who forwards them at settlement
+    gateway        `strata gateway serve` on --port, with the devnet's gateway key, which providers trust; the
+                   exact payments it takes go to the operator, who forwards them at settlement
     provider-1..3  `strata provider serve`, each staked with the minimum stake, serving a third of the layers
                    of a tiny local model at its own price, announced to the gateway
     worker         `celery -A settlement.tasks worker -B`: metering, and an epoch closed every --epoch-seconds
@@ -14,8 +14,7 @@ What it runs:
 Ctrl-C or SIGTERM stops them all, the processes that use a service before the service: providers and worker
 (providers withdraw their asks from the gateway as they go), then the gateway, then Redis, then the chain. The
 children run in sessions of their own, so a Ctrl-C at the terminal reaches only `strata up`, which stops them in
-that order; anvil is the exception, as :class:`settlement.anvil.Anvil` starts it in the terminal's process group,
-so a terminal's Ctrl-C stops it at once. If any of them dies, at start-up or later, everything is stopped, the
+that order. If any of them dies, at start-up or later, everything is stopped, the
 tail of its log printed, and the exit status is 1 (code ``service_exited``).
 
 Everything it writes is under the state directory (``.strata``): ``deployment.json``; ``devnet.json``, the
@@ -539,7 +538,7 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
         [strata, "gateway", "serve", "--host", "127.0.0.1", "--port", str(options.port)],
         env={
             **common_env,
-            "GATEWAY_KEY": key_hex(operator),
+            "GATEWAY_KEY": key_hex(devnet.accounts["gateway"]),
             "MODELS": json.dumps([f"{MODEL_NAME}={model_dir}"]),
         },
         tier=TIER_GATEWAY,
@@ -580,7 +579,11 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
         "deployment_file": str(devnet.deployment_file),
         "devnet_file": str(devnet_file),
         **services,
-        "gateway": {"address": operator.address, "pid": gateway.pid, "log": str(gateway.log)},
+        "gateway": {
+            "address": devnet.accounts["gateway"].address,
+            "pid": gateway.pid,
+            "log": str(gateway.log),
+        },
         "providers": [
             {**offer, "stake": str(min_stake), "pid": child.pid, "log": str(child.log)}
             for child, offer in zip(providers, offers, strict=True)
@@ -619,7 +622,7 @@ def _spawn_providers(
     gateway_url: str,
     env: dict[str, str],
 ) -> list[Service]:
-    operator = devnet.accounts["operator"]
+    gateway = devnet.accounts["gateway"]
     children = []
     for offer in offers:
         command = [
@@ -628,7 +631,7 @@ def _spawn_providers(
             "--layers", offer["layers"],
             "--host", "127.0.0.1",
             "--port", offer["endpoint"].rpartition(":")[2],
-            "--trust-gateway", operator.address,
+            "--trust-gateway", gateway.address,
             "--chain-id", str(devnet.chain_id),
             "--gateway", gateway_url,
             "--price", offer["pricePerMillion"],
