@@ -5,7 +5,7 @@ After every epoch they agree exactly (see settlement.epochs for why the treasury
     settled charges     = distributor.funded()
     provider earnings   = distributor.providerTotal() − the treasury's leaf
     platform fees       = distributor.feesPaid() + the treasury's leaf
-    voucher charges     = escrow.totalRedeemed()
+    voucher charges     = escrow.totalRedeemed()   (when this database is the escrow's only operator)
 """
 
 from __future__ import annotations
@@ -35,25 +35,38 @@ class LedgerAndChain:
     fees_paid: int
     redeemed: int
 
-    def rows(self) -> list[tuple[str, int, int]]:
+    def rows(self) -> list[tuple[str, int, str, int]]:
+        """(ledger figure, its value, chain figure, its value), equal pairs after every epoch."""
         return [
-            ("settled charges", self.settled, self.funded),
-            ("provider earnings", self.provider_earnings, self.provider_total - self.treasury_leaf),
-            ("platform fees", self.platform_fees, self.fees_paid + self.treasury_leaf),
-            ("redeemed from channels", self.voucher_charges, self.redeemed),
+            ("Σ charges settled", self.settled, "funded", self.funded),
+            (
+                "Σ provider earnings",
+                self.provider_earnings,
+                "providerTotal − treasury leaf",
+                self.provider_total - self.treasury_leaf,
+            ),
+            (
+                "Σ platform fees",
+                self.platform_fees,
+                "feesPaid + treasury leaf",
+                self.fees_paid + self.treasury_leaf,
+            ),
+            ("Σ voucher charges settled", self.voucher_charges, "redeemed from channels", self.redeemed),
         ]
 
     @property
     def matches(self) -> bool:
-        return all(ledger == chain for _, ledger, chain in self.rows())
+        return all(ledger == chain for _, ledger, _, chain in self.rows())
 
     def as_json(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "pending": str(self.pending),
             "matches": self.matches,
-            "rows": [
-                {"name": n, "ledger": str(ledger), "chain": str(chain)} for n, ledger, chain in self.rows()
+            "treasuryLeaf": str(self.treasury_leaf),
+            "checks": [
+                {"ledgerFigure": a, "ledger": str(x), "chainFigure": b, "chain": str(y), "match": x == y}
+                for a, x, b, y in self.rows()
             ],
         }
 

@@ -6,11 +6,7 @@ and plays two parts: client-1, which opens a payment channel and pays a streamed
 provider-1, which claims its payout once an epoch has settled. In between it closes an epoch on demand, as the
 settlement worker does on its schedule.
 
-The ledger-vs-chain check follows settlement's accounting (see :mod:`settlement.epochs`): over posted epochs,
-
-    distributor funded                      = Σ charges settled
-    distributor providerTotal               = Σ provider earnings + the treasury's rounding leaf
-    distributor feesPaid + the treasury's leaf = Σ platform fees
+The ledger-vs-chain check is :mod:`settlement.report`'s, which says why the treasury has a leaf of its own.
 
 Exit status: 0 when every figure matches, 1 with a stable code otherwise (``marketplace_not_running`` when
 there is no marketplace to talk to, ``ledger_mismatch`` when the books disagree).
@@ -30,7 +26,6 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
 
 from marketplace.cli.common import console, emit_json, errors, fail, parse_amount, reported, tokens
 from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
@@ -38,11 +33,10 @@ from marketplace.payments.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, VOUCHE
 from settlement.chain import Chain
 from settlement.config import SettlementSettings
 from settlement.contracts import random_channel_id
-from settlement.db.engine import create_blocking_engine
-from settlement.db.schema import Epoch, LedgerEntry
+from settlement.db.engine import blocking_sessions, create_blocking_engine
 from settlement.deploy import Contracts, Deployment
-from settlement.epochs import POSTED
 from settlement.errors import SettlementError
+from settlement.report import LedgerAndChain, ledger_and_chain
 
 NOT_RUNNING = "marketplace_not_running"
 PROVIDERS = ("provider-1", "provider-2", "provider-3")
@@ -149,51 +143,12 @@ def balances(market: Marketplace, channel: bytes) -> dict[str, Any]:
     return figures
 
 
-def ledger_totals(database_url: str) -> dict[str, str]:
-    """Σ charges, provider earnings and platform fees of the ledger entries in posted epochs."""
-    engine = create_blocking_engine(database_url)
+def ledger_beside_chain(market: Marketplace) -> LedgerAndChain:
+    engine = create_blocking_engine(market.database_url)
     try:
-        with engine.connect() as connection:
-            posted = select(Epoch.number).where(Epoch.status == POSTED)
-            charges, shares, fees = connection.execute(
-                select(
-                    func.coalesce(func.sum(LedgerEntry.charge), 0),
-                    func.coalesce(func.sum(LedgerEntry.provider_share), 0),
-                    func.coalesce(func.sum(LedgerEntry.platform_fee), 0),
-                ).where(LedgerEntry.epoch.in_(posted))
-            ).one()
+        return ledger_and_chain(blocking_sessions(engine), market.contracts)
     finally:
         engine.dispose()
-    return {"charges": str(charges), "providerEarnings": str(shares), "platformFees": str(fees)}
-
-
-def checks(ledger: dict[str, str], treasury_leaf: int, chain: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each ledger figure beside the distributor's: see the module docstring for why the treasury's leaf."""
-    rows = [
-        ("Σ charges settled", int(ledger["charges"]), "funded", int(chain["funded"])),
-        (
-            "Σ provider earnings + treasury leaf",
-            int(ledger["providerEarnings"]) + treasury_leaf,
-            "providerTotal",
-            int(chain["providerTotal"]),
-        ),
-        (
-            "Σ platform fees",
-            int(ledger["platformFees"]),
-            "feesPaid + treasury leaf",
-            int(chain["feesPaid"]) + treasury_leaf,
-        ),
-    ]
-    return [
-        {
-            "ledgerFigure": left_name,
-            "ledger": str(left),
-            "chainFigure": right_name,
-            "chain": str(right),
-            "match": left == right,
-        }
-        for left_name, left, right_name, right in rows
-    ]
 
 
 # -- the steps ---------------------------------------------------------------------------------------------
@@ -472,8 +427,13 @@ def _play(
 
     out.rule("6. Balances after, and the ledger beside the chain")
     report["after"] = balances(market, channel)
-    treasury_leaf = int(payout(market, market.account("treasury").address)["settled"])
-    report["ledger"] = {**ledger_totals(market.database_url), "treasuryLeaf": str(treasury_leaf)}
-    report["checks"] = checks(report["ledger"], treasury_leaf, report["after"]["distributor"])
-    report["ok"] = all(row["match"] for row in report["checks"])
+    figures = ledger_beside_chain(market)
+    report["ledger"] = {
+        "charges": str(figures.settled),
+        "providerEarnings": str(figures.provider_earnings),
+        "platformFees": str(figures.platform_fees),
+        "treasuryLeaf": str(figures.treasury_leaf),
+    }
+    report["checks"] = figures.as_json()["checks"]
+    report["ok"] = figures.matches
     return report

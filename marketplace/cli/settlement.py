@@ -66,10 +66,12 @@ def ledger_command(as_json: JsonOption = False) -> None:
         emit_json(figures.as_json())
         return
     table = Table(title=f"Ledger and chain after epoch {figures.epoch}")
-    for column in ("", "ledger", "chain", ""):
-        table.add_column(column)
-    for name, ledger, on_chain in figures.rows():
-        table.add_row(name, tokens(ledger), tokens(on_chain), "✓" if ledger == on_chain else "✗")
+    for column in ("ledger", "sUSD", "chain", "sUSD ", "match"):
+        table.add_column(column, justify="right" if column.startswith("sUSD") else "left")
+    for ledger_name, ledger, chain_name, on_chain in figures.rows():
+        table.add_row(
+            ledger_name, tokens(ledger), chain_name, tokens(on_chain), "yes" if ledger == on_chain else "NO"
+        )
     console.print(table)
     console.print(f"Metered and waiting for the next epoch: {tokens(figures.pending)}")
     if not figures.matches:
