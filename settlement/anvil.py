@@ -36,6 +36,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """Stops a local service process: SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Anvil:
     """An anvil process on loopback; its prefunded dev accounts are in :attr:`accounts`.
 
@@ -113,13 +125,8 @@ class Anvil:
         raise ChainUnavailable(f"anvil did not answer on {self.url} within {self.startup_timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            terminate(self._process)
         self._process = None
         if self._workdir is not None:
             self._workdir.cleanup()

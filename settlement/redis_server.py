@@ -17,7 +17,7 @@ from types import TracebackType
 
 import redis
 
-from settlement.anvil import free_port
+from settlement.anvil import free_port, terminate
 from settlement.errors import BrokerUnavailable, ConfigurationError
 
 
@@ -129,13 +129,8 @@ class RedisServer:
         return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            terminate(self._process)
         self._process = None
         if self._workdir is not None:
             self._workdir.cleanup()
