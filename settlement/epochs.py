@@ -179,10 +179,14 @@ class EpochCloser:
                 return None
             for charge in taken:
                 charge.epoch = number
-            job_ids = [charge.job_id for charge in taken]
+            session.flush()
+            # A subquery, not a list of ids: an epoch may settle more jobs than a statement takes parameters.
             session.execute(
                 update(LedgerEntry)
-                .where(LedgerEntry.job_id.in_(job_ids), LedgerEntry.epoch.is_(None))
+                .where(
+                    LedgerEntry.job_id.in_(select(Charge.job_id).where(Charge.epoch == number)),
+                    LedgerEntry.epoch.is_(None),
+                )
                 .values(epoch=number)
             )
             settled = sum(charge.metered or 0 for charge in taken)
