@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from worker.runtime import StepRecord
+if TYPE_CHECKING:  # the runtime pulls in torch; signing and checking receipts need none of it
+    from worker.runtime import StepRecord
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
-from transformers.utils import logging as hf_logging
 
 from marketplace.cli import chain, client, demo, gateway, model, provider, settlement, up
 
@@ -27,6 +27,8 @@ app.command("demo")(demo.demo_command)
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Rich spinners say what is going on; transformers' own progress bars would only interleave with them.
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # Rich spinners say what is going on; transformers' own progress bars would only interleave with them. Set
+    # before transformers is first imported (commands import it only when they load a model), and inherited by
+    # the processes `strata up` starts.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from marketplace.catalog import parse_entry
 from marketplace.cli.common import console, fail, parse_key, reported
 from marketplace.config import GatewaySettings
 from marketplace.errors import GatewayError
@@ -49,6 +48,8 @@ def serve_command(
         fail("no gateway key: pass --key or set GATEWAY_KEY", "missing_key")
     if not settings.models:
         fail("no model to serve: pass --model or set MODELS", "missing_model")
+    from marketplace.catalog import parse_entry
+
     for entry in settings.models:
         path = parse_entry(entry)[1]
         if not (path / "config.json").is_file():

@@ -9,12 +9,9 @@ import typer
 from rich.table import Table
 
 from marketplace.cli.common import console, emit_json, fail
-from worker.checkpoint import Checkpoint
-from worker.errors import WorkerError
-from worker.identity import TensorNames
-from worker.shard import load_manifest
-from worker.structure import discover
-from worker.tiny import ARCHITECTURES, write_tiny_checkpoint
+
+# torch and transformers are imported by the commands that use them: every `strata` command would otherwise
+# wait seconds for them.
 
 app = typer.Typer(help="Build a tiny local checkpoint, or inspect one.", no_args_is_help=True)
 
@@ -22,12 +19,16 @@ app = typer.Typer(help="Build a tiny local checkpoint, or inspect one.", no_args
 @app.command("tiny")
 def tiny_command(
     out: Annotated[Path, typer.Option(help="directory to write the checkpoint to")],
-    arch: Annotated[str, typer.Option(help=f"one of: {', '.join(ARCHITECTURES)}")] = "llama",
+    arch: Annotated[
+        str, typer.Option(help="model family: llama, mistral, qwen2, gpt2, mixtral, …")
+    ] = "llama",
     layers: Annotated[int, typer.Option(min=1, max=256, help="decoder layers")] = 8,
     hidden: Annotated[int, typer.Option(min=64, max=16_384, help="hidden size, a multiple of 64")] = 256,
     seed: Annotated[int, typer.Option(min=0, help="seed of the random weights")] = 0,
 ) -> None:
     """Write a small deterministic checkpoint (seeded random weights, byte-level tokenizer)."""
+    from worker.tiny import ARCHITECTURES, write_tiny_checkpoint
+
     if arch not in ARCHITECTURES:
         raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHITECTURES)}", param_hint="--arch")
     if hidden % 64:
@@ -45,6 +46,12 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """Show a checkpoint's structure and the hashes that name it (hashing it once if needed)."""
+    from worker.checkpoint import Checkpoint
+    from worker.errors import WorkerError
+    from worker.identity import TensorNames
+    from worker.shard import load_manifest
+    from worker.structure import discover
+
     try:
         with Checkpoint(model) as checkpoint, console.status("Hashing layers…"):
             config = checkpoint.config()

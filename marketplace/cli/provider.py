@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import httpx
-import torch
 import typer
 from eth_account.signers.local import LocalAccount
 
@@ -41,18 +40,14 @@ from marketplace.cli.staking import (
     RpcOption,
 )
 from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
-from worker.client import parse_endpoint
 from worker.errors import ProtocolError, WorkerError
-from worker.runtime import RuntimeLimits, SpanRuntime
-from worker.server import HopServer
-from worker.shard import load_shard
 
 app = typer.Typer(
     help="Stake, serve a span of a model's layers, and claim what it earns.", no_args_is_help=True
 )
 app.add_typer(staking.app)  # stake, unstake, withdraw, status, claim: commands of `strata provider` itself
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype choices: torch dtype names
 # The gateway's code refusing an ask from a provider StakeManager deems inactive.
 NOT_STAKED = "provider_not_staked"
 MODEL_ROOT = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -94,6 +89,13 @@ def serve_command(
     ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
+    # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
+    import torch
+
+    from worker.runtime import RuntimeLimits, SpanRuntime
+    from worker.server import HopServer
+    from worker.shard import load_shard
+
     settings = ProviderSettings()
     key_text = key or (settings.provider_key.get_secret_value() if settings.provider_key else None)
     if key_text is None:
@@ -123,7 +125,9 @@ def serve_command(
                 model,
                 layers,
                 device=None if device == "auto" else torch.device(device),
-                dtype=None if dtype == "auto" else DTYPES[dtype],
+                dtype=None
+                if dtype == "auto"
+                else getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
             )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--layers") from exc
@@ -216,6 +220,8 @@ def parse_layers(value: str) -> tuple[int, int]:
 
 
 def parse_endpoint_option(value: str) -> str:
+    from worker.client import parse_endpoint
+
     try:
         parse_endpoint(value)
     except ProtocolError as exc:

@@ -49,7 +49,6 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from marketplace.catalog import load_model
 from marketplace.cli.chain import Devnet, accounts_table, key_hex, start_devnet
 from marketplace.cli.common import console, errors, fail, reported, tokens
 from settlement.anvil import free_port
@@ -519,6 +518,8 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
 
     model_dir = tiny_model(state / "models" / MODEL_NAME, out)
     with step(out, "Hashing the model…"):
+        from marketplace.catalog import load_model  # torch: imported only when a model is loaded
+
         model = load_model(model_dir, MODEL_NAME)  # writes the manifest before several processes would
     min_stake = _stake(devnet, PROVIDER_ROLES, out)
 
