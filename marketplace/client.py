@@ -344,18 +344,24 @@ class StrataClient:
             if response.status_code != 200:
                 await response.aread()
                 _raise_for_error(response)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise PaymentFailed(
-                        chunk["error"].get("message", "the job failed"), chunk["error"].get("code")
-                    )
+            async for chunk in stream_chunks(response):
                 for choice in chunk.get("choices", []):
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         yield text
+
+
+async def stream_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed answer (SSE ``data:`` lines); an error chunk raises PaymentFailed.
+
+    The last chunk before ``[DONE]`` carries the settled ``payment``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        chunk: dict[str, Any] = json.loads(line[5:])
+        if "error" in chunk:
+            raise PaymentFailed(chunk["error"].get("message", "the job failed"), chunk["error"].get("code"))
+        yield chunk
 
 
 def _raise_for_error(response: httpx.Response) -> None:

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from marketplace.cli.common import console, emit_json, errors, fail, parse_amount, reported, tokens
-from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
+from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel, stream_chunks
 from marketplace.payments.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, VOUCHER, decode_header
 from settlement.chain import Chain
 from settlement.config import SettlementSettings
@@ -195,14 +195,7 @@ async def _stream(
             raise PaymentFailed(f"HTTP {response.status_code}: {response.text[:200]}")
         header = response.headers.get(PAYMENT_RESPONSE)
         reserved = decode_header(header) if header else None
-        async for line in response.aiter_lines():
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            if "error" in chunk:
-                raise PaymentFailed(
-                    chunk["error"].get("message", "the job failed"), chunk["error"].get("code")
-                )
+        async for chunk in stream_chunks(response):
             if isinstance(chunk.get("payment"), dict):
                 settled = chunk["payment"]
             for choice in chunk.get("choices", []):
