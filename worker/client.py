@@ -177,6 +177,55 @@ class RouteClient:
         return [r.token for r in results], results
 
 
+@dataclass(frozen=True)
+class RetainedStep:
+    """One step of a session as the provider kept it."""
+
+    step: int
+    input: torch.Tensor
+    output: torch.Tensor
+    input_hash: bytes  # sha256 of the frames' payloads, as received
+    output_hash: bytes
+
+
+async def fetch_retained(
+    connection: HopConnection, session: bytes, ticket: dict[str, Any], *, max_steps: int
+) -> list[RetainedStep]:
+    """Every retained step of ``session`` on the provider behind ``connection`` (for validators).
+
+    Raises HopFailed with the provider's code when it does not have them, ProtocolError when it answers out of
+    turn or claims more than ``max_steps`` steps.
+    """
+
+    async def part(step: int, name: str) -> tuple[int, Message]:
+        control = {"op": "fetch", "session": session.hex(), "ticket": ticket, "step": step, "part": name}
+        message = await connection.request(control)
+        reply = _checked(message)
+        count = reply.get("steps")
+        if (
+            reply.get("step") != step
+            or not isinstance(count, int)
+            or not 0 < count <= max_steps
+            or message.frame is None
+        ):
+            raise ProtocolError(f"{connection.endpoint} answered fetch of step {step} with something else")
+        return count, message
+
+    steps: list[RetainedStep] = []
+    count = 1
+    while len(steps) < count:
+        step = len(steps)
+        count, inputs = await part(step, "input")
+        _, outputs = await part(step, "output")
+        assert inputs.frame is not None and outputs.frame is not None
+        steps.append(
+            RetainedStep(
+                step, inputs.frame.tensor, outputs.frame.tensor, inputs.frame.sha256, outputs.frame.sha256
+            )
+        )
+    return steps
+
+
 def _checked(message: Message) -> dict[str, Any]:
     control = message.control
     if control.get("ok") is True:

@@ -13,7 +13,9 @@ Requests (``"op"``):
             step's input. The reply carries every hop's (input hash, output hash) from here to the end of the
             route, and from the last span the sampled token.
     close   end the session here and down the route; the reply carries every hop's signed HopReceipt.
-    fetch   the retained steps of a session on this provider (for validators), as frames.
+    fetch   one retained step of a session on this provider, its ``"input"`` or ``"output"`` as the frame
+            (for validators: the ticket must be signed by a trusted validator); the reply says how many steps
+            the session has.
 
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message", "hop"}}`` where ``hop`` is
 the endpoint that failed, so the coordinator knows whom to route around.

@@ -59,6 +59,7 @@ class StepRecord:
 class Session:
     id: bytes
     cache: DynamicCache
+    job: bytes  # the job ticket's id: whoever fetches the retained steps must name the same job
     opened_at: float
     last_used: float
     next_step: int = 0
@@ -87,7 +88,7 @@ class SpanRuntime:
 
     # -- sessions -------------------------------------------------------------------------------------------
 
-    def open(self, session_id: bytes) -> Session:
+    def open(self, session_id: bytes, job: bytes = b"") -> Session:
         with self._lock:
             self.expire()
             if session_id in self._open or session_id in self._closed:
@@ -97,7 +98,7 @@ class SpanRuntime:
                     f"{len(self._open)} sessions open, the limit is {self.limits.max_sessions}"
                 )
             now = self.clock()
-            session = Session(session_id, self.shard.new_cache(), opened_at=now, last_used=now)
+            session = Session(session_id, self.shard.new_cache(), job, opened_at=now, last_used=now)
             self._open[session_id] = session
             return session
 
@@ -115,12 +116,16 @@ class SpanRuntime:
 
     def retained(self, session_id: bytes) -> list[StepRecord]:
         """The steps of a session, open or closed within the retention window."""
+        return list(self.retained_session(session_id).records)
+
+    def retained_session(self, session_id: bytes) -> Session:
+        """A session open, or closed within the retention window, with its steps."""
         with self._lock:
             self.expire()
             session = self._open.get(session_id) or self._closed.get(session_id)
             if session is None:
                 raise UnknownSession(f"no data kept for session {session_id.hex()}")
-            return list(session.records)
+            return session
 
     def expire(self) -> None:
         """Closes idle sessions and forgets retained steps past the window."""

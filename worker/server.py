@@ -6,6 +6,11 @@ own (input hash, output hash) in front of the transcript, so the caller sees eve
 samples the next token. Closing a session walks the route the same way, each provider adding its signed
 HopReceipt.
 
+A validator fetches a session's retained steps one tensor at a time (``fetch``), for as long as the runtime
+keeps them (``RuntimeLimits.retention_s``). Its request carries a ticket for the session's job signed by a
+trusted validator: the hidden states are the client's data, and tickets the gateway issued travel along the
+route, so a gateway ticket never unlocks them.
+
 The job ticket is checked when a session opens (step 0): its signature, its expiry, and that it is for this
 model. Later messages of the session must carry the same job id; re-checking the signature on every token
 would cost more than the hop itself.
@@ -54,6 +59,7 @@ class HopServer:
         endpoint: str,
         verify_ticket: TicketVerifier,
         sign_receipt: ReceiptSigner,
+        verify_fetch: TicketVerifier | None = None,
         limits: FrameLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -61,6 +67,7 @@ class HopServer:
         self.endpoint = endpoint
         self.verify_ticket = verify_ticket
         self.sign_receipt = sign_receipt
+        self.verify_fetch = verify_fetch  # None: no validator may fetch retained steps
         self.clock = clock
         hidden = runtime.shard.hidden_size
         self.limits = limits or FrameLimits(
@@ -138,6 +145,8 @@ class HopServer:
                 return await self._step(message)
             if op == "close":
                 return await self._close(message), None
+            if op == "fetch":
+                return self._fetch(message.control)
             raise ProtocolError(f"unknown op {op!r}")
         except WorkerError as exc:
             return error_reply(exc.code, str(exc), self.endpoint), None
@@ -247,7 +256,7 @@ class HopServer:
             if not isinstance(sampling, dict):
                 raise ProtocolError("sampling must be an object")
             sampler = Sampler(SamplingParams.from_dict(sampling))
-        self.runtime.open(session)
+        self.runtime.open(session, grant.job_id)
         meta = _SessionMeta(grant, str(ticket["jobId"]), sampler)  # type: ignore[index]
         self._sessions[session] = meta
         return meta
@@ -291,3 +300,26 @@ class HopServer:
         if not isinstance(receipts, list):
             raise ProtocolError(f"{route[0]} replied without receipts")
         return {"ok": True, "receipts": [own, *receipts]}
+
+    def _fetch(self, control: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+        """One retained step's input or output, for a validator holding a ticket for the session's job."""
+        session = self._session_id(control)
+        if self.verify_fetch is None:
+            raise TicketRefused("this provider trusts no validator")
+        ticket = control.get("ticket")
+        grant = self.verify_fetch(ticket if isinstance(ticket, dict) else {}, now=int(self.clock()))
+        step, part = control.get("step"), control.get("part")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ProtocolError("step must be a non-negative integer")
+        if part not in ("input", "output"):
+            raise ProtocolError('part must be "input" or "output"')
+        retained = self.runtime.retained_session(session)
+        if retained.job != grant.job_id:
+            # The same answer as for a session never seen: a ticket for one job learns nothing of another.
+            raise UnknownSession(f"no data kept for session {session.hex()}")
+        records = retained.records
+        if step >= len(records):
+            raise ProtocolError(f"session {session.hex()} has {len(records)} steps")
+        record = records[step]
+        tensor = record.input if part == "input" else record.output
+        return {"ok": True, "step": record.step, "steps": len(records), "part": part}, tensor

@@ -103,6 +103,13 @@ def load_manifest(
     return manifest
 
 
+def model_root(directory: Path) -> str:
+    """The root naming the model in a checkpoint directory (hashing it once if it has no manifest yet)."""
+    with Checkpoint(directory) as checkpoint:
+        config = checkpoint.config()
+        return load_manifest(checkpoint, TensorNames(checkpoint, discover(config)), config, None).root
+
+
 class Shard:
     """One span of a model, ready to run. ``root`` names the model; ``span`` says which layers this is."""
 

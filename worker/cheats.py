@@ -1,0 +1,125 @@
+"""Providers that cheat, for demonstrations and for the validator's tests and benchmark.
+
+Each kind returns cheap or wrong outputs while the provider signs its transcript exactly as an honest one does:
+the hashes always match what it sent, so only re-executing the span can tell. ``strata provider serve --cheat``
+(a hidden option) and ``strata up --cheaters N`` use them.
+
+    random         outputs of the right shape and scale, unrelated to the input
+    skip-layer     the span's last layer is not run
+    other-weights  another model's weights of the same shapes (drawn under another seed, same scale per tensor)
+    int8           every weight matrix quantized to int8 per output row, served as if it were the original
+    noise          Gaussian noise of 2% of each position's RMS added to the outputs
+    copy-input     the input handed on as the output (spans between the first and the last only)
+    replay         every decode step answers with the previous step's output
+    partial        honest, except that every third decode step's output is random
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from worker.shard import Shard
+
+CHEATS = (
+    "random", "skip-layer", "other-weights", "int8", "noise", "copy-input", "replay", "partial",
+)  # fmt: skip
+NOISE = 0.02  # of each position's RMS
+
+
+def make_cheater(shard: Shard, kind: str, *, seed: int = 0) -> Shard:
+    """``shard`` turned into a cheat of ``kind``; weight cheats change it in place."""
+    if kind not in CHEATS:
+        raise ValueError(f"unknown cheat {kind!r}; choose one of {', '.join(CHEATS)}")
+    if kind == "copy-input" and (shard.span.first or shard.span.last):
+        raise ValueError("copy-input needs a span that takes and gives hidden states (not the first or last)")
+    if kind == "skip-layer":
+        _skip_last_layer(shard)
+        return shard
+    if kind == "other-weights":
+        _redraw_weights(shard, seed)
+        return shard
+    if kind == "int8":
+        _quantize_int8(shard)
+        return shard
+    return _OutputCheat(shard, kind, seed)
+
+
+class _Skipped(torch.nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def _skip_last_layer(shard: Shard) -> None:
+    layers_attr = shard.structure.layers_prefix.split(".")[-1]
+    layers = getattr(shard.base, layers_attr)
+    layers[len(layers) - 1] = _Skipped()
+
+
+@torch.no_grad()
+def _redraw_weights(shard: Shard, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed + 1)
+    for parameter in shard.model.parameters():
+        if parameter.numel() > 1 and float(parameter.float().std()) > 0:
+            drawn = torch.randn(parameter.shape, generator=generator) * parameter.float().std()
+            parameter.copy_(drawn.to(parameter.dtype))
+
+
+@torch.no_grad()
+def _quantize_int8(shard: Shard) -> None:
+    for parameter in shard.model.parameters():
+        if parameter.dim() != 2:
+            continue
+        weight = parameter.float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        parameter.copy_((torch.round(weight / scale).clamp(-127, 127) * scale).to(parameter.dtype))
+
+
+class _OutputCheat(Shard):
+    """Runs the honest span (so the KV cache stays usable) and then changes what it hands on."""
+
+    def __init__(self, honest: Shard, kind: str, seed: int) -> None:
+        self.__dict__.update(honest.__dict__)
+        self.kind = kind
+        self.generator = torch.Generator().manual_seed(seed)
+        # Per session, keyed by its KV cache: steps run so far and the last output.
+        self.steps: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.previous: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+
+    def forward(
+        self,
+        *,
+        cache: Any,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        output = super().forward(cache=cache, input_ids=input_ids, hidden=hidden, all_logits=all_logits)
+        step = self.steps.get(cache, 0)
+        self.steps[cache] = step + 1
+        previous = self.previous.get(cache)
+        self.previous[cache] = output
+        kind = self.kind
+        if kind == "random" or (kind == "partial" and step % 3 == 2):
+            return self._random_like(output)
+        if kind == "noise":
+            noise = (
+                torch.randn(output.shape, generator=self.generator).to(output.device) * NOISE * _rms(output)
+            )
+            return (output.float() + noise).to(output.dtype)
+        if kind == "copy-input":
+            assert hidden is not None
+            return hidden.to(output.dtype)
+        if kind == "replay" and previous is not None and output.shape[1] == 1:
+            return previous[:, -1:].clone()
+        return output
+
+    def _random_like(self, output: torch.Tensor) -> torch.Tensor:
+        drawn = torch.randn(output.shape, generator=self.generator).to(output.device)
+        return (drawn * _rms(output)).to(output.dtype)
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
