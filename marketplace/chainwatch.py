@@ -55,10 +55,12 @@ class ChainWatcher:
         *,
         poll_s: float = 1.0,
         on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
+        on_slashed: Callable[[str], object] = lambda _address: None,
     ) -> None:
         self.contracts = contracts
         self.poll_s = poll_s
         self.on_stake_change = on_stake_change
+        self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
         self._channels: dict[bytes, ChannelView] = {}
         self._active: dict[str, bool] = {}
         self._events: dict[bytes, dict[str, Any]] = {}
@@ -128,6 +130,7 @@ class ChainWatcher:
         logs = await asyncio.to_thread(self._logs, self._cursor + 1, latest)
         channels: set[bytes] = set()
         providers: set[str] = set()
+        slashed: set[str] = set()
         everyone = False
         for entry in logs:
             abi = self._events.get(bytes(entry["topics"][0])) if entry["topics"] else None
@@ -139,12 +142,16 @@ class ChainWatcher:
                 channels.add(bytes(event["args"]["channelId"]))
             elif name in _STAKE_EVENTS:
                 providers.add(to_checksum_address(event["args"]["provider"]))
+                if name == "Slashed":
+                    slashed.add(to_checksum_address(event["args"]["provider"]))
             elif name == "MinStakeChanged":
                 everyone = True
         for channel_id in channels & self._channels.keys():
             self._channels[channel_id] = await asyncio.to_thread(self._read_channel, channel_id)
         for provider in self._active.keys() if everyone else providers:
             await self.is_active(provider, fresh=True)
+        for provider in slashed:
+            self.on_slashed(provider)
         self._cursor = latest
 
     def _logs(self, first: int, last: int) -> list[Any]:

@@ -12,10 +12,6 @@ class GatewaySettings(SettlementSettings):
         default=None,
         description="hex private key: signs job tickets (providers trust its address) and sends exact settlements",
     )
-    models: list[str] = Field(
-        default_factory=list,
-        description="checkpoint directories served, each `PATH` or `NAME=PATH` (JSON list)",
-    )
     payments_enabled: bool = Field(
         default=True, description="false serves without payment checks: for measurement and local trials only"
     )

@@ -73,6 +73,7 @@ class HopRecord:
     attempt: int
     position: int
     ask: BookAsk
+    session: bytes  # the attempt's session id, by which validators fetch the provider's retained steps
     steps: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (step, input hash, output hash)
     tokens: int = 0  # positions sent through this hop
     receipt: dict[str, Any] | None = None
@@ -152,10 +153,10 @@ class Coordinator:
         pool = ConnectionPool(self.limits)
         try:
             while True:
-                records = [HopRecord(attempt, i, ask) for i, ask in enumerate(route.asks)]
+                session = os.urandom(16)
+                records = [HopRecord(attempt, i, ask, session) for i, ask in enumerate(route.asks)]
                 hops += records
                 client = RouteClient(route.endpoints, ticket, pool)
-                session = os.urandom(16)
                 try:
                     finish = await self._generate(spec, client, session, records, tokens, emit)
                 except _HOP_ERRORS as exc:

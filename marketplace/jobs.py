@@ -418,6 +418,7 @@ class JobRunner:
                             transcript_root=hex0x(hop.transcript_root),
                             transcript=[[step, hex0x(i), hex0x(o)] for step, i, o in hop.steps],
                             status=hop.status,
+                            session=hop.session.hex(),
                         )
                         session.add(row)
                         if hop.receipt is not None:

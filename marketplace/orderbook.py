@@ -133,6 +133,13 @@ class OrderBook:
             self._remove(ask)
         return ask
 
+    def pull(self, provider: str) -> list[BookAsk]:
+        """Removes every ask of ``provider`` (a validator slashed it); returns them."""
+        pulled = [ask for ask in self._asks.values() if ask.provider == provider]
+        for ask in pulled:
+            self._remove(ask)
+        return pulled
+
     def _remove(self, ask: BookAsk) -> None:
         ask.live = False
         self._asks.pop(ask.id, None)

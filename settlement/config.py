@@ -38,3 +38,29 @@ class SettlementSettings(ChainSettings):
         description="Celery's broker and result backend, redis://HOST:PORT/DB; `strata up` starts one when unset",
     )
     epoch_s: float = Field(default=300.0, gt=0, description="seconds between scheduled epoch closes")
+    sample_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="probability that a billed hop is re-executed by the validator; see README, choosing p",
+    )
+    validator_key: SecretStr | None = Field(
+        default=None,
+        description="hex private key holding StakeManager's slasher role; without it nothing is sampled",
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="checkpoint directories served (the gateway) and re-executed (the validator), each `PATH` or "
+        "`NAME=PATH` (JSON list)",
+    )
+    validation_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds after a job a provider must still produce a sampled hop's data; providers keep it longer",
+    )
+    slash_bps: int = Field(
+        default=10_000,
+        gt=0,
+        le=10_000,
+        description="share of a cheating provider's stake a failed validation slashes",
+    )

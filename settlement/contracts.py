@@ -126,6 +126,9 @@ class StakeManager(_Wrapper):
     def slash(self, sender: LocalAccount, *, provider: str, amount: int, evidence_hash: bytes) -> TxReceipt:
         return self._send(sender, "slash", to_checksum_address(provider), amount, evidence_hash)
 
+    def evidence_used(self, evidence_hash: bytes) -> bool:
+        return bool(self._call("evidenceUsed", evidence_hash))
+
     def set_min_stake(self, sender: LocalAccount, *, amount: int) -> TxReceipt:
         return self._send(sender, "setMinStake", amount)
 

@@ -3,10 +3,11 @@
 An epoch is a persisted state machine, one row in ``epochs`` whose ``status`` names the next step:
 
     open      (one database transaction) meter finished jobs that no task metered yet; take every metered
-              charge not yet settled; work out each channel's new claim (what it had claimed plus its newly
-              metered charges, under its newest voucher), the exact payments to pass on and the refunds exact
-              payers are owed; give the charges and their ledger entries this epoch; build the Merkle tree of
-              cumulative earnings. Nothing to settle: no epoch.
+              charge not yet settled whose job is cleared (its sampled hops validated, see settlement.ledger);
+              work out each channel's new claim (what it had claimed plus its newly metered charges, under
+              its newest voucher), the exact payments to pass on and the refunds exact payers are owed; give
+              the charges and their ledger entries this epoch; build the Merkle tree of cumulative earnings.
+              Nothing to settle: no epoch.
     redeem    one VoucherEscrow.redeem for every channel whose claim the chain does not show yet
     forward   one token transfer of the epoch's exact payments from the operator to the distributor
     refund    one token transfer per exact payer owed a refund
@@ -102,6 +103,7 @@ class EpochCloser:
         *,
         checkpoint: Callable[[str], None] = _no_checkpoint,
         clock: Callable[[], float] = time.time,
+        sample_rate: float = 0.0,
     ) -> None:
         self.sessions = sessions
         self.contracts = contracts
@@ -109,6 +111,7 @@ class EpochCloser:
         self.operator = operator
         self.checkpoint = checkpoint
         self.clock = clock
+        self.sample_rate = sample_rate  # for the jobs metered here, see meter_finished
         self.treasury = to_checksum_address(contracts.deployment.roles["treasury"])
 
     def close(self) -> EpochReport:
@@ -150,7 +153,7 @@ class EpochCloser:
             ).all()
         for job_id in waiting:
             with self.sessions.begin() as session:
-                meter_job(session, job_id, chain_id=chain_id)
+                meter_job(session, job_id, chain_id=chain_id, sample_rate=self.sample_rate)
         return len(waiting)
 
     # -- open ----------------------------------------------------------------------------------------------
@@ -170,7 +173,11 @@ class EpochCloser:
             number = last + 1
             charges = session.scalars(
                 select(Charge)
-                .where(Charge.epoch.is_(None), Charge.metered.is_not(None))
+                .where(
+                    Charge.epoch.is_(None),
+                    Charge.metered.is_not(None),
+                    Charge.job_id.in_(select(Job.id).where(Job.cleared_at.is_not(None))),
+                )
                 .order_by(Charge.id)
                 .with_for_update()
             ).all()
@@ -186,6 +193,7 @@ class EpochCloser:
                 .where(
                     LedgerEntry.job_id.in_(select(Charge.job_id).where(Charge.epoch == number)),
                     LedgerEntry.epoch.is_(None),
+                    LedgerEntry.voided.is_(False),
                 )
                 .values(epoch=number)
             )

@@ -2,7 +2,8 @@
 
     SettlementError                    every error below; carries a stable ``code``
     ├── ConfigurationError             missing or malformed settings, deployment files, keys
-    │   └── BadDatabaseURL             a database URL that is not SQLite or PostgreSQL
+    │   ├── BadDatabaseURL             a database URL that is not SQLite or PostgreSQL
+    │   └── NoReferenceWeights         the validator has no checkpoint for a sampled hop's model
     ├── CompilerError                  no usable solc, or the contracts do not compile
     ├── ChainError                     the chain could not be used as asked
     │   ├── ChainUnavailable           the JSON-RPC endpoint cannot be reached
@@ -11,7 +12,7 @@
     │   ├── TransactionReverted        a call or transaction reverted; ``error`` is the decoded custom error
     │   └── TransactionTimeout         no receipt in time; the transaction may still land
     ├── MerkleError                    a tree or proof request that cannot be answered
-    ├── UnknownJob                     metering was asked for a job the database does not have
+    ├── UnknownJob                     metering or validation was asked for a job the database does not have
     ├── EpochBusy                      another close_epoch holds the lock
     ├── BrokerUnavailable              the local redis-server did not start or does not answer
     └── LedgerMismatch                 the database and the chain disagree about settlement
@@ -31,6 +32,12 @@ class SettlementError(Exception):
 
 class ConfigurationError(SettlementError):
     code = "configuration_error"
+
+
+class NoReferenceWeights(ConfigurationError):
+    """The validator holds no checkpoint for a sampled hop's model root."""
+
+    code = "no_reference_weights"
 
 
 class BadDatabaseURL(ConfigurationError):

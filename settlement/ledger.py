@@ -17,6 +17,11 @@ the sum of its entries. The gateway charged the client the same sum from the sam
 data no longer supports what it charged, metering bills only what does verify and the rest of the charge is
 never collected: it stays in the client's channel (or is refunded, for exact payments).
 
+Sampling. Metering a job is also when each of its billable hops is drawn for validation, with probability
+``sample_rate``, from the operating system's CSPRNG: after the job ended, so no provider can know while it
+serves whether its hop will be checked. A job with no hop drawn is cleared at once; one with hops drawn is
+cleared when their validations are done (``settlement.validator``). Only cleared jobs enter an epoch.
+
 Metering is idempotent: a job is metered once (``jobs.metered_at``), under a row lock where the database has
 them, so a task delivered twice writes nothing the second time.
 """
@@ -24,8 +29,9 @@ them, so a task delivered twice writes nothing the second time.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -35,7 +41,7 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt
+from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt, Validation
 from settlement.errors import UnknownJob
 from settlement.pricing import hop_charge
 from settlement.tickets import receipt_signer
@@ -61,10 +67,22 @@ class Metered:
     entries: int
     refused: dict[int, str] = field(default_factory=dict)  # hop id -> why it is not billable
     already: bool = False  # metered by an earlier run
+    sampled: list[int] = field(default_factory=list)  # ids of the validations drawn
 
 
-def meter_job(session: Session, job_id: str, *, chain_id: int) -> Metered | None:
-    """Writes ``job_id``'s ledger entries in the caller's transaction; None while the job is still running."""
+_SYSTEM_RANDOM = secrets.SystemRandom()
+
+
+def meter_job(
+    session: Session,
+    job_id: str,
+    *,
+    chain_id: int,
+    sample_rate: float = 0.0,
+    draw: Callable[[], float] = _SYSTEM_RANDOM.random,
+) -> Metered | None:
+    """Writes ``job_id``'s ledger entries in the caller's transaction, and draws its hops for validation with
+    probability ``sample_rate``; None while the job is still running."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise UnknownJob(f"no job {job_id}")
@@ -106,6 +124,14 @@ def meter_job(session: Session, job_id: str, *, chain_id: int) -> Metered | None
             )
         )
     session.add_all(entries)
+    hops_by_id = {hop.id: hop for hop in billed}
+    drawn = [
+        Validation(hop_id=entry.hop_id, job_id=job_id, provider=entry.provider, status="pending", attempts=0)
+        for entry in entries
+        if hops_by_id[entry.hop_id].session is not None and draw() < sample_rate
+    ]
+    session.add_all(drawn)
+    session.flush()
     total = sum(entry.charge for entry in entries)
     if charge is not None:
         charge.metered = total
@@ -115,7 +141,9 @@ def meter_job(session: Session, job_id: str, *, chain_id: int) -> Metered | None
                 job_id, charge.amount, total, refused,
             )  # fmt: skip
     job.metered_at = datetime.now(UTC)
-    return Metered(job_id, total, len(entries), refused)
+    if not drawn:
+        job.cleared_at = job.metered_at
+    return Metered(job_id, total, len(entries), refused, sampled=[v.id for v in drawn])
 
 
 def _refusals(

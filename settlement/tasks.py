@@ -1,7 +1,13 @@
 """Settlement's Celery app: ``celery -A settlement.tasks worker -B`` meters jobs and closes epochs.
 
-    settlement.meter_job(job_id)   a finished job's receipts into the ledger; the gateway sends one per job
-    settlement.close_epoch()       Celery beat every EPOCH_S seconds, or on demand; see settlement.epochs
+    settlement.meter_job(job_id)   a finished job's receipts into the ledger, and its hops drawn for validation
+                                   with probability SAMPLE_RATE; the gateway sends one per job
+    settlement.validate_hop(id)    re-executes one drawn hop and slashes on a mismatch (settlement.validator);
+                                   retried while the provider cannot be reached, within the window
+    settlement.close_epoch()       Celery beat every EPOCH_S seconds, or on demand; see settlement.epochs. It
+                                   also sends validate_hop again for every validation still undone.
+
+Nothing is sampled without a VALIDATOR_KEY: a drawn hop holds its job's payout back until it is validated.
 
 Redis (REDIS_URL) is both broker and result backend. Tasks are acknowledged after they run
 (``task_acks_late``), so a worker killed mid-task has its task delivered again; both tasks are idempotent, and
@@ -16,9 +22,9 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, Task
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from redis import Redis
@@ -40,11 +46,16 @@ from settlement.errors import (
 )
 from settlement.ledger import meter_job as meter
 
+if TYPE_CHECKING:  # the validator runs models: torch is imported by the workers that validate, when they do
+    from settlement.validator import Validator
+
 log = logging.getLogger(__name__)
 
 METER_JOB = "settlement.meter_job"
+VALIDATE_HOP = "settlement.validate_hop"
 CLOSE_EPOCH = "settlement.close_epoch"
 _CLOSE_LOCK = "strata:close_epoch"
+_SLASH_LOCK = "strata:slash"
 # Failures that a later attempt can get past; a revert or a ledger mismatch is not one of them.
 _TRANSIENT = (ChainUnavailable, TransactionTimeout, TransactionRejected, OperationalError, EpochBusy)
 
@@ -85,6 +96,11 @@ class Context:
     contracts: Contracts
     operator: LocalAccount
     redis: Redis
+    validator: Validator | None  # None without a VALIDATOR_KEY
+
+    @property
+    def sample_rate(self) -> float:
+        return self.settings.sample_rate if self.validator is not None else 0.0
 
 
 @cache
@@ -101,13 +117,24 @@ def context() -> Context:
     )
     contracts = Contracts.load(chain, Deployment.load(settings.deployment_file))
     operator: LocalAccount = Account.from_key(settings.operator_key.get_secret_value())
-    return Context(
-        settings,
-        blocking_sessions(create_blocking_engine(settings.database_url)),
-        contracts,
-        operator,
-        Redis.from_url(settings.redis_url),
-    )
+    sessions = blocking_sessions(create_blocking_engine(settings.database_url))
+    redis = Redis.from_url(settings.redis_url)
+    validator = None
+    if settings.validator_key is not None:
+        from settlement.validator import ReferenceModels, Validator
+
+        validator = Validator(
+            sessions,
+            contracts,
+            Account.from_key(settings.validator_key.get_secret_value()),
+            ReferenceModels(settings.models),
+            window_s=settings.validation_window_s,
+            slash_bps=settings.slash_bps,
+            send_lock=lambda: redis.lock(_SLASH_LOCK, timeout=10 * 60, blocking_timeout=5 * 60),
+        )
+    elif settings.sample_rate > 0:
+        log.warning("no VALIDATOR_KEY: hops are not sampled for validation")
+    return Context(settings, sessions, contracts, operator, redis, validator)
 
 
 @app.task(
@@ -120,16 +147,47 @@ def context() -> Context:
 def meter_job(job_id: str) -> dict[str, Any]:
     ctx = context()
     with ctx.sessions.begin() as session:
-        metered = meter(session, job_id, chain_id=ctx.contracts.deployment.chain_id)
+        metered = meter(
+            session, job_id, chain_id=ctx.contracts.deployment.chain_id, sample_rate=ctx.sample_rate
+        )
     if metered is None:
         return {"jobId": job_id, "metered": False}
+    for validation in metered.sampled:
+        validate_hop.delay(validation)
     return {
         "jobId": job_id,
         "metered": True,
         "charge": str(metered.charge),
         "entries": metered.entries,
         "refused": {str(hop): reason for hop, reason in metered.refused.items()},
+        "sampled": metered.sampled,
     }
+
+
+@app.task(
+    name=VALIDATE_HOP,
+    bind=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=120,
+    max_retries=10,
+)
+def validate_hop(self: Task, validation_id: int) -> dict[str, Any]:
+    ctx = context()
+    if ctx.validator is None:
+        raise ConfigurationError("no VALIDATOR_KEY: this worker cannot validate")
+    lock = ctx.redis.lock(f"strata:validate:{validation_id}", timeout=15 * 60)
+    if not lock.acquire(blocking=False):
+        return {"validation": validation_id, "status": "busy"}  # another worker has it
+    try:
+        outcome = ctx.validator.validate(validation_id)
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+    if outcome.retry_in_s is not None:
+        # Not an error: the provider did not answer yet, and the validator decides when it is too late.
+        raise self.retry(countdown=outcome.retry_in_s, max_retries=None)
+    return outcome.as_json()
 
 
 @app.task(
@@ -146,8 +204,15 @@ def close_epoch() -> dict[str, Any]:
     if not lock.acquire():
         raise EpochBusy("another close_epoch held the lock for five minutes")
     try:
-        closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator)
-        return closer.close().as_json()
+        closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator, sample_rate=ctx.sample_rate)
+        report = closer.close().as_json()
     finally:
         with contextlib.suppress(LockError):  # it expired: whoever holds it now resumes the same epoch
             lock.release()
+    if ctx.validator is not None:
+        from settlement.validator import unfinished
+
+        # Validations drawn here or whose tasks were lost: each task does nothing if another got there first.
+        for validation in unfinished(ctx.sessions):
+            validate_hop.delay(validation)
+    return report

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketplace.api.gateway import Gateway
-from marketplace.api.routes import health, inference, jobs, market, payouts
+from marketplace.api.routes import health, inference, jobs, market, payouts, slashes
 from marketplace.config import GatewaySettings
 from marketplace.errors import GatewayError, PaymentRejected
 from marketplace.payments.x402 import PAYMENT_REQUIRED, encode_header
@@ -121,6 +121,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(RequestMetrics)
-    for module in (inference, jobs, market, payouts, health):
+    for module in (inference, jobs, market, payouts, slashes, health):
         app.include_router(module.router)
     return app

@@ -100,7 +100,9 @@ class Gateway:
 
         metrics = Metrics()
         book = OrderBook(heartbeat_ttl_s=settings.heartbeat_ttl_s, clock=time.time)
-        watcher = ChainWatcher(contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active)
+        watcher = ChainWatcher(
+            contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active, on_slashed=book.pull
+        )
         session_factory = sessions(engine)
         metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
         coordinator = Coordinator(

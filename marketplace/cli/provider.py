@@ -69,6 +69,13 @@ def serve_command(
         list[str] | None,
         typer.Option(help="gateway address whose tickets to accept [default: GATEWAY_ADDRESSES]"),
     ] = None,
+    trust_validator: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="validator address allowed to fetch retained steps [default: VALIDATOR_ADDRESSES, else the "
+            "deployment's slasher]"
+        ),
+    ] = None,
     chain_id: Annotated[int | None, typer.Option(min=1, help="[default: CHAIN_ID or 31337]")] = None,
     dtype: Annotated[
         str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on GPU)")
@@ -87,11 +94,18 @@ def serve_command(
     capacity: Annotated[
         int | None, typer.Option(min=1, help="sessions offered [default: max-sessions]")
     ] = None,
+    retention_s: Annotated[
+        float, typer.Option(min=1, help="seconds a session's steps are kept for validators after it ends")
+    ] = 900.0,
+    cheat: Annotated[
+        str | None, typer.Option(hidden=True, help="serve dishonestly (worker.cheats): demonstrations only")
+    ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
     # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
     import torch
 
+    from worker.cheats import CHEATS, make_cheater
     from worker.runtime import RuntimeLimits, SpanRuntime
     from worker.server import HopServer
     from worker.shard import load_shard
@@ -110,6 +124,11 @@ def serve_command(
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA device is available", "no_cuda")
+    validators = [parse_address(a) for a in (trust_validator or settings.validator_addresses)]
+    if not validators:
+        validators = _deployment_slasher(settings)
+    if cheat is not None and cheat not in CHEATS:
+        raise typer.BadParameter(f"{cheat!r} is not one of {', '.join(CHEATS)}", param_hint="--cheat")
     chain = chain_id or settings.chain_id
     gateway_url = gateway or settings.gateway_url
     if gateway_url is not None:
@@ -133,14 +152,23 @@ def serve_command(
         raise typer.BadParameter(str(exc), param_hint="--layers") from exc
     except WorkerError as exc:
         fail(str(exc), exc.code)
+    if cheat is not None:
+        try:
+            shard = make_cheater(shard, cheat)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cheat") from exc
     runtime = SpanRuntime(
-        shard, RuntimeLimits(max_sessions=max_sessions, max_cached_tokens=max_cached_tokens)
+        shard,
+        RuntimeLimits(
+            max_sessions=max_sessions, max_cached_tokens=max_cached_tokens, retention_s=retention_s
+        ),
     )
     server = HopServer(
         runtime,
         endpoint=advertise or f"{host}:{port}",
         verify_ticket=GatewayTicketVerifier(gateways, chain_id=chain),
         sign_receipt=KeyReceiptSigner(account, chain_id=chain),
+        verify_fetch=GatewayTicketVerifier(validators, chain_id=chain) if validators else None,
     )
 
     announcer = None
@@ -383,3 +411,16 @@ def _announced(session: ProviderSession, action: Callable[[], Coroutine[Any, Any
             session.fail(f"{exc}: run `strata provider stake AMOUNT` first", "inactive_provider")
         unreachable = isinstance(exc.__cause__, httpx.HTTPError)
         session.fail(str(exc), exc.code or ("gateway_unavailable" if unreachable else "gateway_error"))
+
+
+def _deployment_slasher(settings: Any) -> list[str]:
+    """The validator the deployment file names, when there is one: a provider that lets no validator fetch its
+    retained steps fails every validation it is drawn for."""
+    from settlement.deploy import Deployment
+    from settlement.errors import ConfigurationError
+
+    try:
+        slasher = Deployment.load(settings.deployment_file).roles.get("slasher")
+    except ConfigurationError:
+        return []
+    return [slasher] if slasher else []

@@ -68,6 +68,10 @@ class ProviderSettings(ChainSettings):
     gateway_addresses: list[str] = Field(
         default_factory=list, description="gateways whose job tickets are honoured"
     )
+    validator_addresses: list[str] = Field(
+        default_factory=list,
+        description="validators allowed to fetch retained steps; none: the deployment file's slasher, if any",
+    )
     chain_id: int = Field(default=31337, description="chain id in the EIP-712 domain of tickets and receipts")
     gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")
 

@@ -12,7 +12,9 @@ voucher invariant itself: no request runs unless the payer's signature covers it
 The ledger (see ``settlement.ledger``): metering writes one :class:`LedgerEntry` per billable hop, splitting its
 charge between the provider and the platform; an :class:`Epoch` settles every metered charge not yet settled
 (redeeming vouchers, forwarding exact payments, refunding what exact payers overpaid) and posts the providers'
-cumulative earnings as a Merkle root. :class:`ChainSend` records each transaction settlement signs before it is
+cumulative earnings as a Merkle root, taking only jobs whose sampling and validation finished
+(``jobs.cleared_at``). A :class:`Validation` is one sampled hop re-executed (see ``settlement.validator``); a
+failed one voids its job's entries. :class:`ChainSend` records each transaction settlement signs before it is
 broadcast, so a worker that dies mid-epoch finds it again instead of sending a second one.
 """
 
@@ -167,6 +169,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     metered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when its receipts entered the ledger
+    # When its sampling decision and every validation it drew were done: only then may an epoch settle it.
+    cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When a failed validation voided it: its client pays nothing for it, its providers earn nothing.
+    voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Hop(Base):
@@ -192,6 +198,8 @@ class Hop(Base):
     # None on hops recorded before settlement existed.
     transcript: Mapped[list[list[Any]] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))  # billed, unverified, abandoned, failed
+    # The hop session's 16 random bytes, hex: a validator fetches the provider's retained steps by it.
+    session: Mapped[str | None] = mapped_column(String(32))
 
 
 class Receipt(Base):
@@ -288,7 +296,40 @@ class LedgerEntry(Base):
     provider_share: Mapped[int] = mapped_column(BigInteger)
     platform_fee: Mapped[int] = mapped_column(BigInteger)
     epoch: Mapped[int | None] = mapped_column(Integer)  # the epoch whose root first includes it
+    # A failed validation of its job voided it: it never enters a root, and its charge is not collected.
+    voided: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Validation(Base):
+    """A sampled hop, re-executed by the validator. ``status``: pending, then passed, failed or missed (the
+    validator could not try while the provider still had to keep the data: nobody is blamed).
+
+    A failed one keeps its evidence: ``evidence`` is the canonical JSON document whose keccak256 is
+    ``evidence_hash``, the hash StakeManager.slash records on chain. ``slash_status`` follows the slash:
+    pending, slashed, or nothing (no stake left to take).
+    """
+
+    __tablename__ = "validations"
+    __table_args__ = (Index("ix_validations_status", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hop_id: Mapped[int] = mapped_column(ForeignKey("hops.id"), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    provider: Mapped[str] = mapped_column(ADDRESS, index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))  # the failure's code
+    detail: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    evidence: Mapped[str | None] = mapped_column(Text)
+    evidence_hash: Mapped[str | None] = mapped_column(HASH, unique=True)
+    slash_status: Mapped[str | None] = mapped_column(String(16))
+    slashed: Mapped[int | None] = mapped_column(BigInteger)  # base units taken from the provider's stake
+    slash_tx: Mapped[str | None] = mapped_column(HASH)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Epoch(Base):

@@ -429,7 +429,7 @@ def test_order_book_models_providers_and_health(
     assert operations == {
         "createChatCompletion", "createCompletion", "listModels", "retrieveModel", "createJob", "getJob",
         "postAsk", "listAsks", "getOrderBook", "postHeartbeat", "listProviders", "getProvider", "getChannel",
-        "getPayout", "getHealth", "getMetrics",
+        "getPayout", "listSlashes", "getSlash", "getHealth", "getMetrics",
     }  # fmt: skip
 
 

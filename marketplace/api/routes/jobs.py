@@ -41,6 +41,8 @@ def job_view(job: Job) -> dict[str, Any]:
         "finishReason": job.finish_reason,
         "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens},
         "failovers": job.failovers,
+        # A validator found a hop of this job wrong: the client pays nothing for it (see settlement.validator).
+        "voided": job.voided_at is not None,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "createdAt": job.created_at.isoformat(),
         "finishedAt": job.finished_at.isoformat() if job.finished_at else None,

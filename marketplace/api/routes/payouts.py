@@ -33,9 +33,9 @@ def _tree(leaves: tuple[tuple[str, int], ...]) -> PayoutTree:
 async def get_payout(address: str, gateway: GatewayDep) -> dict[str, Any]:
     """A provider's (or the treasury's) payout: amounts in base units as decimal strings.
 
-    ``earned`` counts every metered entry, settled or not; ``settled`` is its leaf in the latest posted root,
-    ``claimed`` what the distributor already paid it, and ``claimable`` the difference, claimable with
-    ``proof`` against ``root`` by anyone on its behalf.
+    ``earned`` counts every metered entry that no failed validation voided, settled or not; ``settled`` is its
+    leaf in the latest posted root, ``claimed`` what the distributor already paid it, and ``claimable`` the
+    difference, claimable with ``proof`` against ``root`` by anyone on its behalf.
     """
     if not is_address(address):
         raise InvalidRequest("invalid_address", f"{address!r} is not an address")
@@ -43,7 +43,7 @@ async def get_payout(address: str, gateway: GatewayDep) -> dict[str, Any]:
     async with gateway.sessions() as session:
         earned = await session.scalar(
             select(func.coalesce(func.sum(LedgerEntry.provider_share), 0)).where(
-                LedgerEntry.provider == provider
+                LedgerEntry.provider == provider, LedgerEntry.voided.is_(False)
             )
         )
         latest = await session.scalar(

@@ -1,0 +1,296 @@
+"""Judging one provider's span of one job: its retained steps against its signed transcript, then against the
+same span re-executed on reference weights.
+
+The provider kept each step's input and output (``worker.runtime``); the gateway recorded each step's
+(input hash, output hash), which the provider's HopReceipt signs through the transcript root and which link
+hop to hop. So the tensors the provider hands over must hash to the transcript, and then the only question
+left is whether the output is what the span computes from the input. The validator concatenates every step's
+input and runs the span once, as a single prefill from an empty KV cache; the causal mask makes each position
+see exactly the positions before it, as the provider's incremental steps did. On the last span the provider
+handed on only each step's last-position logits, so those positions are compared.
+
+Floating point differs between hardware, kernels and dtypes, so outputs are compared with tolerance, by the
+dtype the provider computed in (the dtype of its outputs):
+
+    at every position      relative error ‖c − r‖ / ‖r‖ and cosine similarity: catches a step that was
+                           made up, replayed or copied, even one step among many
+    over the whole hop     the mean relative error: catches a systematic shortcut (int8 weights, noise) whose
+                           error at each position hides among honest rounding. In fp32 it is a fixed bound. In
+                           bf16 or fp16 the validator measures the dtype's own rounding noise on this very input,
+                           by running the span in that dtype too, and the provider's error may be at most
+                           ``noise_ratio`` times it: honest rounding error depends on the span, the model and the
+                           input, so a fixed bound is either loose enough for int8 weights or too tight for
+                           someone's honest hop.
+    last span              the top token of the provider's logits is the reference's top token, or a near-tie:
+                           its reference logit within ``tie`` standard deviations of the reference's top
+
+Measured with ``benchmarks/validation.py`` (tiny Llama checkpoints, an fp32 reference): honest bf16 hops come
+to a mean relative error of 0.5% to 0.8% depending on the span, the same weights quantized to int8 and served
+in bf16 to 1.1% and more, about twice the bf16 noise of the same input; honest fp32 to about 5e-7. A provider
+computing in a dtype not in the table is judged as fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker.client import RetainedStep
+from worker.shard import Shard
+from worker.wire import payload_sha256
+
+TRANSCRIPT_MISMATCH = "transcript_mismatch"  # the tensors handed over are not the ones the transcript signs
+BAD_TENSORS = "bad_tensors"  # shapes or dtypes no honest span produces
+OUTPUT_MISMATCH = "output_mismatch"
+TOKEN_MISMATCH = "token_mismatch"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    position: float  # largest relative error at any one position
+    cosine: float  # smallest cosine similarity at any one position
+    tie: float  # last span: reference standard deviations a differing top token may be behind
+    mean: float  # largest mean relative error over the hop's positions (the floor, below fp32)
+    noise_ratio: float | None = None  # below fp32: the mean may be this many times the dtype's measured noise
+
+    def as_json(self) -> dict[str, float | None]:
+        return {
+            "position": self.position,
+            "cosine": self.cosine,
+            "tie": self.tie,
+            "mean": self.mean,
+            "noiseRatio": self.noise_ratio,
+        }
+
+
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(position=1e-3, cosine=0.99999, tie=1e-3, mean=1e-4),
+    torch.float16: Tolerance(position=1e-2, cosine=0.9999, tie=0.02, mean=1e-4, noise_ratio=1.4),
+    torch.bfloat16: Tolerance(position=3e-2, cosine=0.999, tie=0.1, mean=1e-4, noise_ratio=1.4),
+}
+
+
+class ReferenceSpan:
+    """A span's reference weights in fp32, and in a provider's lower-precision dtype when it is needed."""
+
+    def __init__(self, load: Callable[[torch.dtype], Shard]) -> None:
+        self._load = load
+        self._shards: dict[torch.dtype, Shard] = {}
+
+    def shard(self, dtype: torch.dtype = torch.float32) -> Shard:
+        if dtype not in self._shards:
+            self._shards[dtype] = self._load(dtype)
+        return self._shards[dtype]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: str | None = None  # a code above when it did not pass
+    detail: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str, detail: str, **metrics: Any) -> Verdict:
+        return cls(False, reason, detail, metrics)
+
+
+def judge_span(
+    reference: ReferenceSpan, steps: Sequence[RetainedStep], transcript: Sequence[tuple[int, bytes, bytes]]
+) -> Verdict:
+    """The verdict on a provider's retained ``steps`` of one session, given the ``transcript`` its receipt signs.
+
+    ``reference`` holds the same span's weights, loaded from the same model root.
+    """
+    problem = _transcript_problem(steps, transcript)
+    if problem is not None:
+        return Verdict.failed(TRANSCRIPT_MISMATCH, problem)
+    shard = reference.shard()
+    problem = _shape_problem(shard, steps)
+    if problem is not None:
+        return Verdict.failed(BAD_TENSORS, problem)
+    dtype = steps[0].output.dtype
+    tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    exact = reexecute(shard, steps)
+    noise = None
+    if tolerance.noise_ratio is not None:
+        rounded = _per_step(shard, steps, reexecute(reference.shard(dtype), steps))
+        wanted = _per_step(shard, steps, exact)
+        noise = float(
+            torch.cat([_relative_error(r, w).flatten() for r, w in zip(rounded, wanted, strict=True)]).mean()
+        )
+    return compare(shard, steps, exact, tolerance, noise)
+
+
+def _transcript_problem(
+    steps: Sequence[RetainedStep], transcript: Sequence[tuple[int, bytes, bytes]]
+) -> str | None:
+    if len(steps) != len(transcript):
+        return f"{len(steps)} steps retained, the transcript has {len(transcript)}"
+    for kept, (step, input_hash, output_hash) in zip(steps, transcript, strict=True):
+        if kept.step != step:
+            return f"step {kept.step} retained where the transcript has step {step}"
+        # Hashed again here: the frame digests were checked on receipt, but only against the frame's own header.
+        if payload_sha256(kept.input) != input_hash:
+            return f"step {step}'s input does not hash to the transcript's"
+        if payload_sha256(kept.output) != output_hash:
+            return f"step {step}'s output does not hash to the transcript's"
+    return None
+
+
+def _shape_problem(shard: Shard, steps: Sequence[RetainedStep]) -> str | None:
+    span, hidden = shard.span, shard.hidden_size
+    dtypes = {kept.output.dtype for kept in steps}
+    if not steps:
+        return "no steps"
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return f"outputs in {sorted(str(d) for d in dtypes)}: one floating dtype expected"
+    for kept in steps:
+        inputs, outputs = kept.input, kept.output
+        if span.first:
+            if (
+                inputs.dtype != torch.int64
+                or inputs.dim() != 2
+                or inputs.shape[0] != 1
+                or inputs.shape[1] == 0
+            ):
+                return f"step {kept.step}: input {inputs.dtype} {tuple(inputs.shape)} is not token ids (1, n)"
+            if int(inputs.min()) < 0 or int(inputs.max()) >= shard.vocab_size:
+                return f"step {kept.step}: token ids outside the vocabulary"
+        elif (
+            not inputs.is_floating_point()
+            or inputs.dim() != 3
+            or inputs.shape[0] != 1
+            or inputs.shape[2] != hidden
+            or not bool(torch.isfinite(inputs).all())
+        ):
+            return f"step {kept.step}: input {inputs.dtype} {tuple(inputs.shape)} is not hidden states"
+        positions = int(inputs.shape[1])
+        expected = (1, 1, shard.vocab_size) if span.last else (1, positions, hidden)
+        if tuple(outputs.shape) != expected:
+            return f"step {kept.step}: output {tuple(outputs.shape)}, the span gives {expected}"
+    return None
+
+
+@torch.inference_mode()
+def reexecute(shard: Shard, steps: Sequence[RetainedStep]) -> torch.Tensor:
+    """The span over every step's input at once: hidden states (1, n, hidden), or logits (1, n, vocab)."""
+    inputs = torch.cat([kept.input for kept in steps], dim=1).to(shard.device)
+    cache = shard.new_cache()
+    if shard.span.first:
+        return shard.forward(cache=cache, input_ids=inputs, all_logits=True)
+    return shard.forward(cache=cache, hidden=inputs.to(shard.dtype), all_logits=True)
+
+
+def _per_step(shard: Shard, steps: Sequence[RetainedStep], reference: torch.Tensor) -> list[torch.Tensor]:
+    """``reference``'s positions that each step's output covers, as float32."""
+    parts, position = [], 0
+    for kept in steps:
+        count = int(kept.input.shape[1])
+        start = position + count - 1 if shard.span.last else position
+        parts.append(reference[:, start : position + count].float())
+        position += count
+    return parts
+
+
+def _relative_error(claimed: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    error = (claimed - wanted).norm(dim=-1) / wanted.norm(dim=-1).clamp_min(1e-30)
+    return torch.nan_to_num(error, nan=float("inf"))
+
+
+def compare(
+    shard: Shard,
+    steps: Sequence[RetainedStep],
+    reference: torch.Tensor,
+    tolerance: Tolerance,
+    noise: float | None = None,
+) -> Verdict:
+    """Each step's output against its positions of ``reference``; ``noise`` is the mean relative error of the
+    span run in the provider's dtype (required when ``tolerance`` has a noise ratio)."""
+    last = shard.span.last
+    per_step: list[dict[str, Any]] = []
+    errors: list[torch.Tensor] = []
+    failing: list[int] = []
+    tokens_off: list[int] = []
+    for kept, wanted in zip(steps, _per_step(shard, steps, reference), strict=True):
+        claimed = kept.output.to(reference.device).float()
+        error = _relative_error(claimed, wanted)
+        cosine = torch.nan_to_num(torch.nn.functional.cosine_similarity(claimed, wanted, dim=-1), nan=-1.0)
+        errors.append(error.flatten())
+        entry: dict[str, Any] = {
+            "step": kept.step,
+            "positions": int(kept.input.shape[1]),
+            "maxRelErr": _round(float(error.max())),
+            "minCosine": _round(float(cosine.min())),
+        }
+        if float(error.max()) > tolerance.position or float(cosine.min()) < tolerance.cosine:
+            failing.append(kept.step)
+        if last:
+            top, gap = _top_token(claimed.flatten(), wanted.flatten())
+            entry.update(
+                {"token": top, "referenceToken": int(wanted.flatten().argmax()), "tieGap": _round(gap)}
+            )
+            if gap > tolerance.tie:
+                tokens_off.append(kept.step)
+        per_step.append(entry)
+    every = torch.cat(errors)
+    mean = float(every.mean())
+    bound = tolerance.mean
+    if tolerance.noise_ratio is not None:
+        assert noise is not None, "a lower-precision dtype is judged against its measured noise"
+        bound = max(bound, tolerance.noise_ratio * noise)
+    dtype = steps[0].output.dtype
+    metrics = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "tolerance": tolerance.as_json(),
+        "positions": int(every.numel()),
+        "meanRelErr": _round(mean),
+        "meanBound": _round(bound),
+        "dtypeNoise": None if noise is None else _round(noise),
+        "maxRelErr": _round(float(every.max())),
+        "minCosine": min(entry["minCosine"] for entry in per_step),
+        "steps": per_step,
+    }
+    if failing:
+        detail = f"steps {_few(failing)} differ from the reference beyond {dtype} tolerance"
+        return Verdict(False, OUTPUT_MISMATCH, detail, metrics)
+    if tokens_off:
+        return Verdict(False, TOKEN_MISMATCH, f"steps {_few(tokens_off)} pick another top token", metrics)
+    if mean > bound:
+        detail = f"mean relative error {mean:.3g} over the hop, above the bound {bound:.3g} for {dtype}"
+        return Verdict(False, OUTPUT_MISMATCH, detail, metrics)
+    return Verdict(True, None, "", metrics)
+
+
+def _top_token(claimed: torch.Tensor, wanted: torch.Tensor) -> tuple[int, float]:
+    """The provider's top token and how far behind the reference's top it is, in reference standard deviations."""
+    top = int(claimed.argmax())
+    spread = float(wanted.std()) or 1.0
+    return top, float(wanted.max() - wanted[top]) / spread
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _few(items: list[int]) -> str:
+    shown = ", ".join(str(i) for i in items[:8])
+    return shown + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+
+__all__ = [
+    "BAD_TENSORS",
+    "OUTPUT_MISMATCH",
+    "TOKEN_MISMATCH",
+    "TOLERANCES",
+    "TRANSCRIPT_MISMATCH",
+    "ReferenceSpan",
+    "Tolerance",
+    "Verdict",
+    "compare",
+    "judge_span",
+    "reexecute",
+]

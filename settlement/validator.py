@@ -1,0 +1,417 @@
+"""The validator: re-executes sampled hops, and slashes the providers whose outputs do not match.
+
+Metering draws hops for validation (``settlement.ledger``); each drawn hop is a ``validations`` row. Validating
+one (the ``settlement.validate_hop`` task):
+
+    fetch     the provider's retained steps of the hop's session, with a ticket for the job signed by this
+              validator's key (providers accept fetches only from validators they trust)
+    judge     hashes against the signed transcript, then one prefill on the reference weights of the same
+              model root and span, compared within the tolerance of the provider's dtype (settlement.validation)
+    decide    passed: the job clears once all its drawn hops are decided.
+              failed: the evidence is stored, the job is voided (see below), the provider's asks are pulled,
+              and StakeManager.slash takes ``slash_bps`` of its stake, bonded and unbonding, under the
+              evidence's keccak256. The challenger's share of a slash goes to this validator's account.
+
+Data the provider cannot produce. A provider must keep a session's steps for ``window_s`` after the job
+finished (its ``retention_s`` should be longer). A provider that answers without them (or refuses this
+validator's ticket) fails the validation, as one that cannot be reached fails once the window has passed
+with every attempt unanswered. A validator that first tries after the window blames nobody: the hop is
+``missed``, and the job clears as if it had not been drawn.
+
+Voiding. Because a job enters an epoch only once cleared, a voided job's earnings were never in any root:
+voiding takes nothing back from anyone. Its ledger entries are marked voided and its charge's metered amount
+becomes 0, so its client pays nothing for it (every hop after the cheating one computed on bad data, so the
+whole answer is void): a channel payer's money stays in its channel, and the gateway lowers the channel's
+charged total by the job's charge, so the vouchers it already signed cover that much more of its next
+requests, and whatever it does not spend comes back when it leaves the channel; an exact payer is refunded the
+whole payment on chain in the next epoch. The honest providers on the same route go unpaid for that job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from settlement.db.schema import Ask, ChainSend, Channel, Charge, Hop, Job, LedgerEntry, Receipt, Validation
+from settlement.deploy import Contracts
+from settlement.errors import NoReferenceWeights, TransactionReverted, UnknownJob
+from settlement.outbox import send_once
+from settlement.tickets import issue_ticket
+from settlement.validation import ReferenceSpan, Verdict, judge_span
+from worker.client import HopConnection, RetainedStep, fetch_retained
+from worker.errors import HopFailed, HopUnreachable, ProtocolError, WireError
+from worker.shard import default_device, load_shard, model_root
+from worker.wire import FrameLimits
+
+log = logging.getLogger(__name__)
+
+PENDING, PASSED, FAILED, MISSED = "pending", "passed", "failed", "missed"
+SLASHED, NOTHING = "slashed", "nothing"  # slash_status besides pending
+DATA_UNAVAILABLE = "data_unavailable"
+EVIDENCE_KIND = "strata.validation/1"
+BPS = 10_000
+
+
+class ReferenceModels:
+    """Reference weights by model root, loaded on first use from the checkpoint directories given (MODELS:
+    ``PATH`` or ``NAME=PATH`` each), in fp32 on ``device``."""
+
+    def __init__(self, entries: Sequence[str], *, device: torch.device | None = None) -> None:
+        self.directories = [Path(entry.partition("=")[2] or entry) for entry in entries]
+        self.device = device or default_device()
+        self._roots: dict[str, Path] | None = None
+        self._spans: dict[tuple[str, int, int], ReferenceSpan] = {}
+
+    def span(self, root: str, start: int, end: int) -> ReferenceSpan | None:
+        if self._roots is None:
+            self._roots = {model_root(directory): directory for directory in self.directories}
+        directory = self._roots.get(root.lower())
+        if directory is None:
+            return None
+        key = (root.lower(), start, end)
+        if key not in self._spans:
+            device = self.device
+            self._spans[key] = ReferenceSpan(
+                lambda dtype: load_shard(directory, f"{start}:{end}", device=device, dtype=dtype)
+            )
+        return self._spans[key]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    validation_id: int
+    status: str
+    reason: str | None = None
+    retry_in_s: float | None = None  # pending: try again after this long
+
+    def as_json(self) -> dict[str, Any]:
+        return {"validation": self.validation_id, "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """What validating a hop reads from the database, detached from any session."""
+
+    validation: int
+    status: str
+    slash_status: str | None
+    evidence_hash: str | None
+    first_attempt_at: datetime | None
+    job_id: str
+    model_root: str
+    finished_at: datetime
+    provider: str
+    endpoint: str
+    session: str
+    layers: tuple[int, int]
+    attempt: int
+    position: int
+    tokens: int
+    transcript_root: str
+    transcript: list[list[Any]]
+    signature: str | None
+
+    def steps(self) -> list[tuple[int, bytes, bytes]]:
+        return [(int(step), bytes.fromhex(i[2:]), bytes.fromhex(o[2:])) for step, i, o in self.transcript]
+
+
+class Validator:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        contracts: Contracts,
+        account: LocalAccount,
+        references: ReferenceModels,
+        *,
+        window_s: float = 600.0,
+        slash_bps: int = BPS,
+        fetch_timeout_s: float = 30.0,
+        retry_s: float = 10.0,
+        send_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < slash_bps <= BPS:
+            raise ValueError(f"slash_bps must be in (0, {BPS}], got {slash_bps}")
+        self.sessions = sessions
+        self.contracts = contracts
+        self.account = account
+        self.references = references
+        self.window_s = window_s
+        self.slash_bps = slash_bps
+        self.fetch_timeout_s = fetch_timeout_s
+        self.retry_s = retry_s
+        self.send_lock = send_lock  # one slash at a time per validator key: the nonces are shared
+        self.clock = clock
+
+    # -- the work ------------------------------------------------------------------------------------------
+
+    def validate(self, validation_id: int) -> Outcome:
+        hop = self._load(validation_id)
+        if hop.status == FAILED and hop.slash_status == PENDING:
+            self._slash(hop)  # decided by an earlier run that stopped before the slash was mined
+        if hop.status != PENDING:
+            return Outcome(validation_id, hop.status)
+        now = self.clock()
+        deadline = hop.finished_at.timestamp() + self.window_s
+        first_attempt = hop.first_attempt_at.timestamp() if hop.first_attempt_at else now
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Validation)
+                .where(Validation.id == validation_id)
+                .values(
+                    attempts=Validation.attempts + 1,
+                    first_attempt_at=datetime.fromtimestamp(first_attempt, UTC),
+                )
+            )
+        try:
+            steps = asyncio.run(self._fetch(hop))
+        except HopFailed as exc:  # the provider answered, without the data
+            return self._unavailable(hop, first_attempt <= deadline, f"{exc.code}: {exc}")
+        except (HopUnreachable, ProtocolError, WireError, TimeoutError, OSError) as exc:
+            if now < deadline:
+                log.info("validation %d: %s unreachable (%r), retrying", validation_id, hop.endpoint, exc)
+                return Outcome(validation_id, PENDING, retry_in_s=min(self.retry_s, deadline - now))
+            return self._unavailable(hop, first_attempt <= deadline, f"unreachable: {exc!r}")
+        reference = self.references.span(hop.model_root, *hop.layers)
+        if reference is None:
+            raise NoReferenceWeights(
+                f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
+            )
+        verdict = judge_span(reference, steps, hop.steps())
+        return self._decide(hop, verdict)
+
+    def _load(self, validation_id: int) -> _Hop:
+        with self.sessions() as session:
+            validation = session.get(Validation, validation_id)
+            if validation is None:
+                raise UnknownJob(f"no validation {validation_id}")
+            hop = session.get(Hop, validation.hop_id)
+            job = session.get(Job, validation.job_id)
+            assert hop is not None and job is not None and job.finished_at is not None
+            receipt = session.scalar(select(Receipt).where(Receipt.hop_id == hop.id))
+            return _Hop(
+                validation_id,
+                validation.status,
+                validation.slash_status,
+                validation.evidence_hash,
+                validation.first_attempt_at,
+                job.id,
+                job.model_root,
+                job.finished_at,
+                hop.provider,
+                hop.endpoint,
+                hop.session or "",
+                (hop.layer_start, hop.layer_end),
+                hop.attempt,
+                hop.position,
+                hop.tokens,
+                hop.transcript_root,
+                list(hop.transcript or []),
+                receipt.signature if receipt else None,
+            )
+
+    async def _fetch(self, hop: _Hop) -> list[RetainedStep]:
+        ticket = issue_ticket(
+            self.account,
+            job_id=bytes.fromhex(hop.job_id[2:]),
+            model_root=bytes.fromhex(hop.model_root[2:]),
+            expires_at=int(self.clock()) + int(self.fetch_timeout_s) + 60,
+            chain_id=self.contracts.deployment.chain_id,
+        )
+        connection = HopConnection(hop.endpoint, FrameLimits())
+        try:
+            return await asyncio.wait_for(
+                fetch_retained(connection, bytes.fromhex(hop.session), ticket, max_steps=len(hop.transcript)),
+                self.fetch_timeout_s,
+            )
+        finally:
+            await connection.close()
+
+    def _unavailable(self, hop: _Hop, within_window: bool, detail: str) -> Outcome:
+        if not within_window:
+            log.warning("validation %d missed: first tried after the retention window", hop.validation)
+            with self.sessions.begin() as session:
+                self._record(session, hop, MISSED, None, detail, None)
+            return Outcome(hop.validation, MISSED)
+        return self._decide(
+            hop, Verdict.failed(DATA_UNAVAILABLE, f"the provider could not produce the data ({detail})")
+        )
+
+    def _decide(self, hop: _Hop, verdict: Verdict) -> Outcome:
+        if verdict.passed:
+            with self.sessions.begin() as session:
+                self._record(session, hop, PASSED, None, None, verdict.metrics)
+            return Outcome(hop.validation, PASSED)
+        evidence = self._evidence(hop, verdict)
+        evidence_hash = "0x" + keccak(evidence.encode()).hex()
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        with self.sessions.begin() as session:
+            self._record(session, hop, FAILED, verdict.reason, verdict.detail, verdict.metrics)
+            session.execute(
+                update(Validation)
+                .where(Validation.id == hop.validation)
+                .values(evidence=evidence, evidence_hash=evidence_hash, slash_status=PENDING)
+            )
+            self._void(session, hop.job_id, now)
+            session.execute(
+                update(Ask)
+                .where(Ask.provider == hop.provider, Ask.withdrawn_at.is_(None))
+                .values(withdrawn_at=now)
+            )
+        log.warning(
+            "validation %d failed: %s on layers %s of job %s: %s (%s)",
+            hop.validation, hop.provider, hop.layers, hop.job_id, verdict.reason, verdict.detail,
+        )  # fmt: skip
+        self._slash(self._load(hop.validation))
+        return Outcome(hop.validation, FAILED, verdict.reason)
+
+    def _record(
+        self,
+        session: Session,
+        hop: _Hop,
+        status: str,
+        reason: str | None,
+        detail: str | None,
+        metrics: dict[str, Any] | None,
+    ) -> None:
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        session.execute(
+            update(Validation)
+            .where(Validation.id == hop.validation, Validation.status == PENDING)
+            .values(status=status, reason=reason, detail=detail, metrics=metrics, decided_at=now)
+        )
+        undecided = session.scalar(
+            select(Validation.id)
+            .where(Validation.job_id == hop.job_id, Validation.status == PENDING)
+            .limit(1)
+        )
+        if undecided is None:
+            session.execute(
+                update(Job).where(Job.id == hop.job_id, Job.cleared_at.is_(None)).values(cleared_at=now)
+            )
+
+    @staticmethod
+    def _void(session: Session, job_id: str, now: datetime) -> None:
+        job = session.get(Job, job_id, with_for_update=True)
+        assert job is not None
+        if job.voided_at is not None:
+            return
+        job.voided_at = now
+        session.execute(update(LedgerEntry).where(LedgerEntry.job_id == job_id).values(voided=True))
+        charge = session.scalar(select(Charge).where(Charge.job_id == job_id))
+        if charge is None:
+            return
+        assert charge.epoch is None, "a job is settled only once cleared, and this one was not"
+        charge.metered = 0
+        if charge.channel_id is not None and charge.amount:
+            session.execute(
+                update(Channel)
+                .where(Channel.id == charge.channel_id)
+                .values(charged=Channel.charged - charge.amount)
+            )
+
+    def _evidence(self, hop: _Hop, verdict: Verdict) -> str:
+        """The canonical JSON document a slash's evidence hash commits to: anyone holding the provider's
+        receipt and the reference weights can check it."""
+        document = {
+            "kind": EVIDENCE_KIND,
+            "chainId": self.contracts.deployment.chain_id,
+            "stakeManager": self.contracts.stake.address,
+            "validator": self.account.address,
+            "job": hop.job_id,
+            "modelRoot": hop.model_root,
+            "hop": {
+                "provider": hop.provider,
+                "layers": list(hop.layers),
+                "attempt": hop.attempt,
+                "position": hop.position,
+                "session": hop.session,
+                "tokens": hop.tokens,
+                "transcriptRoot": hop.transcript_root,
+                "receiptSignature": hop.signature,
+                "transcript": hop.transcript,
+            },
+            "reason": verdict.reason,
+            "detail": verdict.detail,
+            "metrics": verdict.metrics,
+            "decidedAt": int(self.clock()),
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+    def _slash(self, hop: _Hop) -> None:
+        assert hop.evidence_hash is not None
+        stake = self.contracts.stake
+        evidence = bytes.fromhex(hop.evidence_hash[2:])
+        key = f"slash:{hop.evidence_hash}"
+        with self.send_lock():
+            if stake.evidence_used(evidence) and not self._sent(key):
+                self._slashed(
+                    hop, SLASHED, None, None
+                )  # slashed under this evidence by another run or by hand
+                return
+            held = stake.stake_of(hop.provider)
+            amount = (held.staked + held.unbonding) * self.slash_bps // BPS
+            if amount == 0 and not self._sent(key):
+                log.warning("validation %d: %s has no stake left to slash", hop.validation, hop.provider)
+                self._slashed(hop, NOTHING, 0, None)
+                return
+            try:
+                receipt = send_once(
+                    self.sessions,
+                    self.contracts.chain,
+                    self.account,
+                    key,
+                    lambda: stake.contract.functions.slash(hop.provider, amount, evidence),
+                    "StakeManager.slash",
+                )
+            except TransactionReverted as exc:
+                if exc.error_name != "NothingToSlash":
+                    raise
+                self._slashed(hop, NOTHING, 0, None)
+                return
+        events = stake.contract.events.Slashed().process_receipt(receipt)
+        slashed = int(events[0]["args"]["amount"]) if events else amount
+        self._slashed(hop, SLASHED, slashed, "0x" + bytes(receipt["transactionHash"]).hex())
+        log.warning("slashed %s by %d (validation %d)", hop.provider, slashed, hop.validation)
+
+    def _sent(self, key: str) -> bool:
+        with self.sessions() as session:
+            return session.scalar(select(ChainSend.id).where(ChainSend.key == key)) is not None
+
+    def _slashed(self, hop: _Hop, status: str, amount: int | None, tx_hash: str | None) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Validation)
+                .where(Validation.id == hop.validation)
+                .values(slash_status=status, slashed=amount, slash_tx=tx_hash)
+            )
+
+
+def unfinished(sessions: sessionmaker[Session]) -> list[int]:
+    """Validations still to do: undecided, or failed with their slash not yet mined."""
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(Validation.id)
+                .where((Validation.status == PENDING) | (Validation.slash_status == PENDING))
+                .order_by(Validation.id)
+            )
+        )
+
+
+__all__ = ["FAILED", "MISSED", "PASSED", "PENDING", "Outcome", "ReferenceModels", "Validator", "unfinished"]
