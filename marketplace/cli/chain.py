@@ -38,6 +38,7 @@ DEVNET_ROLES = (
     "admin", "operator", "treasury", "validator", "gateway",
     "provider-1", "provider-2", "provider-3",
     "client-1", "client-2", "client-3",
+    "cheater-1", "cheater-2", "cheater-3",
 )  # fmt: skip
 DEVNET_FUNDING = 10_000 * ONE_TOKEN
 
@@ -111,7 +112,7 @@ def start_devnet(
         )
         with status.status("Funding demo accounts…"):
             for role, account in accounts.items():
-                if role.startswith(("provider", "client", "validator")):
+                if role.startswith(("provider", "client", "validator", "cheater")):
                     contracts.token.mint(accounts["admin"], to=account.address, amount=DEVNET_FUNDING)
         contracts.deployment.save(deployment_file)
         devnet = Devnet(anvil, contracts, accounts, deployment_file)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -224,6 +225,20 @@ def paid_stream(
     return Answer(text, reserved, settled)
 
 
+def wait_cleared(market: Marketplace, job_id: str, timeout_s: float) -> None:
+    """Waits until the job's sampled hops are validated (an epoch settles only cleared jobs)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            job = httpx.get(f"{market.gateway_url}/v1/jobs/{job_id}", timeout=10).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise DemoFailed(f"{market.gateway_url} did not answer: {exc}", "gateway_unavailable") from exc
+        if job.get("cleared"):
+            return
+        time.sleep(0.25)
+    raise DemoFailed(f"job {job_id} was not validated within {timeout_s:g} s", "validation_timeout")
+
+
 def close_epoch(redis_url: str, timeout_s: float) -> dict[str, Any]:
     """Runs settlement's close_epoch task now, on the worker `strata up` started, and waits for its report."""
     from settlement.tasks import CLOSE_EPOCH, make_app
@@ -403,6 +418,8 @@ def _play(
     show(_document_table("Payment (the stream's last chunk)", answer.settled))
 
     out.rule("4. Close an epoch")
+    with out.status("Waiting for metering and validation of the job…"):
+        wait_cleared(market, str(answer.settled["extra"]["jobId"]), timeout_s)
     with out.status("Settling: redeeming vouchers, posting the payout root…"):
         report["epoch"] = close_epoch(market.redis_url, timeout_s)
     show(_document_table("close_epoch", report["epoch"]))

@@ -9,7 +9,10 @@ What it runs:
                    exact payments it takes go to the operator, who forwards them at settlement
     provider-1..3  `strata provider serve`, each staked with the minimum stake, serving a third of the layers
                    of a tiny local model at its own price, announced to the gateway
-    worker         `celery -A settlement.tasks worker -B`: metering, and an epoch closed every --epoch-seconds
+    cheater-N      with --cheaters N: staked like the others, serving the N-th third dishonestly (--cheat) 10%
+                   cheaper than the honest provider, so that it is routed to until a validator slashes it
+    worker         `celery -A settlement.tasks worker -B`: metering, an epoch closed every --epoch-seconds, and
+                   the validator (the devnet's validator key) re-executing --sample-rate of the billed hops
 
 Ctrl-C or SIGTERM stops them all, the processes that use a service before the service: providers and worker
 (providers withdraw their asks from the gateway as they go), then the gateway, then Redis, then the chain. The
@@ -77,6 +80,9 @@ TINY_MARKER = "strata-tiny.json"  # the config a checkpoint was built with, to k
 # token through all six layers costs 900 base units (0.0009 sUSD).
 PROVIDER_PRICES = (100_000_000, 150_000_000, 200_000_000)
 PROVIDER_ROLES = ("provider-1", "provider-2", "provider-3")
+# --cheaters: cheater-N serves the N-th span dishonestly, 10% under the honest price so that it wins the work.
+CHEATER_ROLES = ("cheater-1", "cheater-2", "cheater-3")
+CHEATER_DISCOUNT = 0.9
 WORKER_APP = "settlement.tasks"
 
 # Services are stopped from the highest tier down: whoever uses a service goes before it.
@@ -433,6 +439,9 @@ class Options:
     state_dir: Path
     params: DeployParams
     as_json: bool
+    cheaters: int = 0
+    cheat: str = "skip-layer"
+    sample_rate: float = 1.0
 
 
 def up_command(
@@ -447,6 +456,18 @@ def up_command(
     unbonding_period: Annotated[
         int | None, typer.Option(min=0, help="StakeManager's unbonding period, seconds [default: 7 days]")
     ] = None,
+    cheaters: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=len(CHEATER_ROLES),
+            help="extra providers that cheat, undercutting the honest ones' prices",
+        ),
+    ] = 0,
+    cheat: Annotated[str, typer.Option(help="how the cheaters cheat (see worker.cheats)")] = "skip-layer",
+    sample_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="probability that the validator re-executes a billed hop")
+    ] = 1.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the summary as one JSON line once ready, then keep running")
     ] = False,
@@ -458,8 +479,15 @@ def up_command(
     for what, number in (("--port", port), ("--chain-port", chain_port)):
         if port_in_use(number):
             fail(f"port {number} ({what}) is already in use on 127.0.0.1", "port_in_use", as_json=as_json)
+    from worker.cheats import CHEATS
+
+    if cheat not in CHEATS or cheat == "copy-input":
+        kinds = ", ".join(kind for kind in CHEATS if kind != "copy-input")
+        raise typer.BadParameter(f"{cheat!r} is not one of {kinds}", param_hint="--cheat")
     params = DeployParams() if unbonding_period is None else DeployParams(unbonding_period_s=unbonding_period)
-    options = Options(port, chain_port, epoch_seconds, state_dir.resolve(), params, as_json)
+    options = Options(
+        port, chain_port, epoch_seconds, state_dir.resolve(), params, as_json, cheaters, cheat, sample_rate
+    )
     # Progress and the human summary go to stderr under --json, so stdout carries only the JSON line.
     out = errors if as_json else console
     supervisor = Supervisor(options.state_dir / "logs")
@@ -521,7 +549,7 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
         from marketplace.catalog import load_model  # torch: imported only when a model is loaded
 
         model = load_model(model_dir, MODEL_NAME)  # writes the manifest before several processes would
-    min_stake = _stake(devnet, PROVIDER_ROLES, out)
+    min_stake = _stake(devnet, (*PROVIDER_ROLES, *CHEATER_ROLES[: options.cheaters]), out)
 
     operator = devnet.accounts["operator"]
     common_env = {
@@ -545,13 +573,22 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
         tier=TIER_GATEWAY,
     )
     # The worker needs only the broker, the database and the chain: it starts while the gateway does.
-    worker = _spawn_worker(supervisor, state, {**common_env, "OPERATOR_KEY": key_hex(operator)}, options)
+    worker_env = {
+        **common_env,
+        "OPERATOR_KEY": key_hex(operator),
+        "VALIDATOR_KEY": key_hex(devnet.accounts["validator"]),
+        "MODELS": json.dumps([f"{MODEL_NAME}={model_dir}"]),
+        "SAMPLE_RATE": str(options.sample_rate),
+    }
+    worker = _spawn_worker(supervisor, state, worker_env, options)
     with step(out, f"Starting the gateway on {gateway_url}…"):
         wait_until(supervisor, "the gateway", lambda: _gateway_health(gateway_url) is not None)
 
     # Providers announce themselves to the gateway as they start, so they start once it answers.
-    offers = _offers(devnet, model.num_layers)
-    providers = _spawn_providers(supervisor, devnet, offers, model_dir, gateway_url, common_env)
+    offers = _offers(devnet, model.num_layers, options.cheaters)
+    providers = _spawn_providers(
+        supervisor, devnet, offers, model_dir, gateway_url, common_env, options.cheat
+    )
     with step(out, f"Starting {len(providers)} providers…"):
         for provider in providers:
             wait_until(supervisor, provider.name, _log_has_line(provider.log, lambda line: line == "ready"))
@@ -600,9 +637,16 @@ def _start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict
     return summary, devnet
 
 
-def _offers(devnet: Devnet, layers: int) -> list[dict[str, str]]:
-    """Each demo provider's address, span, price and a free port to serve on."""
+def _offers(devnet: Devnet, layers: int, cheaters: int = 0) -> list[dict[str, str]]:
+    """Each demo provider's address, span, price and a free port to serve on; cheaters last."""
     spans = _spans(layers, len(PROVIDER_ROLES))
+    honest = [
+        (role, span, price) for role, span, price in zip(PROVIDER_ROLES, spans, PROVIDER_PRICES, strict=True)
+    ]
+    cheating = [
+        (role, spans[i], int(PROVIDER_PRICES[i] * CHEATER_DISCOUNT))
+        for i, role in enumerate(CHEATER_ROLES[:cheaters])
+    ]
     return [
         {
             "role": role,
@@ -611,7 +655,7 @@ def _offers(devnet: Devnet, layers: int) -> list[dict[str, str]]:
             "pricePerMillion": str(price),
             "endpoint": f"127.0.0.1:{free_port()}",
         }
-        for role, (start, end), price in zip(PROVIDER_ROLES, spans, PROVIDER_PRICES, strict=True)
+        for role, (start, end), price in [*honest, *cheating]
     ]
 
 
@@ -622,6 +666,7 @@ def _spawn_providers(
     model_dir: Path,
     gateway_url: str,
     env: dict[str, str],
+    cheat: str,
 ) -> list[Service]:
     gateway = devnet.accounts["gateway"]
     children = []
@@ -637,6 +682,8 @@ def _spawn_providers(
             "--gateway", gateway_url,
             "--price", offer["pricePerMillion"],
         ]  # fmt: skip
+        if offer["role"] in CHEATER_ROLES:
+            command += ["--cheat", cheat]
         key = key_hex(devnet.accounts[offer["role"]])
         # One thread each: three providers share this machine's cores, and a tiny model gains nothing from more.
         child_env = {**env, "PROVIDER_KEY": key, "OMP_NUM_THREADS": "1"}
@@ -675,7 +722,11 @@ def _announce(summary: dict[str, Any], devnet: Devnet, options: Options, out: Co
             f"{provider['endpoint']} at {int(provider['pricePerMillion']):,} per M token-layers",
             provider["log"],
         )
-    services.add_row("settlement worker", f"epoch every {options.epoch_s:g} s", summary["worker"]["log"])
+    services.add_row(
+        "settlement worker",
+        f"epoch every {options.epoch_s:g} s, validating {options.sample_rate:.0%} of hops",
+        summary["worker"]["log"],
+    )
     out.print(services)
     out.print(accounts_table(devnet))
     state = options.state_dir

@@ -41,7 +41,9 @@ def job_view(job: Job) -> dict[str, Any]:
         "finishReason": job.finish_reason,
         "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens},
         "failovers": job.failovers,
-        # A validator found a hop of this job wrong: the client pays nothing for it (see settlement.validator).
+        # Cleared: its sampled hops are validated, so an epoch may settle it. Voided: a validator found a hop
+        # wrong, and the client pays nothing for the job (see settlement.validator).
+        "cleared": job.cleared_at is not None,
         "voided": job.voided_at is not None,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "createdAt": job.created_at.isoformat(),
