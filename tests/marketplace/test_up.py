@@ -8,6 +8,7 @@ an hour long, so the only settlement is the one `strata demo` asks for.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,18 @@ READY_TIMEOUT_S = 150
 SETTINGS = (
     "DATABASE_URL", "REDIS_URL", "RPC_URL", "DEPLOYMENT_FILE", "GATEWAY_KEY", "MODELS", "OPERATOR_KEY",
     "DEPLOYER_KEY", "EPOCH_S", "GATEWAY_URL", "CLIENT_KEY", "PROVIDER_KEY", "GATEWAY_ADDRESSES",
+    "VALIDATOR_KEY", "VALIDATOR_ADDRESSES", "SAMPLE_RATE",
 )  # fmt: skip
 
 runner = CliRunner()
+
+
+def poll(what: str, check: Callable[[], Any], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s:g} s")
+        time.sleep(0.25)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -88,12 +98,14 @@ def _first_line(process: subprocess.Popen[str], timeout_s: float) -> str:
 
 
 @contextmanager
-def strata_up(state: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+def strata_up(
+    state: Path, env: dict[str, str], *options: str
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     """`strata up --json` on free ports; yields it with its summary once ready, then stops it with SIGINT
     (as Ctrl-C would) and checks that it left nothing running."""
     process = subprocess.Popen(
         [STRATA, "up", "--state-dir", str(state), "--port", str(free_port()),
-         "--chain-port", str(free_port()), "--epoch-seconds", "3600", "--json"],
+         "--chain-port", str(free_port()), "--epoch-seconds", "3600", "--json", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=state.parent,
     )  # fmt: skip
     try:
@@ -365,3 +377,83 @@ def test_supervisor_reports_a_child_that_dies_at_start_up(tmp_path: Path) -> Non
     assert "provider-1 exited with code 3" in str(failed.value)
     assert failed.value.log is not None and "cannot open the model" in failed.value.log.read_text()
     supervisor.stop_all()
+
+
+def test_up_with_a_cheater_slashes_it_and_gives_its_clients_their_money_back(tmp_path: Path) -> None:
+    """`strata up --cheaters 1`: a provider skipping a layer undercuts the honest one on layers 0:2 and takes
+    the first job; the validator re-executes the hop, slashes it on chain before any epoch closes, its asks
+    leave the book, the next job goes to the honest provider, and the epoch collects only the honest job."""
+    from eth_utils.crypto import keccak
+
+    from marketplace.cli.demo import close_epoch, connect
+    from marketplace.client import ChannelWallet, StrataClient, fund_channel
+    from settlement.contracts import random_channel_id
+
+    state = tmp_path / "state"
+    with strata_up(state, clean_env(), "--cheaters", "1") as (_process, summary):
+        gateway = summary["gateway_url"]
+        cheater = next(p for p in summary["providers"] if p["role"] == "cheater-1")
+        honest = next(p for p in summary["providers"] if p["role"] == "provider-1")
+        assert cheater["layers"] == honest["layers"] == "0:2"
+        market = connect(state)
+        stake, token, escrow = market.contracts.stake, market.contracts.token, market.contracts.escrow
+        validator = summary["accounts"]["validator"]["address"]
+        client = market.account("client-1")
+        channel = random_channel_id(client.address)
+
+        async def ask(wallet: ChannelWallet) -> str:
+            async with StrataClient(gateway, wallet) as strata:
+                reply = await strata.chat(
+                    market.model,
+                    [{"role": "user", "content": "are you honest?"}],
+                    max_tokens=6,
+                    temperature=0,
+                )
+            return "0x" + str(reply["id"]).removeprefix("chatcmpl-")
+
+        def job(job_id: str) -> dict[str, Any]:
+            return dict(httpx.get(f"{gateway}/v1/jobs/{job_id}", timeout=10).json())
+
+        held = asyncio.run(fund_channel(market.contracts, client, channel, DEPOSIT))
+        wallet = ChannelWallet(
+            client, channel, escrow=escrow.address, chain_id=market.contracts.chain.chain_id, deposit=held
+        )
+        assert stake.stake_of(cheater["address"]).staked == STAKE
+        cheated = asyncio.run(ask(wallet))
+        poll("the cheating job voided, its other hops validated", lambda: job(cheated)["cleared"])
+        first = job(cheated)
+        assert first["voided"] and int(first["charged"]) > 0
+
+        # Slashed on chain: the whole stake, half of it to the validator as challenger.
+        assert stake.stake_of(cheater["address"]).staked == 0
+        assert not stake.is_active(cheater["address"])
+        assert token.balance_of(validator) == FUNDING + STAKE // 2
+        slashes = httpx.get(f"{gateway}/v1/slashes", params={"provider": cheater["address"]}).json()["data"]
+        assert len(slashes) == 1 and slashes[0]["status"] == "slashed" and slashes[0]["job"] == cheated
+        evidence = httpx.get(f"{gateway}/v1/slashes/{slashes[0]['id']}").json()
+        assert "0x" + keccak(evidence["evidence"].encode()).hex() == slashes[0]["id"]
+        assert stake.evidence_used(bytes.fromhex(slashes[0]["id"][2:]))
+        document = json.loads(evidence["evidence"])
+        assert document["reason"] == "output_mismatch" and document["hop"]["provider"] == cheater["address"]
+        # Its client is charged nothing for the job: the gateway's channel total went back down.
+        channel_view = httpx.get(f"{gateway}/v1/channels/0x{channel.hex()}").json()
+        assert int(channel_view["charged"]) == 0
+
+        # The cheater's asks leave the book; the next job takes the honest route and clears.
+        poll(
+            "the cheater's asks pulled",
+            lambda: (
+                not httpx.get(f"{gateway}/v1/asks", params={"provider": cheater["address"]}).json()["data"]
+            ),
+        )
+        honest_job = asyncio.run(ask(wallet))
+        poll("the honest job cleared", lambda: job(honest_job)["cleared"])
+        second = job(honest_job)
+        assert not second["voided"]
+        assert httpx.get(f"{gateway}/v1/slashes").json()["data"] == slashes
+
+        report = close_epoch(summary["redis_url"], 60)
+        assert int(report["settled"]) == int(second["charged"])
+        # On chain the channel pays for the honest job only; the rest of the deposit is still the client's.
+        assert escrow.channel(channel).claimed == int(second["charged"])
+        assert market.contracts.distributor.funded() == int(second["charged"])
