@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install test test-python test-contracts up lint gas pipeline gateway settlement clean
+.PHONY: install test test-python test-contracts up lint gas pipeline gateway settlement validation clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -48,6 +48,9 @@ gateway: install
 
 settlement: install
 	$(BIN)/python benchmarks/settlement.py
+
+validation: install
+	$(BIN)/python benchmarks/validation.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
