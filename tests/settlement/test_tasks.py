@@ -108,7 +108,14 @@ def recorder(url: str, contracts: Contracts, actors: Actors, tmp_path: Path) -> 
 def test_the_worker_meters_jobs_and_closes_epochs(worker: Celery, recorder: Recorder, actors: Actors) -> None:
     job_id = recorder.voucher_job(actors.payers[0], tokens=50_000, headroom=10)
     metered = worker.send_task(METER_JOB, args=[job_id]).get(timeout=120)
-    assert metered == {"jobId": job_id, "metered": True, "charge": "450", "entries": 3, "refused": {}}
+    assert metered == {
+        "jobId": job_id,
+        "metered": True,
+        "charge": "450",
+        "entries": 3,
+        "refused": {},
+        "sampled": [],
+    }
     assert _entries(recorder.sessions) == 3
 
     # Delivered twice, the task writes nothing more.
