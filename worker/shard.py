@@ -178,12 +178,12 @@ class Shard:
             output = self.model(
                 **inputs,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
             )
             return output.logits
-        output = self.base(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        output = self.base(**inputs, position_ids=position_ids, cache=cache, use_cache=True)
         return output.last_hidden_state
 
 
