@@ -4,24 +4,44 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+LOCK := requirements.lock
 
-.PHONY: install test test-python test-contracts up lint gas pipeline gateway settlement validation clean
+.PHONY: install check-lock lock lock-upgrade test test-python test-contracts up lint gas pipeline gateway \
+	settlement validation clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
-# pip finds the CPU build of torch==2.13.0 on this kind of machine; any other torch would pull CUDA wheels.
-$(PY_STAMP): pyproject.toml
+# Exactly the lock, every file checked against its hash (pip-sync also removes what the lock no longer
+# names), then the project itself, built with the lock's setuptools rather than whatever is newest. The lock's
+# torch is the CPU build of 2.13.0, which pip finds on this kind of machine through its find-links.
+$(PY_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	test -x $(BIN)/pip-sync || $(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip-sync --quiet --pip-args '--no-deps' $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# The lock is compiled from pyproject.toml by pip-tools, keeping every pin that still satisfies it: `make lock`
+# after editing pyproject.toml changes only what the edit needs. `make lock-upgrade` moves every pin to the
+# newest release pyproject.toml admits (PACKAGE=name moves only that one).
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --all-extras --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+
+lock: $(PY_STAMP)
+	$(PIP_COMPILE)
+
+lock-upgrade: $(PY_STAMP)
+	$(PIP_COMPILE) $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
+
+check-lock: install
+	$(BIN)/python bin/check-lock
 
 # forge and anvil arrive as per-platform optional dependencies; solc-js runs behind bin/solc.
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
-test: install test-python test-contracts
+test: install check-lock test-python test-contracts
 
 test-python: install
 	$(BIN)/pytest
