@@ -47,7 +47,7 @@ from settlement.chain import Chain
 from settlement.contracts import random_channel_id
 from settlement.deploy import ONE_TOKEN, DeployParams, deploy
 from settlement.eip712 import Voucher, voucher_domain
-from worker.tiny import write_tiny_checkpoint
+from worker.testing.tiny import write_tiny_checkpoint
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 GATEWAY_KEY = Account.from_key(b"\x42" * 32)

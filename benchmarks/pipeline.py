@@ -45,7 +45,7 @@ from worker.identity import MANIFEST_FILE, Manifest
 from worker.runtime import SpanRuntime
 from worker.sampling import Sampler, SamplingParams
 from worker.shard import load_shard
-from worker.tiny import BOS, write_tiny_checkpoint
+from worker.testing.tiny import BOS, write_tiny_checkpoint
 from worker.wire import FrameLimits
 
 GATEWAY = Account.from_key(b"\x42" * 32)

@@ -4,7 +4,7 @@ judged by an fp32 validator exactly as the validation task judges a sampled one.
 Builds a Llama-style model (hidden 256, 6 layers) locally and serves it as three spans, 0:2, 2:4 and 4:6, each
 provider a real SpanRuntime (KV cache, retention, transcript hashes). A job is a prompt of 4 to 48 tokens and 8
 to 16 greedy decode steps through one provider per span. Honest jobs draw each span's provider from fp32 and
-bf16 ones, and every hop of every honest job is judged. Cheating jobs put one cheater (worker.cheats) on one
+bf16 ones, and every hop of every honest job is judged. Cheating jobs put one cheater (worker.testing.cheats) on one
 span, serving in fp32 or in bf16, between honest fp32 providers, and its hop is judged.
 
     min_detection_rate       the lowest, over every (cheat, span, dtype), of cheating hops failed ÷ judged
@@ -34,11 +34,11 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from settlement.validation import ReferenceSpan, judge_span
-from worker.cheats import CHEATS, make_cheater
 from worker.client import RetainedStep
 from worker.runtime import SpanRuntime
 from worker.shard import Shard, load_shard
-from worker.tiny import write_tiny_checkpoint
+from worker.testing.cheats import CHEATS, make_cheater
+from worker.testing.tiny import write_tiny_checkpoint
 
 SPANS = ("0:2", "2:4", "4:6")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

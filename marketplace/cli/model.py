@@ -27,7 +27,7 @@ def tiny_command(
     seed: Annotated[int, typer.Option(min=0, help="seed of the random weights")] = 0,
 ) -> None:
     """Write a small deterministic checkpoint (seeded random weights, byte-level tokenizer)."""
-    from worker.tiny import ARCHITECTURES, write_tiny_checkpoint
+    from worker.testing.tiny import ARCHITECTURES, write_tiny_checkpoint
 
     if arch not in ARCHITECTURES:
         raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHITECTURES)}", param_hint="--arch")

@@ -98,17 +98,18 @@ def serve_command(
         float, typer.Option(min=1, help="seconds a session's steps are kept for validators after it ends")
     ] = 900.0,
     cheat: Annotated[
-        str | None, typer.Option(hidden=True, help="serve dishonestly (worker.cheats): demonstrations only")
+        str | None,
+        typer.Option(hidden=True, help="serve dishonestly (worker.testing.cheats): demonstrations only"),
     ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
     # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
     import torch
 
-    from worker.cheats import CHEATS, make_cheater
     from worker.runtime import RuntimeLimits, SpanRuntime
     from worker.server import HopServer
     from worker.shard import load_shard
+    from worker.testing.cheats import CHEATS, make_cheater
 
     settings = ProviderSettings()
     key_text = key or (settings.provider_key.get_secret_value() if settings.provider_key else None)

@@ -313,7 +313,7 @@ def port_in_use(port: int) -> bool:
 
 def tiny_model(directory: Path, out: Console) -> Path:
     """The demo checkpoint, built once: reused while its marker says it was built from TINY_MODEL."""
-    from worker.tiny import write_tiny_checkpoint
+    from worker.testing.tiny import write_tiny_checkpoint
 
     marker = directory / TINY_MARKER
     try:
@@ -464,7 +464,9 @@ def up_command(
             help="extra providers that cheat, undercutting the honest ones' prices",
         ),
     ] = 0,
-    cheat: Annotated[str, typer.Option(help="how the cheaters cheat (see worker.cheats)")] = "skip-layer",
+    cheat: Annotated[
+        str, typer.Option(help="how the cheaters cheat (see worker.testing.cheats)")
+    ] = "skip-layer",
     sample_rate: Annotated[
         float, typer.Option(min=0, max=1, help="probability that the validator re-executes a billed hop")
     ] = 1.0,
@@ -479,7 +481,7 @@ def up_command(
     for what, number in (("--port", port), ("--chain-port", chain_port)):
         if port_in_use(number):
             fail(f"port {number} ({what}) is already in use on 127.0.0.1", "port_in_use", as_json=as_json)
-    from worker.cheats import CHEATS
+    from worker.testing.cheats import CHEATS
 
     if cheat not in CHEATS or cheat == "copy-input":
         kinds = ", ".join(kind for kind in CHEATS if kind != "copy-input")

@@ -46,7 +46,7 @@ from settlement.contracts import random_channel_id
 from settlement.db.engine import sync_url
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
 from settlement.eip712 import Domain, TransferAuthorization, Voucher, voucher_domain
-from worker.tiny import write_tiny_checkpoint
+from worker.testing.tiny import write_tiny_checkpoint
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")

@@ -18,11 +18,11 @@ from settlement.validation import (
     Verdict,
     judge_span,
 )
-from worker.cheats import CHEATS, make_cheater
 from worker.client import RetainedStep
 from worker.runtime import SpanRuntime
 from worker.shard import Shard, load_shard
-from worker.tiny import write_tiny_checkpoint
+from worker.testing.cheats import CHEATS, make_cheater
+from worker.testing.tiny import write_tiny_checkpoint
 
 SPANS = ("0:2", "2:4", "4:6")
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
-from worker.tiny import ARCHITECTURES, write_tiny_checkpoint
+from worker.testing.tiny import ARCHITECTURES, write_tiny_checkpoint
 
 TINY_LAYERS = 6
 TINY_HIDDEN = 128

@@ -28,7 +28,7 @@ from worker.errors import HopFailed
 from worker.protocol import read_message
 from worker.receipts import ReceiptFields, transcript_root_of
 from worker.shard import load_shard
-from worker.tiny import BOS
+from worker.testing.tiny import BOS
 from worker.wire import FrameLimits, encode_frame
 
 CHAIN_ID = 31337

@@ -10,7 +10,7 @@ import torch
 from worker.errors import BadStepInput, ProviderBusy, SessionExists, StepOutOfOrder, UnknownSession
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.shard import load_shard
-from worker.tiny import BOS
+from worker.testing.tiny import BOS
 from worker.wire import payload_sha256
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from worker.errors import HopFailed, ProtocolError
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.server import HopServer
 from worker.shard import load_shard
-from worker.tiny import BOS
+from worker.testing.tiny import BOS
 from worker.wire import FrameLimits
 
 GATEWAY = Account.from_key(b"\x42" * 32)

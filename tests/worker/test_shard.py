@@ -16,7 +16,7 @@ from tests.worker.conftest import TINY_LAYERS
 from worker.errors import CheckpointError, ModelIdentityError
 from worker.identity import MANIFEST_FILE, Manifest
 from worker.shard import LayerSpan, Shard, load_shard
-from worker.tiny import ARCHITECTURES, BOS
+from worker.testing.tiny import ARCHITECTURES, BOS
 
 CPU = torch.device("cpu")
 PROMPT = torch.tensor([[BOS, *b"Strata splits models by layer. "]])
@@ -79,7 +79,7 @@ def _weight_bytes(shard: Shard) -> int:
 
 def test_a_third_of_the_layers_uses_well_under_half_the_memory(tmp_path: Path) -> None:
     # A vocabulary much larger than the tiny one, so embeddings weigh what they do in real models.
-    from worker.tiny import write_tiny_checkpoint
+    from worker.testing.tiny import write_tiny_checkpoint
 
     directory = write_tiny_checkpoint(tmp_path / "m", arch="llama", layers=9, hidden=256)
     full = _weight_bytes(load_shard(directory, "0:9", device=CPU))

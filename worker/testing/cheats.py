@@ -81,7 +81,16 @@ class _OutputCheat(Shard):
     """Runs the honest span (so the KV cache stays usable) and then changes what it hands on."""
 
     def __init__(self, honest: Shard, kind: str, seed: int) -> None:
-        self.__dict__.update(honest.__dict__)
+        super().__init__(
+            honest.model,
+            honest.config,
+            honest.span_config,
+            honest.structure,
+            honest.span,
+            honest.manifest,
+            honest.device,
+            honest.dtype,
+        )
         self.kind = kind
         self.generator = torch.Generator().manual_seed(seed)
         # Per session, keyed by its KV cache: steps run so far and the last output.
