@@ -58,19 +58,19 @@ lint: install
 	$(BIN)/mypy marketplace settlement worker
 
 gas: install
-	$(BIN)/python benchmarks/gas.py
+	$(BIN)/python -m benchmarks.gas
 
 pipeline: install
-	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python -m benchmarks.pipeline
 
 gateway: install
-	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python -m benchmarks.gateway
 
 settlement: install
-	$(BIN)/python benchmarks/settlement.py
+	$(BIN)/python -m benchmarks.settlement
 
 validation: install
-	$(BIN)/python benchmarks/validation.py
+	$(BIN)/python -m benchmarks.validation
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

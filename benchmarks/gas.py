@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from settlement.anvil import Anvil
+from marketplace.devnet.anvil import Anvil
 from settlement.chain import Chain
 from settlement.contracts import Redemption, channel_id
 from settlement.deploy import ONE_TOKEN, Contracts, deploy

@@ -30,19 +30,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from transformers.utils import logging as hf_logging
 
-from marketplace.announce import Announcer, Offer
-from marketplace.catalog import load_model
 from marketplace.client import fund_channel
-from marketplace.orderbook import BookAsk, OrderBook
-from marketplace.payments.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, decode_header, encode_header
-from settlement.anvil import Anvil, free_port
+from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.process import free_port
+from marketplace.devnet.providers import ProviderLaunch, ProviderProcess
+from marketplace.gateway.catalog import load_model
+from marketplace.gateway.orderbook import BookAsk, OrderBook
+from marketplace.gateway.payments.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_SIGNATURE,
+    decode_header,
+    encode_header,
+)
+from marketplace.provider.announce import Announcer, Offer
+from marketplace.provider.staking import bond
 from settlement.chain import Chain
 from settlement.contracts import random_channel_id
 from settlement.deploy import ONE_TOKEN, DeployParams, deploy
@@ -95,14 +101,6 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
         )
 
 
-def wait_ready(process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while b"\nready\n" not in b"\n" + log.read_bytes():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"a provider did not start:\n{log.read_text()}")
-        time.sleep(0.1)
-
-
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -121,6 +119,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 def marketplace(workdir: Path) -> Iterator[tuple[Anvil, list[str], LocalAccount, bytes, object]]:
     """Anvil, providers and two gateways; yields (anvil, [paid url, free url], client, channel, contracts)."""
     processes: list[subprocess.Popen[bytes]] = []
+    nodes: list[ProviderProcess] = []
     anvil = Anvil(accounts=8).start()
     try:
         accounts = anvil.accounts
@@ -133,8 +132,7 @@ def marketplace(workdir: Path) -> Iterator[tuple[Anvil, list[str], LocalAccount,
         for account in [*providers, client]:
             contracts.token.mint(accounts[0], to=account.address, amount=10_000 * ONE_TOKEN)
         for provider in providers:
-            contracts.token.approve(provider, spender=contracts.stake.address, amount=100 * ONE_TOKEN)
-            contracts.stake.stake(provider, amount=100 * ONE_TOKEN)
+            bond(contracts, provider, 100 * ONE_TOKEN)
         channel = random_channel_id(client.address)
         asyncio.run(fund_channel(contracts, client, channel, 1_000 * ONE_TOKEN))
         deployment_file = workdir / "deployment.json"
@@ -142,14 +140,15 @@ def marketplace(workdir: Path) -> Iterator[tuple[Anvil, list[str], LocalAccount,
 
         model = write_tiny_checkpoint(workdir / "tiny", arch="llama", layers=6, hidden=128, seed=3)
         root = load_model(model).root
-        endpoints = []
-        for index, (provider, (first, last)) in enumerate(zip(providers, SPANS, strict=True)):
-            port = free_port()
-            command = [STRATA, "provider", "serve", "--model", str(model), "--layers", f"{first}:{last}",
-                       "--port", str(port), "--trust-gateway", GATEWAY_KEY.address]  # fmt: skip
-            env = {"PROVIDER_KEY": provider.key.hex(), **QUIET_THREADS}
-            processes.append(start(command, env, workdir / f"provider-{index}.log"))
-            endpoints.append(f"127.0.0.1:{port}")
+        nodes = [
+            ProviderProcess.start(
+                ProviderLaunch(model, f"{first}:{last}", free_port(), trust_gateway=GATEWAY_KEY.address),
+                key=provider.key.hex(),
+                log=workdir / f"provider-{index}.log",
+                env={**os.environ, **QUIET_THREADS},
+            )
+            for index, (provider, (first, last)) in enumerate(zip(providers, SPANS, strict=True))
+        ]
         urls = []
         for paid in (True, False):
             port = free_port()
@@ -162,14 +161,16 @@ def marketplace(workdir: Path) -> Iterator[tuple[Anvil, list[str], LocalAccount,
             }  # fmt: skip
             command = [STRATA, "gateway", "serve", "--port", str(port)]
             processes.append(start(command, env, workdir / f"gateway-{port}.log"))
-        for index, process in enumerate(processes[: len(SPANS)]):
-            wait_ready(process, workdir / f"provider-{index}.log")
-        for url, process in zip(urls, processes[len(SPANS) :], strict=True):
+        for node in nodes:
+            node.wait_ready()
+        for url, process in zip(urls, processes, strict=True):
             wait_healthy(url, process, workdir / f"gateway-{url.rsplit(':', 1)[1]}.log")
-            for provider, (first, last), endpoint in zip(providers, SPANS, endpoints, strict=True):
-                asyncio.run(announce(url, provider, Offer(root, first, last, PRICE, 8, endpoint)))
+            for provider, (first, last), node in zip(providers, SPANS, nodes, strict=True):
+                asyncio.run(announce(url, provider, Offer(root, first, last, PRICE, 8, node.endpoint)))
         yield anvil, urls, client, channel, contracts
     finally:
+        for node in nodes:
+            node.stop()
         for process in processes:
             process.terminate()
         for process in processes:

@@ -25,20 +25,17 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from eth_account import Account
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
+from marketplace.devnet.providers import ProviderLaunch, ProviderProcess
 from settlement.tickets import issue_ticket
 from worker.client import ConnectionPool, RouteClient
 from worker.identity import MANIFEST_FILE, Manifest
@@ -51,46 +48,26 @@ from worker.wire import FrameLimits
 GATEWAY = Account.from_key(b"\x42" * 32)
 SPANS = ("0:8", "8:16", "16:24")
 PROMPT = [BOS, *b"The marketplace routes each request through the cheapest chain of providers. "]
-STRATA = str(Path(sys.executable).with_name("strata"))
 # Three providers and the caller share this machine's cores. Idle OpenMP threads that spin-wait after a step
 # steal the core the next provider computes on, so providers here let theirs sleep at once.
 PROVIDER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def start_providers(model: Path) -> tuple[list[subprocess.Popen[str]], list[str]]:
-    processes, endpoints = [], []
-    for index, span in enumerate(SPANS):
-        port = free_port()
-        env = {**os.environ, "PROVIDER_KEY": (index + 1).to_bytes(32, "big").hex(), **PROVIDER_ENV}
-        processes.append(
-            subprocess.Popen(
-                [
-                    STRATA,
-                    "provider",
-                    "serve",
-                    "--model",
-                    str(model),
-                    "--layers",
-                    span,
-                    "--port",
-                    str(port),
-                    "--trust-gateway",
-                    GATEWAY.address,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-            )
+def start_providers(model: Path, logs: Path) -> list[ProviderProcess]:
+    launches = [ProviderLaunch(model, span, free_port(), trust_gateway=GATEWAY.address) for span in SPANS]
+    providers = [
+        ProviderProcess.start(
+            launch,
+            key=(index + 1).to_bytes(32, "big").hex(),
+            log=logs / f"provider-{index}.log",
+            env={**os.environ, **PROVIDER_ENV},
+            threads=torch.get_num_threads(),
         )
-        endpoints.append(f"127.0.0.1:{port}")
-    for process in processes:
-        assert process.stdout is not None
-        while (line := process.stdout.readline()) and line.strip() != "ready":
-            pass
-        if not line:
-            raise RuntimeError("a provider exited before it was ready")
-    return processes, endpoints
+        for index, launch in enumerate(launches)
+    ]
+    for provider in providers:
+        provider.wait_ready()
+    return providers
 
 
 def generate(model: torch.nn.Module, new_tokens: int) -> tuple[list[int], float]:
@@ -145,7 +122,8 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     parameters = sum(p.numel() for p in reference.parameters())
     runtime = SpanRuntime(load_shard(model_dir, "0:24", device=torch.device("cpu")))
-    processes, endpoints = start_providers(model_dir)
+    providers = start_providers(model_dir, workdir)
+    endpoints = [provider.endpoint for provider in providers]
     root = bytes.fromhex(Manifest.load(model_dir / MANIFEST_FILE).root[2:])
     pool = ConnectionPool(FrameLimits())
     client = RouteClient(
@@ -180,9 +158,8 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
                 raise RuntimeError("the pipeline's tokens differ from generate()'s")
     finally:
         await pool.close()
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+        for provider in providers:
+            provider.stop()
     runtime_tps = new_tokens / statistics.median(runtime_times)
     generate_tps = new_tokens / statistics.median(generate_times)
     pipeline_tps = new_tokens / statistics.median(pipeline_times)

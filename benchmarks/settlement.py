@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import select
 
-from settlement.anvil import Anvil
+from marketplace.devnet.anvil import Anvil
 from settlement.chain import Chain
 from settlement.db.schema import ChainSend, Epoch
 from settlement.deploy import ONE_TOKEN, deploy
 from settlement.epochs import EpochCloser
 from settlement.merkle import PayoutTree
 from settlement.report import ledger_and_chain
-from tests.settlement.ledger_data import SPANS, Recorder, ledger_sessions
+from settlement.testing.ledger import SPANS, Recorder, ledger_sessions
 
 TARGET_GAS_PER_REQUEST = 100
 

@@ -22,13 +22,10 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers.utils import logging as hf_logging

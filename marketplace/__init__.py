@@ -1,1 +1,2 @@
-"""The gateway: x402 payments, order book and routing, the coordinator, the client SDK and the CLI."""
+"""What people run, one sub-package per role: the gateway, the client SDK, the provider node, the local devnet,
+and the `strata` command line over them."""

@@ -7,6 +7,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The source checkout: migrations/, the contracts' build artifacts under build/, node_modules/.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 class ChainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")

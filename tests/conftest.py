@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from settlement.anvil import Anvil
+from marketplace.devnet.anvil import Anvil
 from settlement.chain import Chain
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
 from settlement.solidity import Artifact, compile_contracts

@@ -31,7 +31,7 @@ from marketplace.cli.common import (
     tokens,
 )
 from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
-from marketplace.payments.x402 import VOUCHER, network_of
+from marketplace.gateway.payments.x402 import VOUCHER, network_of
 from settlement.chain import Chain
 from settlement.config import ChainSettings
 from settlement.contracts import random_channel_id

@@ -8,8 +8,8 @@ import typer
 import uvicorn
 
 from marketplace.cli.common import console, fail, parse_key, reported
-from marketplace.config import GatewaySettings
-from marketplace.errors import GatewayError
+from marketplace.gateway.config import GatewaySettings
+from marketplace.gateway.errors import GatewayError
 from settlement.deploy import Deployment
 
 app = typer.Typer(
@@ -41,14 +41,14 @@ def serve_command(
     key: Annotated[str | None, typer.Option(help="gateway's hex private key [default: GATEWAY_KEY]")] = None,
 ) -> None:
     """Serve the gateway until Ctrl-C. Chain and deployment come from RPC_URL and DEPLOYMENT_FILE."""
-    from marketplace.api.app import create_app
+    from marketplace.gateway.api.app import create_app
 
     settings = _settings(database_url, model, key)
     if settings.gateway_key is None:
         fail("no gateway key: pass --key or set GATEWAY_KEY", "missing_key")
     if not settings.models:
         fail("no model to serve: pass --model or set MODELS", "missing_model")
-    from marketplace.catalog import parse_entry
+    from marketplace.gateway.catalog import parse_entry
 
     for entry in settings.models:
         path = parse_entry(entry)[1]

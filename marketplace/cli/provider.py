@@ -12,13 +12,12 @@ import re
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
 from eth_account.signers.local import LocalAccount
 
-from marketplace.announce import AnnounceError, Announcer, Offer
 from marketplace.cli import staking
 from marketplace.cli.common import (
     console,
@@ -36,11 +35,14 @@ from marketplace.cli.staking import (
     JsonOption,
     KeyOption,
     ProviderSession,
-    ProviderSettings,
     RpcOption,
 )
-from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
+from marketplace.provider.announce import NOT_STAKED, AnnounceError, Announcer, Offer
+from marketplace.provider.settings import ProviderSettings
 from worker.errors import ProtocolError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.shard import Shard
 
 app = typer.Typer(
     help="Stake, serve a span of a model's layers, and claim what it earns.", no_args_is_help=True
@@ -48,8 +50,6 @@ app = typer.Typer(
 app.add_typer(staking.app)  # stake, unstake, withdraw, status, claim: commands of `strata provider` itself
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype choices: torch dtype names
-# The gateway's code refusing an ask from a provider StakeManager deems inactive.
-NOT_STAKED = "provider_not_staked"
 MODEL_ROOT = re.compile(r"0x[0-9a-fA-F]{64}")
 
 T = TypeVar("T")
@@ -106,9 +106,8 @@ def serve_command(
     # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
     import torch
 
-    from worker.runtime import RuntimeLimits, SpanRuntime
-    from worker.server import HopServer
-    from worker.shard import load_shard
+    from marketplace.provider.node import Announcement, NodeConfig, NotStaked, ProviderNode
+    from worker.runtime import RuntimeLimits
     from worker.testing.cheats import CHEATS, make_cheater
 
     settings = ProviderSettings()
@@ -130,78 +129,51 @@ def serve_command(
         validators = _deployment_slasher(settings)
     if cheat is not None and cheat not in CHEATS:
         raise typer.BadParameter(f"{cheat!r} is not one of {', '.join(CHEATS)}", param_hint="--cheat")
-    chain = chain_id or settings.chain_id
     gateway_url = gateway or settings.gateway_url
+    announce = None
     if gateway_url is not None:
-        gateway_url = parse_http_url(gateway_url)
         if price is None:
             raise typer.BadParameter(
                 "a provider that announces itself to a gateway needs --price", param_hint="--price"
             )
+        announce = Announcement(parse_http_url(gateway_url), price, capacity or max_sessions)
+    config = NodeConfig(
+        model=model,
+        layers=layers,
+        host=host,
+        port=port,
+        account=account,
+        gateways=tuple(gateways),
+        validators=tuple(validators),
+        chain_id=chain_id or settings.chain_id,
+        limits=RuntimeLimits(
+            max_sessions=max_sessions, max_cached_tokens=max_cached_tokens, retention_s=retention_s
+        ),
+        advertise=advertise,
+        device=None if device == "auto" else torch.device(device),
+        dtype=None if dtype == "auto" else getattr(torch, DTYPES[dtype]),
+        announce=announce,
+    )
+
+    def dishonest(shard: Shard) -> Shard:
+        assert cheat is not None
+        try:
+            return make_cheater(shard, cheat)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cheat") from exc
 
     try:
         with console.status(f"Loading layers {layers} of {model}…"):
-            shard = load_shard(
-                model,
-                layers,
-                device=None if device == "auto" else torch.device(device),
-                dtype=None
-                if dtype == "auto"
-                else getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
-            )
+            node = ProviderNode.load(config, adapt=dishonest if cheat is not None else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--layers") from exc
     except WorkerError as exc:
         fail(str(exc), exc.code)
-    if cheat is not None:
-        try:
-            shard = make_cheater(shard, cheat)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--cheat") from exc
-    runtime = SpanRuntime(
-        shard,
-        RuntimeLimits(
-            max_sessions=max_sessions, max_cached_tokens=max_cached_tokens, retention_s=retention_s
-        ),
-    )
-    server = HopServer(
-        runtime,
-        endpoint=advertise or f"{host}:{port}",
-        verify_ticket=GatewayTicketVerifier(gateways, chain_id=chain),
-        sign_receipt=KeyReceiptSigner(account, chain_id=chain),
-        verify_fetch=GatewayTicketVerifier(validators, chain_id=chain) if validators else None,
-    )
 
-    announcer = None
-    if gateway_url is not None:
-        assert price is not None
-        announcer = Announcer(
-            gateway_url,
-            account,
-            Offer(
-                shard.root,
-                shard.span.start,
-                shard.span.end,
-                price,
-                capacity or max_sessions,
-                advertise or f"{host}:{port}",
-            ),
-            chain_id=chain,
-        )
-
-    async def serve() -> str | None:
-        """Serves until a signal; returns why the gateway refused the provider, if it did."""
-        await server.start(host, port)
-        if announcer is not None:
-            try:
-                await announcer.post_ask()
-            except AnnounceError as exc:
-                if exc.code == NOT_STAKED:
-                    await announcer.aclose()
-                    await server.close()
-                    return f"{account.address} is not staked, so {gateway_url} refuses its ask: {exc}"
-                console.print(f"could not post the ask yet ({exc}); retrying")
-        announcing = asyncio.create_task(announcer.run()) if announcer is not None else None
+    async def serve() -> None:
+        """Serves until SIGINT or SIGTERM."""
+        await node.start()
+        shard = node.shard
         console.print(
             f"Serving layers {shard.span} of model {shard.root} on {host}:{port} as {account.address} "
             f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')})",
@@ -215,22 +187,14 @@ def serve_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        if announcer is not None and announcing is not None:
-            announcing.cancel()
-            try:
-                await announcer.withdraw()  # stop being matched before the port closes
-            except AnnounceError as exc:
-                console.print(f"could not withdraw the ask: {exc}")
-            await announcer.aclose()
-        await server.close()
-        return None
+        await node.stop()
 
     try:
-        refusal = asyncio.run(serve())
+        asyncio.run(serve())
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc}", "listen_failed")
-    if refusal is not None:
-        fail(f"{refusal}; run `strata provider stake AMOUNT` first", "inactive_provider")
+    except NotStaked as exc:
+        fail(f"{exc}; run `strata provider stake AMOUNT` first", "inactive_provider")
 
 
 def parse_model_root(value: str) -> str:

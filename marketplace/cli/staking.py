@@ -21,7 +21,6 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from eth_account.signers.local import LocalAccount
-from pydantic import Field, SecretStr
 from rich.table import Table
 from web3.types import TxReceipt
 
@@ -38,8 +37,9 @@ from marketplace.cli.common import (
     reported,
     tokens,
 )
+from marketplace.provider.settings import ProviderSettings
+from marketplace.provider.staking import bond
 from settlement.chain import Chain
-from settlement.config import ChainSettings
 from settlement.deploy import Contracts, Deployment
 
 app = typer.Typer()
@@ -57,23 +57,6 @@ REVERTS = {
     "StaleRoot": "stale_root",
     "InvalidProof": "invalid_proof",
 }
-
-
-class ProviderSettings(ChainSettings):
-    """What provider commands read from the environment (and ``.env``), besides the chain's settings."""
-
-    provider_key: SecretStr | None = Field(
-        default=None, description="hex private key: signs receipts and asks, sends stake transactions"
-    )
-    gateway_addresses: list[str] = Field(
-        default_factory=list, description="gateways whose job tickets are honoured"
-    )
-    validator_addresses: list[str] = Field(
-        default_factory=list,
-        description="validators allowed to fetch retained steps; none: the deployment file's slasher, if any",
-    )
-    chain_id: int = Field(default=31337, description="chain id in the EIP-712 domain of tickets and receipts")
-    gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")
 
 
 KeyOption = Annotated[
@@ -240,11 +223,14 @@ def stake_command(
                 f"stake of {tokens(minimum)}",
                 "stake_below_minimum",
             )
-        if token.allowance(account.address, stake.address) < units:
-            with console.status(f"Approving StakeManager for {tokens(units)} tokens…"):
-                token.approve(account, spender=stake.address, amount=units)
-        with console.status(f"Staking {tokens(units)} tokens…"):
-            receipt = stake.stake(account, amount=units)
+        steps = {
+            "approve": f"Approving StakeManager for {tokens(units)} tokens…",
+            "stake": f"Staking {tokens(units)} tokens…",
+        }
+        with console.status(steps["stake"]) as status:
+            receipt = bond(
+                session.contracts, account, units, progress=lambda step: status.update(steps[step])
+            )
         after, active = stake.stake_of(account.address), stake.is_active(account.address)
     if as_json:
         emit_json(

@@ -18,8 +18,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from settlement.config import PROJECT_ROOT
 from settlement.errors import BadDatabaseURL
-from settlement.solidity import PROJECT_ROOT
 
 MIGRATIONS = PROJECT_ROOT / "migrations"
 _DRIVERS = {

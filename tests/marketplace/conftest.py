@@ -55,9 +55,12 @@ def model_dir(models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def providers(market: Market, model_dir: Path) -> Iterator[dict[str, ProviderProcess]]:
+def providers(
+    market: Market, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ProviderProcess]]:
+    logs = tmp_path_factory.mktemp("provider-logs")
     started = {
-        name: start_provider(model_dir, market.providers[i], span, market.gateway_key)
+        name: start_provider(model_dir, market.providers[i], span, market.gateway_key, log_dir=logs)
         for i, (name, span) in enumerate(SPANS.items())
     }
     try:

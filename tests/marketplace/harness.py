@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,23 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import create_engine
 
-from marketplace.announce import AnnounceError, Announcer, Offer
-from marketplace.api.app import create_app
-from marketplace.catalog import load_model
 from marketplace.client import ChannelWallet, StrataClient, fund_channel
-from marketplace.config import GatewaySettings
-from marketplace.payments.x402 import (
+from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.process import free_port
+from marketplace.devnet.providers import ProviderLaunch
+from marketplace.devnet.providers import ProviderProcess as NodeProcess
+from marketplace.gateway.api.app import create_app
+from marketplace.gateway.catalog import load_model
+from marketplace.gateway.config import GatewaySettings
+from marketplace.gateway.payments.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
     decode_header,
     encode_header,
 )
-from settlement.anvil import Anvil, free_port
+from marketplace.provider.announce import AnnounceError, Announcer, Offer
+from marketplace.provider.staking import bond
 from settlement.chain import Chain
 from settlement.contracts import random_channel_id
 from settlement.db.engine import sync_url
@@ -83,8 +87,7 @@ def start_market(tmp: Path) -> Market:
     for account in [*providers, *clients]:
         contracts.token.mint(a[0], to=account.address, amount=10_000 * ONE_TOKEN)
     for provider in providers:
-        contracts.token.approve(provider, spender=contracts.stake.address, amount=MIN_STAKE)
-        contracts.stake.stake(provider, amount=MIN_STAKE)
+        bond(contracts, provider, MIN_STAKE)
     gateway_key = Account.from_key(b"\x42" * 32)
     # The gateway sends exact-scheme settlements, so it pays gas.
     chain.w3.provider.make_request("anvil_setBalance", [gateway_key.address, hex(10**21)])  # type: ignore[arg-type]
@@ -95,60 +98,52 @@ def start_market(tmp: Path) -> Market:
 
 @dataclass
 class ProviderProcess:
+    """A `strata provider serve` process for one of the market's provider accounts."""
+
     account: LocalAccount
     span: tuple[int, int]
-    port: int
-    process: subprocess.Popen[str]
-    output: list[str] = field(default_factory=list)
+    node: NodeProcess
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.node.endpoint
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.node.process
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=30)
+        self.node.kill()
 
 
 def start_provider(
-    model: Path, account: LocalAccount, span: tuple[int, int], gateway: LocalAccount, extra: list[str] = ()
+    model: Path,
+    account: LocalAccount,
+    span: tuple[int, int],
+    gateway: LocalAccount,
+    extra: Sequence[str] = (),
+    *,
+    log_dir: Path,
 ) -> ProviderProcess:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROVIDER_KEY": account.key.hex()}
-    process = subprocess.Popen(
-        [STRATA, "provider", "serve", "--model", str(model), "--layers", f"{span[0]}:{span[1]}",
-         "--port", str(port), "--trust-gateway", gateway.address, "--chain-id", "31337", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    return ProviderProcess(account, span, port, process)
+    launch = ProviderLaunch(
+        model,
+        f"{span[0]}:{span[1]}",
+        free_port(),
+        trust_gateway=gateway.address,
+        chain_id=31337,
+        extra=tuple(extra),
+    )
+    log = log_dir / f"provider-{account.address[:10]}-{span[0]}-{span[1]}-{launch.port}.log"
+    return ProviderProcess(account, span, NodeProcess.start(launch, key=account.key.hex(), log=log))
 
 
 def wait_ready(provider: ProviderProcess, timeout_s: float = 300) -> None:
-    assert provider.process.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        line = provider.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"provider {provider.span} exited:\n{''.join(provider.output)}")
-        provider.output.append(line)
-        if line.strip() == "ready":
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"provider {provider.span} not ready:\n{''.join(provider.output)}")
+    provider.node.wait_ready(timeout_s)
 
 
 def stop_providers(providers: list[ProviderProcess]) -> None:
     for provider in providers:
-        if provider.process.poll() is None:
-            provider.process.terminate()
-    for provider in providers:
-        try:
-            provider.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            provider.process.kill()
-            provider.process.wait()
-        if provider.process.stdout is not None:
-            provider.process.stdout.close()
+        provider.node.stop()
 
 
 def tiny_model(root: Path, name: str = "tiny", seed: int = 3) -> Path:

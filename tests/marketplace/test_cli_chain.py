@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from marketplace.cli import app
-from settlement.anvil import Anvil, free_port
+from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.process import free_port
 from settlement.chain import Chain
 from settlement.deploy import Contracts, Deployment
 from settlement.solidity import Artifact

@@ -21,8 +21,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from marketplace.cli import app
-from marketplace.payments.x402 import PAYMENT_REQUIRED, decode_header
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
+from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from settlement.contracts import Redemption
 from settlement.db.schema import Channel
 from settlement.deploy import ONE_TOKEN

@@ -23,7 +23,8 @@ from eth_account.signers.local import LocalAccount
 from typer.testing import CliRunner
 
 from marketplace.cli import app
-from settlement.anvil import Anvil, free_port
+from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.process import free_port
 from settlement.chain import Chain
 from settlement.db.engine import blocking_sessions, create_blocking_engine
 from settlement.deploy import ONE_TOKEN, Contracts

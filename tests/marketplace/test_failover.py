@@ -52,7 +52,7 @@ def failing_market(
         root = server.gateway.catalog.get("tiny").root
         x = start_provider(
             model_dir, market.providers[4], (2, 4), market.gateway_key,
-            ["--gateway", server.url, "--price", str(PRICE), "--capacity", "4"],
+            ["--gateway", server.url, "--price", str(PRICE), "--capacity", "4"], log_dir=tmp_path,
         )  # fmt: skip
         try:
             wait_ready(x)

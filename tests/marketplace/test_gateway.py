@@ -20,10 +20,10 @@ import pytest
 from eth_account import Account
 from sqlalchemy import select
 
-from marketplace.announce import Announcer, Offer
-from marketplace.catalog import load_model
 from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
-from marketplace.payments.x402 import PAYMENT_REQUIRED, decode_header
+from marketplace.gateway.catalog import load_model
+from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
+from marketplace.provider.announce import Announcer, Offer
 from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
 from settlement.eip712 import Heartbeat, protocol_domain

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from marketplace.orderbook import BookAsk, OrderBook, Route
+from marketplace.gateway.orderbook import BookAsk, OrderBook, Route
 from settlement.pricing import hop_charge
 
 NOW = 1_700_000_000.0

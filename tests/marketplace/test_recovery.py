@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
 from settlement.deploy import ONE_TOKEN
 from tests.marketplace.harness import (
     PRICE,

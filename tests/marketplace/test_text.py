@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from marketplace.text import TextStream
+from marketplace.gateway.text import TextStream
 
 
 def decode(ids: Sequence[int]) -> str:

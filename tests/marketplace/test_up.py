@@ -29,8 +29,9 @@ import redis
 from typer.testing import CliRunner
 
 from marketplace.cli import app
-from marketplace.cli.up import Supervisor, UpFailed, wait_until
-from settlement.anvil import free_port
+from marketplace.devnet.errors import ServiceFailed
+from marketplace.devnet.process import free_port
+from marketplace.devnet.supervisor import Supervisor
 from settlement.chain import Chain
 from settlement.deploy import ONE_TOKEN, Contracts, Deployment
 from tests.marketplace.harness import database
@@ -358,7 +359,7 @@ def test_supervisor_stops_users_before_services_and_kills_the_deaf(tmp_path: Pat
         for name, tier, mode in [("service", 1, "obey"), ("user", 3, "obey"), ("deaf", 3, "ignore")]
     }
     for child in spawned.values():
-        wait_until(supervisor, child.name, lambda c=child: c.log is not None and "ready" in c.log.read_text())
+        supervisor.wait_until(child.name, lambda c=child: c.log is not None and "ready" in c.log.read_text())
     started = time.monotonic()
     supervisor.stop_all()
     assert time.monotonic() - started < 10
@@ -371,8 +372,8 @@ def test_supervisor_reports_a_child_that_dies_at_start_up(tmp_path: Path) -> Non
     supervisor = Supervisor(tmp_path / "logs")
     script = "import sys; print('cannot open the model'); sys.exit(3)"
     supervisor.spawn("provider-1", [sys.executable, "-c", script], env=dict(os.environ), tier=3)
-    with pytest.raises(UpFailed) as failed:
-        wait_until(supervisor, "provider-1", lambda: False, timeout_s=30)
+    with pytest.raises(ServiceFailed) as failed:
+        supervisor.wait_until("provider-1", lambda: False, timeout_s=30)
     assert failed.value.code == "service_exited"
     assert "provider-1 exited with code 3" in str(failed.value)
     assert failed.value.log is not None and "cannot open the model" in failed.value.log.read_text()
@@ -385,8 +386,8 @@ def test_up_with_a_cheater_slashes_it_and_gives_its_clients_their_money_back(tmp
     leave the book, the next job goes to the honest provider, and the epoch collects only the honest job."""
     from eth_utils.crypto import keccak
 
-    from marketplace.cli.demo import close_epoch, connect
     from marketplace.client import ChannelWallet, StrataClient, fund_channel
+    from marketplace.devnet.demo import close_epoch, connect
     from settlement.contracts import random_channel_id
 
     state = tmp_path / "state"

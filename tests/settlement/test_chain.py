@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
 from settlement.chain import Chain
 from settlement.contracts import OPERATOR_ROLE, SLASHER_ROLE
 from settlement.deploy import Contracts, Deployment

@@ -24,8 +24,9 @@ from settlement.epochs import EpochCloser
 from settlement.errors import ChainUnavailable, LedgerMismatch
 from settlement.merkle import PayoutTree
 from settlement.report import ledger_and_chain
+from settlement.testing.ledger import Recorder
 from tests.conftest import Actors, advance_time
-from tests.settlement.ledger_data import Recorder, ledger_database
+from tests.settlement.ledger_data import ledger_database
 
 ONE = 10**6
 

@@ -15,9 +15,10 @@ from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
 from settlement.ledger import meter_job, split
+from settlement.testing.ledger import MODEL_ROOT, Recorder
 from settlement.tickets import KeyReceiptSigner
 from tests.conftest import Actors
-from tests.settlement.ledger_data import MODEL_ROOT, Recorder, ledger_database
+from tests.settlement.ledger_data import ledger_database
 from worker.receipts import ReceiptFields, transcript_root_of
 
 ONE = 10**6

@@ -16,16 +16,16 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from marketplace.devnet.redis_server import RedisServer
 from settlement.config import SettlementSettings
 from settlement.db.schema import LedgerEntry
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
-from settlement.redis_server import RedisServer
 from settlement.report import ledger_and_chain
 from settlement.tasks import CLOSE_EPOCH, METER_JOB, make_app
+from settlement.testing.ledger import Recorder, ledger_sessions
 from tests.conftest import Actors
 from tests.marketplace.harness import database
-from tests.settlement.ledger_data import Recorder, ledger_sessions
 
 ONE = 10**6
 SYSTEM_REDIS = "redis://127.0.0.1:6379"

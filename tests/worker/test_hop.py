@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import os
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from transformers import AutoModelForCausalLM
 
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
+from marketplace.devnet.providers import ProviderLaunch, ProviderProcess
 from settlement.tickets import issue_ticket, receipt_signer
 from worker.client import ConnectionPool, RouteClient
 from worker.errors import HopFailed
@@ -46,60 +46,37 @@ class Provider:
     span: str
     endpoint: str
     account: LocalAccount
-    process: subprocess.Popen[str]
 
 
-def start_provider(model: Path, span: str, seed: int) -> Provider:
+def start_provider(model: Path, span: str, seed: int, logs: Path) -> tuple[Provider, ProviderProcess]:
     account = Account.from_key(seed.to_bytes(32, "big"))
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROVIDER_KEY": account.key.hex()}
-    process = subprocess.Popen(
-        [STRATA, "provider", "serve", "--model", str(model), "--layers", span, "--port", str(port),
-         "--trust-gateway", GATEWAY.address, "--chain-id", str(CHAIN_ID)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    return Provider(span, f"127.0.0.1:{port}", account, process)
-
-
-def wait_ready(provider: Provider, deadline: float) -> None:
-    assert provider.process.stdout is not None
-    lines = []
-    while True:
-        line = provider.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"provider {provider.span} exited:\n{''.join(lines)}")
-        lines.append(line)
-        if line.strip() == "ready":
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"provider {provider.span} not ready:\n{''.join(lines)}")
+    launch = ProviderLaunch(model, span, free_port(), trust_gateway=GATEWAY.address, chain_id=CHAIN_ID)
+    node = ProviderProcess.start(launch, key=account.key.hex(), log=logs / f"provider-{seed}.log")
+    return Provider(span, launch.endpoint, account), node
 
 
 @contextmanager
-def running(model: Path) -> Iterator[dict[int, list[Provider]]]:
+def running(model: Path, logs: Path) -> Iterator[dict[int, list[Provider]]]:
     """The routes of SPLITS over ``model``, one process per span, started together."""
-    routes = {
-        count: [start_provider(model, span, 100 * count + i + 1) for i, span in enumerate(spans)]
+    started = {
+        count: [start_provider(model, span, 100 * count + i + 1, logs) for i, span in enumerate(spans)]
         for count, spans in SPLITS.items()
     }
-    everyone = [provider for route in routes.values() for provider in route]
+    nodes = [node for route in started.values() for _, node in route]
     try:
-        deadline = time.monotonic() + 300
-        for provider in everyone:
-            wait_ready(provider, deadline)
-        yield routes
+        for node in nodes:
+            node.wait_ready()
+        yield {count: [provider for provider, _ in route] for count, route in started.items()}
     finally:
-        for provider in everyone:
-            provider.process.terminate()
-        for provider in everyone:
-            provider.process.wait(timeout=30)
-            if provider.process.stdout is not None:
-                provider.process.stdout.close()
+        for node in nodes:
+            node.stop()
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models: dict[str, Path]) -> Iterator[dict[int, list[Provider]]]:
-    with running(tiny_models["llama"]) as routes:
+def llama(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[int, list[Provider]]]:
+    with running(tiny_models["llama"], tmp_path_factory.mktemp("llama-providers")) as routes:
         yield routes
 
 
@@ -120,13 +97,13 @@ def run(coroutine: object) -> object:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_provider_processes_generate_like_the_whole_model(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]], arch: str
+    tiny_models: dict[str, Path], llama: dict[int, list[Provider]], arch: str, tmp_path: Path
 ) -> None:
     if arch == "llama":
         for count, route in llama.items():
             check_generation(tiny_models[arch], route, count)
         return
-    with running(tiny_models[arch]) as routes:
+    with running(tiny_models[arch], tmp_path) as routes:
         for count, route in routes.items():
             check_generation(tiny_models[arch], route, count)
 
@@ -242,7 +219,7 @@ def test_unreachable_next_hop_is_named(
     tiny_models: dict[str, Path], llama: dict[int, list[Provider]]
 ) -> None:
     first = llama[2][0]
-    dead = Provider("3:6", f"127.0.0.1:{free_port()}", GATEWAY, first.process)
+    dead = Provider("3:6", f"127.0.0.1:{free_port()}", GATEWAY)
     error = _first_step_error([first, dead], ticket_for(tiny_models["llama"]))
     assert error.code == "hop_unreachable"
     assert error.hop == first.endpoint  # the provider that could not reach the next one reports it

@@ -12,7 +12,7 @@ import pytest
 import torch
 from eth_account import Account
 
-from settlement.anvil import free_port
+from marketplace.devnet.process import free_port
 from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner, issue_ticket
 from worker.client import ConnectionPool, RouteClient, fetch_retained
 from worker.errors import HopFailed, ProtocolError

@@ -1,0 +1,231 @@
+"""Paying HTTP: an httpx transport that answers 402s from a :class:`ChannelWallet`, and a gateway client on it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from marketplace.client.wallet import ChannelWallet, PaymentFailed
+from marketplace.gateway.payments.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    decode_header,
+)
+
+_RESIGN = {"voucher_not_increasing", "voucher_too_low", "insufficient_deposit"}
+
+
+class PayingTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that answers a 402 by paying with ``wallet`` and retrying once."""
+
+    def __init__(
+        self,
+        wallet: ChannelWallet,
+        gateway_url: str,
+        inner: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.wallet = wallet
+        self.gateway_url = gateway_url.rstrip("/")
+        self.inner = inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        response = await self.inner.handle_async_request(request)
+        if response.status_code != 402 or PAYMENT_SIGNATURE in request.headers:
+            return response
+        await response.aread()
+        requirement = self._requirement(response)
+        quote = int(requirement["amount"])
+        if self.wallet.stale:
+            await self._resync()
+        minimum = 0
+        for attempt in range(2):
+            amount = await self.wallet.sign(quote, minimum=minimum)
+            paid = await self._send_paid(request, self.wallet.header(amount, requirement))
+            if paid.status_code != 402:
+                return self._observed(paid, quote, request)
+            self.wallet.settled(quote, None)
+            await paid.aread()
+            error = _error(paid)
+            if attempt == 0 and error.get("code") in _RESIGN:
+                state = (error.get("details") or {}).get("channel")
+                if state:
+                    self.wallet.sync(state)
+                    minimum = int(state.get("minimum", 0))
+                else:
+                    await self._resync()
+                requirement = self._requirement(paid)
+                quote = int(requirement["amount"])
+                continue
+            return paid
+        raise AssertionError("unreachable")
+
+    def _requirement(self, response: httpx.Response) -> dict[str, Any]:
+        header = response.headers.get(PAYMENT_REQUIRED)
+        if header is None:
+            raise PaymentFailed("a 402 without a PAYMENT-REQUIRED header")
+        required = decode_header(header)
+        for requirement in required.get("accepts", []):
+            if isinstance(requirement, dict) and self.wallet.accepts(requirement):
+                return requirement
+        raise PaymentFailed(
+            f"the gateway offers no voucher payment on {self.wallet.escrow}", "no_requirement"
+        )
+
+    async def _send_paid(self, request: httpx.Request, header: str) -> httpx.Response:
+        headers = httpx.Headers(request.headers)
+        headers[PAYMENT_SIGNATURE] = header
+        retry = httpx.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            content=request.content,
+            extensions=request.extensions,
+        )
+        return await self.inner.handle_async_request(retry)
+
+    async def _resync(self) -> None:
+        url = httpx.URL(f"{self.gateway_url}/v1/channels/{self.wallet.channel_hex}")
+        response = await self.inner.handle_async_request(httpx.Request("GET", url))
+        await response.aread()
+        if response.status_code == 200:
+            self.wallet.sync(json.loads(response.content))
+        elif response.status_code == 404:
+            self.wallet.sync({"deposit": 0})
+        else:
+            raise PaymentFailed(f"reading the channel failed: HTTP {response.status_code}")
+
+    def _observed(self, response: httpx.Response, quote: int, request: httpx.Request) -> httpx.Response:
+        header = response.headers.get(PAYMENT_RESPONSE)
+        payment = decode_header(header) if header else None
+        if payment is not None and (payment.get("extra") or {}).get("status") == "settled":
+            self.wallet.settled(quote, payment)
+            return response
+        # A stream: its last chunk says what it cost.
+        stream = _WatchedStream(response.stream, lambda found: self.wallet.settled(quote, found))
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=stream,
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _WatchedStream(httpx.AsyncByteStream):
+    """Passes an SSE stream through, and reports the ``payment`` of its last chunk (None if it never came)."""
+
+    def __init__(self, inner: Any, on_end: Callable[[dict[str, Any] | None], None]) -> None:
+        self.inner = inner
+        self.on_end = on_end
+        self.payment: dict[str, Any] | None = None
+        self._pending = b""
+        self._reported = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            self._scan(chunk)
+            yield chunk
+
+    def _scan(self, chunk: bytes) -> None:
+        self._pending += chunk
+        *events, self._pending = self._pending.split(b"\n\n")
+        for event in events:
+            if b'"payment"' not in event:
+                continue
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data = json.loads(line[5:])
+                    if isinstance(data, dict) and isinstance(data.get("payment"), dict):
+                        self.payment = data["payment"]
+
+    async def aclose(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self.on_end(self.payment)
+        await self.inner.aclose()
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+class StrataClient:
+    """A gateway client that pays per request from a channel. ``http`` is an httpx client that pays 402s."""
+
+    def __init__(self, gateway_url: str, wallet: ChannelWallet, *, timeout_s: float = 300.0) -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.wallet = wallet
+        self.http = httpx.AsyncClient(
+            base_url=self.gateway_url, transport=PayingTransport(wallet, self.gateway_url), timeout=timeout_s
+        )
+
+    async def __aenter__(self) -> StrataClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.http.aclose()
+
+    async def channel(self) -> dict[str, Any]:
+        response = await self.http.get(f"/v1/channels/{self.wallet.channel_hex}")
+        _raise_for_error(response)
+        state: dict[str, Any] = response.json()
+        self.wallet.sync(state)
+        return state
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        response = await self.http.post(
+            "/v1/chat/completions", json={"model": model, "messages": messages, **options}
+        )
+        _raise_for_error(response)
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    async def stream_chat(
+        self, model: str, messages: list[dict[str, Any]], **options: Any
+    ) -> AsyncIterator[str]:
+        """Yields the answer's text as it is generated."""
+        body = {"model": model, "messages": messages, **options, "stream": True}
+        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _raise_for_error(response)
+            async for chunk in stream_chunks(response):
+                for choice in chunk.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+
+
+async def stream_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed answer (SSE ``data:`` lines); an error chunk raises PaymentFailed.
+
+    The last chunk before ``[DONE]`` carries the settled ``payment``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        chunk: dict[str, Any] = json.loads(line[5:])
+        if "error" in chunk:
+            raise PaymentFailed(chunk["error"].get("message", "the job failed"), chunk["error"].get("code"))
+        yield chunk
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    error = _error(response)
+    raise PaymentFailed(
+        f"HTTP {response.status_code}: {error.get('message', response.text[:200])}", error.get("code")
+    )

@@ -1,0 +1,126 @@
+"""The gateway's FastAPI application: routes, error responses, request metrics, and the lifespan that builds
+and tears down the :class:`~marketplace.gateway.service.Gateway`.
+
+Every error leaves as ``{"error": {"message", "type", "code", ...}}`` with the status its class names; a
+rejected or missing payment also carries a fresh ``PAYMENT-REQUIRED`` quote. Operation ids are set by hand on
+every route: clients generated from the OpenAPI document depend on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from marketplace.gateway.api.routes import health, inference, jobs, market, payouts, slashes
+from marketplace.gateway.config import GatewaySettings
+from marketplace.gateway.errors import GatewayError, PaymentRejected
+from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, encode_header
+from marketplace.gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str, kind: str, **extra: Any) -> JSONResponse:
+    error: dict[str, Any] = {"message": message, "type": kind, "code": code}
+    error.update(extra)
+    return JSONResponse({"error": error}, status_code=status)
+
+
+async def _gateway_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    required = exc.details.pop("required", None) if isinstance(exc, PaymentRejected) else None
+    response = JSONResponse(exc.body(), status_code=exc.status)
+    if required is not None:
+        response.headers[PAYMENT_REQUIRED] = encode_header(required)
+        response.headers["Access-Control-Expose-Headers"] = PAYMENT_REQUIRED
+    return response
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"param": ".".join(str(part) for part in error["loc"][1:]), "message": error["msg"]}
+        for error in exc.errors()
+    ]
+    first = problems[0] if problems else {"param": "", "message": "invalid request"}
+    message = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
+    return _error(
+        400, "invalid_request", message, "invalid_request_error", param=first["param"], problems=problems
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail), "invalid_request_error")
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, "internal_error", "the gateway failed; nothing was charged", "server_error")
+
+
+class RequestMetrics:
+    """Counts and times every request by its route template, streamed bodies included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            gateway: Gateway | None = getattr(scope["app"].state, "gateway", None)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if gateway is not None:
+                gateway.metrics.requests.labels(route=route, status=str(status)).inc()
+                gateway.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The app; settings are read (from the environment, unless given) when it starts, not here."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = await Gateway.start(settings or GatewaySettings())
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="Strata gateway",
+        summary="Pay-per-request LLM inference on pooled GPUs: OpenAI-compatible, paid with x402 v2.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(RequestMetrics)
+    for module in (inference, jobs, market, payouts, slashes, health):
+        app.include_router(module.router)
+    return app

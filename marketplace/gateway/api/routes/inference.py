@@ -1,0 +1,120 @@
+"""OpenAI-compatible inference: chat and text completions (streamed or whole), and the models served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from marketplace.gateway.api.deps import GatewayDep, PaymentHeader, resource_url
+from marketplace.gateway.api.responses import Answer
+from marketplace.gateway.api.schemas import ChatCompletionBody, CompletionBody, GenerationBody
+from marketplace.gateway.catalog import ServedModel
+from marketplace.gateway.errors import InvalidRequest
+from marketplace.gateway.jobs import Request as JobRequest
+from marketplace.gateway.service import Gateway
+from worker.sampling import SamplingParams
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+DEFAULT_MAX_TOKENS = 256  # when a chat request names none: what the quote is for
+PAID = {
+    402: {
+        "description": "payment required, or the payment does not cover this request (PAYMENT-REQUIRED header)"
+    },
+    400: {"description": "malformed request or payment header"},
+    404: {"description": "unknown model"},
+    409: {"description": "no route covers the model, or it costs more than max_price"},
+    502: {"description": "providers failed and no other route could finish the job; nothing was charged"},
+}
+
+
+def build_request(
+    kind: str, model: ServedModel, prompt: list[int], requested: int | None, body: GenerationBody
+) -> JobRequest:
+    """Checks the prompt against the model's context and the sampling parameters against the providers'."""
+    body.refuse_unsupported()
+    if not prompt:
+        raise InvalidRequest("invalid_request", "the prompt is empty")
+    room = model.context_length - len(prompt)
+    max_tokens = requested if requested is not None else min(DEFAULT_MAX_TOKENS, room)
+    if room < 1 or max_tokens > room:
+        raise InvalidRequest(
+            "prompt_too_long",
+            f"{len(prompt)} prompt tokens and max_tokens {max_tokens} exceed {model.name}'s context of "
+            f"{model.context_length}",
+            prompt_tokens=len(prompt),
+            context_length=model.context_length,
+        )
+    sampling = body.sampling()
+    try:
+        SamplingParams.from_dict(sampling)
+    except ValueError as exc:
+        raise InvalidRequest("invalid_request", str(exc)) from exc
+    return JobRequest(kind, model, prompt, max_tokens, sampling, body.stops(), body.max_price)
+
+
+async def answer(
+    gateway: Gateway, request: Request, kind: str, job: JobRequest, body: GenerationBody, payment: str | None
+) -> JSONResponse | StreamingResponse:
+    run = await gateway.runner.admit(job, payment, url=resource_url(request, gateway))
+    shaped = Answer(kind, run, gateway.terms.network)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return shaped.streamed(include_usage)
+    return await shaped.whole()
+
+
+@router.post("/chat/completions", operation_id="createChatCompletion", responses=PAID)  # type: ignore[arg-type]
+async def create_chat_completion(
+    body: ChatCompletionBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
+) -> Any:
+    """A chat completion, paid per request over x402 (a voucher or an exact transfer)."""
+    model = gateway.catalog.get(body.model)
+    prompt = model.encode_chat([(message.role, message.text()) for message in body.messages])
+    job = build_request("chat", model, prompt, body.requested_tokens(), body)
+    return await answer(gateway, request, "chat", job, body, payment)
+
+
+@router.post("/completions", operation_id="createCompletion", responses=PAID)  # type: ignore[arg-type]
+async def create_completion(
+    body: CompletionBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
+) -> Any:
+    """A text completion of a prompt (text or token ids), paid per request over x402."""
+    model = gateway.catalog.get(body.model)
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        ids = model.encode_prompt(prompt)
+    elif prompt and all(isinstance(item, str) for item in prompt):
+        if len(prompt) != 1:
+            raise InvalidRequest("unsupported_parameter", "one prompt per request", param="prompt")
+        ids = model.encode_prompt(str(prompt[0]))
+    else:
+        ids = [int(token) for token in prompt]
+        if any(not 0 <= token < model.vocab_size for token in ids):
+            raise InvalidRequest(
+                "invalid_request", f"token ids must be in [0, {model.vocab_size})", param="prompt"
+            )
+    job = build_request("completion", model, ids, body.max_tokens, body)
+    return await answer(gateway, request, "completion", job, body, payment)
+
+
+@router.get("/models", operation_id="listModels")
+async def list_models(gateway: GatewayDep) -> dict[str, Any]:
+    """The models this gateway serves, each named by its root, with the cheapest route's price now."""
+    return {"object": "list", "data": [_describe(gateway, model) for model in gateway.catalog]}
+
+
+@router.get(
+    "/models/{model}", operation_id="retrieveModel", responses={404: {"description": "unknown model"}}
+)
+async def retrieve_model(model: str, gateway: GatewayDep) -> dict[str, Any]:
+    return _describe(gateway, gateway.catalog.get(model))
+
+
+def _describe(gateway: Gateway, model: ServedModel) -> dict[str, Any]:
+    described = model.describe()
+    route = gateway.book.route(model.root, model.num_layers)
+    described["price_per_million_tokens"] = str(route.price_per_token) if route else None
+    return described

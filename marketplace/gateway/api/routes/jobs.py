@@ -1,0 +1,95 @@
+"""Non-interactive jobs: paid like any request, they may rest in the book until a route at or below their
+``max_price`` appears, and their result is read back later."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from marketplace.gateway.api.deps import GatewayDep, PaymentHeader, resource_url
+from marketplace.gateway.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
+from marketplace.gateway.api.routes.inference import PAID, build_request
+from marketplace.gateway.api.schemas import JobBody
+from marketplace.gateway.errors import InvalidRequest, NotFound
+from marketplace.gateway.payments.gate import NONE
+from marketplace.gateway.payments.x402 import PAYMENT_RESPONSE, encode_header
+from settlement.db.schema import Job
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_JOB_ID = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "object": "job",
+        "kind": job.kind,
+        "model": job.model_name,
+        "modelRoot": job.model_root,
+        "status": job.status,
+        "payer": job.payer,
+        "scheme": job.scheme,
+        "quote": str(job.quote),
+        "charged": str(job.charged),
+        "maxPrice": str(job.max_price) if job.max_price is not None else None,
+        "output": job.output,
+        "finishReason": job.finish_reason,
+        "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens},
+        "failovers": job.failovers,
+        # Cleared: its sampled hops are validated, so an epoch may settle it. Voided: a validator found a hop
+        # wrong, and the client pays nothing for the job (see settlement.validator).
+        "cleared": job.cleared_at is not None,
+        "voided": job.voided_at is not None,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "createdAt": job.created_at.isoformat(),
+        "finishedAt": job.finished_at.isoformat() if job.finished_at else None,
+        "expiresAt": job.expires_at.isoformat() if job.expires_at else None,
+    }
+
+
+@router.post("/jobs", operation_id="createJob", status_code=202, responses=PAID)  # type: ignore[arg-type]
+async def create_job(
+    body: JobBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
+) -> Any:
+    """Submits a job. With ``max_price`` it reserves that much and rests until a route at or below it appears
+    (or ``ttl_s`` passes); without, it runs now at the cheapest route's quote or is refused."""
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("invalid_request", "give exactly one of prompt and messages")
+    if body.ttl_s > gateway.settings.max_job_ttl_s:
+        raise InvalidRequest("invalid_request", f"ttl_s is at most {gateway.settings.max_job_ttl_s}")
+    if body.stream:
+        raise InvalidRequest("unsupported_parameter", "jobs are not streamed: read them at GET /v1/jobs/{id}")
+    model = gateway.catalog.get(body.model)
+    if body.messages is not None:
+        prompt = model.encode_chat([(message.role, message.text()) for message in body.messages])
+    else:
+        prompt = model.encode_prompt(body.prompt or "")
+    job = replace(build_request("job", model, prompt, body.max_tokens, body), ttl_s=body.ttl_s)
+    run = await gateway.runner.admit(job, payment, url=resource_url(request, gateway))
+    row = await gateway.runner.job(run.job_id)
+    assert row is not None
+    headers = {}
+    if run.reservation.scheme != NONE:
+        headers = {
+            PAYMENT_RESPONSE: encode_header(
+                payment_document(run.job_id, run.reservation, gateway.terms.network)
+            ),
+            ACCESS_CONTROL_EXPOSE: PAYMENT_RESPONSE,
+        }
+    return JSONResponse(job_view(row), status_code=202, headers=headers)
+
+
+@router.get("/jobs/{job_id}", operation_id="getJob", responses={404: {"description": "unknown job"}})
+async def get_job(job_id: str, gateway: GatewayDep) -> dict[str, Any]:
+    """A job's status, its output once finished, and what it was charged."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidRequest("invalid_request", "a job id is 32 bytes of 0x-prefixed hex")
+    row = await gateway.runner.job(job_id.lower())
+    if row is None:
+        raise NotFound("unknown_job", f"no job {job_id}")
+    return job_view(row)

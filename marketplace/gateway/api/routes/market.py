@@ -1,0 +1,197 @@
+"""The market: providers' asks and heartbeats, the order book's depth, providers, and payment channels."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from eth_utils.address import is_address, to_checksum_address
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+
+from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.api.schemas import AskBody, HeartbeatBody
+from marketplace.gateway.errors import InvalidRequest, NotFound
+from marketplace.gateway.market import AskInput
+from marketplace.gateway.orderbook import BookAsk
+from settlement.db.schema import Channel, Hop, Provider
+
+router = APIRouter(prefix="/v1", tags=["market"])
+
+_CHANNEL_ID = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def ask_view(ask: BookAsk) -> dict[str, Any]:
+    return {
+        "id": ask.id,
+        "provider": ask.provider,
+        "modelRoot": ask.model_root,
+        "layers": [ask.start, ask.end],
+        "pricePerMillion": str(ask.price_per_million),
+        "capacity": ask.capacity,
+        "inUse": ask.in_use,
+        "endpoint": ask.endpoint,
+        "expiresAt": int(ask.expires_at),
+    }
+
+
+@router.post(
+    "/asks",
+    operation_id="postAsk",
+    status_code=201,
+    responses={
+        403: {"description": "bad signature, or the provider is not staked"},
+        409: {"description": "stale nonce"},
+    },
+)
+async def post_ask(body: AskBody, gateway: GatewayDep) -> dict[str, Any]:
+    """Posts a provider's signed ask (EIP-712 `Ask`); capacity 0 withdraws the provider's ask for that span."""
+    booked = await gateway.market.post_ask(
+        AskInput(
+            provider=body.provider,
+            model_root=body.modelRoot.lower(),
+            layer_start=body.layerStart,
+            layer_end=body.layerEnd,
+            price_per_million=body.pricePerMillion,
+            capacity=body.capacity,
+            endpoint=body.endpoint,
+            nonce=body.nonce,
+            expires_at=body.expiresAt,
+            signature=body.signature,
+        )
+    )
+    return {"ask": ask_view(booked) if booked else None, "withdrawn": booked is None}
+
+
+@router.get("/asks", operation_id="listAsks")
+async def list_asks(
+    gateway: GatewayDep, model: str | None = None, provider: str | None = None
+) -> dict[str, Any]:
+    """Live asks, oldest first, optionally for one model (name or root) or one provider."""
+    root = gateway.catalog.get(model).root if model else None
+    address = _address(provider) if provider else None
+    return {"data": [ask_view(ask) for ask in gateway.book.asks(root, address)]}
+
+
+@router.get("/orderbook", operation_id="getOrderBook", responses={404: {"description": "unknown model"}})
+async def get_order_book(
+    gateway: GatewayDep, model: str = Query(description="model name or root")
+) -> dict[str, Any]:
+    """Depth per layer span (price levels, cheapest first, of matchable providers) and the best route now."""
+    served = gateway.catalog.get(model)
+    route = gateway.book.route(served.root, served.num_layers)
+    return {
+        "model": served.name,
+        "modelRoot": served.root,
+        "layers": served.num_layers,
+        "spans": [
+            {
+                "layers": [span.start, span.end],
+                "levels": [
+                    {
+                        "pricePerMillion": str(level.price_per_million),
+                        "asks": level.asks,
+                        "capacity": level.capacity,
+                        "free": level.free,
+                    }
+                    for level in span.levels
+                ],
+            }
+            for span in gateway.book.depth(served.root)
+        ],
+        "bestRoute": None
+        if route is None
+        else {
+            "asks": [ask_view(ask) for ask in route.asks],
+            "pricePerMillionTokens": str(route.price_per_token),
+        },
+    }
+
+
+@router.post(
+    "/providers/heartbeat",
+    operation_id="postHeartbeat",
+    responses={403: {"description": "bad signature"}, 409: {"description": "stale timestamp"}},
+)
+async def post_heartbeat(body: HeartbeatBody, gateway: GatewayDep) -> dict[str, Any]:
+    """A provider's signed heartbeat (EIP-712 `Heartbeat`): it stays matchable for the heartbeat TTL."""
+    until = await gateway.market.heartbeat(body.provider, body.timestamp, body.signature)
+    return {"provider": to_checksum_address(body.provider), "matchableUntil": int(until)}
+
+
+@router.get("/providers", operation_id="listProviders")
+async def list_providers(gateway: GatewayDep) -> dict[str, Any]:
+    async with gateway.sessions() as session:
+        rows = (await session.scalars(select(Provider).order_by(Provider.first_seen_at))).all()
+        served = dict(
+            (
+                await session.execute(
+                    select(Hop.provider, func.count()).where(Hop.status == "billed").group_by(Hop.provider)
+                )
+            ).all()
+        )
+    return {"data": [_provider_view(gateway, row, int(served.get(row.address, 0))) for row in rows]}
+
+
+@router.get(
+    "/providers/{address}", operation_id="getProvider", responses={404: {"description": "unknown provider"}}
+)
+async def get_provider(address: str, gateway: GatewayDep) -> dict[str, Any]:
+    checksummed = _address(address)
+    async with gateway.sessions() as session:
+        row = await session.get(Provider, checksummed)
+        if row is None:
+            raise NotFound("unknown_provider", f"{checksummed} has posted no ask")
+        served = await session.scalar(
+            select(func.count()).select_from(Hop).where(Hop.provider == checksummed, Hop.status == "billed")
+        )
+    return _provider_view(gateway, row, int(served or 0))
+
+
+def _provider_view(gateway: GatewayDep, row: Provider, sessions_served: int) -> dict[str, Any]:
+    state = gateway.book.provider(row.address)
+    return {
+        "address": row.address,
+        "active": state.active,
+        "matchable": gateway.book.matchable(row.address),
+        "lastHeartbeat": int(state.last_heartbeat) or None,
+        "suspendedUntil": int(state.suspended_until) or None,
+        "sessionsServed": sessions_served,
+        "asks": [ask_view(ask) for ask in gateway.book.asks(provider=row.address)],
+    }
+
+
+def _address(text: str) -> str:
+    if not is_address(text):
+        raise InvalidRequest("invalid_request", f"{text!r} is not an address")
+    return to_checksum_address(text)
+
+
+@router.get(
+    "/channels/{channel_id}",
+    operation_id="getChannel",
+    responses={404: {"description": "no deposit and no vouchers for this channel"}},
+)
+async def get_channel(channel_id: str, gateway: GatewayDep) -> dict[str, Any]:
+    """A payment channel: its deposit on chain and what this gateway accepted, charged and reserved on it."""
+    if not _CHANNEL_ID.fullmatch(channel_id):
+        raise InvalidRequest("invalid_request", "a channel id is 32 bytes of 0x-prefixed hex")
+    channel = channel_id.lower()
+    view = await gateway.watcher.channel(bytes.fromhex(channel[2:]))
+    async with gateway.sessions() as session:
+        row = await session.get(Channel, channel)
+    if row is None and view.deposit == 0 and not view.closed:
+        raise NotFound("unknown_channel", f"channel {channel} has no deposit and no vouchers")
+    voucher, charged, reserved = (row.voucher_amount, row.charged, row.reserved) if row else (0, 0, 0)
+    return {
+        "channelId": channel,
+        "payer": to_checksum_address(bytes.fromhex(channel[2:42])),
+        "deposit": str(view.deposit),
+        "withdrawableAt": str(view.withdrawable_at),
+        "exiting": view.exiting,
+        "closed": view.closed,
+        "voucherAmount": str(voucher),
+        "charged": str(charged),
+        "reserved": str(reserved),
+        "available": str(max(0, view.deposit - charged - reserved)),
+    }

@@ -1,0 +1,574 @@
+"""A request's life in the gateway: quote, payment, matching, generation, and the record of what it cost.
+
+    quote      route it on the book (reserving nothing) and price (prompt + max_tokens) positions on that route
+    admit      no payment: 402 with the quote. A payment: match again, now reserving capacity, and secure the
+               payment against that route's quote, writing the job row in the same transaction.
+    run        in a task of its own, so a client that disconnects cannot cut the bookkeeping short: the
+               coordinator generates, text deltas go to whoever listens, and at the end one transaction writes
+               the hops, the receipts, the charge and the channel's new totals.
+
+What a job is charged: the metered sum of its verified receipts, at most the quote. A job that failed (no
+route left after provider failures) is charged nothing. A job whose client went away is charged for the
+positions computed before it stopped; its text is kept and can be read at ``GET /v1/jobs/{id}``.
+
+Jobs from ``POST /v1/jobs`` may rest in the book: paid up to their ``max_price``, they wait until a route at or
+below it appears (bids by highest max price, then oldest first), or expire, releasing the reservation.
+
+After a crash, jobs that were running have their reservations released uncharged, and exact payments that
+were settled for them are recorded as refunds owed; resting jobs go back in the book.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from eth_utils.address import to_checksum_address
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from marketplace.gateway.catalog import Catalog, ServedModel
+from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
+from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
+from marketplace.gateway.metrics import Metrics
+from marketplace.gateway.orderbook import OrderBook, Route
+from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
+from marketplace.gateway.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
+from marketplace.gateway.text import TextStream
+from settlement.db.schema import Authorization, Channel, Job
+from settlement.db.schema import Hop as HopRow
+from settlement.db.schema import Receipt as ReceiptRow
+
+log = logging.getLogger(__name__)
+
+RUNNING, RESTING, COMPLETED, FAILED, EXPIRED, CANCELLED, PAYING = (
+    "running", "resting", "completed", "failed", "expired", "cancelled", "paying"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str  # chat, completion, job
+    model: ServedModel
+    prompt: list[int]
+    max_tokens: int
+    sampling: dict[str, Any]  # temperature, top_k, top_p, seed
+    stops: tuple[str, ...] = ()
+    max_price: int | None = None  # the most the client will pay, base units
+    ttl_s: int | None = None  # how long a job may rest in the book
+
+    @property
+    def quote_tokens(self) -> int:
+        return len(self.prompt) + self.max_tokens
+
+    def stored(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "sampling": self.sampling, "stops": list(self.stops)}
+
+
+@dataclass(frozen=True)
+class Quote:
+    route: Route | None  # None only for a job that will rest until a route appears
+    amount: int
+
+    def describe(self) -> list[dict[str, Any]]:
+        if self.route is None:
+            return []
+        return [
+            {"provider": a.provider, "layers": [a.start, a.end], "pricePerMillion": str(a.price_per_million)}
+            for a in self.route.asks
+        ]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    job: Job
+    settled: Settled
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """The job ended but its outcome could not be written: nothing is charged for it, and its reservation is
+    released when the gateway next starts."""
+
+    message: str
+
+
+Event = Delta | Finished | Unrecorded
+
+
+@dataclass
+class JobRun:
+    """A job the runner accepted. ``events`` carries its text deltas, then one Finished (or Unrecorded), to a
+    listener."""
+
+    job_id: str
+    request: Request
+    reservation: Reservation
+    listen: bool
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    halted: bool = False  # the listener went away: stop after the current step
+
+    def halt(self) -> None:
+        self.halted = True
+
+    def publish(self, event: Event) -> None:
+        if self.listen:
+            self.events.put_nowait(event)
+
+
+@dataclass
+class Resting:
+    run: JobRun
+    created: float
+    expires: float
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        book: OrderBook,
+        catalog: Catalog,
+        coordinator: Coordinator,
+        gate: PaymentGate,
+        terms: Terms,
+        sessions: async_sessionmaker[AsyncSession],
+        payments_enabled: bool,
+        metrics: Metrics,
+        sweep_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        on_finished: Callable[[str], None] | None = None,
+    ) -> None:
+        self.book = book
+        self.catalog = catalog
+        self.coordinator = coordinator
+        self.gate = gate
+        self.terms = terms
+        self.sessions = sessions
+        self.payments_enabled = payments_enabled
+        self.metrics = metrics
+        self.sweep_s = sweep_s
+        self.clock = clock
+        self.on_finished = on_finished  # hands the recorded job to metering
+        self._resting: dict[str, Resting] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- quoting -------------------------------------------------------------------------------------------
+
+    def quote(self, request: Request) -> Quote:
+        started = time.perf_counter()
+        route = self.book.route(request.model.root, request.model.num_layers)
+        self.metrics.route_seconds.observe(time.perf_counter() - started)
+        return self._priced(request, route)
+
+    def _priced(self, request: Request, route: Route | None) -> Quote:
+        if route is None:
+            if request.kind == "job" and request.max_price is not None:
+                return Quote(None, request.max_price)
+            raise Conflict("no_route", f"no live, staked providers cover every layer of {request.model.name}")
+        amount = route.quote(request.quote_tokens)
+        if request.max_price is not None and amount > request.max_price:
+            if request.kind == "job":
+                return Quote(None, request.max_price)  # rest until a cheaper route appears
+            raise Conflict(
+                "max_price_exceeded",
+                f"the cheapest route costs {amount}, above max_price {request.max_price}",
+                quote=str(amount),
+            )
+        # A job that may rest reserves its whole max price, so any route up to it can take it later.
+        if request.kind == "job" and request.max_price is not None:
+            return Quote(route, request.max_price)
+        return Quote(route, amount)
+
+    def payment_required(
+        self, request: Request, quote: Quote, url: str, error: str | None = None
+    ) -> dict[str, Any]:
+        return payment_required(
+            url=url,
+            description=f"{request.kind} on {request.model.name}: up to {request.quote_tokens} tokens",
+            accepts=self.terms.accepts(quote.amount, route=quote.describe(), tokens=request.quote_tokens),
+            error=error,
+        )
+
+    # -- admission -----------------------------------------------------------------------------------------
+
+    async def admit(self, request: Request, header: str | None, *, url: str) -> JobRun:
+        """Secures payment and starts (or rests) the job; raises PaymentRejected carrying a fresh 402 quote."""
+        quote = self.quote(request)
+        if not self.payments_enabled:
+            return await self._admit_unpaid(request, quote)
+        if header is None:
+            error = PaymentRejected(
+                "payment_required", f"this request costs up to {quote.amount}; pay to continue"
+            )
+            error.details["required"] = self.payment_required(request, quote, url)
+            raise error
+        try:
+            payment = decode_payment(header)
+            return await self._admit_paid(request, payment, url)
+        except PaymentRejected as exc:
+            self.metrics.payments.labels(scheme="any", outcome=exc.code).inc()
+            exc.details["required"] = self.payment_required(request, self.quote(request), url, exc.code)
+            raise
+
+    async def _admit_unpaid(self, request: Request, quote: Quote) -> JobRun:
+        job_id = hex0x(os.urandom(32))
+        reservation = Reservation(NONE, None, 0)
+        route = self._match(request) if quote.route is not None else None
+        async with self.sessions() as session, session.begin():
+            session.add(self._job_row(job_id, request, reservation, RUNNING if route else RESTING))
+        return self._launch(job_id, request, reservation, route)
+
+    def _match(self, request: Request) -> Route:
+        route = self.book.match(request.model.root, request.model.num_layers)
+        if route is None:
+            raise Conflict("no_route", f"no live, staked providers cover every layer of {request.model.name}")
+        return route
+
+    async def _admit_paid(self, request: Request, payment: Any, url: str) -> JobRun:
+        # Matching reserves capacity first, so the quote paid is the quote of the route that will run.
+        quote = self._priced(request, self.book.route(request.model.root, request.model.num_layers))
+        route = None
+        if quote.route is not None:
+            route = self._match(request)
+            quote = self._priced(request, route)
+        try:
+            job_id = hex0x(os.urandom(32))
+            status = RUNNING if route is not None else RESTING
+            if isinstance(payment, ExactPayment):
+                reservation = await self._pay_exact(request, payment, quote.amount, job_id, status)
+            else:
+                await self.gate.check_voucher(payment)
+                # A channel id starts with its payer's address.
+                payer = to_checksum_address(payment.channel_id[:20])
+                pending = Reservation(VOUCHER, payer, quote.amount, channel_id=hex0x(payment.channel_id))
+                async with self.sessions() as session, session.begin():
+                    job = self._job_row(job_id, request, pending, status)
+                    reservation = await self.gate.reserve_voucher(session, payment, quote.amount, job)
+        except BaseException:
+            if route is not None:
+                self.book.release(route)
+            raise
+        self.metrics.payments.labels(scheme=reservation.scheme, outcome="accepted").inc()
+        return self._launch(job_id, request, reservation, route)
+
+    async def _pay_exact(
+        self, request: Request, payment: ExactPayment, quote: int, job_id: str, status: str
+    ) -> Reservation:
+        await self.gate.check_exact(payment, quote)
+        auth = payment.authorization
+        reservation = Reservation(EXACT, auth.sender, auth.value)
+        async with self.sessions() as session, session.begin():
+            session.add(self._job_row(job_id, request, reservation, PAYING))
+            await session.flush()
+            record = self.gate.record_exact(session, payment, job_id)
+        try:
+            tx_hash = await self.gate.send_exact(payment)
+        except PaymentRejected:
+            async with self.sessions() as session, session.begin():
+                await session.execute(
+                    update(Authorization).where(Authorization.id == record.id).values(status=FAILED)
+                )
+                await session.execute(
+                    update(Job).where(Job.id == job_id).values(status=FAILED, error_code="settlement_failed")
+                )
+            raise
+        async with self.sessions() as session, session.begin():
+            await session.execute(
+                update(Authorization)
+                .where(Authorization.id == record.id)
+                .values(status="settled", tx_hash=tx_hash)
+            )
+            await session.execute(update(Job).where(Job.id == job_id).values(status=status))
+        return Reservation(EXACT, auth.sender, auth.value, tx_hash=tx_hash)
+
+    def _job_row(self, job_id: str, request: Request, reservation: Reservation, status: str) -> Job:
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        return Job(
+            id=job_id,
+            kind=request.kind,
+            model_root=request.model.root,
+            model_name=request.model.name,
+            status=status,
+            scheme=reservation.scheme,
+            payer=reservation.payer,
+            channel_id=reservation.channel_id,
+            quote=reservation.quote,
+            charged=0,
+            max_price=request.max_price,
+            max_tokens=request.max_tokens,
+            prompt_tokens=len(request.prompt),
+            completion_tokens=0,
+            failovers=0,
+            request=request.stored(),
+            created_at=now,
+            started_at=now if status == RUNNING else None,
+            expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
+        )
+
+    def _launch(self, job_id: str, request: Request, reservation: Reservation, route: Route | None) -> JobRun:
+        run = JobRun(job_id, request, reservation, listen=request.kind != "job")
+        if route is None:
+            now = self.clock()
+            self._resting[job_id] = Resting(run, now, now + (request.ttl_s or 0))
+            self._wake.set()
+        else:
+            self._spawn(run, route)
+        return run
+
+    def _spawn(self, run: JobRun, route: Route) -> None:
+        task = asyncio.create_task(self._execute(run, route))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    async def _execute(self, run: JobRun, route: Route) -> None:
+        request, model = run.request, run.request.model
+        text = TextStream(model.decode, request.stops)
+
+        async def emit(token: int) -> bool:
+            delta = text.push(token)
+            if delta:
+                run.publish(Delta(delta))
+            return not (text.stopped or run.halted)
+
+        spec = JobSpec(
+            job_id=bytes.fromhex(run.job_id[2:]),
+            model_root=model.root,
+            num_layers=model.num_layers,
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            sampling=request.sampling,
+            stop_token_ids=model.stop_token_ids,
+            budget=run.reservation.quote if run.reservation.scheme != NONE else None,
+        )
+        self.metrics.jobs_running.inc()
+        try:
+            outcome = await self.coordinator.run(spec, route, emit)
+        except Exception as exc:  # a bug must not strand the reservation: the job fails uncharged
+            log.exception("job %s failed inside the gateway", run.job_id)
+            outcome = Outcome([], None, [], 0, "internal_error", f"the gateway failed: {exc!r}")
+        finally:
+            self.metrics.jobs_running.dec()
+        tail = text.flush()
+        if tail:
+            run.publish(Delta(tail))
+        if outcome.error_code is not None:
+            status, finish = FAILED, None
+        elif outcome.finish == "halted":
+            status, finish = (COMPLETED, "stop") if text.stopped else (CANCELLED, None)
+        else:
+            status, finish = COMPLETED, outcome.finish
+        # Without payment checks nobody is charged; what the providers metered stays on the hops and receipts.
+        paid = run.reservation.scheme != NONE
+        charged = outcome.charged if status != FAILED and paid else 0
+        self.metrics.tokens.inc(len(outcome.tokens))
+        self.metrics.failovers.inc(outcome.failovers)
+        try:
+            await self._finish(run, status, finish, text.text, outcome, charged)
+        except Exception as exc:
+            run.publish(
+                Unrecorded(f"the gateway could not record this job's outcome: {exc.__class__.__name__}")
+            )
+
+    async def _finish(
+        self, run: JobRun, status: str, finish: str | None, text: str, outcome: Outcome, charged: int
+    ) -> None:
+        for attempt in range(1, 4):
+            try:
+                async with self.sessions() as session, session.begin():
+                    job = await session.get(Job, run.job_id)
+                    assert job is not None
+                    job.status = status
+                    job.finish_reason = finish
+                    job.output = text
+                    job.completion_tokens = len(outcome.tokens)
+                    job.charged = charged
+                    job.failovers = outcome.failovers
+                    job.error_code = outcome.error_code
+                    job.error_message = outcome.error_message
+                    job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
+                    for hop in outcome.hops:
+                        row = HopRow(
+                            job_id=run.job_id,
+                            attempt=hop.attempt,
+                            position=hop.position,
+                            ask_id=hop.ask.id,
+                            provider=hop.ask.provider,
+                            endpoint=hop.ask.endpoint,
+                            layer_start=hop.ask.start,
+                            layer_end=hop.ask.end,
+                            price_per_million=hop.ask.price_per_million,
+                            tokens=hop.tokens,
+                            transcript_root=hex0x(hop.transcript_root),
+                            transcript=[[step, hex0x(i), hex0x(o)] for step, i, o in hop.steps],
+                            status=hop.status,
+                            session=hop.session.hex(),
+                        )
+                        session.add(row)
+                        if hop.receipt is not None:
+                            await session.flush()
+                            session.add(_receipt_row(run.job_id, row.id, hop.ask.provider, hop.receipt, hop))
+                    settled = await self.gate.settle(session, run.reservation, run.job_id, charged)
+                break
+            except Exception:
+                if attempt == 3:
+                    # The reservation stays on the job's row; recovery at the next start releases it.
+                    log.exception("job %s: its outcome could not be recorded", run.job_id)
+                    raise
+                await asyncio.sleep(0.2 * attempt)
+        assert job is not None
+        if self.on_finished is not None:
+            self.on_finished(run.job_id)
+        self.metrics.jobs.labels(status=status).inc()
+        if charged:
+            self.metrics.charged.labels(scheme=run.reservation.scheme).inc(charged)
+        run.publish(Finished(job, settled))
+
+    # -- resting jobs, expiry and recovery -----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """The book changed: try the resting jobs again now."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self.recover()
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for resting in self._resting.values():
+            resting.run.halt()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(
+            *self._tasks, *([self._sweeper] if self._sweeper else []), return_exceptions=True
+        )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):  # woken by a change, or the periodic pass
+                await asyncio.wait_for(self._wake.wait(), self.sweep_s)
+            self._wake.clear()
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("matching resting jobs failed")
+
+    async def sweep(self) -> None:
+        """Starts resting jobs that a route now serves within their price; expires those past their time."""
+        self.book.expire()
+        now = self.clock()
+        order = sorted(self._resting.values(), key=lambda r: (-r.run.reservation.quote, r.created))
+        for resting in order:
+            run = resting.run
+            if now >= resting.expires:
+                del self._resting[run.job_id]
+                await self._finish(run, EXPIRED, None, "", Outcome([], None, [], 0), 0)
+                continue
+            model = run.request.model
+            route = self.book.route(model.root, model.num_layers)
+            if route is None or route.quote(run.request.quote_tokens) > run.reservation.quote:
+                continue
+            self.book.reserve(route)
+            del self._resting[run.job_id]
+            async with self.sessions() as session, session.begin():
+                await session.execute(
+                    update(Job)
+                    .where(Job.id == run.job_id)
+                    .values(status=RUNNING, started_at=datetime.fromtimestamp(now, UTC))
+                )
+            self._spawn(run, route)
+
+    async def recover(self) -> None:
+        """Releases what jobs interrupted by a crash held, and puts resting jobs back in the book."""
+        async with self.sessions() as session, session.begin():
+            stale = (await session.scalars(select(Job).where(Job.status.in_((RUNNING, PAYING))))).all()
+            for job in stale:
+                reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
+                if job.scheme == EXACT:
+                    paid = await self._exact_landed(session, job.id)
+                    if not paid:
+                        reservation = Reservation(NONE, None, 0)
+                job.status, job.error_code = FAILED, "gateway_restarted"
+                job.error_message = "the gateway restarted while this job ran; nothing was charged"
+                job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
+                await self.gate.settle(session, reservation, job.id, 0)
+            resting = (await session.scalars(select(Job).where(Job.status == RESTING))).all()
+        for job in resting:
+            model = self.catalog.by_root(job.model_root)
+            if model is None:
+                continue
+            request = Request(
+                kind=job.kind,
+                model=model,
+                prompt=list(job.request["prompt"]),
+                max_tokens=job.max_tokens,
+                sampling=dict(job.request["sampling"]),
+                stops=tuple(job.request.get("stops", ())),
+                max_price=job.max_price,
+            )
+            reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
+            run = JobRun(job.id, request, reservation, listen=False)
+            expires = job.expires_at.timestamp() if job.expires_at else self.clock()
+            self._resting[job.id] = Resting(run, job.created_at.timestamp(), expires)
+
+    async def _exact_landed(self, session: AsyncSession, job_id: str) -> bool:
+        """Whether the exact payment of an interrupted job reached the chain (then it is owed back)."""
+        record = (await session.scalars(select(Authorization).where(Authorization.job_id == job_id))).first()
+        if record is None or record.status == FAILED:
+            return False
+        if record.status == "settled":
+            return True
+        used = await asyncio.to_thread(
+            self.gate.contracts.token.authorization_used, record.payer, bytes.fromhex(record.nonce[2:])
+        )
+        record.status = "settled" if used else FAILED
+        return used
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    async def job(self, job_id: str) -> Job | None:
+        async with self.sessions() as session:
+            return await session.get(Job, job_id)
+
+    async def channel(self, channel_id: str) -> Channel | None:
+        async with self.sessions() as session:
+            return await session.get(Channel, channel_id)
+
+
+def _receipt_row(job_id: str, hop_id: int, provider: str, receipt: dict[str, Any], hop: Any) -> ReceiptRow:
+    def text(name: str) -> str:
+        value = receipt.get(name)
+        return str(value)[:130] if value is not None else ""
+
+    tokens = receipt.get("tokens")
+    return ReceiptRow(
+        hop_id=hop_id,
+        job_id=job_id,
+        provider=provider,
+        tokens=tokens if isinstance(tokens, int) and 0 <= tokens < 2**63 else -1,
+        transcript_root="0x" + text("transcriptRoot")[:64],
+        signature="0x" + text("signature"),
+        verified=hop.verified,
+        amount=hop.amount,
+    )
+
+
+__all__ = ["GatewayError", "JobRun", "JobRunner", "Quote", "Request", "Unrecorded"]

@@ -1,0 +1,156 @@
+"""Everything a running gateway holds, built when it starts and torn down when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from marketplace.gateway.catalog import Catalog
+from marketplace.gateway.chainwatch import ChainWatcher
+from marketplace.gateway.config import GatewaySettings
+from marketplace.gateway.coordinator import Coordinator
+from marketplace.gateway.jobs import JobRunner
+from marketplace.gateway.market import Market
+from marketplace.gateway.metrics import Metrics
+from marketplace.gateway.orderbook import OrderBook
+from marketplace.gateway.payments.gate import PaymentGate, Terms
+from settlement.chain import Chain
+from settlement.config import SettlementSettings
+from settlement.db.engine import create_engine, migrate, sessions
+from settlement.deploy import Contracts, Deployment
+from settlement.errors import ConfigurationError
+from settlement.tasks import METER_JOB, make_app
+
+log = logging.getLogger(__name__)
+
+
+class MeteringQueue:
+    """Hands each recorded job to settlement's meter_job task on Redis.
+
+    Best effort by design: a job whose task is lost (Redis down, a full queue) is metered by the next
+    close_epoch, which meters every finished job nobody metered. Sending runs on a worker thread, so a slow
+    broker never holds up a request.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.app = make_app(SettlementSettings(redis_url=redis_url))
+        self._sending: set[asyncio.Future[None]] = set()
+
+    def submit(self, job_id: str) -> None:
+        future = asyncio.ensure_future(asyncio.to_thread(self._send, job_id))
+        self._sending.add(future)
+        future.add_done_callback(self._sending.discard)
+
+    def _send(self, job_id: str) -> None:
+        try:
+            self.app.send_task(METER_JOB, args=[job_id], retry=False)
+        except Exception as exc:  # kombu raises many kinds; close_epoch meters the job instead
+            log.warning("job %s not queued for metering (close_epoch will meter it): %r", job_id, exc)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    contracts: Contracts
+    account: LocalAccount
+    catalog: Catalog
+    book: OrderBook
+    watcher: ChainWatcher
+    terms: Terms
+    market: Market
+    runner: JobRunner
+    metrics: Metrics
+    metering: MeteringQueue | None
+
+    @classmethod
+    async def start(cls, settings: GatewaySettings) -> Gateway:
+        if settings.gateway_key is None:
+            raise ConfigurationError("no GATEWAY_KEY: the gateway signs job tickets with it")
+        try:
+            account: LocalAccount = Account.from_key(settings.gateway_key.get_secret_value())
+        except ValueError as exc:
+            raise ConfigurationError(f"GATEWAY_KEY is not a private key: {exc}") from exc
+        if not settings.models:
+            raise ConfigurationError("no MODELS: name at least one checkpoint directory to serve")
+
+        await asyncio.to_thread(migrate, settings.database_url)
+        engine = create_engine(settings.database_url)
+        chain = Chain(
+            settings.rpc_url,
+            request_timeout_s=settings.rpc_timeout_s,
+            receipt_timeout_s=settings.receipt_timeout_s,
+        )
+        deployment = Deployment.load(settings.deployment_file)
+        contracts = await asyncio.to_thread(Contracts.load, chain, deployment)
+        catalog = await asyncio.to_thread(Catalog.load, settings.models)
+        terms = await asyncio.to_thread(
+            Terms.of, contracts, timeout_s=settings.quote_timeout_s, settle_margin_s=settings.settle_margin_s
+        )
+
+        metrics = Metrics()
+        book = OrderBook(heartbeat_ttl_s=settings.heartbeat_ttl_s, clock=time.time)
+        watcher = ChainWatcher(
+            contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active, on_slashed=book.pull
+        )
+        session_factory = sessions(engine)
+        metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
+        coordinator = Coordinator(
+            book,
+            account,
+            chain_id=terms.chain_id,
+            step_timeout_s=settings.step_timeout_s,
+            ticket_ttl_s=settings.ticket_ttl_s,
+            max_failovers=settings.max_failovers,
+            failure_suspend_s=settings.failure_suspend_s,
+            clock=time.time,
+        )
+        runner = JobRunner(
+            book=book,
+            catalog=catalog,
+            coordinator=coordinator,
+            gate=PaymentGate(terms, watcher, contracts, account),
+            terms=terms,
+            sessions=session_factory,
+            payments_enabled=settings.payments_enabled,
+            metrics=metrics,
+            sweep_s=settings.job_sweep_s,
+            on_finished=metering.submit if metering else None,
+        )
+        market = Market(
+            book=book,
+            catalog=catalog,
+            watcher=watcher,
+            sessions=session_factory,
+            chain_id=terms.chain_id,
+            heartbeat_skew_s=settings.heartbeat_skew_s,
+            on_change=runner.wake,
+        )
+        gateway = cls(
+            settings, engine, session_factory, contracts, account, catalog, book, watcher, terms, market, runner,
+            metrics, metering,
+        )  # fmt: skip
+        await watcher.start()
+        await market.load()
+        await runner.start()
+        log.info(
+            "gateway %s serving %s on chain %d", account.address, [m.name for m in catalog], terms.chain_id
+        )
+        return gateway
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        if self.metering is not None:
+            await self.metering.close()
+        await self.watcher.stop()
+        await self.engine.dispose()

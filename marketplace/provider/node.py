@@ -1,0 +1,136 @@
+"""The provider node, assembled in one place: a span of a model loaded and checked, the runtime that keeps its
+sessions, the hop server in front of it, the tickets it honours and the key that signs its receipts, and the
+announcer that keeps its ask on a gateway's book. `strata provider serve` parses its options into a
+:class:`NodeConfig` and runs a :class:`ProviderNode`; nothing else builds one.
+
+A gateway matches only staked providers: when the gateway refuses the node's first ask because StakeManager
+deems it inactive, :meth:`ProviderNode.start` stops the node again and raises :class:`NotStaked`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from eth_account.signers.local import LocalAccount
+
+from marketplace.provider.announce import NOT_STAKED, AnnounceError, Announcer, Offer
+from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
+from worker.runtime import RuntimeLimits, SpanRuntime
+from worker.server import HopServer
+from worker.shard import Shard, load_shard
+
+log = logging.getLogger(__name__)
+
+
+class NotStaked(Exception):
+    """The gateway refused the node's ask: its key is not staked (or is below the minimum stake)."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Where and at what the node offers its span."""
+
+    gateway_url: str
+    price: int  # token base units per million token-layers
+    capacity: int  # sessions offered at once
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: Path  # a Hugging Face checkpoint directory
+    layers: str  # the span, "start:end"
+    host: str  # the address the hop server listens on
+    port: int
+    account: LocalAccount  # signs receipts, asks and heartbeats
+    gateways: tuple[str, ...]  # addresses whose job tickets are honoured
+    validators: tuple[str, ...]  # addresses allowed to fetch retained steps; none: nobody may
+    chain_id: int  # of the EIP-712 domain of tickets, receipts and asks
+    limits: RuntimeLimits
+    advertise: str | None = None  # host:port others reach the node at [default: host:port]
+    device: torch.device | None = None  # None: CUDA when there is one, else the CPU
+    dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on a GPU
+    announce: Announcement | None = None  # None: the node posts no ask (`strata provider ask` may)
+
+    @property
+    def endpoint(self) -> str:
+        return self.advertise or f"{self.host}:{self.port}"
+
+
+class ProviderNode:
+    def __init__(self, config: NodeConfig, shard: Shard) -> None:
+        self.config = config
+        self.shard = shard
+        self.runtime = SpanRuntime(shard, config.limits)
+        self.server = HopServer(
+            self.runtime,
+            endpoint=config.endpoint,
+            verify_ticket=GatewayTicketVerifier(list(config.gateways), chain_id=config.chain_id),
+            sign_receipt=KeyReceiptSigner(config.account, chain_id=config.chain_id),
+            verify_fetch=(
+                GatewayTicketVerifier(list(config.validators), chain_id=config.chain_id)
+                if config.validators
+                else None
+            ),
+        )
+        self.announcer: Announcer | None = None
+        if config.announce is not None:
+            self.announcer = Announcer(
+                config.announce.gateway_url,
+                config.account,
+                Offer(
+                    shard.root,
+                    shard.span.start,
+                    shard.span.end,
+                    config.announce.price,
+                    config.announce.capacity,
+                    config.endpoint,
+                ),
+                chain_id=config.chain_id,
+            )
+        self._announcing: asyncio.Task[None] | None = None
+
+    @classmethod
+    def load(cls, config: NodeConfig, *, adapt: Callable[[Shard], Shard] | None = None) -> ProviderNode:
+        """Loads the span (checking its hashes against the model's root) and assembles the node around it.
+        ``adapt`` may replace the loaded shard (the devnet's cheating providers use it)."""
+        shard = load_shard(config.model, config.layers, device=config.device, dtype=config.dtype)
+        return cls(config, adapt(shard) if adapt is not None else shard)
+
+    async def start(self) -> None:
+        """Listens, then posts the ask and keeps heartbeating. A gateway that cannot be reached yet is retried
+        by the announcer; one that refuses an unstaked key stops the node (:class:`NotStaked`)."""
+        await self.server.start(self.config.host, self.config.port)
+        if self.announcer is None:
+            return
+        try:
+            await self.announcer.post_ask()
+        except AnnounceError as exc:
+            if exc.code == NOT_STAKED:
+                await self.announcer.aclose()
+                await self.server.close()
+                raise NotStaked(
+                    f"{self.config.account.address} is not staked, so {self.announcer.gateway_url} refuses "
+                    f"its ask: {exc}"
+                ) from exc
+            log.warning("could not post the ask yet (%s); retrying", exc)
+        self._announcing = asyncio.create_task(self.announcer.run())
+
+    async def stop(self) -> None:
+        """Withdraws the ask (so the node stops being matched before its port closes), then closes."""
+        if self.announcer is not None:
+            if self._announcing is not None:
+                self._announcing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._announcing
+            try:
+                await self.announcer.withdraw()
+            except AnnounceError as exc:
+                log.warning("could not withdraw the ask: %s", exc)
+            await self.announcer.aclose()
+        await self.server.close()
