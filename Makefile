@@ -4,12 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+CONTRACTS_STAMP := build/forge/out/.built
+# The platform package's own binary: the launcher in node_modules/.bin does not pass forge's exit status on, so a
+# failing test or build would look like success. Expanded when a recipe runs, after `npm ci`.
+FORGE = $(firstword $(wildcard node_modules/@foundry-rs/forge-*/bin/forge))
 LOCK := requirements.lock
 
-.PHONY: install check-lock lock lock-upgrade test test-python test-contracts up lint gas pipeline gateway \
+.PHONY: install contracts check-lock lock lock-upgrade test test-python test-contracts up lint gas pipeline gateway \
 	settlement validation clean
 
-install: $(PY_STAMP) $(NODE_STAMP)
+install: $(PY_STAMP) $(NODE_STAMP) $(CONTRACTS_STAMP)
 
 # Exactly the lock, every file checked against its hash (pip-sync also removes what the lock no longer
 # names), then the project itself, built with the lock's setuptools rather than whatever is newest. The lock's
@@ -41,13 +45,20 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
+# The contracts' ABIs and bytecode, built once; gateways, workers and providers only read them.
+contracts: $(CONTRACTS_STAMP)
+
+$(CONTRACTS_STAMP): $(NODE_STAMP) foundry.toml $(shell find contracts/src -name '*.sol')
+	$(FORGE) build --skip test
+	touch $@
+
 test: install check-lock test-python test-contracts
 
 test-python: install
 	$(BIN)/pytest
 
 test-contracts: install
-	node_modules/.bin/forge test
+	$(FORGE) test
 
 up: install
 	$(BIN)/strata up

@@ -1,7 +1,7 @@
 """Deploying the four contracts and reading a deployment back.
 
 A deployment file records the chain id, every address, the roles, the parameters and a hash of each ABI.
-Loading it compiles the sources (cached) and refuses a deployment made from other sources than these.
+Loading it reads the contracts' build artifacts and refuses a deployment made from other sources than these.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 
+from settlement.artifacts import Artifact, load_artifacts
 from settlement.chain import Chain
 from settlement.contracts import (
     OPERATOR_ROLE,
@@ -24,7 +25,6 @@ from settlement.contracts import (
     VoucherEscrow,
 )
 from settlement.errors import ConfigurationError
-from settlement.solidity import Artifact, compile_contracts
 
 TOKEN_DECIMALS = 6
 ONE_TOKEN = 10**TOKEN_DECIMALS
@@ -85,7 +85,7 @@ class Contracts:
     def load(
         cls, chain: Chain, deployment: Deployment, artifacts: dict[str, Artifact] | None = None
     ) -> Contracts:
-        artifacts = artifacts or compile_contracts()
+        artifacts = artifacts or load_artifacts()
         chain.expect_chain_id(deployment.chain_id)
         for name, expected in deployment.abi_hashes.items():
             if artifacts[name].abi_hash != expected:
@@ -114,7 +114,7 @@ def deploy(
     artifacts: dict[str, Artifact] | None = None,
 ) -> Contracts:
     """Deploys and wires the contracts; ``deployer`` becomes their admin."""
-    artifacts = artifacts or compile_contracts()
+    artifacts = artifacts or load_artifacts()
     admin = deployer.address
     operator, treasury, slasher = (to_checksum_address(a) for a in (operator, treasury, slasher))
 

@@ -3,8 +3,9 @@
     SettlementError                    every error below; carries a stable ``code``
     ├── ConfigurationError             missing or malformed settings, deployment files, keys
     │   ├── BadDatabaseURL             a database URL that is not SQLite or PostgreSQL
-    │   └── NoReferenceWeights         the validator has no checkpoint for a sampled hop's model
-    ├── CompilerError                  no usable solc, or the contracts do not compile
+    │   ├── NoReferenceWeights         the validator has no checkpoint for a sampled hop's model
+    │   └── ContractsNotBuilt          the contracts' build artifacts are missing: `make contracts`
+    ├── CompilerError                  forge is missing, or the contracts do not compile
     ├── ChainError                     the chain could not be used as asked
     │   ├── ChainUnavailable           the JSON-RPC endpoint cannot be reached
     │   ├── ChainMismatch              the endpoint serves another chain than the deployment's
@@ -42,6 +43,10 @@ class NoReferenceWeights(ConfigurationError):
 
 class BadDatabaseURL(ConfigurationError):
     code = "bad_database_url"
+
+
+class ContractsNotBuilt(ConfigurationError):
+    code = "contracts_not_built"
 
 
 class CompilerError(SettlementError):

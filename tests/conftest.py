@@ -9,9 +9,10 @@ import pytest
 from eth_account.signers.local import LocalAccount
 
 from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.contracts import build_contracts
+from settlement.artifacts import Artifact, load_artifacts
 from settlement.chain import Chain
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
-from settlement.solidity import Artifact, compile_contracts
 
 MIN_STAKE = 100 * ONE_TOKEN
 UNBONDING_PERIOD_S = 3_600
@@ -30,9 +31,12 @@ class Actors:
     outsider: LocalAccount
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def artifacts() -> dict[str, Artifact]:
-    return compile_contracts()
+    """The contracts as forge builds them (`make test` has built them already; a bare `pytest` builds what
+    changed). Every process a test starts loads these same artifacts."""
+    build_contracts()
+    return load_artifacts()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from marketplace.cli.common import (
     reported,
 )
 from marketplace.devnet.chain import Devnet, key_hex, start_devnet
+from marketplace.devnet.contracts import build_contracts
 from settlement.chain import Chain
 from settlement.config import ChainSettings
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
@@ -73,7 +74,8 @@ def deploy_command(
     out: Annotated[Path | None, typer.Option(help="deployment file [default: DEPLOYMENT_FILE]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the deployment as JSON")] = False,
 ) -> None:
-    """Compile and deploy the four contracts to any JSON-RPC endpoint and write a deployment file."""
+    """Build (if the sources changed) and deploy the four contracts to any JSON-RPC endpoint, and write a deployment
+    file."""
     settings = ChainSettings()
     rpc_url = parse_rpc_url(rpc or settings.rpc_url)
     key_text = key or (settings.deployer_key.get_secret_value() if settings.deployer_key else None)
@@ -91,6 +93,8 @@ def deploy_command(
         parse_address(given) if given else deployer.address for given in (operator, treasury, slasher)
     )
     with reported(as_json=as_json):
+        with console.status("Building the contracts…"):
+            build_contracts()
         chain = Chain(
             rpc_url, request_timeout_s=settings.rpc_timeout_s, receipt_timeout_s=settings.receipt_timeout_s
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import requests
@@ -11,19 +10,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from marketplace.devnet.process import LocalProcess
-from settlement.config import PROJECT_ROOT
-from settlement.errors import ChainUnavailable, ConfigurationError
-
-
-def anvil_binary(root: Path = PROJECT_ROOT) -> Path:
-    local = root / "node_modules" / ".bin" / "anvil"
-    if local.exists():
-        return local
-    found = shutil.which("anvil")
-    if found:
-        return Path(found)
-    raise ConfigurationError(f"anvil not found in {local.parent} or on PATH: run `npm ci` (or `make`)")
+from marketplace.devnet.process import LocalProcess, foundry_tool
+from settlement.errors import ChainUnavailable
 
 
 class Anvil(LocalProcess):
@@ -63,7 +51,7 @@ class Anvil(LocalProcess):
 
     def command(self) -> list[str]:
         command = [
-            str(anvil_binary()),
+            str(foundry_tool("anvil")),
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--chain-id", str(self.chain_id),

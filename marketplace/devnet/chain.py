@@ -12,6 +12,7 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from marketplace.devnet.anvil import Anvil
+from marketplace.devnet.contracts import build_contracts
 from marketplace.devnet.market import FUNDED_ROLES, FUNDING, ROLES
 from settlement.chain import Chain
 from settlement.deploy import Contracts, DeployParams, deploy
@@ -74,6 +75,8 @@ def start_devnet(
     """Starts anvil on 127.0.0.1:``port``, deploys with one dev account per role (admin, operator, treasury,
     validator), funds the providers', clients' and validator's accounts, and writes the deployment and
     devnet files. Stops anvil again if any of that fails."""
+    with status.status("Building the contracts…"):
+        build_contracts()
     anvil = Anvil(port=port, accounts=len(ROLES), log_path=log_path)
     with status.status(f"Starting anvil on 127.0.0.1:{port}…"):
         anvil.start()

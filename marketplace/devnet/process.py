@@ -8,6 +8,8 @@ node) is waited for, by `strata up`, the tests and the benchmarks alike.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,8 +20,24 @@ from types import TracebackType
 from typing import Self
 
 from marketplace.devnet.errors import ServiceFailed
+from settlement.config import PROJECT_ROOT
+from settlement.errors import ConfigurationError
 
 LOG_TAIL_LINES = 20
+
+
+def foundry_tool(name: str, root: Path = PROJECT_ROOT) -> Path:
+    """``forge`` or ``anvil``: the binary of the npm package for this platform, else one on PATH. Not the
+    launcher in node_modules/.bin, which does not pass the tool's exit status on (a failed build exits 0)."""
+    for binary in sorted((root / "node_modules" / "@foundry-rs").glob(f"{name}-*/bin/{name}")):
+        if os.access(binary, os.X_OK):
+            return binary
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise ConfigurationError(
+        f"{name} not found under {root / 'node_modules'} or on PATH: run `npm ci` (or `make`)"
+    )
 
 
 def free_port() -> int:

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from marketplace.cli import app
 from marketplace.devnet.anvil import Anvil
 from marketplace.devnet.process import free_port
+from settlement.artifacts import Artifact
 from settlement.chain import Chain
 from settlement.deploy import Contracts, Deployment
-from settlement.solidity import Artifact
 
 runner = CliRunner()
 

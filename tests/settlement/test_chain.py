@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from marketplace.devnet.process import free_port
+from settlement.artifacts import Artifact
 from settlement.chain import Chain
 from settlement.contracts import OPERATOR_ROLE, SLASHER_ROLE
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ChainMismatch, ChainUnavailable, ConfigurationError, TransactionReverted
-from settlement.solidity import Artifact
 from tests.conftest import Actors
 
 

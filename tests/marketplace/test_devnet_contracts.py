@@ -1,17 +1,18 @@
-"""The compiler path: the solc-js shim behaves like native solc for what forge and py-solc-x ask of it."""
+"""Building the contracts: the solc-js shim behaves like native solc for what forge asks of it, and the devnet's
+build driver reports a source that does not compile."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from marketplace.devnet.contracts import build_contracts
+from settlement.config import PROJECT_ROOT
 from settlement.errors import CompilerError
-from settlement.solidity import PROJECT_ROOT, compile_contracts, compiler_input, find_solc
 
 SHIM = PROJECT_ROOT / "bin" / "solc"
 
@@ -31,9 +32,19 @@ def test_version_looks_native() -> None:
 
 
 def test_large_standard_json_on_stdin_compiles() -> None:
-    # The project's own input with OpenZeppelin inlined is far larger than a pipe buffer.
-    data = compiler_input()
-    data["settings"]["outputSelection"] = {"*": {"*": ["abi"]}}
+    # The project's own sources, with OpenZeppelin imported, are far larger than a pipe buffer.
+    sources = {
+        path.relative_to(PROJECT_ROOT).as_posix(): {"content": path.read_text()}
+        for path in sorted((PROJECT_ROOT / "contracts" / "src").rglob("*.sol"))
+    }
+    data = {
+        "language": "Solidity",
+        "sources": sources,
+        "settings": {
+            "remappings": ["@openzeppelin/contracts/=node_modules/@openzeppelin/contracts/"],
+            "outputSelection": {"*": {"*": ["abi"]}},
+        },
+    }
     result = run_shim(
         "--standard-json", "--base-path", str(PROJECT_ROOT), "--allow-paths", "/tmp", stdin=json.dumps(data)
     )
@@ -49,7 +60,7 @@ def test_unsupported_flag_fails_clearly() -> None:
     assert "unsupported argument" in result.stderr
 
 
-def test_compile_errors_raise(tmp_path: Path) -> None:
+def test_a_source_that_does_not_compile_fails_the_build(tmp_path: Path) -> None:
     for name in ("foundry.toml", "bin", "node_modules"):
         (tmp_path / name).symlink_to(PROJECT_ROOT / name)
     (tmp_path / "contracts" / "src").mkdir(parents=True)
@@ -57,15 +68,4 @@ def test_compile_errors_raise(tmp_path: Path) -> None:
         "pragma solidity ^0.8.26; contract Broken { uint x = ; }"
     )
     with pytest.raises(CompilerError, match="compilation failed"):
-        compile_contracts(tmp_path, cache_dir=tmp_path / "cache")
-
-
-def test_prefers_native_solc_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    native = tmp_path / "solc"
-    native.write_text("#!/bin/sh\n")
-    native.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    assert find_solc() == native
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    if shutil.which("solc") is None:
-        assert find_solc() == SHIM
+        build_contracts(tmp_path)
