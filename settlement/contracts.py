@@ -20,6 +20,13 @@ OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
 SLASHER_ROLE = keccak(text="SLASHER_ROLE")
 DEFAULT_ADMIN_ROLE = b"\x00" * 32
 
+# Constants the contracts share with the code that drives them.
+BPS = 10_000  # basis points: shares of a whole, as the contracts count them
+PROVIDER_BPS = (
+    8_000  # providers' share of what is redeemed; PayoutDistributor enforces it, the platform gets the rest
+)
+CHANNEL_CLOSED = 2**256 - 1  # VoucherEscrow's withdrawableAt of a channel whose payer has left
+
 
 class _Wrapper:
     def __init__(self, chain: Chain, address: str, abi: list[dict[str, Any]]) -> None:

@@ -46,18 +46,16 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.contracts import Redemption
-from settlement.db.schema import Channel, Charge, Epoch, Job, LedgerEntry
+from settlement.contracts import BPS, CHANNEL_CLOSED, PROVIDER_BPS, Redemption
+from settlement.db import channels
+from settlement.db.schema import FINISHED_JOBS, Channel, Charge, Epoch, EpochStatus, Job, LedgerEntry
 from settlement.deploy import Contracts
 from settlement.errors import LedgerMismatch
-from settlement.ledger import BPS, FINISHED, PROVIDER_BPS, meter_job
+from settlement.ledger import meter_job
 from settlement.merkle import PayoutTree
 from settlement.outbox import reconcile, send_once
 
 log = logging.getLogger(__name__)
-
-REDEEM, FORWARD, REFUND, POST, POSTED = "redeem", "forward", "refund", "post", "posted"
-CLOSED_CHANNEL = 2**256 - 1  # VoucherEscrow.withdrawableAt of a channel its payer has left
 
 
 @dataclass(frozen=True)
@@ -119,13 +117,18 @@ class EpochCloser:
         epoch = self._unfinished() or self._open()
         if epoch is None:
             return EpochReport(None, "idle")
-        steps = {REDEEM: self._redeem, FORWARD: self._forward, REFUND: self._refund, POST: self._post}
-        while epoch.status != POSTED:
-            step = epoch.status
+        steps = {
+            EpochStatus.REDEEM: self._redeem,
+            EpochStatus.FORWARD: self._forward,
+            EpochStatus.REFUND: self._refund,
+            EpochStatus.POST: self._post,
+        }
+        while epoch.status != EpochStatus.POSTED:
+            step = EpochStatus(epoch.status)
             following = steps[step](epoch)
             with self.sessions.begin() as session:
                 values: dict[str, Any] = {"status": following}
-                if following == POSTED:
+                if following == EpochStatus.POSTED:
                     values["posted_at"] = datetime.fromtimestamp(self.clock(), UTC)
                 session.execute(update(Epoch).where(Epoch.number == epoch.number).values(**values))
             epoch.status = following
@@ -133,7 +136,7 @@ class EpochCloser:
         log.info("epoch %d posted: root %s, %d settled", epoch.number, epoch.root, epoch.settled)
         return EpochReport(
             epoch.number,
-            POSTED,
+            EpochStatus.POSTED,
             epoch.root,
             epoch.settled,
             epoch.provider_total,
@@ -149,7 +152,7 @@ class EpochCloser:
         chain_id = self.contracts.deployment.chain_id
         with self.sessions() as session:
             waiting = session.scalars(
-                select(Job.id).where(Job.status.in_(FINISHED), Job.metered_at.is_(None))
+                select(Job.id).where(Job.status.in_(FINISHED_JOBS), Job.metered_at.is_(None))
             ).all()
         for job_id in waiting:
             with self.sessions.begin() as session:
@@ -160,7 +163,9 @@ class EpochCloser:
 
     def _unfinished(self) -> Epoch | None:
         with self.sessions() as session:
-            return session.scalar(select(Epoch).where(Epoch.status != POSTED).order_by(Epoch.number))
+            return session.scalar(
+                select(Epoch).where(Epoch.status != EpochStatus.POSTED).order_by(Epoch.number)
+            )
 
     def _open(self) -> Epoch | None:
         on_chain = self.contracts.distributor.epoch()
@@ -202,7 +207,7 @@ class EpochCloser:
             tree = PayoutTree.build(leaves) if leaves else None
             epoch = Epoch(
                 number=number,
-                status=REDEEM,
+                status=EpochStatus.REDEEM,
                 settled=settled,
                 redemptions=redemptions,
                 forward=forward,
@@ -245,7 +250,7 @@ class EpochCloser:
                 continue
             claim_to = channel.claimed + due
             state = self.contracts.escrow.channel(bytes.fromhex(channel_id[2:]))
-            if state.withdrawable_at == CLOSED_CHANNEL:
+            if state.withdrawable_at == CHANNEL_CLOSED:
                 log.error(
                     "channel %s closed with %d charged and never redeemed: it cannot be collected",
                     channel_id,
@@ -314,7 +319,7 @@ class EpochCloser:
             if escrow.channel(bytes.fromhex(r["channel"][2:])).claimed < int(r["claimTo"])
         ]  # fmt: skip
         if not due:
-            reconcile(self.sessions, self.chain, self._key(epoch, REDEEM))
+            reconcile(self.sessions, self.chain, self._key(epoch, EpochStatus.REDEEM))
         else:
             batch = [
                 Redemption(
@@ -326,38 +331,34 @@ class EpochCloser:
                 for r in due
             ]
             self._send(
-                self._key(epoch, REDEEM),
+                self._key(epoch, EpochStatus.REDEEM),
                 lambda: escrow.contract.functions.redeem([r.as_abi() for r in batch]),
                 "VoucherEscrow.redeem",
             )
         with self.sessions.begin() as session:
             for r in epoch.redemptions:
-                session.execute(
-                    update(Channel)
-                    .where(Channel.id == r["channel"], Channel.claimed < int(r["claimTo"]))
-                    .values(claimed=int(r["claimTo"]))
-                )
-        return FORWARD
+                session.execute(channels.claim(r["channel"], int(r["claimTo"])))
+        return EpochStatus.FORWARD
 
     def _forward(self, epoch: Epoch) -> str:
         if epoch.forward:
             token, distributor = self.contracts.token, self.contracts.distributor.address
             self._send(
-                self._key(epoch, FORWARD),
+                self._key(epoch, EpochStatus.FORWARD),
                 lambda: token.contract.functions.transfer(distributor, epoch.forward),
                 "PaymentToken.transfer",
             )
-        return REFUND
+        return EpochStatus.REFUND
 
     def _refund(self, epoch: Epoch) -> str:
         token = self.contracts.token
         for payer, amount in sorted(epoch.refunds.items()):
             self._send(
-                self._key(epoch, f"{REFUND}:{payer}"),
+                self._key(epoch, f"{EpochStatus.REFUND}:{payer}"),
                 partial(token.contract.functions.transfer, payer, int(amount)),
                 "PaymentToken.transfer",
             )
-        return POST
+        return EpochStatus.POST
 
     def _post(self, epoch: Epoch) -> str:
         distributor = self.contracts.distributor
@@ -366,14 +367,14 @@ class EpochCloser:
         if on_chain >= epoch.number:
             if on_chain == epoch.number and distributor.merkle_root() != root:
                 raise LedgerMismatch(f"epoch {epoch.number} on chain has another root than {epoch.root}")
-            reconcile(self.sessions, self.chain, self._key(epoch, POST))
-            return POSTED
+            reconcile(self.sessions, self.chain, self._key(epoch, EpochStatus.POST))
+            return EpochStatus.POSTED
         self._send(
-            self._key(epoch, POST),
+            self._key(epoch, EpochStatus.POST),
             lambda: distributor.contract.functions.postRoot(epoch.number, root, epoch.provider_total),
             "PayoutDistributor.postRoot",
         )
-        return POSTED
+        return EpochStatus.POSTED
 
 
 __all__ = ["EpochCloser", "EpochReport", "LedgerMismatch"]

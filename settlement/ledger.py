@@ -41,17 +41,23 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt, Validation
+from settlement.contracts import BPS, PROVIDER_BPS
+from settlement.db import validations
+from settlement.db.schema import (
+    FINISHED_JOBS,
+    Charge,
+    Hop,
+    HopStatus,
+    Job,
+    LedgerEntry,
+    Receipt,
+)
 from settlement.errors import UnknownJob
 from settlement.pricing import hop_charge
 from settlement.tickets import receipt_signer
 from worker.receipts import ReceiptFields, transcript_root_of
 
 log = logging.getLogger(__name__)
-
-BPS = 10_000
-PROVIDER_BPS = 8_000
-FINISHED = ("completed", "cancelled", "failed", "expired")
 
 
 def split(charge: int) -> tuple[int, int]:
@@ -92,13 +98,13 @@ def meter_job(
         )
         count = session.scalar(select(func.count()).select_from(LedgerEntry).filter_by(job_id=job_id))
         return Metered(job_id, int(total or 0), int(count or 0), already=True)
-    if job.status not in FINISHED:
+    if job.status not in FINISHED_JOBS:
         return None
 
     charge = session.scalar(select(Charge).where(Charge.job_id == job_id))
     hops = session.scalars(select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt, Hop.position)).all()
     receipts = {r.hop_id: r for r in session.scalars(select(Receipt).where(Receipt.job_id == job_id))}
-    billed = [hop for hop in hops if hop.status == "billed"]
+    billed = [hop for hop in hops if hop.status == HopStatus.BILLED]
     refused = _refusals(job, hops, billed, receipts, chain_id)
     # Unpaid jobs (payments off) and jobs charged nothing bill nobody, whatever their receipts say.
     collectable = charge.amount if charge is not None else 0
@@ -126,7 +132,7 @@ def meter_job(
     session.add_all(entries)
     hops_by_id = {hop.id: hop for hop in billed}
     drawn = [
-        Validation(hop_id=entry.hop_id, job_id=job_id, provider=entry.provider, status="pending", attempts=0)
+        validations.record(job_id=job_id, hop_id=entry.hop_id, provider=entry.provider)
         for entry in entries
         if hops_by_id[entry.hop_id].session is not None and draw() < sample_rate
     ]
@@ -142,7 +148,7 @@ def meter_job(
             )  # fmt: skip
     job.metered_at = datetime.now(UTC)
     if not drawn:
-        job.cleared_at = job.metered_at
+        validations.clear(session, job_id, job.metered_at)
     return Metered(job_id, total, len(entries), refused, sampled=[v.id for v in drawn])
 
 
@@ -221,4 +227,4 @@ def _broken_link(route: list[Hop]) -> str | None:
     return None
 
 
-__all__ = ["FINISHED", "Metered", "UnknownJob", "meter_job", "split"]
+__all__ = ["Metered", "UnknownJob", "meter_job", "split"]

@@ -26,12 +26,10 @@ from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
 from settlement.chain import Chain, SignedTransaction
-from settlement.db.schema import ChainSend
+from settlement.db.schema import ChainSend, SendStatus
 from settlement.errors import TransactionReverted
 
 log = logging.getLogger(__name__)
-
-SIGNED, MINED, REVERTED, DROPPED = "signed", "mined", "reverted", "dropped"
 
 
 def send_once(
@@ -67,7 +65,7 @@ def send_once(
         record.nonce = signed.nonce
         record.tx_hash = signed.tx_hash
         record.raw = "0x" + signed.raw.hex()
-        record.status = SIGNED
+        record.status = SendStatus.SIGNED
     progress(f"recorded:{key}")
     return _finish(sessions, chain, key, signed, progress)
 
@@ -84,16 +82,20 @@ def _recorded(
     receipt (None while it is not mined), with the record updated to match."""
     with sessions() as session:
         record = session.scalar(select(ChainSend).where(ChainSend.key == key))
-        known = _signed(record, action) if record is not None and record.status in (SIGNED, MINED) else None
+        known = (
+            _signed(record, action)
+            if record is not None and record.status in (SendStatus.SIGNED, SendStatus.MINED)
+            else None
+        )
     if known is None:
         return None, None
     receipt = chain.receipt(known.tx_hash)
     if receipt is None and chain.nonce(known.sender) > known.nonce:
         log.warning("%s: transaction %s was never mined and its nonce is taken", key, known.tx_hash)
-        _mark(sessions, key, DROPPED)
+        _mark(sessions, key, SendStatus.DROPPED)
         return None, None
     if receipt is not None and receipt["status"] == 1:
-        _mark(sessions, key, MINED)
+        _mark(sessions, key, SendStatus.MINED)
     return known, receipt
 
 
@@ -113,10 +115,10 @@ def _finish(
     try:
         receipt = chain.broadcast(signed)
     except TransactionReverted:
-        _mark(sessions, key, REVERTED)
+        _mark(sessions, key, SendStatus.REVERTED)
         raise
     progress(f"mined:{key}")
-    _mark(sessions, key, MINED)
+    _mark(sessions, key, SendStatus.MINED)
     return receipt
 
 

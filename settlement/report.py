@@ -17,7 +17,7 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.db.schema import Charge, Epoch, LedgerEntry
+from settlement.db.schema import Charge, Epoch, EpochStatus, LedgerEntry
 from settlement.deploy import Contracts
 
 
@@ -76,7 +76,9 @@ def ledger_and_chain(sessions: sessionmaker[Session], contracts: Contracts) -> L
     with sessions() as session:
         settled_charges = select(func.coalesce(func.sum(Charge.metered), 0)).where(Charge.epoch.is_not(None))
         settled_entries = LedgerEntry.epoch.is_not(None)
-        latest = session.scalar(select(Epoch).where(Epoch.status == "posted").order_by(Epoch.number.desc()))
+        latest = session.scalar(
+            select(Epoch).where(Epoch.status == EpochStatus.POSTED).order_by(Epoch.number.desc())
+        )
         settled = int(session.scalar(settled_charges) or 0)
         voucher = int(session.scalar(settled_charges.where(Charge.channel_id.is_not(None))) or 0)
         pending = int(

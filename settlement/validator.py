@@ -47,7 +47,20 @@ from eth_utils.crypto import keccak
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.db.schema import Ask, ChainSend, Channel, Charge, Hop, Job, LedgerEntry, Receipt, Validation
+from settlement.contracts import BPS
+from settlement.db import channels, validations
+from settlement.db.schema import (
+    Ask,
+    ChainSend,
+    Charge,
+    Hop,
+    Job,
+    LedgerEntry,
+    Receipt,
+    SlashStatus,
+    Validation,
+    ValidationStatus,
+)
 from settlement.deploy import Contracts
 from settlement.errors import NoReferenceWeights, TransactionReverted, UnknownJob
 from settlement.outbox import send_once
@@ -60,11 +73,8 @@ from worker.wire import FrameLimits
 
 log = logging.getLogger(__name__)
 
-PENDING, PASSED, FAILED, MISSED = "pending", "passed", "failed", "missed"
-SLASHED, NOTHING = "slashed", "nothing"  # slash_status besides pending
 DATA_UNAVAILABLE = "data_unavailable"
 EVIDENCE_KIND = "strata.validation/1"
-BPS = 10_000
 
 
 class ReferenceModels:
@@ -162,9 +172,9 @@ class Validator:
 
     def validate(self, validation_id: int) -> Outcome:
         hop = self._load(validation_id)
-        if hop.status == FAILED and hop.slash_status == PENDING:
+        if hop.status == ValidationStatus.FAILED and hop.slash_status == SlashStatus.PENDING:
             self._slash(hop)  # decided by an earlier run that stopped before the slash was mined
-        if hop.status != PENDING:
+        if hop.status != ValidationStatus.PENDING:
             return Outcome(validation_id, hop.status)
         now = self.clock()
         deadline = hop.finished_at.timestamp() + self.window_s
@@ -185,7 +195,9 @@ class Validator:
         except (HopUnreachable, ProtocolError, WireError, TimeoutError, OSError) as exc:
             if now < deadline:
                 log.info("validation %d: %s unreachable (%r), retrying", validation_id, hop.endpoint, exc)
-                return Outcome(validation_id, PENDING, retry_in_s=min(self.retry_s, deadline - now))
+                return Outcome(
+                    validation_id, ValidationStatus.PENDING, retry_in_s=min(self.retry_s, deadline - now)
+                )
             return self._unavailable(hop, first_attempt <= deadline, f"unreachable: {exc!r}")
         reference = self.references.span(hop.model_root, *hop.layers)
         if reference is None:
@@ -246,8 +258,8 @@ class Validator:
         if not within_window:
             log.warning("validation %d missed: first tried after the retention window", hop.validation)
             with self.sessions.begin() as session:
-                self._record(session, hop, MISSED, None, detail, None)
-            return Outcome(hop.validation, MISSED)
+                self._record(session, hop, ValidationStatus.MISSED, None, detail, None)
+            return Outcome(hop.validation, ValidationStatus.MISSED)
         return self._decide(
             hop, Verdict.failed(DATA_UNAVAILABLE, f"the provider could not produce the data ({detail})")
         )
@@ -255,17 +267,19 @@ class Validator:
     def _decide(self, hop: _Hop, verdict: Verdict) -> Outcome:
         if verdict.passed:
             with self.sessions.begin() as session:
-                self._record(session, hop, PASSED, None, None, verdict.metrics)
-            return Outcome(hop.validation, PASSED)
+                self._record(session, hop, ValidationStatus.PASSED, None, None, verdict.metrics)
+            return Outcome(hop.validation, ValidationStatus.PASSED)
         evidence = self._evidence(hop, verdict)
         evidence_hash = "0x" + keccak(evidence.encode()).hex()
         now = datetime.fromtimestamp(self.clock(), UTC)
         with self.sessions.begin() as session:
-            self._record(session, hop, FAILED, verdict.reason, verdict.detail, verdict.metrics)
+            self._record(
+                session, hop, ValidationStatus.FAILED, verdict.reason, verdict.detail, verdict.metrics
+            )
             session.execute(
                 update(Validation)
                 .where(Validation.id == hop.validation)
-                .values(evidence=evidence, evidence_hash=evidence_hash, slash_status=PENDING)
+                .values(evidence=evidence, evidence_hash=evidence_hash, slash_status=SlashStatus.PENDING)
             )
             self._void(session, hop.job_id, now)
             session.execute(
@@ -278,32 +292,27 @@ class Validator:
             hop.validation, hop.provider, hop.layers, hop.job_id, verdict.reason, verdict.detail,
         )  # fmt: skip
         self._slash(self._load(hop.validation))
-        return Outcome(hop.validation, FAILED, verdict.reason)
+        return Outcome(hop.validation, ValidationStatus.FAILED, verdict.reason)
 
     def _record(
         self,
         session: Session,
         hop: _Hop,
-        status: str,
+        status: ValidationStatus,
         reason: str | None,
         detail: str | None,
         metrics: dict[str, Any] | None,
     ) -> None:
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        session.execute(
-            update(Validation)
-            .where(Validation.id == hop.validation, Validation.status == PENDING)
-            .values(status=status, reason=reason, detail=detail, metrics=metrics, decided_at=now)
+        validations.decide(
+            session,
+            validation_id=hop.validation,
+            job_id=hop.job_id,
+            status=status,
+            now=datetime.fromtimestamp(self.clock(), UTC),
+            reason=reason,
+            detail=detail,
+            metrics=metrics,
         )
-        undecided = session.scalar(
-            select(Validation.id)
-            .where(Validation.job_id == hop.job_id, Validation.status == PENDING)
-            .limit(1)
-        )
-        if undecided is None:
-            session.execute(
-                update(Job).where(Job.id == hop.job_id, Job.cleared_at.is_(None)).values(cleared_at=now)
-            )
 
     @staticmethod
     def _void(session: Session, job_id: str, now: datetime) -> None:
@@ -319,11 +328,7 @@ class Validator:
         assert charge.epoch is None, "a job is settled only once cleared, and this one was not"
         charge.metered = 0
         if charge.channel_id is not None and charge.amount:
-            session.execute(
-                update(Channel)
-                .where(Channel.id == charge.channel_id)
-                .values(charged=Channel.charged - charge.amount)
-            )
+            session.execute(channels.void(charge.channel_id, charge.amount))
 
     def _evidence(self, hop: _Hop, verdict: Verdict) -> str:
         """The canonical JSON document a slash's evidence hash commits to: anyone holding the provider's
@@ -361,14 +366,14 @@ class Validator:
         with self.send_lock():
             if stake.evidence_used(evidence) and not self._sent(key):
                 self._slashed(
-                    hop, SLASHED, None, None
+                    hop, SlashStatus.SLASHED, None, None
                 )  # slashed under this evidence by another run or by hand
                 return
             held = stake.stake_of(hop.provider)
             amount = (held.staked + held.unbonding) * self.slash_bps // BPS
             if amount == 0 and not self._sent(key):
                 log.warning("validation %d: %s has no stake left to slash", hop.validation, hop.provider)
-                self._slashed(hop, NOTHING, 0, None)
+                self._slashed(hop, SlashStatus.NOTHING, 0, None)
                 return
             try:
                 receipt = send_once(
@@ -382,11 +387,11 @@ class Validator:
             except TransactionReverted as exc:
                 if exc.error_name != "NothingToSlash":
                     raise
-                self._slashed(hop, NOTHING, 0, None)
+                self._slashed(hop, SlashStatus.NOTHING, 0, None)
                 return
         events = stake.contract.events.Slashed().process_receipt(receipt)
         slashed = int(events[0]["args"]["amount"]) if events else amount
-        self._slashed(hop, SLASHED, slashed, "0x" + bytes(receipt["transactionHash"]).hex())
+        self._slashed(hop, SlashStatus.SLASHED, slashed, "0x" + bytes(receipt["transactionHash"]).hex())
         log.warning("slashed %s by %d (validation %d)", hop.provider, slashed, hop.validation)
 
     def _sent(self, key: str) -> bool:
@@ -408,10 +413,13 @@ def unfinished(sessions: sessionmaker[Session]) -> list[int]:
         return list(
             session.scalars(
                 select(Validation.id)
-                .where((Validation.status == PENDING) | (Validation.slash_status == PENDING))
+                .where(
+                    (Validation.status == ValidationStatus.PENDING)
+                    | (Validation.slash_status == SlashStatus.PENDING)
+                )
                 .order_by(Validation.id)
             )
         )
 
 
-__all__ = ["FAILED", "MISSED", "PASSED", "PENDING", "Outcome", "ReferenceModels", "Validator", "unfinished"]
+__all__ = ["Outcome", "ReferenceModels", "Validator", "unfinished"]

@@ -16,18 +16,18 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from eth_utils.abi import event_abi_to_log_topic
 from eth_utils.address import to_checksum_address
 from web3._utils.events import get_event_data
 
+from settlement.contracts import CHANNEL_CLOSED
 from settlement.deploy import Contracts
 from settlement.errors import ChainError
 
 log = logging.getLogger(__name__)
 
-CLOSED = 2**256 - 1  # VoucherEscrow.withdrawableAt of a channel whose payer has left
 BIGINT_MAX = 2**63 - 1  # the largest amount the gateway's tables account in
 
 _CHANNEL_EVENTS = {"ChannelFunded", "WithdrawInitiated", "WithdrawFinalized"}
@@ -37,38 +37,91 @@ _STAKE_EVENTS = {"Staked", "UnstakeRequested", "Withdrawn", "Slashed"}
 @dataclass(frozen=True)
 class ChannelView:
     deposit: int  # capped at BIGINT_MAX: no voucher above it is accepted anyway
-    withdrawable_at: int  # 0 while open; CLOSED once the payer left; else when it may leave
+    withdrawable_at: int  # 0 while open; CHANNEL_CLOSED once the payer left; else when it may leave
 
     @property
     def exiting(self) -> bool:
-        return 0 < self.withdrawable_at < CLOSED
+        return 0 < self.withdrawable_at < CHANNEL_CLOSED
 
     @property
     def closed(self) -> bool:
-        return self.withdrawable_at == CLOSED
+        return self.withdrawable_at == CHANNEL_CLOSED
 
 
-class ChainWatcher:
-    def __init__(
-        self,
-        contracts: Contracts,
-        *,
-        poll_s: float = 1.0,
-        on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
-        on_slashed: Callable[[str], object] = lambda _address: None,
-    ) -> None:
+class ChainReader(Protocol):
+    """What the watcher reads of the chain: a narrow seam, so that its bookkeeping can be tested on a fake."""
+
+    def block_number(self) -> int: ...
+
+    def events(self, first: int, last: int) -> list[ChainEvent]:
+        """The escrow's and the stake manager's events in blocks ``first`` to ``last``, in order."""
+        ...
+
+    def channel(self, channel_id: bytes) -> ChannelView: ...
+
+    def is_active(self, provider: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    name: str  # the event's name in the contract's ABI
+    args: dict[str, Any]
+
+
+class ContractsReader:
+    """The chain through the deployed contracts' wrappers (blocking calls; the watcher runs them in threads)."""
+
+    def __init__(self, contracts: Contracts) -> None:
         self.contracts = contracts
-        self.poll_s = poll_s
-        self.on_stake_change = on_stake_change
-        self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
-        self._channels: dict[bytes, ChannelView] = {}
-        self._active: dict[str, bool] = {}
         self._events: dict[bytes, dict[str, Any]] = {}
         for wrapper in (contracts.escrow, contracts.stake):
             for entry in wrapper.contract.abi:
                 if entry.get("type") == "event":
                     event = cast(dict[str, Any], entry)
                     self._events[event_abi_to_log_topic(event)] = event  # type: ignore[arg-type]
+
+    def block_number(self) -> int:
+        chain = self.contracts.chain
+        return chain.read(lambda: int(chain.w3.eth.block_number))
+
+    def events(self, first: int, last: int) -> list[ChainEvent]:
+        chain = self.contracts.chain
+        addresses = [self.contracts.escrow.address, self.contracts.stake.address]
+        logs = chain.read(
+            lambda: list(chain.w3.eth.get_logs({"address": addresses, "fromBlock": first, "toBlock": last}))
+        )
+        decoded = []
+        for entry in logs:
+            abi = self._events.get(bytes(entry["topics"][0])) if entry["topics"] else None
+            if abi is None:
+                continue
+            event = get_event_data(chain.w3.codec, abi, entry)
+            decoded.append(ChainEvent(str(event["event"]), dict(event["args"])))
+        return decoded
+
+    def channel(self, channel_id: bytes) -> ChannelView:
+        state = self.contracts.escrow.channel(channel_id)
+        return ChannelView(min(state.deposit, BIGINT_MAX), state.withdrawable_at)
+
+    def is_active(self, provider: str) -> bool:
+        return bool(self.contracts.stake.is_active(provider))
+
+
+class ChainWatcher:
+    def __init__(
+        self,
+        reader: ChainReader,
+        *,
+        poll_s: float = 1.0,
+        on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
+        on_slashed: Callable[[str], object] = lambda _address: None,
+    ) -> None:
+        self.reader = reader
+        self.poll_s = poll_s
+        self.on_stake_change = on_stake_change
+        self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
+        self._channels: dict[bytes, ChannelView] = {}
+        self._active: dict[str, bool] = {}
         self._cursor: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -77,19 +130,15 @@ class ChainWatcher:
     async def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelView:
         view = None if fresh else self._channels.get(channel_id)
         if view is None:
-            view = await asyncio.to_thread(self._read_channel, channel_id)
+            view = await asyncio.to_thread(self.reader.channel, channel_id)
             self._channels[channel_id] = view
         return view
-
-    def _read_channel(self, channel_id: bytes) -> ChannelView:
-        state = self.contracts.escrow.channel(channel_id)
-        return ChannelView(min(state.deposit, BIGINT_MAX), state.withdrawable_at)
 
     async def is_active(self, provider: str, *, fresh: bool = False) -> bool:
         provider = to_checksum_address(provider)
         active = None if fresh else self._active.get(provider)
         if active is None:
-            active = await asyncio.to_thread(self.contracts.stake.is_active, provider)
+            active = await asyncio.to_thread(self.reader.is_active, provider)
             self._active[provider] = active
             self.on_stake_change(provider, active)
         return active
@@ -97,7 +146,7 @@ class ChainWatcher:
     # -- following events ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._cursor = await asyncio.to_thread(self._block_number)
+        self._cursor = await asyncio.to_thread(self.reader.block_number)
         self._task = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
@@ -106,10 +155,6 @@ class ChainWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-
-    def _block_number(self) -> int:
-        chain = self.contracts.chain
-        return chain.read(lambda: int(chain.w3.eth.block_number))
 
     async def _follow(self) -> None:
         while True:
@@ -120,43 +165,31 @@ class ChainWatcher:
                 log.warning("chain events not read this round: %s", exc)
 
     async def sync(self) -> None:
-        """Reads the logs since the last sync and refreshes what they touched."""
-        latest = await asyncio.to_thread(self._block_number)
+        """Reads the events since the last sync and refreshes what they touched."""
+        latest = await asyncio.to_thread(self.reader.block_number)
         if self._cursor is None:
             self._cursor = latest
             return
         if latest <= self._cursor:
             return
-        logs = await asyncio.to_thread(self._logs, self._cursor + 1, latest)
+        events = await asyncio.to_thread(self.reader.events, self._cursor + 1, latest)
         channels: set[bytes] = set()
         providers: set[str] = set()
         slashed: set[str] = set()
         everyone = False
-        for entry in logs:
-            abi = self._events.get(bytes(entry["topics"][0])) if entry["topics"] else None
-            if abi is None:
-                continue
-            event = get_event_data(self.contracts.chain.w3.codec, abi, entry)
-            name = event["event"]
-            if name in _CHANNEL_EVENTS:
-                channels.add(bytes(event["args"]["channelId"]))
-            elif name in _STAKE_EVENTS:
-                providers.add(to_checksum_address(event["args"]["provider"]))
-                if name == "Slashed":
-                    slashed.add(to_checksum_address(event["args"]["provider"]))
-            elif name == "MinStakeChanged":
+        for event in events:
+            if event.name in _CHANNEL_EVENTS:
+                channels.add(bytes(event.args["channelId"]))
+            elif event.name in _STAKE_EVENTS:
+                providers.add(to_checksum_address(event.args["provider"]))
+                if event.name == "Slashed":
+                    slashed.add(to_checksum_address(event.args["provider"]))
+            elif event.name == "MinStakeChanged":
                 everyone = True
         for channel_id in channels & self._channels.keys():
-            self._channels[channel_id] = await asyncio.to_thread(self._read_channel, channel_id)
+            self._channels[channel_id] = await asyncio.to_thread(self.reader.channel, channel_id)
         for provider in self._active.keys() if everyone else providers:
             await self.is_active(provider, fresh=True)
         for provider in slashed:
             self.on_slashed(provider)
         self._cursor = latest
-
-    def _logs(self, first: int, last: int) -> list[Any]:
-        chain = self.contracts.chain
-        addresses = [self.contracts.escrow.address, self.contracts.stake.address]
-        return chain.read(
-            lambda: list(chain.w3.eth.get_logs({"address": addresses, "fromBlock": first, "toBlock": last}))
-        )

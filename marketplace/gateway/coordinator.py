@@ -31,12 +31,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from eth_utils.address import is_address, to_checksum_address
 
 from marketplace.gateway.orderbook import BookAsk, OrderBook, Route
+from settlement.db.schema import HopStatus
 from settlement.pricing import hop_charge
 from settlement.tickets import issue_ticket, receipt_signer
 from worker.client import ConnectionPool, RouteClient, StepResult
@@ -79,7 +80,7 @@ class HopRecord:
     receipt: dict[str, Any] | None = None
     verified: bool = False
     amount: int = 0  # what it bills; 0 unless its receipt verified
-    status: str = "running"  # billed, unverified, abandoned, failed
+    status: str = HopStatus.RUNNING
 
     @property
     def transcript_root(self) -> bytes:
@@ -108,6 +109,40 @@ class BrokenTranscript(ProtocolError):
         self.position = position
 
 
+class RouteSession(Protocol):
+    """One job's attempt on one route, as the coordinator drives it."""
+
+    async def step(
+        self, session: bytes, step: int, inputs: torch.Tensor, sampling: dict[str, Any] | None = None
+    ) -> StepResult: ...
+
+    async def close(self, session: bytes) -> list[dict[str, Any]]:
+        """Ends the session on every hop; returns each hop's signed receipt."""
+        ...
+
+
+class HopTransport(Protocol):
+    """How the coordinator reaches providers: a narrow seam, so that its failover decisions can be tested on a
+    fake. One per job; closed when the job ends."""
+
+    def route(self, endpoints: list[str], ticket: dict[str, Any]) -> RouteSession: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PooledTransport:
+    """Providers over persistent connections, one per endpoint, shared by the job's attempts."""
+
+    def __init__(self, limits: FrameLimits) -> None:
+        self.pool = ConnectionPool(limits)
+
+    def route(self, endpoints: list[str], ticket: dict[str, Any]) -> RouteSession:
+        return RouteClient(endpoints, ticket, self.pool)
+
+    async def aclose(self) -> None:
+        await self.pool.close()
+
+
 class Coordinator:
     def __init__(
         self,
@@ -115,6 +150,7 @@ class Coordinator:
         gateway: Any,  # LocalAccount: signs job tickets
         *,
         chain_id: int,
+        transport: Callable[[], HopTransport] | None = None,  # default: PooledTransport(limits)
         limits: FrameLimits | None = None,
         step_timeout_s: float = 60.0,
         ticket_ttl_s: int = 3600,
@@ -126,6 +162,7 @@ class Coordinator:
         self.gateway = gateway
         self.chain_id = chain_id
         self.limits = limits or FrameLimits()
+        self.transport = transport or (lambda: PooledTransport(self.limits))
         self.step_timeout_s = step_timeout_s
         self.ticket_ttl_s = ticket_ttl_s
         self.max_failovers = max_failovers
@@ -150,23 +187,23 @@ class Coordinator:
         excluded: set[str] = set()
         attempt = 0
         held: Route | None = route  # the route whose capacity this job holds, released exactly once
-        pool = ConnectionPool(self.limits)
+        transport = self.transport()
         try:
             while True:
                 session = os.urandom(16)
                 records = [HopRecord(attempt, i, ask, session) for i, ask in enumerate(route.asks)]
                 hops += records
-                client = RouteClient(route.endpoints, ticket, pool)
+                client = transport.route(route.endpoints, ticket)
                 try:
                     finish = await self._generate(spec, client, session, records, tokens, emit)
                 except _HOP_ERRORS as exc:
                     for record in records:
-                        record.status = "abandoned"
+                        record.status = HopStatus.ABANDONED
                     self.book.release(route)
                     held = None
                     log.warning("job 0x%s: route attempt %d failed: %r", spec.job_id.hex(), attempt, exc)
                     for position in self._blame(route, exc):
-                        records[position].status = "failed"
+                        records[position].status = HopStatus.FAILED
                         excluded.add(route.asks[position].provider)
                         if not isinstance(exc, TimeoutError):
                             self.book.suspend(route.asks[position].provider, self.failure_suspend_s)
@@ -182,14 +219,14 @@ class Coordinator:
                 except _HOP_ERRORS as exc:
                     log.warning("job 0x%s: closing failed, nothing billed: %r", spec.job_id.hex(), exc)
                     for record in records:
-                        record.status = "unverified"
+                        record.status = HopStatus.UNVERIFIED
                 else:
                     self._check_receipts(spec, records, receipts)
                 return Outcome(tokens, finish, hops, attempt)
         finally:
             if held is not None:
                 self.book.release(held)
-            await pool.close()
+            await transport.aclose()
 
     def _reroute(self, spec: JobSpec, excluded: set[str]) -> Route | None:
         route = self.book.route(spec.model_root, spec.num_layers, exclude=excluded)
@@ -201,7 +238,7 @@ class Coordinator:
     async def _generate(
         self,
         spec: JobSpec,
-        client: RouteClient,
+        client: RouteSession,
         session: bytes,
         records: list[HopRecord],
         tokens: list[int],
@@ -224,7 +261,7 @@ class Coordinator:
 
     async def _step(
         self,
-        client: RouteClient,
+        client: RouteSession,
         session: bytes,
         records: list[HopRecord],
         step: int,
@@ -274,7 +311,7 @@ class Coordinator:
             receipt = receipts[position] if position < len(receipts) else None
             record.receipt = receipt if isinstance(receipt, dict) else None
             record.verified = self._receipt_holds(spec.job_id, root, record)
-            record.status = "billed" if record.verified else "unverified"
+            record.status = HopStatus.BILLED if record.verified else HopStatus.UNVERIFIED
             if record.verified:
                 record.amount = hop_charge(record.tokens, record.ask.layers, record.ask.price_per_million)
 
@@ -318,14 +355,14 @@ class Coordinator:
         """Frees the abandoned sessions' KV caches where the providers still answer; receipts are not wanted."""
 
         async def close() -> None:
-            pool = ConnectionPool(self.limits)
+            transport = self.transport()
             try:
                 with contextlib.suppress(*_HOP_ERRORS, OSError):
                     await asyncio.wait_for(
-                        RouteClient(route.endpoints, ticket, pool).close(session), self.step_timeout_s
+                        transport.route(route.endpoints, ticket).close(session), self.step_timeout_s
                     )
             finally:
-                await pool.close()
+                await transport.aclose()
 
         task = asyncio.create_task(close())
         self._cleanup.add(task)

@@ -42,15 +42,11 @@ from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.gateway.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
 from marketplace.gateway.text import TextStream
-from settlement.db.schema import Authorization, Channel, Job
+from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Job, JobStatus
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
 
 log = logging.getLogger(__name__)
-
-RUNNING, RESTING, COMPLETED, FAILED, EXPIRED, CANCELLED, PAYING = (
-    "running", "resting", "completed", "failed", "expired", "cancelled", "paying"
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -230,7 +226,9 @@ class JobRunner:
         reservation = Reservation(NONE, None, 0)
         route = self._match(request) if quote.route is not None else None
         async with self.sessions() as session, session.begin():
-            session.add(self._job_row(job_id, request, reservation, RUNNING if route else RESTING))
+            session.add(
+                self._job_row(job_id, request, reservation, JobStatus.RUNNING if route else JobStatus.RESTING)
+            )
         return self._launch(job_id, request, reservation, route)
 
     def _match(self, request: Request) -> Route:
@@ -248,7 +246,7 @@ class JobRunner:
             quote = self._priced(request, route)
         try:
             job_id = hex0x(os.urandom(32))
-            status = RUNNING if route is not None else RESTING
+            status = JobStatus.RUNNING if route is not None else JobStatus.RESTING
             if isinstance(payment, ExactPayment):
                 reservation = await self._pay_exact(request, payment, quote.amount, job_id, status)
             else:
@@ -273,7 +271,7 @@ class JobRunner:
         auth = payment.authorization
         reservation = Reservation(EXACT, auth.sender, auth.value)
         async with self.sessions() as session, session.begin():
-            session.add(self._job_row(job_id, request, reservation, PAYING))
+            session.add(self._job_row(job_id, request, reservation, JobStatus.PAYING))
             await session.flush()
             record = self.gate.record_exact(session, payment, job_id)
         try:
@@ -281,17 +279,21 @@ class JobRunner:
         except PaymentRejected:
             async with self.sessions() as session, session.begin():
                 await session.execute(
-                    update(Authorization).where(Authorization.id == record.id).values(status=FAILED)
+                    update(Authorization)
+                    .where(Authorization.id == record.id)
+                    .values(status=AuthorizationStatus.FAILED)
                 )
                 await session.execute(
-                    update(Job).where(Job.id == job_id).values(status=FAILED, error_code="settlement_failed")
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(status=JobStatus.FAILED, error_code="settlement_failed")
                 )
             raise
         async with self.sessions() as session, session.begin():
             await session.execute(
                 update(Authorization)
                 .where(Authorization.id == record.id)
-                .values(status="settled", tx_hash=tx_hash)
+                .values(status=AuthorizationStatus.SETTLED, tx_hash=tx_hash)
             )
             await session.execute(update(Job).where(Job.id == job_id).values(status=status))
         return Reservation(EXACT, auth.sender, auth.value, tx_hash=tx_hash)
@@ -316,7 +318,7 @@ class JobRunner:
             failovers=0,
             request=request.stored(),
             created_at=now,
-            started_at=now if status == RUNNING else None,
+            started_at=now if status == JobStatus.RUNNING else None,
             expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
         )
 
@@ -369,14 +371,14 @@ class JobRunner:
         if tail:
             run.publish(Delta(tail))
         if outcome.error_code is not None:
-            status, finish = FAILED, None
+            status, finish = JobStatus.FAILED, None
         elif outcome.finish == "halted":
-            status, finish = (COMPLETED, "stop") if text.stopped else (CANCELLED, None)
+            status, finish = (JobStatus.COMPLETED, "stop") if text.stopped else (JobStatus.CANCELLED, None)
         else:
-            status, finish = COMPLETED, outcome.finish
+            status, finish = JobStatus.COMPLETED, outcome.finish
         # Without payment checks nobody is charged; what the providers metered stays on the hops and receipts.
         paid = run.reservation.scheme != NONE
-        charged = outcome.charged if status != FAILED and paid else 0
+        charged = outcome.charged if status != JobStatus.FAILED and paid else 0
         self.metrics.tokens.inc(len(outcome.tokens))
         self.metrics.failovers.inc(outcome.failovers)
         try:
@@ -480,7 +482,7 @@ class JobRunner:
             run = resting.run
             if now >= resting.expires:
                 del self._resting[run.job_id]
-                await self._finish(run, EXPIRED, None, "", Outcome([], None, [], 0), 0)
+                await self._finish(run, JobStatus.EXPIRED, None, "", Outcome([], None, [], 0), 0)
                 continue
             model = run.request.model
             route = self.book.route(model.root, model.num_layers)
@@ -492,25 +494,29 @@ class JobRunner:
                 await session.execute(
                     update(Job)
                     .where(Job.id == run.job_id)
-                    .values(status=RUNNING, started_at=datetime.fromtimestamp(now, UTC))
+                    .values(status=JobStatus.RUNNING, started_at=datetime.fromtimestamp(now, UTC))
                 )
             self._spawn(run, route)
 
     async def recover(self) -> None:
         """Releases what jobs interrupted by a crash held, and puts resting jobs back in the book."""
         async with self.sessions() as session, session.begin():
-            stale = (await session.scalars(select(Job).where(Job.status.in_((RUNNING, PAYING))))).all()
+            stale = (
+                await session.scalars(
+                    select(Job).where(Job.status.in_((JobStatus.RUNNING, JobStatus.PAYING)))
+                )
+            ).all()
             for job in stale:
                 reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
                 if job.scheme == EXACT:
                     paid = await self._exact_landed(session, job.id)
                     if not paid:
                         reservation = Reservation(NONE, None, 0)
-                job.status, job.error_code = FAILED, "gateway_restarted"
+                job.status, job.error_code = JobStatus.FAILED, "gateway_restarted"
                 job.error_message = "the gateway restarted while this job ran; nothing was charged"
                 job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
                 await self.gate.settle(session, reservation, job.id, 0)
-            resting = (await session.scalars(select(Job).where(Job.status == RESTING))).all()
+            resting = (await session.scalars(select(Job).where(Job.status == JobStatus.RESTING))).all()
         for job in resting:
             model = self.catalog.by_root(job.model_root)
             if model is None:
@@ -532,14 +538,14 @@ class JobRunner:
     async def _exact_landed(self, session: AsyncSession, job_id: str) -> bool:
         """Whether the exact payment of an interrupted job reached the chain (then it is owed back)."""
         record = (await session.scalars(select(Authorization).where(Authorization.job_id == job_id))).first()
-        if record is None or record.status == FAILED:
+        if record is None or record.status == AuthorizationStatus.FAILED:
             return False
-        if record.status == "settled":
+        if record.status == AuthorizationStatus.SETTLED:
             return True
         used = await asyncio.to_thread(
             self.gate.contracts.token.authorization_used, record.payer, bytes.fromhex(record.nonce[2:])
         )
-        record.status = "settled" if used else FAILED
+        record.status = AuthorizationStatus.SETTLED if used else AuthorizationStatus.FAILED
         return used
 
     # -- reading -------------------------------------------------------------------------------------------

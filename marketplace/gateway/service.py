@@ -12,7 +12,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog
-from marketplace.gateway.chainwatch import ChainWatcher
+from marketplace.gateway.chainwatch import ChainWatcher, ContractsReader
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.jobs import JobRunner
@@ -101,7 +101,10 @@ class Gateway:
         metrics = Metrics()
         book = OrderBook(heartbeat_ttl_s=settings.heartbeat_ttl_s, clock=time.time)
         watcher = ChainWatcher(
-            contracts, poll_s=settings.chain_poll_s, on_stake_change=book.set_active, on_slashed=book.pull
+            ContractsReader(contracts),
+            poll_s=settings.chain_poll_s,
+            on_stake_change=book.set_active,
+            on_slashed=book.pull,
         )
         session_factory = sessions(engine)
         metering = MeteringQueue(settings.redis_url) if settings.redis_url else None

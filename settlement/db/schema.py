@@ -1,5 +1,12 @@
-"""The marketplace's tables: the gateway writes jobs, payments and receipts; settlement turns them into the
-ledger and epochs. One Alembic history (migrations/) creates them on SQLite and PostgreSQL alike.
+"""The marketplace's database: one schema, owned by the gateway and settlement together.
+
+The gateway writes most of it (providers, asks, channels, jobs, hops, receipts, vouchers, charges and exact
+authorizations); settlement writes the ledger, validations, epochs and chain sends, and moves channels and jobs
+on (claimed totals, voided and cleared jobs). The tables sit here, in settlement, rather than under the gateway
+because settlement must import them and no import goes upward; the gateway imports them from here too. One
+Alembic history (migrations/) creates them on SQLite and PostgreSQL alike. The rules by which a channel or a
+validation changes state live beside them, one module per aggregate: :mod:`.channels`, :mod:`.validations`.
+Every status column takes the values of its ``StrEnum`` below.
 
 Money is integers in token base units, stored as BIGINT: the API refuses amounts above 2**63 - 1 (9.2e12
 dollars of a 6-decimal token) before they reach a table. Hex identifiers (addresses, job and channel ids,
@@ -21,6 +28,7 @@ broadcast, so a worker that dies mid-epoch finds it again instead of sending a s
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -53,6 +61,63 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class JobStatus(StrEnum):
+    RESTING = "resting"  # paid for, waiting in the book for a route at or below its max_price
+    PAYING = "paying"  # an exact payment being settled on chain before it runs
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"  # rested past its deadline
+    CANCELLED = "cancelled"
+
+
+FINISHED_JOBS = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.EXPIRED)
+
+
+class HopStatus(StrEnum):
+    RUNNING = "running"
+    BILLED = "billed"  # its receipt verified: it bills its token-layers
+    UNVERIFIED = "unverified"  # it finished, but its receipt did not check out: it bills nothing
+    ABANDONED = "abandoned"  # its route failed over: nobody on it bills that attempt
+    FAILED = "failed"  # the provider that failed its route
+
+
+class AuthorizationStatus(StrEnum):
+    PENDING = "pending"
+    SETTLED = "settled"
+    FAILED = "failed"
+
+
+class ValidationStatus(StrEnum):
+    PENDING = "pending"
+    PASSED = "passed"
+    FAILED = "failed"
+    MISSED = "missed"  # the validator could not try while the provider had to keep the data: nobody is blamed
+
+
+class SlashStatus(StrEnum):
+    PENDING = "pending"
+    SLASHED = "slashed"
+    NOTHING = "nothing"  # no stake was left to take
+
+
+class EpochStatus(StrEnum):
+    """The steps an epoch walks, in order; each is done when its transaction is mined."""
+
+    REDEEM = "redeem"
+    FORWARD = "forward"
+    REFUND = "refund"
+    POST = "post"
+    POSTED = "posted"
+
+
+class SendStatus(StrEnum):
+    SIGNED = "signed"
+    MINED = "mined"
+    REVERTED = "reverted"
+    DROPPED = "dropped"
 
 
 def utcnow() -> datetime:
@@ -148,7 +213,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))  # chat, completion, job
     model_root: Mapped[str] = mapped_column(HASH)
     model_name: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16))  # resting, running, completed, failed, expired, cancelled
+    status: Mapped[str] = mapped_column(String(16))  # JobStatus
     scheme: Mapped[str] = mapped_column(String(16))  # voucher, exact, none (payments off)
     payer: Mapped[str | None] = mapped_column(ADDRESS, index=True)
     channel_id: Mapped[str | None] = mapped_column(ForeignKey("channels.id"), index=True)
@@ -197,7 +262,7 @@ class Hop(Base):
     # root from these, and a validator compares a provider's retained tensors with them.
     # None on hops recorded before settlement existed.
     transcript: Mapped[list[list[Any]] | None] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16))  # billed, unverified, abandoned, failed
+    status: Mapped[str] = mapped_column(String(16))  # HopStatus
     # The hop session's 16 random bytes, hex: a validator fetches the provider's retained steps by it.
     session: Mapped[str | None] = mapped_column(String(32))
 
@@ -271,7 +336,7 @@ class Authorization(Base):
     nonce: Mapped[str] = mapped_column(HASH)
     value: Mapped[int] = mapped_column(BigInteger)
     valid_before: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16))  # pending, settled, failed
+    status: Mapped[str] = mapped_column(String(16))  # AuthorizationStatus
     tx_hash: Mapped[str | None] = mapped_column(HASH)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -317,13 +382,13 @@ class Validation(Base):
     hop_id: Mapped[int] = mapped_column(ForeignKey("hops.id"), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     provider: Mapped[str] = mapped_column(ADDRESS, index=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # ValidationStatus
     reason: Mapped[str | None] = mapped_column(String(64))  # the failure's code
     detail: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     evidence: Mapped[str | None] = mapped_column(Text)
     evidence_hash: Mapped[str | None] = mapped_column(HASH, unique=True)
-    slash_status: Mapped[str | None] = mapped_column(String(16))
+    slash_status: Mapped[str | None] = mapped_column(String(16))  # SlashStatus
     slashed: Mapped[int | None] = mapped_column(BigInteger)  # base units taken from the provider's stake
     slash_tx: Mapped[str | None] = mapped_column(HASH)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -342,7 +407,7 @@ class Epoch(Base):
     __tablename__ = "epochs"
 
     number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # EpochStatus
     settled: Mapped[int] = mapped_column(BigInteger)  # Σ metered charges this epoch collects
     redemptions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # channel, voucher, signature, claimTo
     forward: Mapped[int] = mapped_column(BigInteger)  # exact payments passed on to the distributor
@@ -365,5 +430,5 @@ class ChainSend(Base):
     nonce: Mapped[int] = mapped_column(BigInteger)
     tx_hash: Mapped[str] = mapped_column(HASH)
     raw: Mapped[str] = mapped_column(Text)  # the signed bytes, hex: resent as they are, never re-signed
-    status: Mapped[str] = mapped_column(String(16))  # signed, mined, reverted, dropped
+    status: Mapped[str] = mapped_column(String(16))  # SendStatus
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

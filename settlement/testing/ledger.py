@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from settlement.contracts import random_channel_id
 from settlement.db.engine import blocking_sessions, create_blocking_engine, migrate
-from settlement.db.schema import Ask, Channel, Charge, Hop, Job, Provider, Receipt
+from settlement.db.schema import Ask, Channel, Charge, Hop, HopStatus, Job, JobStatus, Provider, Receipt
 from settlement.deploy import Contracts
 from settlement.eip712 import Voucher, voucher_domain
 from settlement.pricing import hop_charge
@@ -77,7 +77,7 @@ class Recorder:
         return channel
 
     def voucher_job(
-        self, payer: LocalAccount, tokens: int, *, headroom: int = 0, status: str = "completed"
+        self, payer: LocalAccount, tokens: int, *, headroom: int = 0, status: str = JobStatus.COMPLETED
     ) -> str:
         """A job paid from ``payer``'s channel: the voucher raises the channel by the quote (charge + headroom)."""
         channel = self.channels[payer.address]
@@ -105,7 +105,7 @@ class Recorder:
 
     def exact_job(self, payer: LocalAccount, tokens: int, *, headroom: int = 0) -> str:
         """A job paid up front with an exact transfer of the quote to the operator."""
-        job_id, charge = self._job(payer, tokens, "completed", scheme="exact", channel_id=None)
+        job_id, charge = self._job(payer, tokens, JobStatus.COMPLETED, scheme="exact", channel_id=None)
         quote = charge + headroom
         operator = self.contracts.deployment.roles["operator"]
         self.contracts.token.transfer(payer, to=operator, amount=quote)
@@ -153,7 +153,7 @@ class Recorder:
                     endpoint=f"127.0.0.1:{9000 + position}", layer_start=start, layer_end=end,
                     price_per_million=price, tokens=tokens, transcript_root="0x" + root.hex(),
                     transcript=[[s, "0x" + i.hex(), "0x" + o.hex()] for s, i, o in transcript],
-                    status="billed",
+                    status=HopStatus.BILLED,
                 )  # fmt: skip
                 session.add(hop)
                 session.flush()

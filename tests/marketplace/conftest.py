@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
+from settlement.db.engine import migrate
 from tests.marketplace.harness import (
     GatewayServer,
     Market,
@@ -77,15 +78,25 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
+def migrated(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An empty database on ``backend`` at the newest schema, which each test's database is copied from."""
+    with database(backend, tmp_path_factory.mktemp("template")) as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture
 def gateway(
     backend: str,
+    migrated: str,
     market: Market,
     models: dict[str, Path],
     providers: dict[str, ProviderProcess],
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
 ) -> Iterator[GatewayServer]:
-    """A gateway with A, B, C and the backup announced (in that order) on ``backend``."""
-    with database(backend, tmp_path_factory.mktemp("db")) as url:
+    """A gateway of the test's own, on a database of its own on ``backend``, with A, B, C and the backup
+    announced (in that order): no test sees another's jobs, channels, asks or suspended providers."""
+    with database(backend, tmp_path, template=migrated) as url:
         server = GatewayServer(gateway_settings(market, url, models)).start()
         try:
             root = server.gateway.catalog.get("tiny").root

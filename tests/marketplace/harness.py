@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -153,10 +154,14 @@ def tiny_model(root: Path, name: str = "tiny", seed: int = 3) -> Path:
 
 
 @contextmanager
-def database(backend: str, tmp: Path) -> Iterator[str]:
-    """A fresh, empty database URL on ``backend``; PostgreSQL skips the test if no server answers."""
+def database(backend: str, tmp: Path, *, template: str | None = None) -> Iterator[str]:
+    """A fresh database URL on ``backend``: empty, or a copy of the database at ``template`` (a migrated one, say,
+    which is far quicker to copy than to migrate). PostgreSQL skips the test if no server answers."""
     if backend == "sqlite":
-        yield f"sqlite:///{tmp / f'gateway-{uuid.uuid4().hex[:8]}.db'}"
+        path = tmp / f"gateway-{uuid.uuid4().hex[:8]}.db"
+        if template is not None:
+            shutil.copyfile(template.removeprefix("sqlite:///"), path)
+        yield f"sqlite:///{path}"
         return
     name = f"strata_test_{uuid.uuid4().hex[:12]}"
     try:
@@ -164,8 +169,9 @@ def database(backend: str, tmp: Path) -> Iterator[str]:
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    copy = f' TEMPLATE "{template.rsplit("/", 1)[1]}"' if template is not None else ""
     with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"{copy}')
         try:
             yield f"{base}/{name}"
         finally:

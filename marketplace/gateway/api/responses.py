@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from marketplace.gateway.jobs import CANCELLED, FAILED, Delta, Finished, JobRun, Unrecorded
+from marketplace.gateway.jobs import Delta, Finished, JobRun, Unrecorded
 from marketplace.gateway.payments.gate import NONE, Reservation, Settled
 from marketplace.gateway.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
-from settlement.db.schema import Job
+from settlement.db.schema import Job, JobStatus
 
 ACCESS_CONTROL_EXPOSE = "Access-Control-Expose-Headers"
 
@@ -122,7 +122,7 @@ class Answer:
             if self.paid
             else None
         )
-        if job.status == FAILED:
+        if job.status == JobStatus.FAILED:
             return _failure(job, headers)
         body = self._envelope([self._choice("".join(parts), job.finish_reason, delta=False)], chunk=False)
         body["usage"] = _usage(job)
@@ -154,7 +154,7 @@ class Answer:
                 yield "data: [DONE]\n\n"
                 return
             job = finished.job
-            if job.status in (FAILED, CANCELLED):
+            if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
                 error: dict[str, Any] = {
                     "error": {"message": job.error_message, "type": "provider_error", "code": job.error_code}
                 }

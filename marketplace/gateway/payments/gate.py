@@ -32,8 +32,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
@@ -46,7 +45,8 @@ from marketplace.gateway.payments.x402 import (
     network_of,
     requirement,
 )
-from settlement.db.schema import Authorization, Channel, Charge, Job, Voucher, utcnow
+from settlement.db import channels
+from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Charge, Job, Voucher, utcnow
 from settlement.deploy import Contracts
 from settlement.eip712 import DOMAIN_VERSION, VOUCHER_ESCROW_DOMAIN_NAME, Domain
 from settlement.eip712 import Voucher as SignedVoucher
@@ -151,40 +151,6 @@ def _check_amount(amount: int, what: str) -> None:
         raise PaymentRejected("amount_out_of_range", f"{what} {amount} is above {BIGINT_MAX}")
 
 
-# Built once: these run on every paid request, and a statement built per call costs its cache-key walk.
-_RESERVE = (
-    update(Channel)
-    .where(
-        Channel.id == bindparam("channel"),
-        Channel.voucher_amount < bindparam("amount"),
-        Channel.charged + Channel.reserved + bindparam("quote") <= bindparam("amount"),
-    )
-    .values(
-        voucher_amount=bindparam("amount"),
-        voucher_signature=bindparam("signature"),
-        reserved=Channel.reserved + bindparam("quote"),
-        updated_at=bindparam("now"),
-    )
-    .execution_options(synchronize_session=False)
-)
-_SETTLE = (
-    update(Channel)
-    .where(Channel.id == bindparam("channel"))
-    .values(
-        reserved=Channel.reserved - bindparam("quote"),
-        charged=Channel.charged + bindparam("charged"),
-        updated_at=bindparam("now"),
-    )
-    .returning(Channel.charged)
-)
-
-
-def _insert_ignore(session: AsyncSession, values: dict[str, Any]) -> Any:
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(Channel).values(**values).on_conflict_do_nothing(index_elements=["id"])
-
-
 class PaymentGate:
     def __init__(
         self, terms: Terms, watcher: ChainWatcher, contracts: Contracts, gateway: LocalAccount
@@ -252,14 +218,13 @@ class PaymentGate:
         signature = hex0x(payment.signature)
         values = {"channel": channel, "amount": payment.amount, "quote": quote, "signature": signature,
                   "now": utcnow()}  # fmt: skip
-        result = await session.execute(_RESERVE, values)
+        result = await session.execute(channels.RESERVE, values)
         if result.rowcount != 1:  # type: ignore[attr-defined]
             # Most requests pay on a channel the gateway knows: only a first voucher (or a refused one) pays
             # for making sure the row exists and trying again.
-            await session.execute(
-                _insert_ignore(session, {"id": channel, "payer": payer, "updated_at": utcnow()})
-            )
-            result = await session.execute(_RESERVE, values)
+            dialect = session.get_bind().dialect.name
+            await session.execute(channels.open_if_absent(dialect, channel=channel, payer=payer))
+            result = await session.execute(channels.RESERVE, values)
         if result.rowcount != 1:  # type: ignore[attr-defined]
             row = (await session.execute(select(Channel).where(Channel.id == channel))).scalar_one()
             state = {
@@ -346,7 +311,7 @@ class PaymentGate:
             nonce=hex0x(auth.nonce),
             value=auth.value,
             valid_before=auth.valid_before,
-            status="pending",
+            status=AuthorizationStatus.PENDING,
             job_id=job_id,
         )
         session.add(row)
@@ -388,7 +353,7 @@ class PaymentGate:
         channel_charged = None
         if reservation.scheme == VOUCHER:
             result = await session.execute(
-                _SETTLE,
+                channels.SETTLE,
                 {
                     "channel": reservation.channel_id,
                     "quote": reservation.quote,

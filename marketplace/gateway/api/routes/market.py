@@ -14,7 +14,7 @@ from marketplace.gateway.api.schemas import AskBody, HeartbeatBody
 from marketplace.gateway.errors import InvalidRequest, NotFound
 from marketplace.gateway.market import AskInput
 from marketplace.gateway.orderbook import BookAsk
-from settlement.db.schema import Channel, Hop, Provider
+from settlement.db.schema import Channel, Hop, HopStatus, Provider
 
 router = APIRouter(prefix="/v1", tags=["market"])
 
@@ -126,7 +126,9 @@ async def list_providers(gateway: GatewayDep) -> dict[str, Any]:
         served = dict(
             (
                 await session.execute(
-                    select(Hop.provider, func.count()).where(Hop.status == "billed").group_by(Hop.provider)
+                    select(Hop.provider, func.count())
+                    .where(Hop.status == HopStatus.BILLED)
+                    .group_by(Hop.provider)
                 )
             ).all()
         )
@@ -143,7 +145,9 @@ async def get_provider(address: str, gateway: GatewayDep) -> dict[str, Any]:
         if row is None:
             raise NotFound("unknown_provider", f"{checksummed} has posted no ask")
         served = await session.scalar(
-            select(func.count()).select_from(Hop).where(Hop.provider == checksummed, Hop.status == "billed")
+            select(func.count())
+            .select_from(Hop)
+            .where(Hop.provider == checksummed, Hop.status == HopStatus.BILLED)
         )
     return _provider_view(gateway, row, int(served or 0))
 

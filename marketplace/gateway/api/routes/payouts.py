@@ -12,8 +12,7 @@ from sqlalchemy import func, select
 
 from marketplace.gateway.api.deps import GatewayDep
 from marketplace.gateway.errors import InvalidRequest, Unavailable
-from settlement.db.schema import Epoch, LedgerEntry
-from settlement.epochs import POSTED
+from settlement.db.schema import Epoch, EpochStatus, LedgerEntry
 from settlement.errors import ChainError
 from settlement.merkle import PayoutTree
 
@@ -47,7 +46,7 @@ async def get_payout(address: str, gateway: GatewayDep) -> dict[str, Any]:
             )
         )
         latest = await session.scalar(
-            select(Epoch).where(Epoch.status == POSTED).order_by(Epoch.number.desc()).limit(1)
+            select(Epoch).where(Epoch.status == EpochStatus.POSTED).order_by(Epoch.number.desc()).limit(1)
         )
     try:
         claimed = await asyncio.to_thread(gateway.contracts.distributor.claimed, provider)

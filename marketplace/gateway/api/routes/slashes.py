@@ -16,12 +16,11 @@ from sqlalchemy import select
 
 from marketplace.gateway.api.deps import GatewayDep
 from marketplace.gateway.errors import InvalidRequest, NotFound
-from settlement.db.schema import Validation
+from settlement.db.schema import Validation, ValidationStatus
 
 router = APIRouter(prefix="/v1", tags=["slashes"])
 
 _HASH = re.compile(r"0x[0-9a-fA-F]{64}")
-FAILED = "failed"
 
 
 def slash_view(validation: Validation, *, evidence: bool) -> dict[str, Any]:
@@ -49,7 +48,7 @@ async def list_slashes(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> dict[str, Any]:
     """Failed validations, newest first, without their evidence documents."""
-    query = select(Validation).where(Validation.status == FAILED)
+    query = select(Validation).where(Validation.status == ValidationStatus.FAILED)
     if provider is not None:
         if not is_address(provider):
             raise InvalidRequest("invalid_address", f"{provider!r} is not an address")
@@ -71,7 +70,8 @@ async def get_slash(evidence_hash: str, gateway: GatewayDep) -> dict[str, Any]:
     async with gateway.sessions() as session:
         row = await session.scalar(
             select(Validation).where(
-                Validation.evidence_hash == evidence_hash.lower(), Validation.status == FAILED
+                Validation.evidence_hash == evidence_hash.lower(),
+                Validation.status == ValidationStatus.FAILED,
             )
         )
     if row is None:

@@ -1,0 +1,58 @@
+"""How validations and the jobs they hold back change: the rules of the validation aggregate, in one place.
+
+Metering draws some of a job's billed hops; each drawn hop gets a pending validation (:func:`record`). The
+validator decides each one (:func:`decide`): passed, failed, or missed (it could not try while the provider
+still had to keep the data). A job is cleared, and only then may an epoch settle it, once nothing it drew is
+still pending: at metering when it drew nothing, else when its last validation is decided (:func:`clear`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from settlement.db.schema import Job, Validation, ValidationStatus
+
+
+def record(*, job_id: str, hop_id: int, provider: str) -> Validation:
+    """A hop drawn for validation, pending."""
+    return Validation(
+        hop_id=hop_id, job_id=job_id, provider=provider, status=ValidationStatus.PENDING, attempts=0
+    )
+
+
+def decide(
+    session: Session,
+    *,
+    validation_id: int,
+    job_id: str,
+    status: ValidationStatus,
+    now: datetime,
+    reason: str | None = None,
+    detail: str | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> None:
+    """Records a pending validation's verdict (a decided one stays as it is), and clears its job when it was
+    the last one pending."""
+    if status == ValidationStatus.PENDING:
+        raise ValueError("a decision is passed, failed or missed")
+    session.execute(
+        update(Validation)
+        .where(Validation.id == validation_id, Validation.status == ValidationStatus.PENDING)
+        .values(status=status, reason=reason, detail=detail, metrics=metrics, decided_at=now)
+    )
+    undecided = session.scalar(
+        select(Validation.id)
+        .where(Validation.job_id == job_id, Validation.status == ValidationStatus.PENDING)
+        .limit(1)
+    )
+    if undecided is None:
+        clear(session, job_id, now)
+
+
+def clear(session: Session, job_id: str, now: datetime) -> None:
+    """Nothing the job drew is pending any more: an epoch may settle it. Clearing happens once."""
+    session.execute(update(Job).where(Job.id == job_id, Job.cleared_at.is_(None)).values(cleared_at=now))
