@@ -1,0 +1,283 @@
+"""Paying before serving, as unit tests: the payment gate's voucher checks on a fake chain, and the job runner's
+admission (quote, payment, reservation, matching) on a fake chain, fake providers and a real SQLite database.
+test_gateway.py runs the same paths end to end against anvil and provider processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import select
+
+from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
+from marketplace.gateway.coordinator import Coordinator
+from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected
+from marketplace.gateway.jobs import JobRunner, Request
+from marketplace.gateway.metrics import Metrics
+from marketplace.gateway.payments.gate import PaymentGate
+from marketplace.gateway.payments.x402 import VoucherPayment, encode_header
+from settlement.contracts import CHANNEL_CLOSED, channel_id
+from settlement.db.engine import create_engine, migrate, sessions
+from settlement.db.schema import Channel, Job, JobStatus
+from settlement.eip712 import Voucher
+from tests.marketplace.gateway.fakes import (
+    CHAIN_ID,
+    MODEL_ROOT,
+    FakeChainReader,
+    FakeTransport,
+    book_with,
+    model,
+    terms,
+)
+
+PAYER: LocalAccount = Account.from_key(b"\x07" * 32)
+STRANGER: LocalAccount = Account.from_key(b"\x08" * 32)
+CHANNEL = channel_id(PAYER.address, 1)
+ROUTE = [(1, 0, 2, 1_000_000), (2, 2, 4, 1_000_000), (3, 4, 6, 1_000_000)]
+T = TypeVar("T")
+
+
+def voucher(amount: int, *, signer: LocalAccount = PAYER, channel: bytes = CHANNEL) -> VoucherPayment:
+    signature = Voucher(channel, amount).sign(signer, terms().escrow_domain)
+    return VoucherPayment(f"eip155:{CHAIN_ID}", terms().token, channel, amount, signature)
+
+
+def header(payment: VoucherPayment) -> str:
+    payload = {
+        "channelId": "0x" + payment.channel_id.hex(),
+        "maxClaimableAmount": str(payment.amount),
+        "signature": "0x" + payment.signature.hex(),
+    }
+    accepted = {"scheme": "voucher", "network": payment.network, "asset": payment.asset}
+    return encode_header({"x402Version": 2, "accepted": accepted, "payload": payload})
+
+
+def gate_on(reader: FakeChainReader) -> PaymentGate:
+    return PaymentGate(terms(), ChainWatcher(reader), contracts=None, gateway=Account.from_key(b"\x42" * 32))  # type: ignore[arg-type]
+
+
+# -- the payment gate's voucher checks -------------------------------------------------------------------
+
+
+def check(reader: FakeChainReader, payment: VoucherPayment) -> ChannelView:
+    return asyncio.run(gate_on(reader).check_voucher(payment))
+
+
+def test_a_voucher_within_the_deposit_of_an_open_channel_passes() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(1_000, 0)})
+    assert check(reader, voucher(1_000)).deposit == 1_000
+
+
+@pytest.mark.parametrize(
+    ("state", "payment", "code"),
+    [
+        (ChannelView(1_000, 0), voucher(10, signer=STRANGER), "invalid_signature"),
+        (ChannelView(0, 0), voucher(10), "unknown_channel"),
+        (ChannelView(1_000, 0), voucher(1_001), "insufficient_deposit"),
+        (ChannelView(1_000, 5_000), voucher(10), "channel_exiting"),
+        (ChannelView(1_000, CHANNEL_CLOSED), voucher(10), "channel_closed"),
+        (ChannelView(10**30, 0), voucher(BIGINT_MAX + 1), "amount_out_of_range"),
+    ],
+)
+def test_a_voucher_that_does_not_pay_is_refused_with_its_code(
+    state: ChannelView, payment: VoucherPayment, code: str
+) -> None:
+    reader = FakeChainReader(channels={CHANNEL: state})
+    with pytest.raises(PaymentRejected) as refused:
+        check(reader, payment)
+    assert refused.value.code == code
+
+
+def test_a_malformed_signature_is_refused() -> None:
+    payment = voucher(10)
+    bad = VoucherPayment(payment.network, payment.asset, CHANNEL, 10, b"\x01" * 65)
+    with pytest.raises(PaymentRejected) as refused:
+        check(FakeChainReader(channels={CHANNEL: ChannelView(1_000, 0)}), bad)
+    assert refused.value.code == "invalid_signature"
+
+
+@pytest.mark.parametrize("field", ["network", "asset"])
+def test_a_voucher_for_another_chain_or_token_is_refused(field: str) -> None:
+    payment = voucher(10)
+    other = {"network": "eip155:1", "asset": STRANGER.address}[field]
+    wrong = VoucherPayment(**{**payment.__dict__, field: other})
+    with pytest.raises(PaymentRejected) as refused:
+        check(FakeChainReader(channels={CHANNEL: ChannelView(1_000, 0)}), wrong)
+    assert refused.value.code == f"wrong_{field}"
+
+
+def test_a_deposit_newer_than_the_cache_is_read_before_refusing() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(100, 0)})
+    gate = gate_on(reader)
+
+    async def pay() -> ChannelView:
+        await gate.watcher.channel(CHANNEL)  # cached at 100
+        reader.channels[CHANNEL] = ChannelView(5_000, 0)  # topped up since
+        return await gate.check_voucher(voucher(4_000))
+
+    assert asyncio.run(pay()).deposit == 5_000
+
+
+# -- the job runner's admission ----------------------------------------------------------------------------
+
+
+class Admission:
+    """A job runner over a fake chain, fake providers and a real SQLite database. Build it, and use it, inside
+    one event loop; ``close`` stops what it started."""
+
+    def __init__(self, database: str, asks: list[tuple[int, int, int, int]], deposit: int = 10**9) -> None:
+        self.reader = FakeChainReader(channels={CHANNEL: ChannelView(deposit, 0)})
+        self.book, self.asks = book_with(asks)
+        self.engine = create_engine(database)
+        self.sessions = sessions(self.engine)
+        self.transport = FakeTransport(self.asks)
+        gateway = Account.from_key(b"\x42" * 32)
+        coordinator = Coordinator(
+            self.book, gateway, chain_id=CHAIN_ID, transport=lambda: self.transport, clock=lambda: 1_000.0
+        )
+        self.runner = JobRunner(
+            book=self.book,
+            catalog=None,  # type: ignore[arg-type]
+            coordinator=coordinator,
+            gate=gate_on(self.reader),
+            terms=terms(),
+            sessions=self.sessions,
+            payments_enabled=True,
+            metrics=Metrics(),
+        )
+
+    def request(self, *, kind: str = "chat", max_tokens: int = 4, max_price: int | None = None) -> Request:
+        return Request(kind, model(), [1, 2, 3, 4], max_tokens, {}, max_price=max_price, ttl_s=60)
+
+    async def admit(self, request: Request, payment: str | None) -> Any:
+        return await self.runner.admit(request, payment, url="http://gateway/v1/chat/completions")
+
+    async def refused(self, request: Request, payment: str | None) -> Exception:
+        try:
+            await self.admit(request, payment)
+        except (PaymentRejected, Conflict, InvalidRequest) as exc:
+            return exc
+        raise AssertionError("admitted")
+
+    async def rows(self) -> tuple[list[Job], Channel | None]:
+        async with self.sessions() as session:
+            jobs = list((await session.scalars(select(Job))).all())
+            channel = await session.get(Channel, "0x" + CHANNEL.hex())
+        return jobs, channel
+
+    def held(self) -> int:
+        return sum(ask.in_use for ask in self.asks)
+
+    async def close(self) -> None:
+        await self.runner.stop()
+        await self.engine.dispose()
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    migrate(url)
+    yield url
+
+
+def scenario(
+    database: str, asks: list[tuple[int, int, int, int]], body: Callable[[Admission], Awaitable[T]]
+) -> T:
+    async def run() -> T:
+        admission = Admission(database, asks)
+        try:
+            return await body(admission)
+        finally:
+            await admission.close()
+
+    return asyncio.run(run())
+
+
+def test_no_payment_gets_a_quote_for_the_cheapest_route(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Exception, list[str], int, Any]:
+        asked = await admission.refused(admission.request(), None)
+        return asked, [ask.provider for ask in admission.asks], admission.held(), await admission.rows()
+
+    asked, providers, held, rows = scenario(database, ROUTE, body)
+    assert isinstance(asked, PaymentRejected) and asked.code == "payment_required"
+    (offer, _exact) = asked.details["required"]["accepts"]
+    assert int(offer["amount"]) == (4 + 4) * 6  # (prompt + max_tokens) × six layers at one unit each
+    assert [hop["provider"] for hop in offer["extra"]["route"]] == providers
+    assert held == 0
+    assert rows == ([], None)
+
+
+def test_a_covering_voucher_reserves_its_quote_and_holds_the_route(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Any, int, list[Job], Channel | None]:
+        run = await admission.admit(admission.request(), header(voucher(48)))
+        held = admission.held()  # before the job gets to run and release its route
+        return (run, held, *await admission.rows())
+
+    run, held, jobs, channel = scenario(database, ROUTE, body)
+    assert run.reservation.quote == 48
+    assert held == 3
+    assert [job.status for job in jobs] == [JobStatus.RUNNING]
+    assert channel is not None and (channel.voucher_amount, channel.reserved, channel.charged) == (48, 48, 0)
+
+
+@pytest.mark.parametrize(
+    ("amounts", "code"),
+    [
+        ((47,), "voucher_too_low"),  # does not cover the quote of 48
+        ((48, 48), "voucher_not_increasing"),  # the same voucher again
+        ((48, 60), "voucher_too_low"),  # above the last, but 48 is still reserved: 60 < 48 + 48
+    ],
+)
+def test_a_voucher_that_does_not_cover_changes_nothing_and_frees_the_route(
+    database: str, amounts: tuple[int, ...], code: str
+) -> None:
+    async def body(admission: Admission) -> tuple[Exception, int, list[Job], Channel | None]:
+        admission.asks[0].capacity = 8
+        admission.transport.hold = asyncio.Event()  # earlier jobs stay running: their quotes stay reserved
+        for amount in amounts[:-1]:
+            await admission.admit(admission.request(), header(voucher(amount)))
+        before = admission.held()
+        refused = await admission.refused(admission.request(), header(voucher(amounts[-1])))
+        return (refused, admission.held() - before, *await admission.rows())
+
+    refused, newly_held, jobs, channel = scenario(database, [(1, 0, 6, 1_000_000)], body)
+    assert isinstance(refused, PaymentRejected) and refused.code == code
+    assert "channel" in refused.details  # the channel's real figures, for the client to re-sign from
+    assert len(jobs) == len(amounts) - 1
+    assert newly_held == 0
+    assert (channel.voucher_amount if channel else 0) == (amounts[0] if len(amounts) > 1 else 0)
+
+
+def test_no_route_is_refused_before_any_payment_is_looked_at(database: str) -> None:
+    async def body(admission: Admission) -> Exception:
+        return await admission.refused(admission.request(), "not even base64")
+
+    refused = scenario(database, ROUTE[:2], body)  # nobody serves layers 4:6
+    assert isinstance(refused, Conflict) and refused.code == "no_route"
+
+
+def test_a_malformed_payment_header_is_a_bad_request(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Exception, int]:
+        return await admission.refused(admission.request(), "not even base64"), admission.held()
+
+    refused, held = scenario(database, ROUTE, body)
+    assert isinstance(refused, InvalidRequest) and refused.code == "invalid_payment_header"
+    assert held == 0
+
+
+def test_a_chat_above_its_max_price_is_refused_and_a_job_rests(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Exception, Any, list[Job], int]:
+        refused = await admission.refused(admission.request(max_price=47), None)
+        run = await admission.admit(admission.request(kind="job", max_price=40), header(voucher(40)))
+        return refused, run, (await admission.rows())[0], admission.held()
+
+    refused, run, jobs, held = scenario(database, ROUTE, body)
+    assert isinstance(refused, Conflict) and refused.code == "max_price_exceeded"
+    assert run.reservation.quote == 40  # a resting job reserves its whole max price
+    assert [(job.status, job.model_root) for job in jobs] == [(JobStatus.RESTING, MODEL_ROOT)]
+    assert held == 0

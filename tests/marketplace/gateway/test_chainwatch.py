@@ -1,0 +1,116 @@
+"""The chain watcher's bookkeeping on a fake chain: what it caches, what an event makes it re-read, and that it
+keeps following after the endpoint fails (the integration tests follow real anvil events)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from marketplace.gateway.chainwatch import ChainWatcher, ChannelView
+from settlement.contracts import CHANNEL_CLOSED
+from tests.marketplace.gateway.fakes import FakeChainReader, provider
+
+CHANNEL = bytes(range(32))
+OTHER = bytes(range(1, 33))
+
+
+def watcher_on(reader: FakeChainReader, **callbacks: object) -> ChainWatcher:
+    return ChainWatcher(reader, poll_s=0.01, **callbacks)  # type: ignore[arg-type]
+
+
+def test_a_channel_is_read_once_then_served_from_the_cache() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    watcher = watcher_on(reader)
+
+    async def reads() -> tuple[ChannelView, ChannelView, ChannelView]:
+        first = await watcher.channel(CHANNEL)
+        reader.channels[CHANNEL] = ChannelView(900, 0)  # deposited, but no poll has seen it yet
+        second = await watcher.channel(CHANNEL)
+        fresh = await watcher.channel(CHANNEL, fresh=True)
+        return first, second, fresh
+
+    first, second, fresh = asyncio.run(reads())
+    assert (first.deposit, second.deposit, fresh.deposit) == (500, 500, 900)
+    assert reader.reads.count(f"channel {CHANNEL.hex()[:8]}") == 2
+
+
+def test_an_event_refreshes_the_channels_it_names_and_only_those_already_cached() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    watcher = watcher_on(reader)
+
+    async def follow() -> ChannelView:
+        await watcher.start()
+        await watcher.channel(CHANNEL)
+        reader.channels[CHANNEL] = ChannelView(500, 2_000)
+        reader.emit("WithdrawInitiated", channelId=CHANNEL)
+        reader.emit("ChannelFunded", channelId=OTHER)  # never asked about: not worth a read
+        await watcher.sync()
+        await watcher.stop()
+        return await watcher.channel(CHANNEL)
+
+    view = asyncio.run(follow())
+    assert view.exiting and not view.closed
+    assert f"channel {OTHER.hex()[:8]}" not in reader.reads
+
+
+def test_a_closed_channel_reads_as_closed() -> None:
+    assert ChannelView(0, CHANNEL_CLOSED).closed
+    assert not ChannelView(0, CHANNEL_CLOSED).exiting
+
+
+def test_stake_events_refresh_the_provider_and_a_slash_pulls_it() -> None:
+    alice = provider(1).address
+    reader = FakeChainReader(active={alice: True})
+    changes: list[tuple[str, bool]] = []
+    slashed: list[str] = []
+    watcher = watcher_on(
+        reader, on_stake_change=lambda a, active: changes.append((a, active)), on_slashed=slashed.append
+    )
+
+    async def follow() -> bool:
+        await watcher.start()
+        assert await watcher.is_active(alice)
+        reader.active[alice] = False
+        reader.emit("Slashed", provider=alice)
+        await watcher.sync()
+        return await watcher.is_active(alice)
+
+    assert asyncio.run(follow()) is False
+    assert changes == [(alice, True), (alice, False)]
+    assert slashed == [alice]
+
+
+def test_a_new_minimum_stake_rereads_every_known_provider() -> None:
+    providers = [provider(i).address for i in range(3)]
+    reader = FakeChainReader(active=dict.fromkeys(providers, True))
+    watcher = watcher_on(reader)
+
+    async def follow() -> list[bool]:
+        await watcher.start()
+        for address in providers:
+            await watcher.is_active(address)
+        reader.active = dict.fromkeys(providers, False)
+        reader.emit("MinStakeChanged", minStake=10**9)
+        await watcher.sync()
+        return [await watcher.is_active(address) for address in providers]
+
+    assert asyncio.run(follow()) == [False, False, False]
+
+
+def test_it_keeps_following_after_the_endpoint_fails() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    watcher = watcher_on(reader)
+
+    async def follow() -> ChannelView:
+        await watcher.start()
+        await watcher.channel(CHANNEL)
+        reader.failures = 3  # the next three polls find the endpoint down
+        reader.channels[CHANNEL] = ChannelView(500, CHANNEL_CLOSED)
+        reader.emit("WithdrawFinalized", channelId=CHANNEL)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if (await watcher.channel(CHANNEL)).closed:
+                break
+        await watcher.stop()
+        return await watcher.channel(CHANNEL)
+
+    assert asyncio.run(follow()).closed
