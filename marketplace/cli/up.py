@@ -1,10 +1,11 @@
 """`strata up`: the whole marketplace on this machine (see :mod:`marketplace.devnet.up`), in the foreground,
 until Ctrl-C.
 
-Ctrl-C or SIGTERM stops everything, the processes that use a service before the service: providers and worker
-(providers withdraw their asks from the gateway as they go), then the gateway, then Redis, then the chain. If
-any of them dies, at start-up or later, everything is stopped, the tail of its log printed, and the exit status
-is 1 (code ``service_exited``).
+Ctrl-C, SIGINT or SIGTERM stops everything, the processes that use a service before the service: providers and
+worker (providers withdraw their asks from the gateway as they go), then the gateway, then Redis, then the
+chain. A process that dies once everything is up is restarted after a back-off (see
+:mod:`marketplace.devnet.supervisor`), and says so. One that dies during start-up stops everything, the tail of
+its log printed, and the exit status is 1 (code ``service_exited``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from marketplace.devnet import market
 from marketplace.devnet.chain import Devnet
 from marketplace.devnet.errors import ServiceFailed
 from marketplace.devnet.process import log_tail
-from marketplace.devnet.supervisor import Interrupted, Supervisor, died, stop_on_signals
+from marketplace.devnet.supervisor import Interrupted, Supervisor, stop_on_signals
 from marketplace.devnet.up import Options, port_in_use, start
 from settlement.deploy import DeployParams
 
@@ -84,7 +85,7 @@ def up_command(
             with reported(as_json=as_json):
                 summary, devnet = start(supervisor, options, out)
             _announce(summary, devnet, options, as_json, out)
-            raise died(supervisor.watch(), "while running")
+            supervisor.supervise(lambda message: out.print(message, highlight=False))
         except Interrupted:
             out.print("Stopping…")
         except ServiceFailed as exc:

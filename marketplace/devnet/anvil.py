@@ -27,10 +27,14 @@ class Anvil(LocalProcess):
         accounts: int = 10,
         balance_ether: int = 10_000,
         block_time_s: float | None = None,
+        state_path: Path | None = None,
         log_path: Path | None = None,
         startup_timeout_s: float = 30.0,
     ) -> None:
         super().__init__(port=port, log_path=log_path, startup_timeout_s=startup_timeout_s)
+        # Where the chain is dumped every second and loaded from when it starts again: a restarted anvil goes
+        # on from there, losing at most the last second. None: every start is a new chain.
+        self.state_path = state_path
         self.chain_id = chain_id
         self.accounts_count = accounts
         self.balance_ether = balance_ether
@@ -61,6 +65,8 @@ class Anvil(LocalProcess):
         ]  # fmt: skip
         if self.block_time_s is not None:
             command += ["--block-time", str(self.block_time_s)]
+        if self.state_path is not None:
+            command += ["--state", str(self.state_path), "--state-interval", "1"]
         return command
 
     def ready(self) -> bool:

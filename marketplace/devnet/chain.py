@@ -77,7 +77,10 @@ def start_devnet(
     devnet files. Stops anvil again if any of that fails."""
     with status.status("Building the contracts…"):
         build_contracts()
-    anvil = Anvil(port=port, accounts=len(ROLES), log_path=log_path)
+    # A new chain, kept on disk while it runs so that a restarted anvil goes on from where it was.
+    state_path = deployment_file.with_name("anvil-state.json")
+    state_path.unlink(missing_ok=True)
+    anvil = Anvil(port=port, accounts=len(ROLES), state_path=state_path, log_path=log_path)
     with status.status(f"Starting anvil on 127.0.0.1:{port}…"):
         anvil.start()
     try:

@@ -65,12 +65,13 @@ def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def spawn_logged(
-    command: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None
+    command: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None, append: bool = False
 ) -> subprocess.Popen[bytes]:
-    """Starts ``command`` with stdout and stderr in ``log_path``, in a session of its own: a Ctrl-C at the
-    terminal reaches only whoever started it, which stops it in its own order."""
+    """Starts ``command`` with stdout and stderr in ``log_path`` (after what it holds, with ``append``), in a
+    session of its own: a Ctrl-C at the terminal reaches only whoever started it, which stops it in its own
+    order."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
+    with log_path.open("ab" if append else "wb") as log:
         return subprocess.Popen(
             list(command),
             stdin=subprocess.DEVNULL,
@@ -133,6 +134,7 @@ class LocalProcess:
         self.workdir: Path | None = None
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -153,7 +155,9 @@ class LocalProcess:
         self.workdir = Path(self._tempdir.name)
         self.log_path = self._requested_log or self.workdir / f"{self.name}.log"
         try:
-            self._process = spawn_logged(self.command(), self.log_path)
+            # A restart appends to the log of the run before, so the reason that one died stays there.
+            self._process = spawn_logged(self.command(), self.log_path, append=self._started)
+            self._started = True
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -178,6 +182,9 @@ class LocalProcess:
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self._process is None else self._process.poll()
 
     def wait(self) -> int:
         """Blocks until the process exits (for foreground use); returns its exit code."""

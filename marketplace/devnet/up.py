@@ -92,15 +92,16 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
         status=out,
         log_path=supervisor.log_dir / "anvil.log",
     )
-    supervisor.adopt("anvil", devnet.anvil, tier=TIER_CHAIN)
 
+    anvil = supervisor.adopt("anvil", devnet.anvil, tier=TIER_CHAIN)
+    redis_pid = None
     if settings.redis_url:
         redis_url = settings.redis_url
     else:
         server = RedisServer(log_path=supervisor.log_dir / "redis.log")
         with step(out, "Starting redis-server…"):
             server.start()
-        supervisor.adopt("redis", server, tier=TIER_BROKER)
+        redis_pid = supervisor.adopt("redis", server, tier=TIER_BROKER).pid
         redis_url = server.url
 
     model_dir = state / "models" / market.MODEL_NAME
@@ -211,6 +212,8 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
             for offer, launch, child in zip(offers, launches, providers, strict=True)
         ],
         "worker": {"pid": worker.pid, "log": str(worker.log)},
+        "anvil": {"pid": anvil.pid, "log": str(anvil.log)},
+        "redis": {"pid": redis_pid},  # None when REDIS_URL names a Redis of the user's
         "logs": str(supervisor.log_dir),
         "accounts": {
             role: {"address": account.address, "key": key_hex(account)}

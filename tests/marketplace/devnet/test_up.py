@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from marketplace.cli import app
 from marketplace.devnet.errors import ServiceFailed
 from marketplace.devnet.process import free_port
-from marketplace.devnet.supervisor import Supervisor
+from marketplace.devnet.supervisor import Backoff, Supervisor
 from settlement.chain import Chain
 from settlement.deploy import ONE_TOKEN, Contracts, Deployment
 from tests.marketplace.harness import database
@@ -458,3 +458,132 @@ def test_up_with_a_cheater_slashes_it_and_gives_its_clients_their_money_back(tmp
         # On chain the channel pays for the honest job only; the rest of the deposit is still the client's.
         assert escrow.channel(channel).claimed == int(second["charged"])
         assert market.contracts.distributor.funded() == int(second["charged"])
+
+
+# -- supervision -------------------------------------------------------------------------------------------
+
+
+def test_supervisor_restarts_a_child_after_a_back_off_that_grows_and_appends_to_its_log(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    supervisor = Supervisor(
+        tmp_path / "logs", backoff=Backoff(first_s=1, max_s=4, steady_s=10), clock=lambda: now[0]
+    )
+    script = "import sys; print('run', flush=True); sys.exit(3)"
+    child = supervisor.spawn("flaky", [sys.executable, "-c", script], env=dict(os.environ), tier=3)
+    said: list[str] = []
+    delays = []
+    try:
+        for _ in range(4):
+            child.handle.wait(30)  # let it die
+            supervisor.check(said.append)  # noticed: a restart is scheduled
+            assert child.restart_at is not None
+            delays.append(child.restart_at - now[0])
+            supervisor.check(said.append)  # not due yet
+            assert child.restart_at is not None
+            now[0] = child.restart_at
+            supervisor.check(said.append)  # restarted
+            assert child.restart_at is None
+        child.handle.wait(30)
+        now[0] += 10  # ran a minute's worth before dying: the count starts over
+        supervisor.check(said.append)
+        assert child.restart_at == now[0] + 1
+    finally:
+        supervisor.stop_all()
+    assert delays == [1, 2, 4, 4]
+    assert said[0] == "flaky exited with code 3 after 0 s; restarting it in 1 s"
+    assert said[1].startswith("flaky restarted (pid ")
+    assert child.log is not None and child.log.read_text().split() == ["run"] * 5
+
+
+def test_up_restarts_a_killed_provider_broker_and_worker_and_the_marketplace_carries_on(
+    tmp_path: Path,
+) -> None:
+    """Under a client's steady traffic, `strata up` loses a provider, its redis-server and its settlement worker
+    (SIGKILL, one after another), restarts each, and keeps serving: every request either succeeds or fails
+    with a clear code while a span has nobody, none hangs, and an epoch afterwards settles exactly what the
+    succeeded requests were charged."""
+    from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
+    from marketplace.devnet.demo import close_epoch, connect
+    from settlement.contracts import random_channel_id
+
+    state = tmp_path / "state"
+    with strata_up(state, clean_env(), "--sample-rate", "0") as (_process, summary):
+        gateway = summary["gateway_url"]
+        market = connect(state)
+        client = market.account("client-1")
+        channel = random_channel_id(client.address)
+        held = asyncio.run(fund_channel(market.contracts, client, channel, DEPOSIT))
+        wallet = ChannelWallet(
+            client, channel, escrow=market.contracts.escrow.address, chain_id=market.contracts.chain.chain_id,
+            deposit=held,
+        )  # fmt: skip
+        outcomes: list[str] = []
+        charged: list[int] = []
+        stop = threading.Event()
+
+        async def traffic() -> None:
+            async with StrataClient(gateway, wallet, timeout_s=60) as strata:
+                while not stop.is_set():
+                    try:
+                        reply = await strata.chat(
+                            market.model, [{"role": "user", "content": "still there?"}], max_tokens=3
+                        )
+                    except PaymentFailed as exc:
+                        outcomes.append(exc.code or "no_code")
+                        await asyncio.sleep(0.5)
+                        continue
+                    outcomes.append("ok")
+                    job = httpx.get(
+                        f"{gateway}/v1/jobs/0x{str(reply['id']).removeprefix('chatcmpl-')}", timeout=10
+                    )
+                    charged.append(int(job.json()["charged"]))
+
+        def successes() -> int:
+            return outcomes.count("ok")
+
+        sender = threading.Thread(target=lambda: asyncio.run(traffic()), daemon=True)
+        sender.start()
+        try:
+            poll("traffic flowing", lambda: successes() >= 2)
+
+            provider = next(p for p in summary["providers"] if p["role"] == "provider-2")
+            os.kill(provider["pid"], signal.SIGKILL)
+            port = int(provider["endpoint"].rsplit(":", 1)[1])
+            poll("provider-2 gone", lambda: not listening(port), timeout_s=30)
+            poll("provider-2 back and announced", lambda: listening(port), timeout_s=90)
+            served = successes()
+            poll("traffic through the restarted provider", lambda: successes() >= served + 2, timeout_s=90)
+
+            os.kill(summary["redis"]["pid"], signal.SIGKILL)
+            broker = redis.Redis.from_url(summary["redis_url"], socket_connect_timeout=1)
+            poll("redis-server back", lambda: _pings(broker), timeout_s=60)
+            served = successes()
+            poll("traffic after the broker's restart", lambda: successes() >= served + 2, timeout_s=60)
+
+            os.kill(summary["worker"]["pid"], signal.SIGKILL)
+            worker_log = Path(summary["worker"]["log"])
+            poll(
+                "the worker ready again", lambda: worker_log.read_text().count(" ready.") >= 2, timeout_s=120
+            )
+            served = successes()
+            poll("traffic after the worker's restart", lambda: successes() >= served + 1, timeout_s=60)
+        finally:
+            stop.set()
+            sender.join(timeout=90)
+        assert not sender.is_alive(), "a request hung"
+        assert successes() >= 7
+        assert set(outcomes) <= {"ok", "no_route", "route_failed"}, outcomes
+        broker.close()
+
+        report = close_epoch(summary["redis_url"], 120)  # the restarted worker runs it
+        assert int(report["settled"]) == sum(charged)
+        assert market.contracts.escrow.channel(channel).claimed == sum(charged)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
