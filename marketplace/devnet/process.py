@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -82,6 +82,17 @@ def spawn_logged(
         )
 
 
+def printed(log_path: Path, line: str = "ready") -> Callable[[], bool]:
+    """A readiness check: the log holds a line that is exactly ``line`` (a provider node prints ``ready``)."""
+
+    def check() -> bool:
+        if not log_path.exists():
+            return False
+        return line in (text.strip() for text in log_path.read_text(errors="replace").splitlines())
+
+    return check
+
+
 def wait_for_line(
     process: subprocess.Popen[bytes],
     log_path: Path,
@@ -93,12 +104,9 @@ def wait_for_line(
     """Blocks until ``log_path`` holds a line that is exactly ``line``. Fails with the log's tail when the
     process exits first or ``timeout_s`` passes."""
     name = name or Path(str(process.args[0] if isinstance(process.args, list) else process.args)).name
+    ready = printed(log_path, line)
     deadline = time.monotonic() + timeout_s
-    while True:
-        if log_path.exists() and line in (
-            text.strip() for text in log_path.read_text(errors="replace").splitlines()
-        ):
-            return
+    while not ready():
         if process.poll() is not None:
             raise ServiceFailed(
                 f"{name} exited with code {process.returncode} before it was ready:\n{log_tail(log_path)}",

@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from marketplace.devnet import market
 from marketplace.devnet.chain import Devnet, key_hex, start_devnet
 from marketplace.devnet.errors import ServiceFailed
-from marketplace.devnet.process import free_port
+from marketplace.devnet.process import free_port, printed
 from marketplace.devnet.providers import ProviderLaunch, script
 from marketplace.devnet.redis_server import RedisServer
 from marketplace.devnet.supervisor import (
@@ -162,7 +162,8 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
     ]
     with step(out, f"Starting {len(providers)} providers…"):
         for provider in providers:
-            supervisor.wait_until(provider.name, log_has_line(provider.log, lambda line: line == "ready"))
+            assert provider.log is not None
+            supervisor.wait_until(provider.name, printed(provider.log))
 
         def announced() -> bool:
             health = gateway_health(gateway_url)
