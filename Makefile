@@ -11,7 +11,7 @@ FORGE = $(firstword $(wildcard node_modules/@foundry-rs/forge-*/bin/forge))
 LOCK := requirements.lock
 
 .PHONY: install contracts check-lock lock lock-upgrade test test-python test-contracts up lint gas pipeline gateway \
-	settlement validation clean
+	settlement validation adversary clean
 
 install: $(PY_STAMP) $(NODE_STAMP) $(CONTRACTS_STAMP)
 
@@ -82,6 +82,9 @@ settlement: install
 
 validation: install
 	$(BIN)/python -m benchmarks.validation
+
+adversary: install
+	$(BIN)/python -m benchmarks.adversary
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

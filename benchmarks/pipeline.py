@@ -4,7 +4,9 @@ Builds a Llama-style model of about 300M parameters (hidden 1024, 24 layers) loc
 serving layers 0:8, 8:16 and 16:24, and generates the same 64 greedy tokens from the same prompt three ways,
 taking turns so that machine noise falls on all alike:
 
-- the pipeline: the three providers, stepped by a route client as the gateway steps them;
+- the pipeline: the three providers over TLS, each job opened, stepped and closed as the gateway runs one
+  (per-hop tickets, authenticated reports, receipts collected directly); and the same over plain TCP, to
+  say what TLS costs;
 - the runtime in one process: the whole model as one span, stepped through the providers' own runtime, KV
   cache and sampler. This is the limit the pipeline can reach, and the reference of the headline ratio;
 - ``generate()`` in one process: transformers' own loop over the same checkpoint. Its per-token overhead
@@ -13,7 +15,9 @@ taking turns so that machine noise falls on all alike:
     ratio_tokens_per_s              pipeline tokens/s ÷ one-process runtime tokens/s (target ≥ 0.95)
     ratio_to_generate_tokens_per_s  pipeline tokens/s ÷ generate() tokens/s
     hop_overhead_ms_p50             per decode step, (step latency seen by the caller − Σ the providers'
-                                    compute) ÷ the number of hops, median over steps (target ≤ 1.0)
+                                    compute) ÷ the number of hops, median over steps (target ≤ 1.0), on TLS
+    tls_cost_ms_per_hop             the same overhead on TLS minus on plain TCP
+    report_mac_us_per_hop           making and checking one hop's authenticated report, in microseconds
 
 The last line is one JSON object.
 """
@@ -30,44 +34,34 @@ import time
 from pathlib import Path
 
 import torch
-from eth_account import Account
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from marketplace.devnet.process import free_port
-from marketplace.devnet.providers import ProviderLaunch, ProviderProcess
-from settlement.tickets import issue_ticket
-from worker.client import ConnectionPool, RouteClient
-from worker.identity import MANIFEST_FILE, Manifest
+from marketplace.testing.hops import Served, gateway_keys, launch, plan, running, write_deployment
+from worker.client import Peers, RouteClient
+from worker.messages import HopEntry, Report
 from worker.runtime import SpanRuntime
 from worker.sampling import Sampler, SamplingParams
-from worker.shard import load_shard
+from worker.shard import load_shard, model_root
 from worker.testing.tiny import BOS, write_tiny_checkpoint
-from worker.wire import FrameLimits
 
-GATEWAY = Account.from_key(b"\x42" * 32)
-SPANS = ("0:8", "8:16", "16:24")
+SPANS = ((0, 8), (8, 16), (16, 24))
 PROMPT = [BOS, *b"The marketplace routes each request through the cheapest chain of providers. "]
 # Three providers and the caller share this machine's cores. Idle OpenMP threads that spin-wait after a step
 # steal the core the next provider computes on, so providers here let theirs sleep at once.
 PROVIDER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def start_providers(model: Path, logs: Path) -> list[ProviderProcess]:
-    launches = [ProviderLaunch(model, span, free_port(), trust_gateway=GATEWAY.address) for span in SPANS]
-    providers = [
-        ProviderProcess.start(
-            launch,
-            key=(index + 1).to_bytes(32, "big").hex(),
-            log=logs / f"provider-{index}.log",
+def start_providers(model: Path, workdir: Path, deployment: Path, *, plaintext: bool) -> list[Served]:
+    root = model_root(model)
+    return [
+        launch(
+            model, span, seed=(100 if plaintext else 0) + index + 1, root=root, workdir=workdir,
+            deployment=deployment, plaintext=plaintext, threads=torch.get_num_threads(),
             env={**os.environ, **PROVIDER_ENV},
-            threads=torch.get_num_threads(),
         )
-        for index, launch in enumerate(launches)
-    ]
-    for provider in providers:
-        provider.wait_ready()
-    return providers
+        for index, span in enumerate(SPANS)
+    ]  # fmt: skip
 
 
 def generate(model: torch.nn.Module, new_tokens: int) -> tuple[list[int], float]:
@@ -96,23 +90,40 @@ def one_process_runtime(runtime: SpanRuntime, new_tokens: int) -> tuple[list[int
     return tokens, elapsed
 
 
-async def pipeline(client: RouteClient, new_tokens: int) -> tuple[list[int], float, list[float], list[float]]:
-    """Returns the tokens, the elapsed seconds, and per decode step the per-hop overhead and the compute (ms)."""
-    session = os.urandom(16)
+async def pipeline(
+    peers: Peers, route: list[Served], root: str, vocab: int, new_tokens: int
+) -> tuple[list[int], float, list[float], list[float]]:
+    """One job on the route as the gateway runs one (tickets, open, steps, direct closes). Returns the tokens,
+    the elapsed seconds, and per decode step the per-hop overhead and the compute (ms)."""
     started = time.perf_counter()
-    step = await client.step(session, 0, torch.tensor([PROMPT]), {})
+    client = RouteClient(
+        plan(route, root=root, max_positions=len(PROMPT) + new_tokens), peers, vocab_size=vocab
+    )
+    await client.open({})
+    step = await client.step(0, torch.tensor([PROMPT]))
     tokens, overheads, computes = [step.token], [], []
     while len(tokens) < new_tokens:
         sent = time.perf_counter()
-        step = await client.step(session, len(tokens), torch.tensor([[tokens[-1]]]))
+        step = await client.step(len(tokens), torch.tensor([[tokens[-1]]]))
         latency_ms = (time.perf_counter() - sent) * 1e3
-        compute_ms = sum(hop["compute_ms"] for hop in step.transcript)
-        overheads.append((latency_ms - compute_ms) / len(step.transcript))
+        compute_ms = sum(ms or 0.0 for ms in step.compute_ms)
+        overheads.append((latency_ms - compute_ms) / len(step.hops))
         computes.append(compute_ms)
         tokens.append(step.token)
-    elapsed = time.perf_counter() - started
-    await client.close(session)
-    return tokens, elapsed, overheads, computes
+    await client.close()
+    return tokens, time.perf_counter() - started, overheads, computes
+
+
+def report_cost_us() -> float:
+    """What authenticating one hop's report costs, made by the hop and checked by the gateway (microseconds)."""
+    key, session = os.urandom(32), os.urandom(16)
+    entry = HopEntry(gateway_keys().address, session, 7, os.urandom(32), os.urandom(32), 42)
+    rounds = 2_000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        report = Report.from_json(Report.made(key, entry).to_json())
+        assert report.verifies(key)
+    return (time.perf_counter() - started) / rounds * 1e6
 
 
 async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, object]:
@@ -122,44 +133,42 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     parameters = sum(p.numel() for p in reference.parameters())
     runtime = SpanRuntime(load_shard(model_dir, "0:24", device=torch.device("cpu")))
-    providers = start_providers(model_dir, workdir)
-    endpoints = [provider.endpoint for provider in providers]
-    root = bytes.fromhex(Manifest.load(model_dir / MANIFEST_FILE).root[2:])
-    pool = ConnectionPool(FrameLimits())
-    client = RouteClient(
-        endpoints,
-        issue_ticket(
-            GATEWAY,
-            job_id=os.urandom(32),
-            model_root=root,
-            expires_at=int(time.time()) + 3600,
-            chain_id=31337,
-        ),
-        pool,
-    )
-    runtime_times, generate_times, pipeline_times, overheads, computes = [], [], [], [], []
+    root, vocab = model_root(model_dir), int(reference.config.vocab_size)
+    deployment = write_deployment(workdir / "deployment.json")
+    tls_route = start_providers(model_dir, workdir, deployment, plaintext=False)
+    plain_route = start_providers(model_dir, workdir, deployment, plaintext=True)
+    runtime_times, generate_times, pipeline_times, plain_times = [], [], [], []
+    overheads, plain_overheads, computes = [], [], []
+    peers = Peers(gateway_keys(), allow_plaintext=True)
     try:
-        # Warm-up: connections, the allocator, first-call paths everywhere.
-        await pipeline(client, 4)
-        one_process_runtime(runtime, 4)
-        generate(reference, 4)
-        for _ in range(rounds):
-            expected, seconds = generate(reference, new_tokens)
-            generate_times.append(seconds)
-            tokens, seconds = one_process_runtime(runtime, new_tokens)
-            runtime_times.append(seconds)
-            if tokens != expected:
-                raise RuntimeError("the one-process runtime's tokens differ from generate()'s")
-            tokens, seconds, step_overheads, step_computes = await pipeline(client, new_tokens)
-            pipeline_times.append(seconds)
-            overheads += step_overheads
-            computes += step_computes
-            if tokens != expected:
-                raise RuntimeError("the pipeline's tokens differ from generate()'s")
+        with running([*tls_route, *plain_route]):
+            # Warm-up: connections, the allocator, first-call paths everywhere.
+            await pipeline(peers, tls_route, root, vocab, 4)
+            await pipeline(peers, plain_route, root, vocab, 4)
+            one_process_runtime(runtime, 4)
+            generate(reference, 4)
+            for _ in range(rounds):
+                expected, seconds = generate(reference, new_tokens)
+                generate_times.append(seconds)
+                tokens, seconds = one_process_runtime(runtime, new_tokens)
+                runtime_times.append(seconds)
+                if tokens != expected:
+                    raise RuntimeError("the one-process runtime's tokens differ from generate()'s")
+                tokens, seconds, step_overheads, step_computes = await pipeline(
+                    peers, tls_route, root, vocab, new_tokens
+                )
+                pipeline_times.append(seconds)
+                overheads += step_overheads
+                computes += step_computes
+                if tokens != expected:
+                    raise RuntimeError("the pipeline's tokens differ from generate()'s")
+                tokens, seconds, step_overheads, _ = await pipeline(
+                    peers, plain_route, root, vocab, new_tokens
+                )
+                plain_times.append(seconds)
+                plain_overheads += step_overheads
     finally:
-        await pool.close()
-        for provider in providers:
-            provider.stop()
+        await peers.close()
     runtime_tps = new_tokens / statistics.median(runtime_times)
     generate_tps = new_tokens / statistics.median(generate_times)
     pipeline_tps = new_tokens / statistics.median(pipeline_times)
@@ -173,6 +182,11 @@ async def main_async(rounds: int, new_tokens: int, workdir: Path) -> dict[str, o
         "ratio_tokens_per_s": round(pipeline_tps / runtime_tps, 3),
         "ratio_to_generate_tokens_per_s": round(pipeline_tps / generate_tps, 3),
         "hop_overhead_ms_p50": round(statistics.median(overheads), 3),
+        "plaintext_tokens_per_s": round(new_tokens / statistics.median(plain_times), 2),
+        "plaintext_hop_overhead_ms_p50": round(statistics.median(plain_overheads), 3),
+        # What TLS adds per hop (both runs authenticate every hop's report the same way), and what that costs.
+        "tls_cost_ms_per_hop": round(statistics.median(overheads) - statistics.median(plain_overheads), 3),
+        "report_mac_us_per_hop": round(report_cost_us(), 1),
         "hop_overhead_ms_p90": round(statistics.quantiles(overheads, n=10)[-1], 3),
         # Where a pipeline token's time goes: the providers' compute, summed over hops, against one process's
         # whole token through the same runtime, and through generate().

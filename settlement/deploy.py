@@ -24,6 +24,7 @@ from settlement.contracts import (
     StakeManager,
     VoucherEscrow,
 )
+from settlement.eip712 import Domain, protocol_domain
 from settlement.errors import ConfigurationError
 
 TOKEN_DECIMALS = 6
@@ -80,6 +81,10 @@ class Contracts:
     stake: StakeManager
     escrow: VoucherEscrow
     distributor: PayoutDistributor
+
+    def protocol_domain(self) -> Domain:
+        """The EIP-712 domain of the hop protocol's messages under this deployment (its StakeManager names it)."""
+        return protocol_domain(self.deployment.chain_id, self.stake.address)
 
     @classmethod
     def load(

@@ -20,7 +20,9 @@ from eth_utils.crypto import keccak
 VOUCHER_ESCROW_DOMAIN_NAME = "Strata VoucherEscrow"
 DOMAIN_VERSION = "1"
 
-# Tickets, receipts, asks and heartbeats: signed off chain, checked by the gateway, providers and validators.
+# Tickets, receipts, asks, heartbeats and peer proofs: signed off chain, checked by the gateway, providers and
+# validators, under a domain that names the deployment (its StakeManager), so that nothing signed for one
+# deployment is accepted by another on the same chain.
 PROTOCOL_DOMAIN_NAME = "Strata"
 
 VOUCHER_TYPES = {
@@ -41,36 +43,94 @@ TRANSFER_WITH_AUTHORIZATION_TYPES = {
     ]
 }
 
-JOB_TICKET_TYPES = {
-    "JobTicket": [
-        {"name": "jobId", "type": "bytes32"},
-        {"name": "modelRoot", "type": "bytes32"},
-        {"name": "expiresAt", "type": "uint64"},
-    ]
-}
+# The protocol's messages, signed off chain under the protocol domain (see protocol_domain).
 
-HOP_RECEIPT_TYPES = {
-    "HopReceipt": [
+# The gateway's permission for one provider to serve one session of a job: its span, whom it takes steps
+# from (``previous``: the provider before it, or the gateway for the first span) and the one peer it may
+# send them on to (``next``: its endpoint and certificate, or nobody for the last span).
+HOP_TICKET_TYPES = {
+    "HopTicket": [
         {"name": "jobId", "type": "bytes32"},
+        {"name": "session", "type": "bytes16"},
         {"name": "provider", "type": "address"},
         {"name": "modelRoot", "type": "bytes32"},
         {"name": "layerStart", "type": "uint32"},
         {"name": "layerEnd", "type": "uint32"},
-        {"name": "tokens", "type": "uint64"},
-        {"name": "transcriptRoot", "type": "bytes32"},
+        {"name": "previous", "type": "address"},
+        {"name": "next", "type": "address"},
+        {"name": "nextEndpoint", "type": "string"},
+        {"name": "nextFingerprint", "type": "bytes32"},
+        {"name": "maxPositions", "type": "uint32"},
+        {"name": "expiresAt", "type": "uint64"},
     ]
 }
 
-# Asks and heartbeats: signed by a provider's staked key, checked by the gateway's order book.
+# A validator's permission to read what one provider retained of one session.
+FETCH_TICKET_TYPES = {
+    "FetchTicket": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "session", "type": "bytes16"},
+        {"name": "provider", "type": "address"},
+        {"name": "expiresAt", "type": "uint64"},
+    ]
+}
+
+# What a provider did in one session. ``samplingHash`` commits the last span to how it sampled (the seed
+# included); the last span's transcript root covers every token it emitted.
+HOP_RECEIPT_TYPES = {
+    "HopReceipt": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "session", "type": "bytes16"},
+        {"name": "gateway", "type": "address"},
+        {"name": "provider", "type": "address"},
+        {"name": "modelRoot", "type": "bytes32"},
+        {"name": "layerStart", "type": "uint32"},
+        {"name": "layerEnd", "type": "uint32"},
+        {"name": "positions", "type": "uint64"},
+        {"name": "transcriptRoot", "type": "bytes32"},
+        {"name": "samplingHash", "type": "bytes32"},
+    ]
+}
+
+# A connection's client proves its key to the server: over the server's challenge and the fingerprint of the
+# certificate the client pinned, so that a relay in the middle (another certificate) cannot reuse it.
+PEER_AUTH_TYPES = {
+    "PeerAuth": [
+        {"name": "challenge", "type": "bytes32"},
+        {"name": "serverFingerprint", "type": "bytes32"},
+    ]
+}
+
+# A provider proves that the endpoint its ask names answers with its staked key and its certificate.
+ENDPOINT_PROOF_TYPES = {
+    "EndpointProof": [
+        {"name": "challenge", "type": "bytes32"},
+        {"name": "provider", "type": "address"},
+        {"name": "endpoint", "type": "string"},
+        {"name": "tlsFingerprint", "type": "bytes32"},
+    ]
+}
+
+# A payer asks for a job's output.
+JOB_READ_TYPES = {
+    "JobRead": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "expiresAt", "type": "uint64"},
+    ]
+}
+
+# Asks and heartbeats: signed by a provider's staked key, for one gateway, checked by its order book.
 ASK_TYPES = {
     "Ask": [
         {"name": "provider", "type": "address"},
+        {"name": "gateway", "type": "address"},
         {"name": "modelRoot", "type": "bytes32"},
         {"name": "layerStart", "type": "uint32"},
         {"name": "layerEnd", "type": "uint32"},
         {"name": "pricePerMillion", "type": "uint64"},
         {"name": "capacity", "type": "uint32"},
         {"name": "endpoint", "type": "string"},
+        {"name": "tlsFingerprint", "type": "bytes32"},
         {"name": "nonce", "type": "uint64"},
         {"name": "expiresAt", "type": "uint64"},
     ]
@@ -79,6 +139,7 @@ ASK_TYPES = {
 HEARTBEAT_TYPES = {
     "Heartbeat": [
         {"name": "provider", "type": "address"},
+        {"name": "gateway", "type": "address"},
         {"name": "timestamp", "type": "uint64"},
     ]
 }
@@ -110,8 +171,9 @@ class Domain:
         return fields
 
 
-def protocol_domain(chain_id: int) -> Domain:
-    return Domain(PROTOCOL_DOMAIN_NAME, DOMAIN_VERSION, chain_id)
+def protocol_domain(chain_id: int, deployment: str) -> Domain:
+    """The domain of the protocol's messages; ``deployment`` is the deployment's StakeManager address."""
+    return Domain(PROTOCOL_DOMAIN_NAME, DOMAIN_VERSION, chain_id, deployment)
 
 
 def voucher_domain(chain_id: int, escrow: str) -> Domain:
@@ -232,121 +294,203 @@ class TransferAuthorization:
         return recover_signer(self.signable(domain), signature)
 
 
-@dataclass(frozen=True)
-class JobTicket:
-    """The gateway's permission for providers to serve ``job_id`` on model ``model_root`` until ``expires_at``."""
+class _Typed:
+    """A message of one of the types above: ``TYPES`` names it, ``message()`` gives its fields."""
 
-    job_id: bytes
-    model_root: bytes
-    expires_at: int
+    TYPES: dict[str, list[dict[str, str]]]
 
-    def signable(self, domain: Domain) -> SignableMessage:
-        return typed_message(
-            domain,
-            JOB_TICKET_TYPES,
-            {"jobId": self.job_id, "modelRoot": self.model_root, "expiresAt": self.expires_at},
-        )
-
-    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
-        return bytes(account.sign_message(self.signable(domain)).signature)
-
-
-@dataclass(frozen=True)
-class HopReceipt:
-    """A provider's signed account of one session of one job on its layer span."""
-
-    job_id: bytes
-    provider: str
-    model_root: bytes
-    layer_start: int
-    layer_end: int
-    tokens: int
-    transcript_root: bytes
+    def message(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def signable(self, domain: Domain) -> SignableMessage:
-        return typed_message(
-            domain,
-            HOP_RECEIPT_TYPES,
-            {
-                "jobId": self.job_id,
-                "provider": to_checksum_address(self.provider),
-                "modelRoot": self.model_root,
-                "layerStart": self.layer_start,
-                "layerEnd": self.layer_end,
-                "tokens": self.tokens,
-                "transcriptRoot": self.transcript_root,
-            },
-        )
+        return typed_message(domain, self.TYPES, self.message())
 
     def sign(self, account: LocalAccount, domain: Domain) -> bytes:
         return bytes(account.sign_message(self.signable(domain)).signature)
 
     def signer(self, signature: bytes, domain: Domain) -> str:
+        """The address that signed it; raises ValueError on a malformed signature."""
         return recover_signer(self.signable(domain), signature)
 
 
 @dataclass(frozen=True)
-class Ask:
-    """A provider's offer to serve layers ``[layer_start, layer_end)`` of model ``model_root``.
+class HopTicket(_Typed):
+    TYPES = HOP_TICKET_TYPES
+
+    job_id: bytes
+    session: bytes
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    previous: str
+    next: str
+    next_endpoint: str
+    next_fingerprint: bytes
+    max_positions: int
+    expires_at: int
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "session": self.session,
+            "provider": to_checksum_address(self.provider),
+            "modelRoot": self.model_root,
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "previous": to_checksum_address(self.previous),
+            "next": to_checksum_address(self.next),
+            "nextEndpoint": self.next_endpoint,
+            "nextFingerprint": self.next_fingerprint,
+            "maxPositions": self.max_positions,
+            "expiresAt": self.expires_at,
+        }
+
+
+@dataclass(frozen=True)
+class FetchTicket(_Typed):
+    TYPES = FETCH_TICKET_TYPES
+
+    job_id: bytes
+    session: bytes
+    provider: str
+    expires_at: int
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "session": self.session,
+            "provider": to_checksum_address(self.provider),
+            "expiresAt": self.expires_at,
+        }
+
+
+@dataclass(frozen=True)
+class HopReceipt(_Typed):
+    TYPES = HOP_RECEIPT_TYPES
+
+    job_id: bytes
+    session: bytes
+    gateway: str
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    positions: int
+    transcript_root: bytes
+    sampling_hash: bytes
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "session": self.session,
+            "gateway": to_checksum_address(self.gateway),
+            "provider": to_checksum_address(self.provider),
+            "modelRoot": self.model_root,
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "positions": self.positions,
+            "transcriptRoot": self.transcript_root,
+            "samplingHash": self.sampling_hash,
+        }
+
+
+@dataclass(frozen=True)
+class PeerAuth(_Typed):
+    TYPES = PEER_AUTH_TYPES
+
+    challenge: bytes
+    server_fingerprint: bytes
+
+    def message(self) -> dict[str, Any]:
+        return {"challenge": self.challenge, "serverFingerprint": self.server_fingerprint}
+
+
+@dataclass(frozen=True)
+class EndpointProof(_Typed):
+    TYPES = ENDPOINT_PROOF_TYPES
+
+    challenge: bytes
+    provider: str
+    endpoint: str
+    tls_fingerprint: bytes
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "challenge": self.challenge,
+            "provider": to_checksum_address(self.provider),
+            "endpoint": self.endpoint,
+            "tlsFingerprint": self.tls_fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class JobRead(_Typed):
+    TYPES = JOB_READ_TYPES
+
+    job_id: bytes
+    expires_at: int
+
+    def message(self) -> dict[str, Any]:
+        return {"jobId": self.job_id, "expiresAt": self.expires_at}
+
+
+@dataclass(frozen=True)
+class Ask(_Typed):
+    """A provider's offer to one gateway to serve layers ``[layer_start, layer_end)`` of model ``model_root``
+    at ``endpoint``, whose TLS certificate hashes to ``tls_fingerprint``.
 
     ``price_per_million`` is in token base units per million token-layers; ``capacity`` is how many sessions it
     serves at once (0 withdraws the offer); ``nonce`` only grows per provider, so an old ask cannot be replayed
     over a newer one.
     """
 
+    TYPES = ASK_TYPES
+
     provider: str
+    gateway: str
     model_root: bytes
     layer_start: int
     layer_end: int
     price_per_million: int
     capacity: int
     endpoint: str
+    tls_fingerprint: bytes
     nonce: int
     expires_at: int
 
-    def signable(self, domain: Domain) -> SignableMessage:
-        return typed_message(
-            domain,
-            ASK_TYPES,
-            {
-                "provider": to_checksum_address(self.provider),
-                "modelRoot": self.model_root,
-                "layerStart": self.layer_start,
-                "layerEnd": self.layer_end,
-                "pricePerMillion": self.price_per_million,
-                "capacity": self.capacity,
-                "endpoint": self.endpoint,
-                "nonce": self.nonce,
-                "expiresAt": self.expires_at,
-            },
-        )
-
-    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
-        return bytes(account.sign_message(self.signable(domain)).signature)
-
-    def signer(self, signature: bytes, domain: Domain) -> str:
-        return recover_signer(self.signable(domain), signature)
+    def message(self) -> dict[str, Any]:
+        return {
+            "provider": to_checksum_address(self.provider),
+            "gateway": to_checksum_address(self.gateway),
+            "modelRoot": self.model_root,
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "pricePerMillion": self.price_per_million,
+            "capacity": self.capacity,
+            "endpoint": self.endpoint,
+            "tlsFingerprint": self.tls_fingerprint,
+            "nonce": self.nonce,
+            "expiresAt": self.expires_at,
+        }
 
 
 @dataclass(frozen=True)
-class Heartbeat:
-    """A provider saying it is alive at ``timestamp`` (unix seconds)."""
+class Heartbeat(_Typed):
+    """A provider telling one gateway it is alive at ``timestamp`` (unix seconds)."""
+
+    TYPES = HEARTBEAT_TYPES
 
     provider: str
+    gateway: str
     timestamp: int
 
-    def signable(self, domain: Domain) -> SignableMessage:
-        return typed_message(
-            domain,
-            HEARTBEAT_TYPES,
-            {"provider": to_checksum_address(self.provider), "timestamp": self.timestamp},
-        )
-
-    def sign(self, account: LocalAccount, domain: Domain) -> bytes:
-        return bytes(account.sign_message(self.signable(domain)).signature)
-
-    def signer(self, signature: bytes, domain: Domain) -> str:
-        return recover_signer(self.signable(domain), signature)
+    def message(self) -> dict[str, Any]:
+        return {
+            "provider": to_checksum_address(self.provider),
+            "gateway": to_checksum_address(self.gateway),
+            "timestamp": self.timestamp,
+        }
 
 
 def digest(message: SignableMessage) -> bytes:
@@ -383,9 +527,13 @@ __all__ = [
     "VOUCHER_ESCROW_DOMAIN_NAME",
     "Ask",
     "Domain",
+    "EndpointProof",
+    "FetchTicket",
     "Heartbeat",
     "HopReceipt",
-    "JobTicket",
+    "HopTicket",
+    "JobRead",
+    "PeerAuth",
     "TransferAuthorization",
     "Voucher",
     "compact_signature",

@@ -149,14 +149,14 @@ class EpochCloser:
 
     def meter_finished(self) -> int:
         """Meters finished jobs that no meter_job task got to (the broker was down, a task was lost)."""
-        chain_id = self.contracts.deployment.chain_id
+        domain = self.contracts.protocol_domain()
         with self.sessions() as session:
             waiting = session.scalars(
                 select(Job.id).where(Job.status.in_(FINISHED_JOBS), Job.metered_at.is_(None))
             ).all()
         for job_id in waiting:
             with self.sessions.begin() as session:
-                meter_job(session, job_id, chain_id=chain_id, sample_rate=self.sample_rate)
+                meter_job(session, job_id, domain=domain, sample_rate=self.sample_rate)
         return len(waiting)
 
     # -- open ----------------------------------------------------------------------------------------------

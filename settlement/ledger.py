@@ -1,10 +1,11 @@
 """Metering: a finished job's signed receipts become ledger entries, one per billable hop.
 
-A hop is billable only if everything the gateway saw can be checked again from what it recorded:
+A hop is billable only if everything the gateway saw can be checked again from what it recorded, by the same
+rules the gateway billed with (worker.transcript):
 
-    the provider's HopReceipt signature recovers to the hop's provider, over the job, the model root, the span,
-    the positions and the transcript root;
-    the transcript root is sha256 over the hop's recorded (step, input hash, output hash) triples;
+    the provider's HopReceipt signature recovers to the hop's provider, over the job, the session, the gateway,
+    the model root, the span, the positions and the transcript root;
+    the transcript root is the root of the hop's recorded steps (on the last span, with the tokens it emitted);
     the transcript links: at every step each hop's input hash is the previous hop's output hash.
 
 Its charge is ``tokens × span layers × price`` (settlement.pricing, rounded down per hop), split
@@ -36,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
 
-from eth_keys.exceptions import BadSignature
 from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -52,10 +52,12 @@ from settlement.db.schema import (
     LedgerEntry,
     Receipt,
 )
+from settlement.eip712 import Domain
 from settlement.errors import UnknownJob
 from settlement.pricing import hop_charge
-from settlement.tickets import receipt_signer
-from worker.receipts import ReceiptFields, transcript_root_of
+from settlement.tickets import SignatureChecks
+from worker.messages import SignedReceipt
+from worker.transcript import Expected, ReceiptChecker, StepHashes, receipt_bills, transcript_root
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def meter_job(
     session: Session,
     job_id: str,
     *,
-    chain_id: int,
+    domain: Domain,
     sample_rate: float = 0.0,
     draw: Callable[[], float] = _SYSTEM_RANDOM.random,
 ) -> Metered | None:
@@ -105,7 +107,7 @@ def meter_job(
     hops = session.scalars(select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt, Hop.position)).all()
     receipts = {r.hop_id: r for r in session.scalars(select(Receipt).where(Receipt.job_id == job_id))}
     billed = [hop for hop in hops if hop.status == HopStatus.BILLED]
-    refused = _refusals(job, hops, billed, receipts, chain_id)
+    refused = _refusals(job, hops, billed, receipts, SignatureChecks(domain).receipt)
     # Unpaid jobs (payments off) and jobs charged nothing bill nobody, whatever their receipts say.
     collectable = charge.amount if charge is not None else 0
     entries: list[LedgerEntry] = []
@@ -153,12 +155,12 @@ def meter_job(
 
 
 def _refusals(
-    job: Job, hops: Sequence[Hop], billed: list[Hop], receipts: dict[int, Receipt], chain_id: int
+    job: Job, hops: Sequence[Hop], billed: list[Hop], receipts: dict[int, Receipt], check: ReceiptChecker
 ) -> dict[int, str]:
     """Why each billed hop that fails a check is not billable, by hop id."""
     refused: dict[int, str] = {}
     for hop in billed:
-        reason = _receipt_problem(job, hop, receipts.get(hop.id), chain_id)
+        reason = _receipt_problem(job, hop, receipts.get(hop.id), check)
         if reason is not None:
             refused[hop.id] = reason
     # Links are checked over the whole route a billed hop ran on, including hops whose receipts failed.
@@ -174,38 +176,46 @@ def _refusals(
     return refused
 
 
-def _steps(hop: Hop) -> list[tuple[int, bytes, bytes]]:
-    return [(int(step), bytes.fromhex(i[2:]), bytes.fromhex(o[2:])) for step, i, o in hop.transcript or []]
+def _steps(hop: Hop) -> list[StepHashes]:
+    return [StepHashes.from_row(row) for row in hop.transcript or []]
 
 
-def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, chain_id: int) -> str | None:
+def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: ReceiptChecker) -> str | None:
     if receipt is None:
         return "no receipt"
-    if not hop.transcript:
-        return "no recorded transcript"
+    if not hop.transcript or hop.session is None or receipt.gateway is None or receipt.sampling_hash is None:
+        return "no recorded transcript, session, gateway or sampling commitment"
     try:
-        steps = _steps(hop)
-        root = transcript_root_of(steps)
-        signature = bytes.fromhex(receipt.signature[2:])
-        fields = ReceiptFields(
-            bytes.fromhex(job.id[2:]),
-            to_checksum_address(hop.provider),
-            bytes.fromhex(job.model_root[2:]),
-            hop.layer_start,
-            hop.layer_end,
-            receipt.tokens,
-            root,
+        root = transcript_root(_steps(hop))
+        signed = SignedReceipt(
+            job_id=bytes.fromhex(job.id[2:]),
+            session=bytes.fromhex(hop.session),
+            gateway=receipt.gateway,
+            provider=to_checksum_address(receipt.provider),
+            model_root=bytes.fromhex(job.model_root[2:]),
+            layer_start=hop.layer_start,
+            layer_end=hop.layer_end,
+            positions=receipt.tokens,
+            transcript_root=bytes.fromhex(receipt.transcript_root[2:]),
+            sampling_hash=bytes.fromhex(receipt.sampling_hash[2:]),
+            signature=bytes.fromhex(receipt.signature[2:]),
         )
-        signer = receipt_signer(fields, signature, chain_id=chain_id)
-    except (ValueError, TypeError, BadSignature) as exc:
+    except (ValueError, TypeError) as exc:
         return f"unreadable receipt or transcript: {exc}"
-    if "0x" + root.hex() != hop.transcript_root or hop.transcript_root != receipt.transcript_root:
+    if "0x" + root.hex() != hop.transcript_root:
         return "the transcript root does not match the recorded steps"
-    if receipt.tokens != hop.tokens:
-        return f"the receipt says {receipt.tokens} positions, the gateway sent {hop.tokens}"
-    if signer != to_checksum_address(hop.provider):
-        return f"the receipt is signed by {signer}, not {hop.provider}"
-    return None
+    expected = Expected(
+        job_id=signed.job_id,
+        session=signed.session,
+        gateway=signed.gateway,
+        provider=to_checksum_address(hop.provider),
+        model_root=signed.model_root,
+        layer_start=hop.layer_start,
+        layer_end=hop.layer_end,
+        positions=hop.tokens,
+        transcript_root=root,
+    )
+    return receipt_bills(signed, expected, check)
 
 
 def _broken_link(route: list[Hop]) -> str | None:
@@ -217,12 +227,12 @@ def _broken_link(route: list[Hop]) -> str | None:
         transcripts = [_steps(hop) for hop in route]
     except (ValueError, TypeError) as exc:
         return f"unreadable transcript: {exc}"
-    steps = [step for step, _, _ in transcripts[0]]
-    if any([step for step, _, _ in t] != steps for t in transcripts):
+    steps = [entry.step for entry in transcripts[0]]
+    if any([entry.step for entry in t] != steps for t in transcripts):
         return "the hops recorded different steps"
     for upstream, downstream in pairwise(transcripts):
-        for (_, _, output), (_, received, _) in zip(upstream, downstream, strict=True):
-            if output != received:
+        for sent, received in zip(upstream, downstream, strict=True):
+            if sent.output != received.input:
                 return "a hop's input is not the previous hop's output"
     return None
 

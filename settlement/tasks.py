@@ -147,9 +147,7 @@ def context() -> Context:
 def meter_job(job_id: str) -> dict[str, Any]:
     ctx = context()
     with ctx.sessions.begin() as session:
-        metered = meter(
-            session, job_id, chain_id=ctx.contracts.deployment.chain_id, sample_rate=ctx.sample_rate
-        )
+        metered = meter(session, job_id, domain=ctx.contracts.protocol_domain(), sample_rate=ctx.sample_rate)
     if metered is None:
         return {"jobId": job_id, "metered": False}
     for validation in metered.sampled:

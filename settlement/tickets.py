@@ -1,109 +1,133 @@
-"""Job tickets the gateway signs for providers, and the HopReceipts providers sign back.
+"""The hop protocol's signatures under one deployment's protocol domain: tickets the gateway and validators
+sign, receipts and endpoint proofs providers sign, and every party's proof of its key on a connection.
 
-Both use the EIP-712 types in :mod:`settlement.eip712`. The provider node sees them only through the seams
-in :mod:`worker.receipts`, wired by ``strata provider serve``.
+:class:`KeyRing` signs with one key and :class:`SignatureChecks` recovers signers; the provider node, the
+gateway and the validator are handed them through the seams in :mod:`worker.trust`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
-
 from eth_account.signers.local import LocalAccount
-from eth_utils.address import is_address, to_checksum_address
 
-from settlement.eip712 import HopReceipt, JobTicket, protocol_domain, recover_signer
-from worker.errors import TicketRefused
-from worker.receipts import ReceiptFields, TicketGrant
+from settlement.eip712 import (
+    Domain,
+    EndpointProof,
+    FetchTicket,
+    HopReceipt,
+    HopTicket,
+    PeerAuth,
+    protocol_domain,
+    recover_signer,
+)
+from worker import messages
+from worker.trust import ReceiptFields
 
 UINT64_MAX = 2**64 - 1
 
 
-def issue_ticket(
-    gateway: LocalAccount, *, job_id: bytes, model_root: bytes, expires_at: int, chain_id: int
-) -> dict[str, Any]:
-    """A ticket as hop messages carry it: its fields and the gateway's signature, hex-encoded."""
-    ticket = JobTicket(job_id, model_root, expires_at)
-    return {
-        "jobId": "0x" + job_id.hex(),
-        "modelRoot": "0x" + model_root.hex(),
-        "expiresAt": expires_at,
-        "signature": "0x" + ticket.sign(gateway, protocol_domain(chain_id)).hex(),
-    }
+def domain_of(chain_id: int, stake_manager: str) -> Domain:
+    return protocol_domain(chain_id, stake_manager)
 
 
-def _bytes_field(ticket: Mapping[str, object], name: str, size: int) -> bytes:
-    value = ticket.get(name)
-    if not isinstance(value, str) or not value.startswith("0x"):
-        raise TicketRefused(f"ticket field {name} must be 0x-prefixed hex")
-    try:
-        raw = bytes.fromhex(value[2:])
-    except ValueError as exc:
-        raise TicketRefused(f"ticket field {name} is not hex") from exc
-    if len(raw) != size:
-        raise TicketRefused(f"ticket field {name} must be {size} bytes, got {len(raw)}")
-    return raw
+def _hop_ticket(ticket: messages.HopTicket) -> HopTicket:
+    return HopTicket(
+        ticket.job_id,
+        ticket.session,
+        ticket.provider,
+        ticket.model_root,
+        ticket.layer_start,
+        ticket.layer_end,
+        ticket.previous,
+        ticket.next,
+        ticket.next_endpoint,
+        ticket.next_fingerprint,
+        ticket.max_positions,
+        ticket.expires_at,
+    )
 
 
-class GatewayTicketVerifier:
-    """Accepts tickets signed by one of ``trusted`` gateway addresses and not yet expired."""
-
-    def __init__(self, trusted: Iterable[str], *, chain_id: int) -> None:
-        self.trusted = {to_checksum_address(address) for address in trusted if is_address(address)}
-        if not self.trusted:
-            raise ValueError("a provider must trust at least one gateway address")
-        self.domain = protocol_domain(chain_id)
-
-    def __call__(self, ticket: Mapping[str, object], *, now: int) -> TicketGrant:
-        if not isinstance(ticket, Mapping):
-            raise TicketRefused("no job ticket")
-        job_id = _bytes_field(ticket, "jobId", 32)
-        model_root = _bytes_field(ticket, "modelRoot", 32)
-        signature = _bytes_field(ticket, "signature", 65)
-        expires_at = ticket.get("expiresAt")
-        if (
-            not isinstance(expires_at, int)
-            or isinstance(expires_at, bool)
-            or not 0 <= expires_at <= UINT64_MAX
-        ):
-            raise TicketRefused("ticket field expiresAt must be a uint64")
-        try:
-            signer = recover_signer(
-                JobTicket(job_id, model_root, expires_at).signable(self.domain), signature
-            )
-        except ValueError as exc:
-            raise TicketRefused(f"ticket signature is malformed: {exc}") from exc
-        if signer not in self.trusted:
-            raise TicketRefused(f"ticket signed by {signer}, which is not a trusted gateway")
-        if expires_at <= now:
-            raise TicketRefused(f"ticket for job 0x{job_id.hex()} expired at {expires_at} (now {now})")
-        return TicketGrant(job_id, model_root, expires_at, signer)
-
-
-def receipt_of(fields: ReceiptFields) -> HopReceipt:
+def _receipt(fields: ReceiptFields | messages.SignedReceipt) -> HopReceipt:
     return HopReceipt(
         fields.job_id,
+        fields.session,
+        fields.gateway,
         fields.provider,
         fields.model_root,
         fields.layer_start,
         fields.layer_end,
-        fields.tokens,
+        fields.positions,
         fields.transcript_root,
+        fields.sampling_hash,
     )
 
 
-class KeyReceiptSigner:
-    """Signs HopReceipts with a provider's key."""
+class KeyRing:
+    """Signs everything one party of the protocol signs, with its key."""
 
-    def __init__(self, account: LocalAccount, *, chain_id: int) -> None:
+    def __init__(self, account: LocalAccount, domain: Domain) -> None:
         self.account = account
-        self.address: str = str(account.address)
-        self.domain = protocol_domain(chain_id)
+        self.domain = domain
 
-    def __call__(self, fields: ReceiptFields) -> bytes:
-        return receipt_of(fields).sign(self.account, self.domain)
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    def peer_auth(self, challenge: bytes, server_fingerprint: bytes) -> bytes:
+        return PeerAuth(challenge, server_fingerprint).sign(self.account, self.domain)
+
+    def receipt(self, fields: ReceiptFields) -> messages.SignedReceipt:
+        signature = _receipt(fields).sign(self.account, self.domain)
+        return messages.SignedReceipt(
+            fields.job_id,
+            fields.session,
+            fields.gateway,
+            fields.provider,
+            fields.model_root,
+            fields.layer_start,
+            fields.layer_end,
+            fields.positions,
+            fields.transcript_root,
+            fields.sampling_hash,
+            signature,
+        )
+
+    def endpoint_proof(self, challenge: bytes, endpoint: str, fingerprint: bytes) -> bytes:
+        return EndpointProof(challenge, self.address, endpoint, fingerprint).sign(self.account, self.domain)
+
+    def hop_ticket(self, unsigned: messages.HopTicket) -> messages.HopTicket:
+        """``unsigned`` (its signature field ignored), signed by this key: the gateway's."""
+        signature = _hop_ticket(unsigned).sign(self.account, self.domain)
+        return messages.HopTicket(**{**unsigned.__dict__, "signature": signature})
+
+    def fetch_ticket(
+        self, *, job_id: bytes, session: bytes, provider: str, expires_at: int
+    ) -> messages.FetchTicket:
+        """A validator's permission to read ``provider``'s retained steps of ``session``."""
+        signature = FetchTicket(job_id, session, provider, expires_at).sign(self.account, self.domain)
+        return messages.FetchTicket(job_id, session, provider, expires_at, signature)
 
 
-def receipt_signer(fields: ReceiptFields, signature: bytes, *, chain_id: int) -> str:
-    """Who signed a receipt; the gateway compares it with the receipt's provider."""
-    return receipt_of(fields).signer(signature, protocol_domain(chain_id))
+class SignatureChecks:
+    """Recovers the signers of the protocol's messages under one deployment's domain."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+
+    def peer_auth(self, challenge: bytes, server_fingerprint: bytes, signature: bytes) -> str:
+        return recover_signer(PeerAuth(challenge, server_fingerprint).signable(self.domain), signature)
+
+    def hop_ticket(self, ticket: messages.HopTicket) -> str:
+        return recover_signer(_hop_ticket(ticket).signable(self.domain), ticket.signature)
+
+    def fetch_ticket(self, ticket: messages.FetchTicket) -> str:
+        unsigned = FetchTicket(ticket.job_id, ticket.session, ticket.provider, ticket.expires_at)
+        return recover_signer(unsigned.signable(self.domain), ticket.signature)
+
+    def receipt(self, receipt: messages.SignedReceipt) -> str:
+        return recover_signer(_receipt(receipt).signable(self.domain), receipt.signature)
+
+    def endpoint_proof(
+        self, challenge: bytes, provider: str, endpoint: str, fingerprint: bytes, signature: bytes
+    ) -> str:
+        proof = EndpointProof(challenge, provider, endpoint, fingerprint)
+        return recover_signer(proof.signable(self.domain), signature)

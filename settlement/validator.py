@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,11 +65,13 @@ from settlement.db.schema import (
 from settlement.deploy import Contracts
 from settlement.errors import NoReferenceWeights, TransactionReverted, UnknownJob
 from settlement.outbox import send_once
-from settlement.tickets import issue_ticket
+from settlement.tickets import KeyRing
 from settlement.validation import ReferenceSpan, Verdict, judge_span
-from worker.client import HopConnection, RetainedStep, fetch_retained
-from worker.errors import HopFailed, HopUnreachable, ProtocolError, WireError
+from worker.client import PeerLink, RetainedStep, fetch_retained
+from worker.errors import HopRefused, WorkerError
 from worker.shard import default_device, load_shard, model_root
+from worker.tls import NO_FINGERPRINT
+from worker.transcript import StepHashes
 from worker.wire import FrameLimits
 
 log = logging.getLogger(__name__)
@@ -135,9 +138,11 @@ class _Hop:
     transcript_root: str
     transcript: list[list[Any]]
     signature: str | None
+    fingerprint: bytes  # of the certificate the provider's ask named: the link to it pins it
 
     def steps(self) -> list[tuple[int, bytes, bytes]]:
-        return [(int(step), bytes.fromhex(i[2:]), bytes.fromhex(o[2:])) for step, i, o in self.transcript]
+        rows = [StepHashes.from_row(row) for row in self.transcript]
+        return [(row.step, row.input, row.output) for row in rows]
 
 
 class Validator:
@@ -188,22 +193,22 @@ class Validator:
                     first_attempt_at=datetime.fromtimestamp(first_attempt, UTC),
                 )
             )
+        reference = self.references.span(hop.model_root, *hop.layers)
+        if reference is None:
+            raise NoReferenceWeights(
+                f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
+            )
         try:
-            steps = asyncio.run(self._fetch(hop))
-        except HopFailed as exc:  # the provider answered, without the data
+            steps = asyncio.run(self._fetch(hop, reference))
+        except HopRefused as exc:  # the provider answered, without the data
             return self._unavailable(hop, first_attempt <= deadline, f"{exc.code}: {exc}")
-        except (HopUnreachable, ProtocolError, WireError, TimeoutError, OSError) as exc:
+        except (WorkerError, TimeoutError, OSError) as exc:
             if now < deadline:
                 log.info("validation %d: %s unreachable (%r), retrying", validation_id, hop.endpoint, exc)
                 return Outcome(
                     validation_id, ValidationStatus.PENDING, retry_in_s=min(self.retry_s, deadline - now)
                 )
             return self._unavailable(hop, first_attempt <= deadline, f"unreachable: {exc!r}")
-        reference = self.references.span(hop.model_root, *hop.layers)
-        if reference is None:
-            raise NoReferenceWeights(
-                f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
-            )
         verdict = judge_span(reference, steps, hop.steps())
         return self._decide(hop, verdict)
 
@@ -216,6 +221,7 @@ class Validator:
             job = session.get(Job, validation.job_id)
             assert hop is not None and job is not None and job.finished_at is not None
             receipt = session.scalar(select(Receipt).where(Receipt.hop_id == hop.id))
+            ask = session.get(Ask, hop.ask_id)
             return _Hop(
                 validation_id,
                 validation.status,
@@ -235,24 +241,37 @@ class Validator:
                 hop.transcript_root,
                 list(hop.transcript or []),
                 receipt.signature if receipt else None,
+                bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")) if ask is not None else bytes(32),
             )
 
-    async def _fetch(self, hop: _Hop) -> list[RetainedStep]:
-        ticket = issue_ticket(
-            self.account,
+    async def _fetch(self, hop: _Hop, reference: ReferenceSpan) -> list[RetainedStep]:
+        """The provider's retained steps of the hop's session, read over a link pinned to its certificate with a
+        ticket naming it and the session: it can be used to read nothing else, by nobody else."""
+        keys = KeyRing(self.account, self.contracts.protocol_domain())
+        ticket = keys.fetch_ticket(
             job_id=bytes.fromhex(hop.job_id[2:]),
-            model_root=bytes.fromhex(hop.model_root[2:]),
+            session=bytes.fromhex(hop.session),
+            provider=to_checksum_address(hop.provider),
             expires_at=int(self.clock()) + int(self.fetch_timeout_s) + 60,
-            chain_id=self.contracts.deployment.chain_id,
         )
-        connection = HopConnection(hop.endpoint, FrameLimits())
+        shard = reference.shard()
+        # A retained tensor holds at most every position of the hop, each a hidden state or a row of logits.
+        width = hop.tokens * max(shard.hidden_size, shard.vocab_size)
+        limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
+        link = PeerLink(
+            hop.endpoint,
+            hop.fingerprint,
+            keys,
+            tls=hop.fingerprint != NO_FINGERPRINT,
+            expect=to_checksum_address(hop.provider),
+        )
         try:
             return await asyncio.wait_for(
-                fetch_retained(connection, bytes.fromhex(hop.session), ticket, max_steps=len(hop.transcript)),
+                fetch_retained(link, ticket, max_steps=len(hop.transcript), limits=limits),
                 self.fetch_timeout_s,
             )
         finally:
-            await connection.close()
+            await link.close()
 
     def _unavailable(self, hop: _Hop, within_window: bool, detail: str) -> Outcome:
         if not within_window:

@@ -1,18 +1,69 @@
-"""Persistent connections to providers: one per endpoint, requests answered in order."""
+"""The client side of hop links: an authenticated connection to one provider (:class:`PeerLink`), a pool of
+them (:class:`Peers`), a route of providers driven by the gateway (:class:`RouteClient`), and a validator's
+reading of what a provider retained (:func:`fetch_retained`).
+
+A link connects over TLS, checks that the provider's certificate is the one pinned for it (from its signed ask
+or from a ticket), answers the provider's challenge with this party's key, and then carries one request at a
+time. It reconnects on the next request after it breaks.
+
+:class:`RouteClient` opens a session on every provider of a route directly (each its own ticket and MAC key),
+sends steps to the first, verifies the route's report hop by hop, and closes each session directly, collecting
+each provider's own receipt. When a step does not come back whole it says whom the failure is on
+(:class:`~worker.errors.StepFailed`): a hop whose authenticated entry reports an error of its own; the hop that
+relayed a report which does not verify; for a hop that says it could not reach the next, whichever of the two
+this client cannot reach itself; and both hops of a link whose hashes disagree, with nobody suspended, since
+either may be the liar.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
-from dataclasses import dataclass
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from worker.errors import HopFailed, HopUnreachable, ProtocolError, WireError
-from worker.protocol import Message, read_message, write_message
-from worker.wire import FrameLimits
+from worker.errors import (
+    CertificateMismatch,
+    HopRefused,
+    HopUnreachable,
+    ProtocolError,
+    StepFailed,
+    Unauthenticated,
+    WireError,
+    WorkerError,
+)
+from worker.messages import (
+    Auth,
+    Close,
+    Fetch,
+    Fetched,
+    FetchTicket,
+    Hello,
+    HopTicket,
+    Open,
+    Report,
+    SignedReceipt,
+    Step,
+    checked,
+)
+from worker.protocol import read_control, read_frame, write_message
+from worker.tls import NO_FINGERPRINT, check_pinned, client_context
+from worker.transcript import StepHashes, links
+from worker.trust import Keys
+from worker.wire import Frame, FrameLimits, payload_sha256
+
+HANDSHAKE_TIMEOUT_S = 5.0
+# A hop's report that the next one answered garbage, refused, or presented another certificate: the two
+# disagree and either may be lying (or the path between them attacked). Both are left out, neither suspended.
+NEXT_DISPUTED = ("next_misbehaved", "next_refused", "next_certificate_mismatch")
+CLOSE_ATTEMPTS = 3
+CLOSE_RETRY_S = 0.5
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -22,13 +73,25 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class HopConnection:
-    """A connection to one provider, opened on first use and again after it breaks."""
+class PeerLink:
+    """An authenticated connection to one provider, opened on first use and again after it breaks."""
 
-    def __init__(self, endpoint: str, limits: FrameLimits, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        fingerprint: bytes,
+        keys: Keys,
+        *,
+        tls: bool,
+        expect: str | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
         self.endpoint = endpoint
         self.host, self.port = parse_endpoint(endpoint)
-        self.limits = limits
+        self.fingerprint = fingerprint
+        self.keys = keys
+        self.tls = tls
+        self.expect = expect  # the provider's address, when the caller knows it: the server names itself
         self.connect_timeout_s = connect_timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -39,20 +102,25 @@ class HopConnection:
         control: dict[str, Any],
         tensor: torch.Tensor | None = None,
         *,
-        session: bytes = b"",
+        session: bytes = bytes(16),
         step: int = 0,
-    ) -> Message:
+        sha256: bytes | None = None,
+        reply_frame: FrameLimits | None = None,
+    ) -> tuple[Mapping[str, Any], Frame | None]:
+        """Sends one request and reads its reply; ``reply_frame`` is the frame the reply may carry (None: none)."""
         async with self._lock:
             try:
                 reader, writer = await self._connected()
-                write_message(writer, control, tensor, session=session, step=step)
+                write_message(writer, control, tensor, session=session, step=step, sha256=sha256)
                 await writer.drain()
-                return await read_message(reader, self.limits)
+                reply = await read_control(reader)
+                frame = await read_frame(reader, reply_frame)
+                return reply, frame
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 await self._drop()
                 raise HopUnreachable(f"{self.endpoint}: {exc!r}") from exc
-            except (ProtocolError, WireError):
-                await self._drop()  # the stream's framing can no longer be trusted
+            except (ProtocolError, WireError, CertificateMismatch, Unauthenticated):
+                await self._drop()  # the stream's framing, or the peer, can no longer be trusted
                 raise
             except BaseException:
                 # Cancelled mid-exchange (a caller's timeout): the reply may still arrive and would be read as
@@ -60,17 +128,58 @@ class HopConnection:
                 self._abandon()
                 raise
 
+    async def probe(self) -> bool:
+        """Whether the provider answers: connected, its certificate the pinned one, our key accepted."""
+        async with self._lock:
+            try:
+                await self._connected()
+            except (WorkerError, OSError, TimeoutError, asyncio.IncompleteReadError):
+                await self._drop()
+                return False
+            return True
+
     async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None or self._writer.is_closing():
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout_s
-            )
+        if self._reader is not None and self._writer is not None and not self._writer.is_closing():
+            return self._reader, self._writer
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=client_context() if self.tls else None,
+                server_hostname="" if self.tls else None,
+            ),
+            self.connect_timeout_s,
+        )
+        try:
+            if self.tls:
+                check_pinned(writer.get_extra_info("ssl_object"), self.fingerprint, self.endpoint)
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 # Steps are small request/response exchanges: Nagle's delay would add up at every hop.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._reader, self._writer = reader, writer
-        return self._reader, self._writer
+            await asyncio.wait_for(self._authenticate(reader, writer), HANDSHAKE_TIMEOUT_S)
+        except BaseException:
+            writer.close()
+            raise
+        self._reader, self._writer = reader, writer
+        return reader, writer
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = Hello.from_json(await read_control(reader, limit=1024))
+        await read_frame(reader, None)
+        pinned = self.fingerprint if self.tls else NO_FINGERPRINT
+        if hello.fingerprint != pinned:
+            raise CertificateMismatch(f"{self.endpoint} names another certificate than the one it presented")
+        signature = await asyncio.to_thread(self.keys.peer_auth, hello.challenge, pinned)
+        write_message(writer, Auth(self.keys.address, signature).to_json())
+        await writer.drain()
+        reply = await read_control(reader, limit=1024)
+        await read_frame(reader, None)
+        if reply.get("ok") is not True:
+            error = reply.get("error")
+            raise Unauthenticated(f"{self.endpoint} refused our key: {error}")
+        if self.expect is not None and reply.get("provider") != self.expect:
+            raise Unauthenticated(f"{self.endpoint} is {reply.get('provider')}, not {self.expect}")
 
     def _abandon(self) -> None:
         if self._writer is not None:
@@ -80,7 +189,7 @@ class HopConnection:
     async def _drop(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            with contextlib.suppress(OSError):  # already gone: nothing left to close
+            with contextlib.suppress(OSError, ssl.SSLError):  # already gone: nothing left to close
                 await self._writer.wait_closed()
         self._reader = self._writer = None
 
@@ -89,78 +198,198 @@ class HopConnection:
             await self._drop()
 
 
-class ConnectionPool:
-    def __init__(self, limits: FrameLimits) -> None:
-        self.limits = limits
-        self._connections: dict[str, HopConnection] = {}
+class Peers:
+    """Links to providers, one per (endpoint, certificate), authenticated with ``keys``. A zero fingerprint
+    means a plain TCP link, which only a party that allows plaintext (development) opens."""
 
-    def get(self, endpoint: str) -> HopConnection:
-        connection = self._connections.get(endpoint)
-        if connection is None:
-            connection = self._connections[endpoint] = HopConnection(endpoint, self.limits)
-        return connection
+    def __init__(self, keys: Keys, *, allow_plaintext: bool = False) -> None:
+        self.keys = keys
+        self.allow_plaintext = allow_plaintext
+        self._links: dict[tuple[str, bytes], PeerLink] = {}
+
+    def get(self, endpoint: str, fingerprint: bytes, *, expect: str | None = None) -> PeerLink:
+        key = (endpoint, fingerprint)
+        link = self._links.get(key)
+        if link is None:
+            tls = fingerprint != NO_FINGERPRINT
+            if not tls and not self.allow_plaintext:
+                raise CertificateMismatch(f"{endpoint} names no certificate, and plaintext links are off")
+            link = self._links[key] = PeerLink(endpoint, fingerprint, self.keys, tls=tls, expect=expect)
+        return link
 
     async def close(self) -> None:
-        for connection in self._connections.values():
-            await connection.close()
-        self._connections.clear()
+        for link in self._links.values():
+            await link.close()
+        self._links.clear()
+
+
+# -- a route, as the gateway drives it ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopPlan:
+    """One hop of a route: where it is, the certificate pinned for it, its ticket and its report key."""
+
+    endpoint: str
+    fingerprint: bytes
+    ticket: HopTicket
+    mac_key: bytes = field(default_factory=lambda: os.urandom(32))
+
+    @property
+    def provider(self) -> str:
+        return self.ticket.provider
 
 
 @dataclass(frozen=True)
 class StepResult:
     token: int
-    transcript: list[dict[str, Any]]  # one entry per hop: provider, span, input hash, output hash
+    hops: list[StepHashes]  # each hop's authenticated (step, input, output), the last one's token with it
+    compute_ms: list[float | None]  # each hop's own account of its compute; telemetry, never billed
     logits: torch.Tensor | None = None  # the last position's (1, vocab), when asked for
 
 
 class RouteClient:
-    """Drives sessions along one route of providers; the route's first endpoint is the only one contacted."""
+    """Drives one session along one route: opens it on every hop, steps it through the first, closes every hop."""
 
-    def __init__(self, route: list[str], ticket: dict[str, Any], pool: ConnectionPool) -> None:
-        if not route:
+    def __init__(self, hops: list[HopPlan], peers: Peers, *, vocab_size: int) -> None:
+        if not hops:
             raise ValueError("a route needs at least one provider")
-        self.route = route
-        self.ticket = ticket
-        self.pool = pool
+        self.hops = hops
+        self.peers = peers
+        self.vocab_size = vocab_size
+        self.session = hops[0].ticket.session
 
-    async def step(
-        self,
-        session: bytes,
-        step: int,
-        token_ids: torch.Tensor,
-        sampling: dict[str, Any] | None = None,
-        *,
-        logits: bool = False,
-    ) -> StepResult:
-        control: dict[str, Any] = {
-            "op": "step",
-            "session": session.hex(),
-            "step": step,
-            "route": self.route[1:],
-            "ticket": self.ticket,
-        }
-        if sampling is not None:
-            control["sampling"] = sampling
-        if logits:
-            control["logits"] = True
-        message = await self.pool.get(self.route[0]).request(control, token_ids, session=session, step=step)
-        reply = _checked(message)
-        token, transcript = reply.get("token"), reply.get("transcript")
-        if not isinstance(token, int) or not isinstance(transcript, list):
-            raise ProtocolError("a step reply must carry a token and a transcript")
-        return StepResult(token, transcript, message.frame.tensor if message.frame is not None else None)
+    def _link(self, hop: HopPlan) -> PeerLink:
+        return self.peers.get(hop.endpoint, hop.fingerprint, expect=hop.provider)
 
-    async def close(self, session: bytes) -> list[dict[str, Any]]:
-        control = {"op": "close", "session": session.hex(), "route": self.route[1:], "ticket": self.ticket}
-        reply = _checked(await self.pool.get(self.route[0]).request(control))
-        receipts = reply.get("receipts")
-        if not isinstance(receipts, list):
-            raise ProtocolError("a close reply must carry receipts")
-        return receipts
+    async def open(self, sampling: dict[str, Any] | None) -> None:
+        """Opens the session on every hop at once; raises StepFailed naming the hops that refused."""
+
+        async def open_one(position: int, hop: HopPlan) -> None:
+            last = position == len(self.hops) - 1
+            request = Open(hop.ticket, hop.mac_key, sampling if last else None)
+            reply, _ = await self._link(hop).request(request.to_json())
+            checked(reply)
+
+        outcomes = await asyncio.gather(
+            *(open_one(i, hop) for i, hop in enumerate(self.hops)), return_exceptions=True
+        )
+        failed = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, BaseException)]
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, WorkerError | OSError):
+                raise outcome
+        if failed:
+            raise StepFailed(
+                f"hops {failed} did not open the session: {outcomes[failed[0]]!r}", blame(failed)
+            )
+
+    async def step(self, step: int, inputs: torch.Tensor, *, logits: bool = False) -> StepResult:
+        first = self.hops[0]
+        request = Step(self.session, step, int(inputs.shape[1]), logits)
+        try:
+            reply, frame = await self._link(first).request(
+                request.to_json(),
+                inputs,
+                session=self.session,
+                step=step,
+                reply_frame=FrameLimits(max_payload_bytes=self.vocab_size * 8, max_elements=self.vocab_size)
+                if logits
+                else None,
+            )
+        except (CertificateMismatch, Unauthenticated) as exc:
+            # Someone else answered at the provider's endpoint, or the provider does not know this gateway: the
+            # path may be attacked, which is no proof against the provider. Leave it out; do not suspend it.
+            raise StepFailed(
+                f"the first hop is not the one pinned: {exc}", blame([0], suspend=False)
+            ) from exc
+        except (HopUnreachable, ProtocolError, WireError) as exc:
+            raise StepFailed(f"the first hop failed: {exc}", blame([0])) from exc
+        if "report" not in reply:
+            raise StepFailed(f"the first hop refused the step: {reply.get('error')}", blame([0]))
+        try:
+            report = Report.from_json(reply["report"])
+        except ProtocolError as exc:
+            raise StepFailed(f"the first hop's report: {exc}", blame([0])) from exc
+        hops = await self._verified(report, step, payload_sha256(inputs))
+        return StepResult(
+            hops[-1].token or 0,
+            hops,
+            [r.compute_ms for r in report.chain()],
+            frame.tensor if frame is not None else None,
+        )
+
+    async def _verified(self, report: Report, step: int, sent: bytes) -> list[StepHashes]:
+        """Each hop's authenticated account of the step, first hop first; raises StepFailed with the blame."""
+        hops: list[StepHashes] = []
+        current: Report | None = report
+        for position, hop in enumerate(self.hops):
+            if current is None:
+                # The hop before said it sent the step on and got nothing back that it could show.
+                raise StepFailed(
+                    f"hop {position - 1} relayed no report from hop {position}", blame([position - 1])
+                )
+            entry = current.entry
+            honest_entry = (
+                current.verifies(hop.mac_key)
+                and entry.provider == hop.provider
+                and entry.session == self.session
+                and entry.step == step
+            )
+            if not honest_entry:
+                # Altered or forged on its way: the hop that handed it up is answerable for it.
+                relayer = max(position - 1, 0)
+                raise StepFailed(f"hop {position}'s report does not verify", blame([relayer]))
+            if entry.error is not None:
+                raise StepFailed(
+                    f"hop {position} ({hop.provider}) failed: {entry.error.code}: {entry.error.message}",
+                    await self._blame_error(position, entry.error.code),
+                )
+            assert entry.input is not None and entry.output is not None
+            last = position == len(self.hops) - 1
+            if last:
+                if entry.token is None or not 0 <= entry.token < self.vocab_size:
+                    raise StepFailed(
+                        f"the last hop emitted no token in 0..{self.vocab_size - 1}", blame([position])
+                    )
+                if current.downstream is not None:
+                    raise StepFailed("the last hop reported a hop after it", blame([position]))
+            elif entry.token is not None:
+                raise StepFailed(f"hop {position} is not the last, yet emitted a token", blame([position]))
+            hops.append(StepHashes(step, entry.input, entry.output, entry.token))
+            current = current.downstream
+        broken = links(sent, hops)
+        if broken is not None:
+            # Two authenticated accounts disagree about the bytes between them: either hop may be lying.
+            positions = [broken] if broken == 0 else [broken - 1, broken]
+            raise StepFailed(f"hop {broken}'s input is not what reached it", blame(positions, suspend=False))
+        return hops
+
+    async def _blame_error(self, position: int, code: str) -> Blame:
+        if code == "next_unreachable" and position + 1 < len(self.hops):
+            # Whoever this client cannot reach itself is down; if it can, the reporter is the problem.
+            reachable = await self._link(self.hops[position + 1]).probe()
+            return blame([position] if reachable else [position + 1])
+        if code in NEXT_DISPUTED and position + 1 < len(self.hops):
+            return blame([position, position + 1], suspend=False)
+        return blame([position])
+
+    async def close(self) -> list[SignedReceipt | None]:
+        """Every hop's own receipt, asked of it directly (retried a few times); None for a hop that gave none."""
+
+        async def close_one(hop: HopPlan) -> SignedReceipt | None:
+            for attempt in range(CLOSE_ATTEMPTS):
+                try:
+                    reply, _ = await self._link(hop).request(Close(self.session).to_json())
+                    return SignedReceipt.from_json(checked(reply).get("receipt"))
+                except (WorkerError, OSError):
+                    if attempt + 1 < CLOSE_ATTEMPTS:
+                        await asyncio.sleep(CLOSE_RETRY_S * (attempt + 1))
+            return None
+
+        return list(await asyncio.gather(*(close_one(hop) for hop in self.hops)))
 
     async def generate(
         self,
-        session: bytes,
         prompt: list[int],
         *,
         max_tokens: int,
@@ -168,13 +397,28 @@ class RouteClient:
         stop_token_ids: frozenset[int] = frozenset(),
         logits: bool = False,
     ) -> tuple[list[int], list[StepResult]]:
-        """Prefill, then one step per token until ``max_tokens`` or a stop token. Does not close the session."""
+        """Opens the session, prefills, then one step per token until ``max_tokens`` or a stop token. Does not
+        close the session."""
+        await self.open(sampling or {})
         prompt_ids = torch.tensor([prompt], dtype=torch.int64)
-        results = [await self.step(session, 0, prompt_ids, sampling or {}, logits=logits)]
+        results = [await self.step(0, prompt_ids, logits=logits)]
         while len(results) < max_tokens and results[-1].token not in stop_token_ids:
             last = torch.tensor([[results[-1].token]], dtype=torch.int64)
-            results.append(await self.step(session, len(results), last, logits=logits))
+            results.append(await self.step(len(results), last, logits=logits))
         return [r.token for r in results], results
+
+
+@dataclass(frozen=True)
+class Blame:
+    positions: list[int]  # the hops at fault, to leave out of the next route
+    suspend: bool = True  # whether they are sure enough to keep out of matching for a while
+
+
+def blame(positions: list[int], *, suspend: bool = True) -> Blame:
+    return Blame(sorted(set(positions)), suspend)
+
+
+# -- a validator's reading ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -189,27 +433,20 @@ class RetainedStep:
 
 
 async def fetch_retained(
-    connection: HopConnection, session: bytes, ticket: dict[str, Any], *, max_steps: int
+    link: PeerLink, ticket: FetchTicket, *, max_steps: int, limits: FrameLimits
 ) -> list[RetainedStep]:
-    """Every retained step of ``session`` on the provider behind ``connection`` (for validators).
+    """Every retained step of the ticket's session on the provider behind ``link`` (for validators).
 
-    Raises HopFailed with the provider's code when it does not have them, ProtocolError when it answers out of
-    turn or claims more than ``max_steps`` steps.
+    Raises HopRefused with the provider's code when it does not have them, ProtocolError when it answers out of
+    turn or claims more than ``max_steps`` steps. ``limits`` bound each frame (from the model and the hop).
     """
 
-    async def part(step: int, name: str) -> tuple[int, Message]:
-        control = {"op": "fetch", "session": session.hex(), "ticket": ticket, "step": step, "part": name}
-        message = await connection.request(control)
-        reply = _checked(message)
-        count = reply.get("steps")
-        if (
-            reply.get("step") != step
-            or not isinstance(count, int)
-            or not 0 < count <= max_steps
-            or message.frame is None
-        ):
-            raise ProtocolError(f"{connection.endpoint} answered fetch of step {step} with something else")
-        return count, message
+    async def part(step: int, name: str) -> tuple[int, Frame]:
+        reply, frame = await link.request(Fetch(ticket, step, name).to_json(), reply_frame=limits)
+        fetched = Fetched.from_json(checked(reply))
+        if fetched.step != step or fetched.part != name or fetched.steps > max_steps or frame is None:
+            raise ProtocolError(f"{link.endpoint} answered fetch of step {step} with something else")
+        return fetched.steps, frame
 
     steps: list[RetainedStep] = []
     count = 1
@@ -217,20 +454,19 @@ async def fetch_retained(
         step = len(steps)
         count, inputs = await part(step, "input")
         _, outputs = await part(step, "output")
-        assert inputs.frame is not None and outputs.frame is not None
-        steps.append(
-            RetainedStep(
-                step, inputs.frame.tensor, outputs.frame.tensor, inputs.frame.sha256, outputs.frame.sha256
-            )
-        )
+        steps.append(RetainedStep(step, inputs.tensor, outputs.tensor, inputs.sha256, outputs.sha256))
     return steps
 
 
-def _checked(message: Message) -> dict[str, Any]:
-    control = message.control
-    if control.get("ok") is True:
-        return control
-    error = control.get("error")
-    if not isinstance(error, dict):
-        raise ProtocolError("an error reply without an error")
-    raise HopFailed(str(error.get("code")), str(error.get("message")), str(error.get("hop")))
+__all__ = [
+    "Blame",
+    "HopPlan",
+    "HopRefused",
+    "PeerLink",
+    "Peers",
+    "RetainedStep",
+    "RouteClient",
+    "StepResult",
+    "fetch_retained",
+    "parse_endpoint",
+]

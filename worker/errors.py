@@ -4,6 +4,15 @@
     ├── CheckpointError           the checkpoint directory is missing files or tensors
     ├── ModelStructureError       the model's parts cannot be found or built
     ├── ModelIdentityError        weights or manifest do not match the model's hashes
+    ├── SessionError              a step the runtime cannot run: busy, unknown session, out of order, bad input
+    ├── TicketRefused             a ticket that is not valid here: unsigned, forged, expired, for someone else
+    ├── ProtocolError             a hop message that does not follow the protocol
+    ├── NotAuthorised             a request from a peer the session's ticket does not name
+    ├── Unauthenticated           a client that did not prove its key on the connection
+    ├── CertificateMismatch       a server that presented another certificate than the pinned one
+    ├── HopRefused                a provider refused a direct request; ``code`` is the provider's
+    ├── HopUnreachable            a provider could not be reached, or dropped the connection
+    ├── StepFailed                a step did not come back whole; carries the route's report
     └── WireError                 a tensor frame that cannot be encoded or accepted (see worker.wire)
         ├── FrameTruncated            fewer bytes than the header, or than the payload it declares
         ├── FrameTrailingBytes        more bytes than the header declares
@@ -218,16 +227,45 @@ class ProtocolError(WorkerError):
     code = "bad_hop_message"
 
 
+class NotAuthorised(WorkerError):
+    """A request from a peer that may not make it: the session's ticket names another peer, or the peer is
+    not the gateway or validator the request needs."""
+
+    code = "not_authorised"
+
+
+class Unauthenticated(WorkerError):
+    """A connection whose client did not prove its key (or proved it for another server's certificate)."""
+
+    code = "unauthenticated"
+
+
+class CertificateMismatch(WorkerError):
+    """The server presented another certificate than the one pinned for it."""
+
+    code = "certificate_mismatch"
+
+
+class HopRefused(WorkerError):
+    """A provider refused a request made to it directly; ``code`` is the provider's."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"{message} ({code})")
+
+
 class HopUnreachable(WorkerError):
     """The next provider on the route could not be reached or dropped the connection."""
 
     code = "hop_unreachable"
 
 
-class HopFailed(WorkerError):
-    """A provider on the route answered a step with an error; ``hop`` is the endpoint that failed."""
+class StepFailed(WorkerError):
+    """A step (or a session's opening) did not come back whole; ``blame`` (worker.client.Blame) says which hops
+    of the route it is on."""
 
-    def __init__(self, code: str, message: str, hop: str) -> None:
-        self.code = code
-        self.hop = hop
-        super().__init__(f"{hop}: {message} ({code})")
+    code = "step_failed"
+
+    def __init__(self, message: str, blame: Any) -> None:
+        self.blame = blame
+        super().__init__(message)

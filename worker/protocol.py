@@ -1,24 +1,11 @@
-"""Hop messages between the coordinator and providers, and between providers.
-
-A message is a small JSON control part and at most one tensor frame (:mod:`worker.wire`), length-prefixed on
-a persistent TCP connection:
+"""Framing of hop messages on a connection: a JSON control part (:mod:`worker.messages`), then at most one
+tensor frame (:mod:`worker.wire`), length-prefixed:
 
     uint32 control length │ control (UTF-8 JSON object) │ uint64 frame length │ frame (0 bytes: none)
 
-Control parts are tiny (ids, a route, a ticket); tensors never go through JSON. A reply answers each request
-on the same connection, in order.
-
-Requests (``"op"``):
-    step    run one step of a session here, then forward to ``route[0]`` with ``route[1:]``; the frame is the
-            step's input. The reply carries every hop's (input hash, output hash) from here to the end of the
-            route, and from the last span the sampled token.
-    close   end the session here and down the route; the reply carries every hop's signed HopReceipt.
-    fetch   one retained step of a session on this provider, its ``"input"`` or ``"output"`` as the frame
-            (for validators: the ticket must be signed by a trusted validator); the reply says how many steps
-            the session has.
-
-Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message", "hop"}}`` where ``hop`` is
-the endpoint that failed, so the coordinator knows whom to route around.
+The parts are read separately so that a receiver decides, from the control part and what it already knows
+(the session, the model), how large a frame it will take before it reads one: an oversized or unwanted frame is
+refused from its length and header alone, and the connection dropped, since its payload was never read.
 """
 
 from __future__ import annotations
@@ -26,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,39 +20,50 @@ import torch
 from worker.errors import ProtocolError
 from worker.wire import HEADER_SIZE, Frame, FrameLimits, decode_payload, encode_frame_parts, read_header
 
-MAX_CONTROL_BYTES = 64 * 1024  # a route of hundreds of hops and a ticket fit many times over
+MAX_CONTROL_BYTES = 64 * 1024  # a ticket, a report of hundreds of hops, fit many times over
 _CONTROL_LENGTH = struct.Struct("<I")
 _FRAME_LENGTH = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
-class Message:
-    control: dict[str, Any]
-    frame: Frame | None = None
-
-
-async def read_message(reader: asyncio.StreamReader, limits: FrameLimits) -> Message:
-    """Reads one message; raises asyncio.IncompleteReadError at a clean end of stream."""
-    (control_length,) = _CONTROL_LENGTH.unpack(await reader.readexactly(_CONTROL_LENGTH.size))
-    if control_length > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control part of {control_length} bytes, the limit is {MAX_CONTROL_BYTES}")
+async def read_control(reader: asyncio.StreamReader, *, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+    """Reads one control part; raises asyncio.IncompleteReadError at a clean end of stream."""
+    (length,) = _CONTROL_LENGTH.unpack(await reader.readexactly(_CONTROL_LENGTH.size))
+    if length > limit:
+        raise ProtocolError(f"control part of {length} bytes, the limit here is {limit}")
     try:
-        control = json.loads(await reader.readexactly(control_length))
+        control = json.loads(await reader.readexactly(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"control part is not JSON: {exc}") from exc
     if not isinstance(control, dict):
         raise ProtocolError("control part must be a JSON object")
-    (frame_length,) = _FRAME_LENGTH.unpack(await reader.readexactly(_FRAME_LENGTH.size))
-    if frame_length == 0:
-        return Message(control)
-    if frame_length < HEADER_SIZE:
-        raise ProtocolError(f"frame of {frame_length} bytes is shorter than a frame header")
-    # The header is checked against the limits before the payload is read, so an oversized frame costs nothing.
+    return control
+
+
+async def read_frame_length(reader: asyncio.StreamReader) -> int:
+    (length,) = _FRAME_LENGTH.unpack(await reader.readexactly(_FRAME_LENGTH.size))
+    return int(length)
+
+
+async def read_frame_body(reader: asyncio.StreamReader, length: int, limits: FrameLimits) -> Frame:
+    """The frame of ``length`` bytes after its length prefix; its header is checked against ``limits`` before a
+    payload byte is read."""
+    if length < HEADER_SIZE:
+        raise ProtocolError(f"frame of {length} bytes is shorter than a frame header")
     header = read_header(await reader.readexactly(HEADER_SIZE), limits=limits)
-    if header.frame_bytes != frame_length:
-        raise ProtocolError(f"frame length {frame_length} disagrees with its header ({header.frame_bytes})")
+    if header.frame_bytes != length:
+        raise ProtocolError(f"frame length {length} disagrees with its header ({header.frame_bytes})")
     payload = bytearray(await reader.readexactly(header.payload_bytes))
-    return Message(control, decode_payload(header, payload))
+    return decode_payload(header, payload)
+
+
+async def read_frame(reader: asyncio.StreamReader, limits: FrameLimits | None) -> Frame | None:
+    """The frame after a control part, or None when there is none; ``limits`` None takes no frame at all."""
+    length = await read_frame_length(reader)
+    if length == 0:
+        return None
+    if limits is None:
+        raise ProtocolError("this message carries no frame")
+    return await read_frame_body(reader, length, limits)
 
 
 def write_message(
@@ -74,19 +71,17 @@ def write_message(
     control: dict[str, Any],
     tensor: torch.Tensor | None = None,
     *,
-    session: bytes = b"",
+    session: bytes = bytes(16),
     step: int = 0,
+    sha256: bytes | None = None,
 ) -> None:
-    """Queues one message on ``writer``; the caller drains."""
+    """Queues one message on ``writer``; the caller drains. ``sha256`` is the payload's digest when the caller
+    already has it (a runtime step hashed its output), so the hot path hashes each output once."""
     body = json.dumps(control, separators=(",", ":")).encode()
     writer.write(_CONTROL_LENGTH.pack(len(body)) + body)
     if tensor is None:
         writer.write(_FRAME_LENGTH.pack(0))
         return
-    header, payload = encode_frame_parts(tensor, session=session, step=step)
+    header, payload = encode_frame_parts(tensor, session=session, step=step, sha256=sha256)
     writer.write(_FRAME_LENGTH.pack(len(header) + len(payload)) + header)
     writer.write(payload)
-
-
-def error_reply(code: str, message: str, hop: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message, "hop": hop}}

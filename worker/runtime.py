@@ -145,6 +145,10 @@ class SpanRuntime:
     def is_open(self, session_id: bytes) -> bool:
         return session_id in self._open
 
+    def knows(self, session_id: bytes) -> bool:
+        """Whether the session is open, or closed and its steps still retained."""
+        return session_id in self._open or session_id in self._closed
+
     @property
     def cached_tokens(self) -> int:
         return sum(session.positions for session in self._open.values())

@@ -1,19 +1,25 @@
-"""The hop server: one provider's span behind a TCP port, forwarding each step straight to the next provider.
+"""The hop server: one provider's span behind a TLS port, serving the sessions a trusted gateway opened on it
+and sending each step on to the one peer the session's ticket names. The protocol and its threat model are in
+:mod:`worker.messages`.
 
-A step enters the first provider, runs its span, and travels provider to provider along the route it carries;
-no coordinator sits between hops. The reply travels back up the same connections, each provider putting its
-own (input hash, output hash) in front of the transcript, so the caller sees every hop. The last provider
-samples the next token. Closing a session walks the route the same way, each provider adding its signed
-HopReceipt.
+A connection starts with a challenge (:class:`~worker.messages.Hello`) that the client answers with its key
+(:class:`~worker.messages.Auth`), bound to this server's certificate. A client that is not a trusted gateway,
+a trusted validator, or the previous hop of a session open here has nothing to ask and is hung up on.
+Requests then run in order, one at a time per connection:
 
-A validator fetches a session's retained steps one tensor at a time (``fetch``), for as long as the runtime
-keeps them (``RuntimeLimits.retention_s``). Its request carries a ticket for the session's job signed by a
-trusted validator: the hidden states are the client's data, and tickets the gateway issued travel along the
-route, so a gateway ticket never unlocks them.
+    open    a trusted gateway opens its ticket's session here (the ticket names this provider and its span)
+    step    the ticket's previous peer (or the gateway) sends a step; it runs, goes on to the ticket's next
+            peer, and the reply carries this hop's authenticated report wrapping the next hop's
+    close   the gateway that opened the session ends it and gets this provider's signed receipt (again, if it
+            asks again)
+    fetch   a trusted validator, with a ticket naming this provider and the session, reads one retained step
+    prove   a gateway checking this provider's ask gets the endpoint signed with the staked key
 
-The job ticket is checked when a session opens (step 0): its signature, its expiry, and that it is for this
-model. Later messages of the session must carry the same job id; re-checking the signature on every token
-would cost more than the hop itself.
+Defences against peers that do not follow the protocol: nothing but the handshake is read before the client is
+known, and that within ``handshake_timeout_s``; a frame's size is derived from the session (positions left in
+its ticket × the model's hidden size) and checked before its payload is read; payload bytes in flight across
+all connections stay under ``max_inflight_bytes``; connections are capped before and after authentication;
+idle connections are closed; signature checks run off the event loop's thread and are cached per connection.
 
 Compute runs on the event loop's thread, one step at a time: a provider has one accelerator, and while a step
 waits for the providers downstream the loop is free to serve others.
@@ -22,33 +28,107 @@ waits for the providers downstream the loop is free to serve others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import time
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from worker.client import ConnectionPool, parse_endpoint
-from worker.errors import ProtocolError, TicketRefused, UnknownSession, WireError, WorkerError
-from worker.protocol import Message, error_reply, read_message, write_message
-from worker.receipts import ReceiptFields, ReceiptSigner, TicketGrant, TicketVerifier, transcript_root
+from worker.client import Peers, parse_endpoint
+from worker.errors import (
+    CertificateMismatch,
+    NotAuthorised,
+    ProtocolError,
+    ProviderBusy,
+    TicketRefused,
+    Unauthenticated,
+    UnknownSession,
+    WireError,
+    WorkerError,
+)
+from worker.messages import (
+    Auth,
+    Close,
+    Fetch,
+    Fetched,
+    Hello,
+    HopEntry,
+    HopError,
+    Open,
+    Prove,
+    Report,
+    Step,
+    parse_request,
+    refusal,
+)
+from worker.protocol import read_control, read_frame_body, read_frame_length, write_message
 from worker.runtime import SpanRuntime
 from worker.sampling import Sampler, SamplingParams
+from worker.tls import NO_FINGERPRINT, TlsIdentity
+from worker.transcript import StepHashes, sampling_hash, transcript_root
+from worker.trust import Checks, Keys, ReceiptFields
 from worker.wire import FrameLimits
 
 log = logging.getLogger(__name__)
 
-MAX_ROUTE = 256
+HANDSHAKE_CONTROL_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    handshake_timeout_s: float = 5.0  # to connect, say hello and be answered with a valid Auth
+    idle_timeout_s: float = 300.0  # an authenticated connection with no request this long is closed
+    read_timeout_s: float = 30.0  # once a request has begun, for the rest of it to arrive
+    max_handshakes: int = 2048  # connections not yet authenticated, at once
+    max_connections: int = 4096  # authenticated connections, at once
+    max_inflight_bytes: int = 1 << 30  # frame payload bytes being read, over all connections
+    max_sessions_per_job: int = (
+        8  # a job's attempts at this provider (its failovers), over the retention window
+    )
+    max_ticket_lifetime_s: int = 600  # a ticket expiring later than this is refused: tickets are short-lived
 
 
 @dataclass
-class _SessionMeta:
-    grant: TicketGrant
-    job: str  # the ticket's jobId as sent, compared on every later message
+class _Session:
+    ticket: Any  # messages.HopTicket
+    gateway: str  # the gateway that opened it: its only closer
+    mac_key: bytes
     sampler: Sampler | None
+    sampling: dict[str, Any] | None
+    tokens: list[int] = field(default_factory=list)  # the last span's emitted tokens, by step
+    receipt: Any = None  # messages.SignedReceipt once closed
+
+
+class _Budget:
+    """Bytes that may be in flight at once: a request over budget waits, up to the read timeout."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def holding(self, amount: int, timeout_s: float) -> Any:
+        if amount > self.total:
+            raise ProviderBusy(f"a frame of {amount} bytes is more than this provider reads at once")
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= amount), timeout_s)
+            except TimeoutError as exc:
+                raise ProviderBusy("too many bytes in flight; try again") from exc
+            self.free -= amount
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += amount
+                self._changed.notify_all()
 
 
 class HopServer:
@@ -56,44 +136,55 @@ class HopServer:
         self,
         runtime: SpanRuntime,
         *,
-        endpoint: str,
-        verify_ticket: TicketVerifier,
-        sign_receipt: ReceiptSigner,
-        verify_fetch: TicketVerifier | None = None,
-        limits: FrameLimits | None = None,
+        keys: Keys,
+        checks: Checks,
+        gateways: set[str],  # whose tickets are honoured
+        validators: set[str],  # who may fetch retained steps
+        tls: TlsIdentity | None,  # None: plain TCP, for development only
+        allow_plaintext: bool = False,  # whether steps may go on to a next hop over plain TCP (development)
+        limits: ServerLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runtime = runtime
-        self.endpoint = endpoint
-        self.verify_ticket = verify_ticket
-        self.sign_receipt = sign_receipt
-        self.verify_fetch = verify_fetch  # None: no validator may fetch retained steps
+        self.keys = keys
+        self.checks = checks
+        self.gateways = gateways
+        self.validators = validators
+        self.tls = tls
+        self.limits = limits or ServerLimits()
         self.clock = clock
-        hidden = runtime.shard.hidden_size
-        self.limits = limits or FrameLimits(
-            max_payload_bytes=runtime.limits.max_session_tokens * hidden * 4,
-            max_elements=runtime.limits.max_session_tokens * hidden,
-        )
-        self.peers = ConnectionPool(self.limits)
-        self._sessions: dict[bytes, _SessionMeta] = {}
+        self.fingerprint = tls.fingerprint if tls is not None else NO_FINGERPRINT
+        self.peers = Peers(keys, allow_plaintext=allow_plaintext or tls is None)
+        self._sessions: dict[bytes, _Session] = {}
+        self._sessions_per_job: dict[bytes, int] = defaultdict(int)
+        self._budget = _Budget(self.limits.max_inflight_bytes)
+        self._handshaking = 0
+        self._connected = 0
         self._server: asyncio.Server | None = None
         self._expiry: asyncio.Task[None] | None = None
 
     @property
-    def span(self) -> list[int]:
-        return [self.runtime.shard.span.start, self.runtime.shard.span.end]
+    def address(self) -> str:
+        return self.keys.address
 
     async def start(self, host: str, port: int, *, expire_every_s: float = 10.0) -> asyncio.Server:
-        self._server = await asyncio.start_server(self._serve_connection, host, port)
+        context = self.tls.server_context() if self.tls is not None else None
+        self._server = await asyncio.start_server(
+            self._serve_connection,
+            host,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=self.limits.handshake_timeout_s,
+        )
         self._expiry = asyncio.create_task(self._expire_periodically(expire_every_s))
         return self._server
 
     async def _expire_periodically(self, every_s: float) -> None:
-        """Frees the KV caches of abandoned sessions and the retained steps of old ones."""
+        """Frees the KV caches of abandoned sessions and forgets sessions whose retained steps are gone."""
         while True:
             await asyncio.sleep(every_s)
             self.runtime.expire()
-            for session in [s for s in self._sessions if not self.runtime.is_open(s)]:
+            for session in [s for s in self._sessions if not self.runtime.knows(s)]:
                 del self._sessions[session]
 
     async def close(self) -> None:
@@ -104,222 +195,327 @@ class HopServer:
             await self._server.wait_closed()
         await self.peers.close()
 
+    # -- connections ----------------------------------------------------------------------------------------
+
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            while True:
-                try:
-                    message = await read_message(reader, self.limits)
-                except asyncio.IncompleteReadError:
-                    return  # the peer closed the connection between messages
-                except (ProtocolError, WireError) as exc:
-                    # The stream's framing is lost: answer once, then hang up.
-                    write_message(writer, error_reply(exc.code, str(exc), self.endpoint))
-                    await writer.drain()
-                    return
-                try:
-                    reply, tensor = await self._dispatch(message)
-                except Exception:  # a bug here must not take the connection, or other sessions, down with it
-                    log.exception("hop request failed")
-                    reply, tensor = error_reply("internal_error", "the provider failed", self.endpoint), None
-                frame = message.frame
-                write_message(
-                    writer,
-                    reply,
-                    tensor,
-                    session=frame.session if frame is not None else bytes(16),
-                    step=frame.step if frame is not None else 0,
+            if self._handshaking >= self.limits.max_handshakes:
+                return  # hang up: the caller may try again
+            self._handshaking += 1
+            try:
+                peer = await asyncio.wait_for(
+                    self._handshake(reader, writer), self.limits.handshake_timeout_s
                 )
-                await writer.drain()
-        except (ConnectionError, OSError) as exc:
-            log.info("connection dropped: %s", exc)
+            finally:
+                self._handshaking -= 1
+            if peer is None or self._connected >= self.limits.max_connections:
+                return
+            self._connected += 1
+            try:
+                await self._serve_requests(reader, writer, peer)
+            finally:
+                self._connected -= 1
+        except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.debug("connection ended: %r", exc)
+        except asyncio.CancelledError:
+            pass  # the server is shutting down
         finally:
             writer.close()
 
-    async def _dispatch(self, message: Message) -> tuple[dict[str, Any], torch.Tensor | None]:
-        op = message.control.get("op")
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """The client's address once it proved its key, or None (after telling it why) when it did not, or has
+        no business here."""
+        challenge = os.urandom(32)
+        write_message(writer, Hello(challenge, self.fingerprint).to_json())
+        await writer.drain()
         try:
-            if op == "step":
-                return await self._step(message)
-            if op == "close":
-                return await self._close(message), None
-            if op == "fetch":
-                return self._fetch(message.control)
-            raise ProtocolError(f"unknown op {op!r}")
-        except WorkerError as exc:
-            return error_reply(exc.code, str(exc), self.endpoint), None
-        except ValueError as exc:  # invalid sampling parameters and the like
-            return error_reply("bad_request", str(exc), self.endpoint), None
-
-    # -- parsing ------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _session_id(control: dict[str, Any]) -> bytes:
-        value = control.get("session")
-        if not isinstance(value, str) or len(value) != 32:
-            raise ProtocolError("session must be 16 bytes of hex")
-        try:
-            return bytes.fromhex(value)
-        except ValueError as exc:
-            raise ProtocolError("session must be 16 bytes of hex") from exc
-
-    @staticmethod
-    def _route(control: dict[str, Any]) -> list[str]:
-        route = control.get("route", [])
-        if (
-            not isinstance(route, list)
-            or len(route) > MAX_ROUTE
-            or not all(isinstance(e, str) for e in route)
-        ):
-            raise ProtocolError(f"route must be a list of at most {MAX_ROUTE} host:port endpoints")
-        for endpoint in route:
-            parse_endpoint(endpoint)
-        return route
-
-    def _authorised(self, session: bytes, control: dict[str, Any]) -> _SessionMeta:
-        meta = self._sessions.get(session)
-        if meta is None:
-            raise UnknownSession(f"no open session {session.hex()}")
-        ticket = control.get("ticket")
-        if not isinstance(ticket, dict) or ticket.get("jobId") != meta.job:
-            raise ProtocolError("the ticket does not match the session's job")
-        return meta
-
-    # -- operations ---------------------------------------------------------------------------------------
-
-    async def _step(self, message: Message) -> tuple[dict[str, Any], torch.Tensor | None]:
-        control = message.control
-        session = self._session_id(control)
-        step = control.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ProtocolError("step must be a non-negative integer")
-        route = self._route(control)
-        frame = message.frame
-        if frame is None:
-            raise ProtocolError("a step carries its input as a frame")
-        if frame.session != session or frame.step != step:
-            raise ProtocolError("the frame belongs to another session or step")
-        last = self.runtime.shard.span.last
-        if last and route:
-            raise ProtocolError("the route goes on past the last layer")
-        if not last and not route:
-            raise ProtocolError(
-                f"the route ends at layer {self.runtime.shard.span.end}, before the last layer"
+            auth = Auth.from_json(await read_control(reader, limit=HANDSHAKE_CONTROL_BYTES))
+            if await read_frame_length(reader) != 0:
+                raise ProtocolError("auth carries no frame")
+            signer = await asyncio.to_thread(
+                self.checks.peer_auth, challenge, self.fingerprint, auth.signature
             )
+        except (ProtocolError, ValueError) as exc:
+            write_message(writer, refusal("unauthenticated", f"no proof of a key: {exc}"))
+            await writer.drain()
+            return None
+        if signer != auth.address:
+            write_message(writer, refusal("unauthenticated", "the signature is not the named address's"))
+            await writer.drain()
+            return None
+        if not self._has_business(signer):
+            write_message(writer, refusal("not_authorised", f"{signer} has nothing to ask of this provider"))
+            await writer.drain()
+            return None
+        write_message(writer, {"ok": True, "provider": self.address})
+        await writer.drain()
+        return signer
 
-        meta = self._open(session, control) if step == 0 else self._authorised(session, control)
-        started = time.perf_counter()
-        output, record = self.runtime.step(session, step, frame.tensor, input_hash=frame.sha256)
-        own = {
-            "provider": self.sign_receipt.address,
-            "span": self.span,
-            "in": record.input_hash.hex(),
-            "out": record.output_hash.hex(),
-            # Compute time of this hop, so a caller can tell transport from compute (not part of any receipt).
-            "compute_ms": round((time.perf_counter() - started) * 1e3, 3),
-        }
+    def _has_business(self, peer: str) -> bool:
+        if peer in self.gateways or peer in self.validators:
+            return True
+        return any(session.ticket.previous == peer for session in self._sessions.values())
 
-        if last:
-            assert meta.sampler is not None
-            token = meta.sampler.next_token(output[:, -1, :])
-            logits = output[:, -1, :] if control.get("logits") is True else None
-            return {"ok": True, "token": token, "transcript": [own]}, logits
+    async def _serve_requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        verified: dict[bytes, str] = {}  # fetch-ticket signatures this connection already had checked
+        while True:
+            try:
+                control = await asyncio.wait_for(read_control(reader), self.limits.idle_timeout_s)
+            except asyncio.IncompleteReadError:
+                return  # the peer closed the connection between requests
+            try:
+                request = parse_request(control)
+                reply, tensor, sha = await self._handle(request, reader, peer, verified)
+            except (ProtocolError, WireError, NotAuthorised, ProviderBusy, TimeoutError) as exc:
+                code = exc.code if isinstance(exc, WorkerError) else "read_timeout"
+                # Whatever frame followed was not read: the stream's framing is lost. Answer once, hang up.
+                write_message(writer, refusal(code, str(exc)))
+                await writer.drain()
+                return
+            session = request.session if isinstance(request, Step) else bytes(16)
+            step = request.step if isinstance(request, Step) else 0
+            write_message(writer, reply, tensor, session=session, step=step, sha256=sha)
+            await writer.drain()
 
-        forwarded: dict[str, Any] = {
-            key: control[key]
-            for key in ("op", "session", "step", "ticket", "sampling", "logits")
-            if key in control
-        }
-        forwarded["route"] = route[1:]
-        reply = await self.peers.get(route[0]).request(forwarded, output, session=session, step=step)
-        if reply.control.get("ok") is not True:
-            return reply.control, None
-        transcript = reply.control.get("transcript")
-        if not isinstance(transcript, list):
-            raise ProtocolError(f"{route[0]} replied without a transcript")
-        logits = reply.frame.tensor if reply.frame is not None else None
-        return {**reply.control, "transcript": [own, *transcript]}, logits
+    async def _handle(
+        self, request: Any, reader: asyncio.StreamReader, peer: str, verified: dict[bytes, str]
+    ) -> tuple[dict[str, Any], torch.Tensor | None, bytes | None]:
+        if isinstance(request, Step):
+            return await self._step(request, reader, peer)
+        await self._no_frame(reader)
+        try:
+            if isinstance(request, Open):
+                return await self._open(request, peer), None, None
+            if isinstance(request, Close):
+                return self._close(request, peer), None, None
+            if isinstance(request, Fetch):
+                reply, tensor = await self._fetch(request, peer, verified)
+                return reply, tensor, None
+            assert isinstance(request, Prove)
+            return self._prove(request, peer), None, None
+        except (TicketRefused, UnknownSession, NotAuthorised, ValueError, WorkerError) as exc:
+            code = exc.code if isinstance(exc, WorkerError) else "bad_request"
+            return refusal(code, str(exc)), None, None
 
-    def _open(self, session: bytes, control: dict[str, Any]) -> _SessionMeta:
-        ticket = control.get("ticket")
-        grant = self.verify_ticket(ticket if isinstance(ticket, dict) else {}, now=int(self.clock()))
-        root = bytes.fromhex(self.runtime.shard.root.removeprefix("0x"))
-        if grant.model_root != root:
+    async def _no_frame(self, reader: asyncio.StreamReader) -> None:
+        if await asyncio.wait_for(read_frame_length(reader), self.limits.read_timeout_s) != 0:
+            raise ProtocolError("this request carries no frame")
+
+    # -- open -----------------------------------------------------------------------------------------------
+
+    async def _open(self, request: Open, peer: str) -> dict[str, Any]:
+        ticket = request.ticket
+        if peer not in self.gateways:
+            raise NotAuthorised(f"{peer} is not a gateway this provider serves")
+        signer = await asyncio.to_thread(self.checks.hop_ticket, ticket)
+        if signer != peer:
+            raise TicketRefused(f"the ticket is signed by {signer}, not by the gateway opening it ({peer})")
+        shard = self.runtime.shard
+        if ticket.provider != self.address:
             raise TicketRefused(
-                f"the ticket is for model 0x{grant.model_root.hex()}, this provider serves {self.runtime.shard.root}"
+                f"the ticket is for {ticket.provider}, not for this provider ({self.address})"
+            )
+        if (ticket.layer_start, ticket.layer_end) != (shard.span.start, shard.span.end):
+            raise TicketRefused(
+                f"the ticket is for layers {ticket.layer_start}:{ticket.layer_end}, not {shard.span}"
+            )
+        if ticket.model_root != bytes.fromhex(shard.root.removeprefix("0x")):
+            raise TicketRefused(f"the ticket is for model 0x{ticket.model_root.hex()}, not {shard.root}")
+        if ticket.last != shard.span.last:
+            raise TicketRefused("the ticket's route does not end where the model's layers do")
+        now = int(self.clock())
+        if not now < ticket.expires_at <= now + self.limits.max_ticket_lifetime_s:
+            raise TicketRefused(
+                f"the ticket expires at {ticket.expires_at}: expired, or further off than allowed"
+            )
+        if ticket.max_positions > self.runtime.limits.max_session_tokens:
+            raise TicketRefused(
+                f"the ticket allows {ticket.max_positions} positions; this provider takes at most "
+                f"{self.runtime.limits.max_session_tokens} in a session"
+            )
+        if not ticket.last:
+            parse_endpoint(ticket.next_endpoint)
+        if self._sessions_per_job[ticket.job_id] >= self.limits.max_sessions_per_job:
+            raise ProviderBusy(
+                f"job 0x{ticket.job_id.hex()} opened {self.limits.max_sessions_per_job} sessions here"
             )
         sampler = None
-        if self.runtime.shard.span.last:
-            sampling = control.get("sampling", {})
-            if not isinstance(sampling, dict):
-                raise ProtocolError("sampling must be an object")
-            sampler = Sampler(SamplingParams.from_dict(sampling))
-        self.runtime.open(session, grant.job_id)
-        meta = _SessionMeta(grant, str(ticket["jobId"]), sampler)  # type: ignore[index]
-        self._sessions[session] = meta
-        return meta
+        if ticket.last:
+            sampler = Sampler(SamplingParams.from_dict(request.sampling or {}))
+        elif request.sampling is not None:
+            raise ProtocolError("only the last span samples")
+        self.runtime.open(ticket.session, ticket.job_id)  # a session id is opened once: SessionExists again
+        self._sessions_per_job[ticket.job_id] += 1
+        self._sessions[ticket.session] = _Session(ticket, peer, request.mac_key, sampler, request.sampling)
+        return {"ok": True}
 
-    async def _close(self, message: Message) -> dict[str, Any]:
-        control = message.control
-        session = self._session_id(control)
-        route = self._route(control)
-        meta = self._authorised(session, control)
-        closed = self.runtime.close(session)
-        del self._sessions[session]
+    # -- step -----------------------------------------------------------------------------------------------
+
+    async def _step(
+        self, request: Step, reader: asyncio.StreamReader, peer: str
+    ) -> tuple[dict[str, Any], torch.Tensor | None, bytes | None]:
+        session = self._sessions.get(request.session)
+        if session is None or not self.runtime.is_open(request.session):
+            raise NotAuthorised(f"no open session {request.session.hex()} here")
+        ticket = session.ticket
+        if peer not in (ticket.previous, session.gateway):
+            raise NotAuthorised(
+                f"session {request.session.hex()} takes steps from {ticket.previous}, not {peer}"
+            )
+        open_session = self.runtime.retained_session(request.session)
+        if open_session.positions + request.positions > ticket.max_positions:
+            raise ProviderBusy(f"the ticket allows {ticket.max_positions} positions in this session")
         shard = self.runtime.shard
-        fields = ReceiptFields(
-            job_id=meta.grant.job_id,
-            provider=self.sign_receipt.address,
-            model_root=meta.grant.model_root,
-            layer_start=shard.span.start,
-            layer_end=shard.span.end,
-            tokens=closed.tokens,
-            transcript_root=transcript_root(closed.records),
-        )
-        own = {
-            "provider": fields.provider,
-            "span": self.span,
-            "tokens": fields.tokens,
-            "transcriptRoot": fields.transcript_root.hex(),
-            "signature": self.sign_receipt(fields).hex(),
-        }
-        if not route:
-            return {"ok": True, "receipts": [own]}
-        forwarded = {
-            "op": "close",
-            "session": control["session"],
-            "ticket": control["ticket"],
-            "route": route[1:],
-        }
-        reply = await self.peers.get(route[0]).request(forwarded)
-        if reply.control.get("ok") is not True:
-            return reply.control
-        receipts = reply.control.get("receipts")
-        if not isinstance(receipts, list):
-            raise ProtocolError(f"{route[0]} replied without receipts")
-        return {"ok": True, "receipts": [own, *receipts]}
+        if shard.span.first:
+            limits = FrameLimits(max_payload_bytes=request.positions * 8, max_elements=request.positions)
+        else:
+            width = request.positions * shard.hidden_size
+            limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
+        timeout_s = self.limits.read_timeout_s
+        length = await asyncio.wait_for(read_frame_length(reader), timeout_s)
+        if length == 0:
+            raise ProtocolError("a step carries its input as a frame")
+        async with self._budget.holding(length, timeout_s):
+            frame = await asyncio.wait_for(read_frame_body(reader, length, limits), timeout_s)
+        if frame.session != request.session or frame.step != request.step:
+            raise ProtocolError("the frame belongs to another session or step")
+        if int(frame.tensor.shape[1]) != request.positions:
+            raise ProtocolError(
+                f"the frame holds {frame.tensor.shape[1]} positions, the step says {request.positions}"
+            )
 
-    def _fetch(self, control: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-        """One retained step's input or output, for a validator holding a ticket for the session's job."""
-        session = self._session_id(control)
-        if self.verify_fetch is None:
-            raise TicketRefused("this provider trusts no validator")
-        ticket = control.get("ticket")
-        grant = self.verify_fetch(ticket if isinstance(ticket, dict) else {}, now=int(self.clock()))
-        step, part = control.get("step"), control.get("part")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ProtocolError("step must be a non-negative integer")
-        if part not in ("input", "output"):
-            raise ProtocolError('part must be "input" or "output"')
-        retained = self.runtime.retained_session(session)
-        if retained.job != grant.job_id:
+        entry = HopEntry(self.address, request.session, request.step)
+        started = time.perf_counter()
+        try:
+            output, record = self.runtime.step(
+                request.session, request.step, frame.tensor, input_hash=frame.sha256
+            )
+        except WorkerError as exc:
+            failed = HopEntry(**{**entry.__dict__, "error": HopError(exc.code, str(exc))})
+            return {"report": Report.made(session.mac_key, failed).to_json()}, None, None
+        compute_ms = round((time.perf_counter() - started) * 1e3, 3)
+        entry = HopEntry(self.address, request.session, request.step, record.input_hash, record.output_hash)
+
+        if ticket.last:
+            assert session.sampler is not None
+            token = session.sampler.next_token(output[:, -1, :])
+            session.tokens.append(token)
+            entry = HopEntry(**{**entry.__dict__, "token": token})
+            logits = output[:, -1, :] if request.logits else None
+            return {"report": Report.made(session.mac_key, entry, None, compute_ms).to_json()}, logits, None
+
+        downstream, logits, failure = await self._forward(ticket, request, output, record.output_hash)
+        if failure is not None:
+            entry = HopEntry(**{**entry.__dict__, "error": failure})
+        report = Report.made(session.mac_key, entry, downstream, compute_ms)
+        return {"report": report.to_json()}, logits, None
+
+    async def _forward(
+        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes
+    ) -> tuple[Report | None, torch.Tensor | None, HopError | None]:
+        """Sends the step on to the ticket's next peer; returns its report, or why there is none."""
+        step = Step(request.session, request.step, request.positions, request.logits)
+        try:
+            link = self.peers.get(ticket.next_endpoint, ticket.next_fingerprint, expect=ticket.next)
+            reply, frame = await link.request(
+                step.to_json(),
+                output,
+                session=request.session,
+                step=request.step,
+                sha256=output_hash,
+                reply_frame=FrameLimits(
+                    max_payload_bytes=self.runtime.shard.vocab_size * 8,
+                    max_elements=self.runtime.shard.vocab_size,
+                )
+                if request.logits
+                else None,
+            )
+        except (WorkerError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            if isinstance(exc, CertificateMismatch | Unauthenticated):
+                code = "next_certificate_mismatch"  # not the peer the ticket pins: nothing was sent to it
+            elif isinstance(exc, ProtocolError | WireError):
+                code = "next_misbehaved"
+            else:
+                code = "next_unreachable"
+            return None, None, HopError(code, f"{ticket.next_endpoint}: {exc}"[:400])
+        if "report" not in reply:
+            error = reply.get("error")
+            detail = error.get("code") if isinstance(error, dict) else None
+            return None, None, HopError("next_refused", f"{ticket.next_endpoint} refused the step ({detail})")
+        try:
+            downstream = Report.from_json(reply["report"])
+        except ProtocolError as exc:
+            return None, None, HopError("next_misbehaved", f"{ticket.next_endpoint} replied: {exc}"[:400])
+        return downstream, frame.tensor if frame is not None else None, None
+
+    # -- close, fetch, prove --------------------------------------------------------------------------------
+
+    def _close(self, request: Close, peer: str) -> dict[str, Any]:
+        session = self._sessions.get(request.session)
+        if session is None:
+            raise UnknownSession(f"no session {request.session.hex()} here")
+        if peer != session.gateway:
+            raise NotAuthorised("only the gateway that opened a session closes it")
+        if session.receipt is None:
+            closed = self.runtime.close(request.session)
+            ticket = session.ticket
+            shard = self.runtime.shard
+            tokens = session.tokens if ticket.last else [None] * len(closed.records)
+            steps = [
+                StepHashes(r.step, r.input_hash, r.output_hash, token)
+                for r, token in zip(closed.records, tokens, strict=True)
+            ]
+            session.receipt = self.keys.receipt(
+                ReceiptFields(
+                    job_id=ticket.job_id,
+                    session=ticket.session,
+                    gateway=session.gateway,
+                    provider=self.address,
+                    model_root=ticket.model_root,
+                    layer_start=shard.span.start,
+                    layer_end=shard.span.end,
+                    positions=closed.positions,
+                    transcript_root=transcript_root(steps),
+                    sampling_hash=sampling_hash(session.sampling) if ticket.last else sampling_hash(None),
+                )
+            )
+        return {"ok": True, "receipt": session.receipt.to_json()}
+
+    async def _fetch(
+        self, request: Fetch, peer: str, verified: dict[bytes, str]
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """One retained step's input or output, for the validator whose ticket names this provider and session."""
+        if peer not in self.validators:
+            raise NotAuthorised(f"{peer} is not a validator this provider lets read its data")
+        ticket = request.ticket
+        signer = verified.get(ticket.signature)
+        if signer is None:
+            signer = await asyncio.to_thread(self.checks.fetch_ticket, ticket)
+            verified[ticket.signature] = signer
+        if signer != peer:
+            raise TicketRefused("the fetch ticket is not signed by the validator asking")
+        if ticket.provider != self.address:
+            raise TicketRefused(f"the fetch ticket is for {ticket.provider}, not for this provider")
+        if ticket.expires_at <= int(self.clock()):
+            raise TicketRefused("the fetch ticket expired")
+        retained = self.runtime.retained_session(ticket.session)
+        if retained.job != ticket.job_id:
             # The same answer as for a session never seen: a ticket for one job learns nothing of another.
-            raise UnknownSession(f"no data kept for session {session.hex()}")
+            raise UnknownSession(f"no data kept for session {ticket.session.hex()}")
         records = retained.records
-        if step >= len(records):
-            raise ProtocolError(f"session {session.hex()} has {len(records)} steps")
-        record = records[step]
-        tensor = record.input if part == "input" else record.output
-        return {"ok": True, "step": record.step, "steps": len(records), "part": part}, tensor
+        if request.step >= len(records):
+            raise ProtocolError(f"session {ticket.session.hex()} has {len(records)} steps")
+        record = records[request.step]
+        tensor = record.input if request.part == "input" else record.output
+        return Fetched(record.step, len(records), request.part).to_json(), tensor
+
+    def _prove(self, request: Prove, peer: str) -> dict[str, Any]:
+        if peer not in self.gateways:
+            raise NotAuthorised(f"{peer} is not a gateway this provider announces itself to")
+        signature = self.keys.endpoint_proof(request.challenge, request.endpoint, self.fingerprint)
+        return {"ok": True, "signature": "0x" + signature.hex()}

@@ -169,8 +169,11 @@ def payload_sha256(tensor: torch.Tensor) -> bytes:
     return hashlib.sha256(_payload_view(tensor)).digest()
 
 
-def encode_frame_parts(tensor: torch.Tensor, *, session: bytes, step: int) -> tuple[bytes, memoryview]:
-    """The header and a view of the payload, for writers that send both without joining them.
+def encode_frame_parts(
+    tensor: torch.Tensor, *, session: bytes, step: int, sha256: bytes | None = None
+) -> tuple[bytes, memoryview]:
+    """The header and a view of the payload, for writers that send both without joining them. ``sha256`` is
+    the payload's digest (``payload_sha256(tensor)``) when the caller computed it already.
 
     The payload view shares memory with ``tensor`` whenever it is already a contiguous CPU tensor, so the
     tensor must not be modified in place until the view has been written out: the header's digest was
@@ -194,7 +197,7 @@ def encode_frame_parts(tensor: torch.Tensor, *, session: bytes, step: int) -> tu
         step,
         0,
         payload.nbytes,
-        hashlib.sha256(payload).digest(),
+        sha256 if sha256 is not None else hashlib.sha256(payload).digest(),
     )
     return header, payload
 

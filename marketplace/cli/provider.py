@@ -8,6 +8,7 @@ needs no chain, stops at the gateway's refusal of its first ask; both fail with 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import signal
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,9 @@ from marketplace.cli.staking import (
 )
 from marketplace.provider.announce import NOT_STAKED, AnnounceError, Announcer, Offer
 from marketplace.provider.settings import ProviderSettings
+from settlement.deploy import Deployment
+from settlement.eip712 import Domain, protocol_domain
+from settlement.errors import ConfigurationError
 from worker.errors import ProtocolError, WorkerError
 
 if TYPE_CHECKING:
@@ -76,7 +80,21 @@ def serve_command(
             "deployment's slasher]"
         ),
     ] = None,
-    chain_id: Annotated[int | None, typer.Option(min=1, help="[default: CHAIN_ID or 31337]")] = None,
+    deployment: DeploymentOption = None,
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where the node's TLS key and certificate are kept (made on first start) "
+            "[default: PROVIDER_TLS_DIR, else .strata/provider-tls/ADDRESS]"
+        ),
+    ] = None,
+    plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--plaintext",
+            help="serve and forward over plain TCP, unauthenticated and readable: development only",
+        ),
+    ] = False,
     dtype: Annotated[
         str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on GPU)")
     ] = "auto",
@@ -101,6 +119,13 @@ def serve_command(
         str | None,
         typer.Option(hidden=True, help="serve dishonestly (worker.testing.cheats): demonstrations only"),
     ] = None,
+    misbehave: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="attack the hop protocol (worker.testing.rogue): tests only"),
+    ] = None,
+    misbehave_target: Annotated[
+        str | None, typer.Option(hidden=True, help="HOST:PORT@FINGERPRINT another provider it attacks")
+    ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
     # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
@@ -108,7 +133,9 @@ def serve_command(
 
     from marketplace.provider.node import Announcement, NodeConfig, NotStaked, ProviderNode
     from worker.runtime import RuntimeLimits
+    from worker.server import HopServer
     from worker.testing.cheats import CHEATS, make_cheater
+    from worker.tls import TlsIdentity
 
     settings = ProviderSettings()
     key_text = key or (settings.provider_key.get_secret_value() if settings.provider_key else None)
@@ -124,9 +151,14 @@ def serve_command(
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda", param_hint="--device")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA device is available", "no_cuda")
+    try:
+        record = Deployment.load(deployment or settings.deployment_file)
+    except ConfigurationError as exc:
+        fail(f"{exc}: the node signs and checks under the deployment's domain", exc.code)
     validators = [parse_address(a) for a in (trust_validator or settings.validator_addresses)]
-    if not validators:
-        validators = _deployment_slasher(settings)
+    if not validators and record.roles.get("slasher"):
+        # A provider that lets no validator fetch its retained steps fails every validation it is drawn for.
+        validators = [record.roles["slasher"]]
     if cheat is not None and cheat not in CHEATS:
         raise typer.BadParameter(f"{cheat!r} is not one of {', '.join(CHEATS)}", param_hint="--cheat")
     gateway_url = gateway or settings.gateway_url
@@ -137,6 +169,11 @@ def serve_command(
                 "a provider that announces itself to a gateway needs --price", param_hint="--price"
             )
         announce = Announcement(parse_http_url(gateway_url), price, capacity or max_sessions)
+    tls = None
+    if not plaintext:
+        tls = TlsIdentity.load_or_create(
+            tls_dir or settings.provider_tls_dir or Path(".strata") / "provider-tls" / account.address
+        )
     config = NodeConfig(
         model=model,
         layers=layers,
@@ -145,7 +182,8 @@ def serve_command(
         account=account,
         gateways=tuple(gateways),
         validators=tuple(validators),
-        chain_id=chain_id or settings.chain_id,
+        domain=protocol_domain(record.chain_id, record.addresses["StakeManager"]),
+        tls=tls,
         limits=RuntimeLimits(
             max_sessions=max_sessions, max_cached_tokens=max_cached_tokens, retention_s=retention_s
         ),
@@ -162,9 +200,22 @@ def serve_command(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--cheat") from exc
 
+    server: Any = HopServer
+    if misbehave is not None:
+        from worker.testing.rogue import MISBEHAVIOURS, RogueServer
+
+        if misbehave not in MISBEHAVIOURS:
+            raise typer.BadParameter(
+                f"{misbehave!r} is not one of {', '.join(MISBEHAVIOURS)}", param_hint="--misbehave"
+            )
+        target = None
+        if misbehave_target is not None:
+            endpoint, _, fingerprint = misbehave_target.partition("@")
+            target = (endpoint, bytes.fromhex(fingerprint.removeprefix("0x")))
+        server = functools.partial(RogueServer, misbehave=misbehave, target=target)
     try:
         with console.status(f"Loading layers {layers} of {model}…"):
-            node = ProviderNode.load(config, adapt=dishonest if cheat is not None else None)
+            node = ProviderNode.load(config, adapt=dishonest if cheat is not None else None, server=server)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--layers") from exc
     except WorkerError as exc:
@@ -174,9 +225,14 @@ def serve_command(
         """Serves until SIGINT or SIGTERM."""
         await node.start()
         shard = node.shard
+        link = (
+            f"TLS certificate 0x{tls.fingerprint.hex()}"
+            if tls is not None
+            else "PLAINTEXT (development only)"
+        )
         console.print(
             f"Serving layers {shard.span} of model {shard.root} on {host}:{port} as {account.address} "
-            f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')})",
+            f"({shard.device.type}, {str(shard.dtype).removeprefix('torch.')}), {link}",
             soft_wrap=True,
         )
         # Scripts and tests wait for this line; stdout may be a pipe, which Python buffers.
@@ -203,6 +259,15 @@ def parse_model_root(value: str) -> str:
             f"{value!r} is not a model root (0x and 64 hex digits)", param_hint="--model-root"
         )
     return value.lower()
+
+
+def parse_fingerprint(value: str) -> bytes:
+    if not MODEL_ROOT.fullmatch(value):  # the same form: 0x and 64 hex digits
+        raise typer.BadParameter(
+            f"{value!r} is not a certificate fingerprint (0x and 64 hex digits)",
+            param_hint="--tls-fingerprint",
+        )
+    return bytes.fromhex(value[2:])
 
 
 def parse_layers(value: str) -> tuple[int, int]:
@@ -236,6 +301,13 @@ def ask_command(
     endpoint: Annotated[
         str | None, typer.Option(help="host:port the gateway and other providers reach your hop server at")
     ] = None,
+    tls_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="sha256 of your hop server's TLS certificate, 0x + 64 hex (`serve` prints it); "
+            "0x00…00 for a plaintext development server"
+        ),
+    ] = None,
     withdraw: Annotated[
         bool,
         typer.Option(
@@ -256,12 +328,13 @@ def ask_command(
     root = parse_model_root(model_root) if model_root is not None else None
     span = parse_layers(layers) if layers is not None else None
     endpoint = parse_endpoint_option(endpoint) if endpoint is not None else None
-    offer = None if withdraw else _offer_of_options(root, span, price, capacity, endpoint)
+    fingerprint = parse_fingerprint(tls_fingerprint) if tls_fingerprint is not None else None
+    offer = None if withdraw else _offer_of_options(root, span, price, capacity, endpoint, fingerprint)
     session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
     account = session.signer()
     with reported(as_json=as_json):
         active = session.contracts.stake.is_active(account.address)
-        chain_id = session.contracts.chain.chain_id
+        domain = protocol_domain(session.contracts.chain.chain_id, session.contracts.stake.address)
     if not active:
         session.fail(
             f"{account.address} is not staked (or below the minimum stake): gateways refuse its asks, withdrawals "
@@ -269,9 +342,9 @@ def ask_command(
             "inactive_provider",
         )
     if offer is None:
-        _withdraw_asks(session, account, chain_id, root, span)
+        _withdraw_asks(session, account, domain, root, span)
         return
-    announcer = Announcer(session.gateway_url, account, offer, chain_id=chain_id)
+    announcer = Announcer(session.gateway_url, account, offer, domain=domain, trusted=None)
 
     async def post() -> tuple[dict[str, Any], int | None]:
         try:
@@ -298,7 +371,12 @@ def ask_command(
 
 
 def _offer_of_options(
-    root: str | None, span: tuple[int, int] | None, price: int | None, capacity: int, endpoint: str | None
+    root: str | None,
+    span: tuple[int, int] | None,
+    price: int | None,
+    capacity: int,
+    endpoint: str | None,
+    fingerprint: bytes | None,
 ) -> Offer:
     if root is None:
         raise typer.BadParameter("posting an ask needs the model's root", param_hint="--model-root")
@@ -308,13 +386,17 @@ def _offer_of_options(
         raise typer.BadParameter("posting an ask needs a price", param_hint="--price")
     if endpoint is None:
         raise typer.BadParameter("posting an ask needs your hop server's host:port", param_hint="--endpoint")
-    return Offer(root, span[0], span[1], price, capacity, endpoint)
+    if fingerprint is None:
+        raise typer.BadParameter(
+            "posting an ask needs your hop server's certificate fingerprint", param_hint="--tls-fingerprint"
+        )
+    return Offer(root, span[0], span[1], price, capacity, endpoint, fingerprint)
 
 
 def _withdraw_asks(
     session: ProviderSession,
     account: LocalAccount,
-    chain_id: int,
+    domain: Domain,
     root: str | None,
     span: tuple[int, int] | None,
 ) -> None:
@@ -334,6 +416,7 @@ def _withdraw_asks(
             int(ask["pricePerMillion"]),
             int(ask["capacity"]),
             str(ask["endpoint"]),
+            bytes.fromhex(str(ask["tlsFingerprint"]).removeprefix("0x")),
         )
         for ask in live
     ]
@@ -345,7 +428,7 @@ def _withdraw_asks(
     ]
     if chosen:
         # One announcer for them all: its nonces rise from one withdrawal to the next.
-        announcer = Announcer(session.gateway_url, account, chosen[0], chain_id=chain_id)
+        announcer = Announcer(session.gateway_url, account, chosen[0], domain=domain, trusted=None)
 
         async def post() -> None:
             try:
@@ -376,16 +459,3 @@ def _announced(session: ProviderSession, action: Callable[[], Coroutine[Any, Any
             session.fail(f"{exc}: run `strata provider stake AMOUNT` first", "inactive_provider")
         unreachable = isinstance(exc.__cause__, httpx.HTTPError)
         session.fail(str(exc), exc.code or ("gateway_unavailable" if unreachable else "gateway_error"))
-
-
-def _deployment_slasher(settings: Any) -> list[str]:
-    """The validator the deployment file names, when there is one: a provider that lets no validator fetch its
-    retained steps fails every validation it is drawn for."""
-    from settlement.deploy import Deployment
-    from settlement.errors import ConfigurationError
-
-    try:
-        slasher = Deployment.load(settings.deployment_file).roles.get("slasher")
-    except ConfigurationError:
-        return []
-    return [slasher] if slasher else []

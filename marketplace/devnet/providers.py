@@ -12,6 +12,7 @@ from pathlib import Path
 
 from marketplace.devnet.errors import ServiceFailed
 from marketplace.devnet.process import spawn_logged, terminate, wait_for_line
+from worker.tls import NO_FINGERPRINT, TlsIdentity
 
 
 def script(name: str) -> str:
@@ -33,7 +34,8 @@ class ProviderLaunch:
     layers: str  # "start:end"
     port: int
     trust_gateway: str  # the address whose job tickets it honours
-    chain_id: int = 31337
+    deployment: Path  # the deployment file: its chain and StakeManager name the protocol's signing domain
+    tls_dir: Path | None  # where its TLS key and certificate are made and kept; None serves plain TCP
     host: str = "127.0.0.1"
     gateway_url: str | None = None  # announce to this gateway at ``price``
     price: int | None = None
@@ -51,8 +53,9 @@ class ProviderLaunch:
             "--host", self.host,
             "--port", str(self.port),
             "--trust-gateway", self.trust_gateway,
-            "--chain-id", str(self.chain_id),
+            "--deployment", str(self.deployment),
         ]  # fmt: skip
+        command += ["--tls-dir", str(self.tls_dir)] if self.tls_dir is not None else ["--plaintext"]
         if self.gateway_url is not None:
             command += ["--gateway", self.gateway_url]
         if self.price is not None:
@@ -81,11 +84,23 @@ class ProviderProcess:
         """Starts the node with ``key`` as PROVIDER_KEY and ``threads`` torch threads (several providers on one
         machine share its cores)."""
         child_env = {**(env or os.environ), "PROVIDER_KEY": key, "OMP_NUM_THREADS": str(threads)}
+        if launch.tls_dir is not None:
+            TlsIdentity.load_or_create(
+                launch.tls_dir
+            )  # made here, so the caller knows its fingerprint at once
         return cls(launch, spawn_logged(launch.command(), log, env=child_env), log)
 
     @property
     def endpoint(self) -> str:
         return self.launch.endpoint
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The certificate's fingerprint its asks name (made before the node starts, which then loads it); zero
+        for a plaintext node."""
+        if self.launch.tls_dir is None:
+            return NO_FINGERPRINT
+        return TlsIdentity.load_or_create(self.launch.tls_dir).fingerprint
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Blocks until the node printed ``ready``; fails with its log's tail if it exits first."""

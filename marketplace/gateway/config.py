@@ -39,7 +39,16 @@ class GatewaySettings(SettlementSettings):
     step_timeout_s: float = Field(
         default=60.0, gt=0, description="seconds one step may take across the whole route before it fails"
     )
-    ticket_ttl_s: int = Field(default=3600, gt=0, description="seconds a job ticket is valid for")
+    ticket_ttl_s: int = Field(
+        default=120,
+        gt=0,
+        le=600,
+        description="seconds a hop ticket stays valid to open its session (providers refuse longer ones)",
+    )
+    allow_plaintext_hops: bool = Field(
+        default=False,
+        description="true books asks that name no TLS certificate and talks to them over plain TCP: development only",
+    )
     max_failovers: int = Field(
         default=3, ge=0, description="times a job may be moved to a fresh route after a provider fails"
     )

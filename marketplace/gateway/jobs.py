@@ -35,7 +35,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog, ServedModel
-from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
+from marketplace.gateway.coordinator import Coordinator, HopRecord, JobSpec, Outcome
 from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook, Route
@@ -353,6 +353,7 @@ class JobRunner:
             job_id=bytes.fromhex(run.job_id[2:]),
             model_root=model.root,
             num_layers=model.num_layers,
+            vocab_size=model.vocab_size,
             prompt=request.prompt,
             max_tokens=request.max_tokens,
             sampling=request.sampling,
@@ -418,14 +419,14 @@ class JobRunner:
                             price_per_million=hop.ask.price_per_million,
                             tokens=hop.tokens,
                             transcript_root=hex0x(hop.transcript_root),
-                            transcript=[[step, hex0x(i), hex0x(o)] for step, i, o in hop.steps],
+                            transcript=[step.to_row() for step in hop.steps],
                             status=hop.status,
                             session=hop.session.hex(),
                         )
                         session.add(row)
                         if hop.receipt is not None:
                             await session.flush()
-                            session.add(_receipt_row(run.job_id, row.id, hop.ask.provider, hop.receipt, hop))
+                            session.add(_receipt_row(run.job_id, row.id, hop))
                     settled = await self.gate.settle(session, run.reservation, run.job_id, charged)
                 break
             except Exception:
@@ -559,19 +560,18 @@ class JobRunner:
             return await session.get(Channel, channel_id)
 
 
-def _receipt_row(job_id: str, hop_id: int, provider: str, receipt: dict[str, Any], hop: Any) -> ReceiptRow:
-    def text(name: str) -> str:
-        value = receipt.get(name)
-        return str(value)[:130] if value is not None else ""
-
-    tokens = receipt.get("tokens")
+def _receipt_row(job_id: str, hop_id: int, hop: HopRecord) -> ReceiptRow:
+    receipt = hop.receipt
+    assert receipt is not None
     return ReceiptRow(
         hop_id=hop_id,
         job_id=job_id,
-        provider=provider,
-        tokens=tokens if isinstance(tokens, int) and 0 <= tokens < 2**63 else -1,
-        transcript_root="0x" + text("transcriptRoot")[:64],
-        signature="0x" + text("signature"),
+        provider=receipt.provider,
+        tokens=min(receipt.positions, 2**63 - 1),
+        transcript_root=hex0x(receipt.transcript_root),
+        gateway=receipt.gateway,
+        sampling_hash=hex0x(receipt.sampling_hash),
+        signature=hex0x(receipt.signature),
         verified=hop.verified,
         amount=hop.amount,
     )

@@ -1,20 +1,28 @@
 """Providers' side of the book: signed asks and heartbeats, checked, persisted, and put in the order book.
 
-An ask is accepted when its EIP-712 signature is the provider's, its model is one this gateway serves, its span
-lies within the model, its nonce is above every ask the provider posted before (so an old ask cannot be
-replayed over a newer one), and the provider is active in StakeManager. A new ask for the same provider,
-model and span replaces the old one and takes a new place in time priority; an ask with capacity 0 withdraws
-the span. A heartbeat is a signed timestamp within ``heartbeat_skew_s`` of the gateway's clock and newer than
-the provider's last; a provider stays matchable for ``heartbeat_ttl_s`` after one.
+An ask is accepted when its EIP-712 signature is the provider's, it is for this gateway (asks and heartbeats
+name the gateway, under a domain that names the deployment, so neither replays elsewhere), its model is one this
+gateway serves, its span lies within the model, its nonce is above every ask the provider posted before (so an
+old ask cannot be replayed over a newer one), the provider is active in StakeManager, and its endpoint proves to
+be the provider's: the gateway connects there pinning the certificate the ask names and has the provider sign a
+fresh challenge with its staked key (``prove``). An ask naming someone else's endpoint never enters the book.
+An ask that names no certificate (plain TCP) is taken only by a gateway that allows plaintext hops.
+
+A new ask for the same provider, model and span replaces the old one and takes a new place in time priority; an
+ask with capacity 0 withdraws the span. A heartbeat is a signed timestamp within ``heartbeat_skew_s`` of the
+gateway's clock and newer than the provider's last; a provider stays matchable for ``heartbeat_ttl_s`` after
+one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from eth_utils.address import is_address, to_checksum_address
 from sqlalchemy import select, update
@@ -26,9 +34,12 @@ from marketplace.gateway.errors import Conflict, Forbidden, InvalidRequest, NotF
 from marketplace.gateway.orderbook import BookAsk, OrderBook
 from settlement.db.schema import Ask, Provider, utcnow
 from settlement.eip712 import Ask as SignedAsk
-from settlement.eip712 import Heartbeat, protocol_domain
-from worker.client import parse_endpoint
-from worker.errors import ProtocolError
+from settlement.eip712 import Domain, Heartbeat
+from worker.client import PeerLink, parse_endpoint
+from worker.errors import ProtocolError, WorkerError
+from worker.messages import Prove, checked
+from worker.tls import NO_FINGERPRINT
+from worker.trust import Checks, Keys
 
 MAX_PRICE_PER_MILLION = 10**12  # a million dollars of a 6-decimal token per million token-layers
 MAX_CAPACITY = 4096
@@ -36,9 +47,18 @@ MAX_ASK_LIFETIME_S = 30 * 24 * 3600
 UINT64_MAX = 2**64 - 1
 
 
+class EndpointProver(Protocol):
+    async def __call__(self, provider: str, endpoint: str, fingerprint: bytes) -> None:
+        """Returns when the endpoint answered as ``provider`` with the certificate ``fingerprint``; raises
+        Forbidden (``endpoint_not_proven``) when it did not."""
+        ...
+
+
 @dataclass(frozen=True)
 class AskInput:
     provider: str
+    gateway: str
+    tls_fingerprint: str
     model_root: str
     layer_start: int
     layer_end: int
@@ -60,6 +80,63 @@ def _signature(text: str) -> bytes:
     return raw
 
 
+class LinkProver:
+    """Proves an ask's endpoint: connects there pinning the certificate the ask names, authenticated as this
+    gateway, and has the provider sign a fresh challenge with its staked key. What it proved it remembers for
+    ``remember_s``, so a provider re-posting its ask every day is not asked again each time."""
+
+    def __init__(
+        self,
+        keys: Keys,
+        checks: Checks,
+        *,
+        timeout_s: float = 10.0,
+        remember_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.keys = keys
+        self.checks = checks
+        self.timeout_s = timeout_s
+        self.remember_s = remember_s
+        self.clock = clock
+        self._proven: dict[tuple[str, str, bytes], float] = {}
+
+    async def __call__(self, provider: str, endpoint: str, fingerprint: bytes) -> None:
+        key = (provider, endpoint, fingerprint)
+        if self.clock() - self._proven.get(key, -self.remember_s) < self.remember_s:
+            return
+        link = PeerLink(endpoint, fingerprint, self.keys, tls=fingerprint != NO_FINGERPRINT, expect=provider)
+        challenge = os.urandom(32)
+        try:
+            reply, _ = await asyncio.wait_for(
+                link.request(Prove(challenge, endpoint).to_json()), self.timeout_s
+            )
+            signature = bytes.fromhex(str(checked(reply).get("signature", "")).removeprefix("0x"))
+            signer = await asyncio.to_thread(
+                self.checks.endpoint_proof, challenge, provider, endpoint, fingerprint, signature
+            )
+        except (WorkerError, OSError, TimeoutError, ValueError) as exc:
+            raise Forbidden(
+                "endpoint_not_proven",
+                f"{endpoint} did not prove to be {provider}'s, with that certificate: {exc}",
+            ) from exc
+        finally:
+            await link.close()
+        if signer != provider:
+            raise Forbidden("endpoint_not_proven", f"{endpoint} answered for {signer}, not {provider}")
+        self._proven[key] = self.clock()
+
+
+def _hash(text: str, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError as exc:
+        raise InvalidRequest("invalid_request", f"{what} is not hex") from exc
+    if len(raw) != 32:
+        raise InvalidRequest("invalid_request", f"{what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
 def _address(text: str, what: str) -> str:
     if not is_address(text):
         raise InvalidRequest("invalid_request", f"{what} {text!r} is not an address")
@@ -74,7 +151,10 @@ class Market:
         catalog: Catalog,
         watcher: ChainWatcher,
         sessions: async_sessionmaker[AsyncSession],
-        chain_id: int,
+        domain: Domain,
+        gateway: str,  # this gateway's address: the asks and heartbeats it takes name it
+        prove_endpoint: EndpointProver,
+        allow_plaintext: bool,
         heartbeat_skew_s: int,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
@@ -83,7 +163,10 @@ class Market:
         self.catalog = catalog
         self.watcher = watcher
         self.sessions = sessions
-        self.domain = protocol_domain(chain_id)
+        self.domain = domain
+        self.gateway = gateway
+        self.prove_endpoint = prove_endpoint
+        self.allow_plaintext = allow_plaintext
         self.heartbeat_skew_s = heartbeat_skew_s
         self.on_change = on_change
         self.clock = clock
@@ -112,6 +195,13 @@ class Market:
     async def post_ask(self, data: AskInput) -> BookAsk | None:
         """Checks, records and books an ask; returns the booked ask (None when it withdrew a span)."""
         provider = _address(data.provider, "provider")
+        if _address(data.gateway, "gateway") != self.gateway:
+            raise Forbidden("wrong_gateway", f"the ask is for gateway {data.gateway}; this is {self.gateway}")
+        fingerprint = _hash(data.tls_fingerprint, "tlsFingerprint")
+        if fingerprint == NO_FINGERPRINT and not self.allow_plaintext and data.capacity > 0:
+            raise InvalidRequest(
+                "plaintext_endpoint", "the ask names no TLS certificate; this gateway needs one"
+            )
         model = self.catalog.by_root(data.model_root)
         if model is None:
             raise NotFound("unknown_model", f"this gateway serves no model {data.model_root}")
@@ -136,12 +226,14 @@ class Market:
             raise InvalidRequest("invalid_request", "nonce must be a positive uint64")
         signed = SignedAsk(
             provider,
+            self.gateway,
             bytes.fromhex(model.root.removeprefix("0x")),
             data.layer_start,
             data.layer_end,
             data.price_per_million,
             data.capacity,
             data.endpoint,
+            fingerprint,
             data.nonce,
             data.expires_at,
         )
@@ -150,6 +242,8 @@ class Market:
             raise Forbidden("invalid_signature", f"the ask is not signed by {provider}")
         if not await self.watcher.is_active(provider, fresh=True):
             raise Forbidden("provider_not_staked", f"{provider} is not active in StakeManager: stake first")
+        if data.capacity > 0:
+            await self.prove_endpoint(provider, data.endpoint, fingerprint)
 
         async with self._lock, self.sessions() as session, session.begin():
             row = await self._provider_row(session, provider)
@@ -179,6 +273,7 @@ class Market:
                     price_per_million=data.price_per_million,
                     capacity=data.capacity,
                     endpoint=data.endpoint,
+                    tls_fingerprint="0x" + fingerprint.hex(),
                     nonce=data.nonce,
                     expires_at=data.expires_at,
                     signature="0x" + signature.hex(),
@@ -202,16 +297,23 @@ class Market:
 
     # -- heartbeats ----------------------------------------------------------------------------------------
 
-    async def heartbeat(self, provider: str, timestamp: int, signature: str) -> float:
+    async def heartbeat(self, provider: str, gateway: str, timestamp: int, signature: str) -> float:
         """Records a signed heartbeat; returns the time the provider stays matchable until."""
         provider = _address(provider, "provider")
+        if _address(gateway, "gateway") != self.gateway:
+            raise Forbidden(
+                "wrong_gateway", f"the heartbeat is for gateway {gateway}; this is {self.gateway}"
+            )
         now = self.clock()
         if not 0 <= timestamp <= UINT64_MAX or abs(timestamp - now) > self.heartbeat_skew_s:
             raise InvalidRequest(
                 "bad_timestamp",
                 f"timestamp {timestamp} is more than {self.heartbeat_skew_s} s from {int(now)}",
             )
-        if Heartbeat(provider, timestamp).signer(_signature(signature), self.domain) != provider:
+        if (
+            Heartbeat(provider, self.gateway, timestamp).signer(_signature(signature), self.domain)
+            != provider
+        ):
             raise Forbidden("invalid_signature", f"the heartbeat is not signed by {provider}")
         async with self._lock, self.sessions() as session, session.begin():
             row = await session.get(Provider, provider)
@@ -238,5 +340,6 @@ def _book_ask(ask: Ask) -> BookAsk:
         price_per_million=ask.price_per_million,
         capacity=ask.capacity,
         endpoint=ask.endpoint,
+        tls_fingerprint=bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")),
         expires_at=float(ask.expires_at),
     )

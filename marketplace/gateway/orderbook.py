@@ -38,6 +38,7 @@ class BookAsk:
     price_per_million: int  # base units per million token-layers
     capacity: int  # sessions at once
     endpoint: str
+    tls_fingerprint: bytes  # of the certificate the endpoint proved it holds; pinned by whoever connects
     expires_at: float  # unix s
     in_use: int = 0
     live: bool = True  # false once replaced, withdrawn or expired; jobs holding it still release into it

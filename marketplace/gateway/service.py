@@ -16,7 +16,7 @@ from marketplace.gateway.chainwatch import ChainWatcher, ContractsReader
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.jobs import JobRunner
-from marketplace.gateway.market import Market
+from marketplace.gateway.market import LinkProver, Market
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook
 from marketplace.gateway.payments.gate import PaymentGate, Terms
@@ -26,6 +26,7 @@ from settlement.db.engine import create_engine, migrate, sessions
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ConfigurationError
 from settlement.tasks import METER_JOB, make_app
+from settlement.tickets import KeyRing, SignatureChecks
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,13 @@ class Gateway:
         )
         session_factory = sessions(engine)
         metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
+        domain = contracts.protocol_domain()
+        keys, checks = KeyRing(account, domain), SignatureChecks(domain)
         coordinator = Coordinator(
             book,
-            account,
-            chain_id=terms.chain_id,
+            keys,
+            check_receipt=checks.receipt,
+            allow_plaintext=settings.allow_plaintext_hops,
             step_timeout_s=settings.step_timeout_s,
             ticket_ttl_s=settings.ticket_ttl_s,
             max_failovers=settings.max_failovers,
@@ -135,7 +139,10 @@ class Gateway:
             catalog=catalog,
             watcher=watcher,
             sessions=session_factory,
-            chain_id=terms.chain_id,
+            domain=domain,
+            gateway=account.address,
+            prove_endpoint=LinkProver(keys, checks),
+            allow_plaintext=settings.allow_plaintext_hops,
             heartbeat_skew_s=settings.heartbeat_skew_s,
             on_change=runner.wake,
         )

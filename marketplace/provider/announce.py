@@ -1,23 +1,31 @@
 """A provider's presence on a gateway: its signed ask posted, re-posted before it expires, and a signed
-heartbeat every few seconds so the gateway keeps matching it. ``strata provider serve --gateway`` runs one."""
+heartbeat every few seconds so the gateway keeps matching it. ``strata provider serve --gateway`` runs one.
+
+Asks and heartbeats name the gateway they are for, so that another gateway cannot replay them; the announcer
+asks the gateway its address (``GET /health``) and posts to it only when it is one the provider trusts. An ask
+names the provider's TLS certificate by its fingerprint: whoever connects to the endpoint pins it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from eth_account.signers.local import LocalAccount
+from eth_utils.address import is_address, to_checksum_address
 
-from settlement.eip712 import Ask, Heartbeat, protocol_domain
+from settlement.eip712 import Ask, Domain, Heartbeat
 
 log = logging.getLogger(__name__)
 
 # The gateway's code refusing an ask from a provider StakeManager deems inactive.
 NOT_STAKED = "provider_not_staked"
+UNTRUSTED = "untrusted_gateway"  # the gateway at the URL is not one this provider serves
 
 
 class AnnounceError(Exception):
@@ -34,6 +42,7 @@ class Offer:
     price_per_million: int  # base units per million token-layers
     capacity: int  # sessions at once
     endpoint: str  # host:port the gateway and other providers reach this provider at
+    tls_fingerprint: bytes  # sha256 of the certificate the endpoint presents (zero: plain TCP, development)
 
 
 class Announcer:
@@ -43,7 +52,8 @@ class Announcer:
         account: LocalAccount,
         offer: Offer,
         *,
-        chain_id: int,
+        domain: Domain,
+        trusted: Iterable[str] | None,  # None: whichever gateway answers at the URL
         ask_ttl_s: int = 24 * 3600,
         heartbeat_s: float = 10.0,
         client: httpx.AsyncClient | None = None,
@@ -51,7 +61,9 @@ class Announcer:
         self.gateway_url = gateway_url.rstrip("/")
         self.account = account
         self.offer = offer
-        self.domain = protocol_domain(chain_id)
+        self.domain = domain
+        self.trusted = None if trusted is None else {to_checksum_address(address) for address in trusted}
+        self.gateway: str | None = None  # its address, once it said and it is one of the trusted
         self.ask_ttl_s = ask_ttl_s
         self.heartbeat_s = heartbeat_s
         self.client = client or httpx.AsyncClient(timeout=10.0)
@@ -64,22 +76,45 @@ class Announcer:
         self._last_nonce = max(self._last_nonce + 1, time.time_ns() // 1000)
         return self._last_nonce
 
+    async def learn_gateway(self) -> str:
+        """The gateway's address, as it says; refused unless it is one this provider trusts."""
+        if self.gateway is None:
+            try:
+                response = await self.client.get(self.gateway_url + "/health")
+                said = response.json().get("gateway")
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                raise AnnounceError(f"{self.gateway_url} did not say who it is: {exc}") from exc
+            if not isinstance(said, str) or not is_address(said):
+                raise AnnounceError(f"{self.gateway_url} did not say who it is")
+            if self.trusted is not None and to_checksum_address(said) not in self.trusted:
+                raise AnnounceError(
+                    f"{self.gateway_url} is {said!r}, not a gateway this provider trusts", UNTRUSTED
+                )
+            self.gateway = to_checksum_address(said)
+        return self.gateway
+
     def signed_ask(self, capacity: int | None = None) -> dict[str, Any]:
+        if self.gateway is None:
+            raise AnnounceError("the gateway's address is not known yet: learn_gateway() first")
         offer = self.offer
         expires_at = int(time.time()) + self.ask_ttl_s
         ask = Ask(
             self.account.address,
+            self.gateway,
             bytes.fromhex(offer.model_root.removeprefix("0x")),
             offer.layer_start,
             offer.layer_end,
             offer.price_per_million,
             offer.capacity if capacity is None else capacity,
             offer.endpoint,
+            offer.tls_fingerprint,
             self._nonce(),
             expires_at,
         )
         return {
             "provider": ask.provider,
+            "gateway": ask.gateway,
+            "tlsFingerprint": "0x" + ask.tls_fingerprint.hex(),
             "modelRoot": "0x" + ask.model_root.hex(),
             "layerStart": ask.layer_start,
             "layerEnd": ask.layer_end,
@@ -92,18 +127,25 @@ class Announcer:
         }
 
     async def post_ask(self, capacity: int | None = None) -> dict[str, Any]:
+        await self.learn_gateway()
         body = self.signed_ask(capacity)
         result = await self._post("/v1/asks", body)
         self.ask_expires_at = int(body["expiresAt"])
         return result
 
     async def heartbeat(self) -> dict[str, Any]:
+        gateway = await self.learn_gateway()
         timestamp = max(self._last_beat + 1, int(time.time()))
         self._last_beat = timestamp
-        signature = Heartbeat(self.account.address, timestamp).sign(self.account, self.domain)
+        signature = Heartbeat(self.account.address, gateway, timestamp).sign(self.account, self.domain)
         return await self._post(
             "/v1/providers/heartbeat",
-            {"provider": self.account.address, "timestamp": timestamp, "signature": "0x" + signature.hex()},
+            {
+                "provider": self.account.address,
+                "gateway": gateway,
+                "timestamp": timestamp,
+                "signature": "0x" + signature.hex(),
+            },
         )
 
     async def withdraw(self) -> None:

@@ -1,7 +1,11 @@
 """The provider node, assembled in one place: a span of a model loaded and checked, the runtime that keeps its
-sessions, the hop server in front of it, the tickets it honours and the key that signs its receipts, and the
-announcer that keeps its ask on a gateway's book. `strata provider serve` parses its options into a
+sessions, the hop server in front of it on TLS, the tickets it honours and the key that signs its receipts, and
+the announcer that keeps its ask on a gateway's book. `strata provider serve` parses its options into a
 :class:`NodeConfig` and runs a :class:`ProviderNode`; nothing else builds one.
+
+What a provider keeps secret: its staked key (it signs receipts, asks, and its proof on every connection) and
+its TLS key (whoever holds it can answer at the provider's endpoint in its name, until the provider posts an ask
+with a new certificate). Both stay on the provider's machine; the certificate itself is public.
 
 A gateway matches only staked providers: when the gateway refuses the node's first ask because StakeManager
 deems it inactive, :meth:`ProviderNode.start` stops the node again and raises :class:`NotStaked`.
@@ -20,10 +24,12 @@ import torch
 from eth_account.signers.local import LocalAccount
 
 from marketplace.provider.announce import NOT_STAKED, AnnounceError, Announcer, Offer
-from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner
+from settlement.eip712 import Domain
+from settlement.tickets import KeyRing, SignatureChecks
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.server import HopServer
 from worker.shard import Shard, load_shard
+from worker.tls import NO_FINGERPRINT, TlsIdentity
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +53,11 @@ class NodeConfig:
     layers: str  # the span, "start:end"
     host: str  # the address the hop server listens on
     port: int
-    account: LocalAccount  # signs receipts, asks and heartbeats
+    account: LocalAccount  # signs receipts, asks, heartbeats and its proof on every connection
     gateways: tuple[str, ...]  # addresses whose job tickets are honoured
     validators: tuple[str, ...]  # addresses allowed to fetch retained steps; none: nobody may
-    chain_id: int  # of the EIP-712 domain of tickets, receipts and asks
+    domain: Domain  # the protocol domain: the chain and the deployment's StakeManager
+    tls: TlsIdentity | None  # the node's certificate and key; None serves plain TCP (development only)
     limits: RuntimeLimits
     advertise: str | None = None  # host:port others reach the node at [default: host:port]
     device: torch.device | None = None  # None: CUDA when there is one, else the CPU
@@ -63,20 +70,19 @@ class NodeConfig:
 
 
 class ProviderNode:
-    def __init__(self, config: NodeConfig, shard: Shard) -> None:
+    def __init__(
+        self, config: NodeConfig, shard: Shard, *, server: Callable[..., HopServer] = HopServer
+    ) -> None:
         self.config = config
         self.shard = shard
         self.runtime = SpanRuntime(shard, config.limits)
-        self.server = HopServer(
+        self.server = server(
             self.runtime,
-            endpoint=config.endpoint,
-            verify_ticket=GatewayTicketVerifier(list(config.gateways), chain_id=config.chain_id),
-            sign_receipt=KeyReceiptSigner(config.account, chain_id=config.chain_id),
-            verify_fetch=(
-                GatewayTicketVerifier(list(config.validators), chain_id=config.chain_id)
-                if config.validators
-                else None
-            ),
+            keys=KeyRing(config.account, config.domain),
+            checks=SignatureChecks(config.domain),
+            gateways=set(config.gateways),
+            validators=set(config.validators),
+            tls=config.tls,
         )
         self.announcer: Announcer | None = None
         if config.announce is not None:
@@ -90,17 +96,26 @@ class ProviderNode:
                     config.announce.price,
                     config.announce.capacity,
                     config.endpoint,
+                    config.tls.fingerprint if config.tls is not None else NO_FINGERPRINT,
                 ),
-                chain_id=config.chain_id,
+                domain=config.domain,
+                trusted=config.gateways,
             )
         self._announcing: asyncio.Task[None] | None = None
 
     @classmethod
-    def load(cls, config: NodeConfig, *, adapt: Callable[[Shard], Shard] | None = None) -> ProviderNode:
+    def load(
+        cls,
+        config: NodeConfig,
+        *,
+        adapt: Callable[[Shard], Shard] | None = None,
+        server: Callable[..., HopServer] = HopServer,
+    ) -> ProviderNode:
         """Loads the span (checking its hashes against the model's root) and assembles the node around it.
-        ``adapt`` may replace the loaded shard (the devnet's cheating providers use it)."""
+        ``adapt`` may replace the loaded shard and ``server`` the hop server (the cheating and misbehaving
+        providers of demonstrations and tests use them)."""
         shard = load_shard(config.model, config.layers, device=config.device, dtype=config.dtype)
-        return cls(config, adapt(shard) if adapt is not None else shard)
+        return cls(config, adapt(shard) if adapt is not None else shard, server=server)
 
     async def start(self) -> None:
         """Listens, then posts the ask and keeps heartbeating. A gateway that cannot be reached yet is retried

@@ -3,6 +3,8 @@ provider's commands read it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 
 from settlement.config import ChainSettings
@@ -21,5 +23,7 @@ class ProviderSettings(ChainSettings):
         default_factory=list,
         description="validators allowed to fetch retained steps; none: the deployment file's slasher, if any",
     )
-    chain_id: int = Field(default=31337, description="chain id in the EIP-712 domain of tickets and receipts")
+    provider_tls_dir: Path | None = Field(
+        default=None, description="where the node keeps its TLS key and certificate, made on first start"
+    )
     gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")

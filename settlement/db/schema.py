@@ -177,6 +177,8 @@ class Ask(Base):
     price_per_million: Mapped[int] = mapped_column(BigInteger)
     capacity: Mapped[int] = mapped_column(Integer)
     endpoint: Mapped[str] = mapped_column(String(255))
+    # sha256 of the TLS certificate the endpoint proved it holds (zeros: plain TCP, development only)
+    tls_fingerprint: Mapped[str] = mapped_column(HASH, server_default="0x" + "00" * 32)
     nonce: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger)  # unix s
     signature: Mapped[str] = mapped_column(SIGNATURE)
@@ -276,8 +278,12 @@ class Receipt(Base):
     hop_id: Mapped[int] = mapped_column(ForeignKey("hops.id"), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     provider: Mapped[str] = mapped_column(ADDRESS)
-    tokens: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)  # the positions it signs for
     transcript_root: Mapped[str] = mapped_column(HASH)
+    # The gateway the receipt is for, and the last span's commitment to how it sampled (zeros elsewhere). None on
+    # receipts from before receipts named them, which no longer bill.
+    gateway: Mapped[str | None] = mapped_column(ADDRESS)
+    sampling_hash: Mapped[str | None] = mapped_column(HASH)
     signature: Mapped[str] = mapped_column(SIGNATURE)
     verified: Mapped[bool] = mapped_column(Boolean)
     amount: Mapped[int] = mapped_column(BigInteger)  # what this hop bills the client; 0 unless verified

@@ -20,10 +20,12 @@ from settlement.db.schema import Ask, Channel, Charge, Hop, HopStatus, Job, JobS
 from settlement.deploy import Contracts
 from settlement.eip712 import Voucher, voucher_domain
 from settlement.pricing import hop_charge
-from settlement.tickets import KeyReceiptSigner
-from worker.receipts import ReceiptFields, transcript_root_of
+from settlement.tickets import KeyRing
+from worker.transcript import StepHashes, sampling_hash, transcript_root
+from worker.trust import ReceiptFields
 
 MODEL_ROOT = "0x" + hashlib.sha256(b"tiny").hexdigest()
+GATEWAY = "0x" + "42" * 20  # the gateway the receipts are for: settlement takes the one each names
 SPANS = ((0, 2), (2, 4), (4, 6))
 
 
@@ -56,7 +58,8 @@ class Recorder:
             for (start, end), provider, price in zip(SPANS, self.providers, self.prices, strict=True):
                 ask = Ask(
                     provider=provider.address, model_root=MODEL_ROOT, layer_start=start, layer_end=end,
-                    price_per_million=price, capacity=8, endpoint="127.0.0.1:9000", nonce=1,
+                    price_per_million=price, capacity=8, endpoint="127.0.0.1:9000",
+                    tls_fingerprint="0x" + "00" * 32, nonce=1,
                     expires_at=2**40, signature="0x" + "00" * 65,
                 )  # fmt: skip
                 session.add(ask)
@@ -141,32 +144,44 @@ class Recorder:
                 )
             )  # fmt: skip
             session.flush()
+            session_id = os.urandom(16)
+            last = len(SPANS) - 1
             for position, ((start, end), provider, price) in enumerate(
                 zip(SPANS, self.providers, self.prices, strict=True)
             ):
-                transcript = [(s, hashes[position][s], hashes[position + 1][s]) for s in steps]
-                root = transcript_root_of(transcript)
+                # The last span's steps carry the tokens it emitted; any will do here.
+                transcript = [
+                    StepHashes(
+                        s, hashes[position][s], hashes[position + 1][s], 65 if position == last else None
+                    )
+                    for s in steps
+                ]
+                root = transcript_root(transcript)
                 amount = hop_charge(tokens, end - start, price)
                 charge += amount
                 hop = Hop(
                     job_id=job_id, attempt=0, position=position, ask_id=self.asks[position], provider=provider.address,
                     endpoint=f"127.0.0.1:{9000 + position}", layer_start=start, layer_end=end,
                     price_per_million=price, tokens=tokens, transcript_root="0x" + root.hex(),
-                    transcript=[[s, "0x" + i.hex(), "0x" + o.hex()] for s, i, o in transcript],
-                    status=HopStatus.BILLED,
+                    transcript=[entry.to_row() for entry in transcript], status=HopStatus.BILLED,
+                    session=session_id.hex(),
                 )  # fmt: skip
                 session.add(hop)
                 session.flush()
-                fields = ReceiptFields(
-                    bytes.fromhex(job_id[2:]), provider.address, bytes.fromhex(MODEL_ROOT[2:]), start, end,
-                    tokens, root,
+                receipt = KeyRing(provider, self.contracts.protocol_domain()).receipt(
+                    ReceiptFields(
+                        job_id=bytes.fromhex(job_id[2:]), session=session_id, gateway=GATEWAY,
+                        provider=provider.address, model_root=bytes.fromhex(MODEL_ROOT[2:]), layer_start=start,
+                        layer_end=end, positions=tokens, transcript_root=root,
+                        sampling_hash=sampling_hash({}) if position == last else sampling_hash(None),
+                    )
                 )  # fmt: skip
-                signature = KeyReceiptSigner(provider, chain_id=self.chain_id)(fields)
                 session.add(
                     Receipt(
                         hop_id=hop.id, job_id=job_id, provider=provider.address, tokens=tokens,
-                        transcript_root="0x" + root.hex(), signature="0x" + signature.hex(), verified=True,
-                        amount=amount,
+                        transcript_root="0x" + root.hex(), gateway=GATEWAY,
+                        sampling_hash="0x" + receipt.sampling_hash.hex(),
+                        signature="0x" + receipt.signature.hex(), verified=True, amount=amount,
                     )
                 )  # fmt: skip
         return job_id, charge

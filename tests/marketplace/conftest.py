@@ -61,7 +61,7 @@ def providers(
 ) -> Iterator[dict[str, ProviderProcess]]:
     logs = tmp_path_factory.mktemp("provider-logs")
     started = {
-        name: start_provider(model_dir, market.providers[i], span, market.gateway_key, log_dir=logs)
+        name: start_provider(model_dir, market.providers[i], span, market, log_dir=logs)
         for i, (name, span) in enumerate(SPANS.items())
     }
     try:

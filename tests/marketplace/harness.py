@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -24,7 +23,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import create_engine
@@ -34,7 +32,6 @@ from marketplace.devnet.anvil import Anvil
 from marketplace.devnet.process import free_port
 from marketplace.devnet.providers import ProviderLaunch
 from marketplace.devnet.providers import ProviderProcess as NodeProcess
-from marketplace.gateway.api.app import create_app
 from marketplace.gateway.catalog import load_model
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.payments.x402 import (
@@ -46,6 +43,7 @@ from marketplace.gateway.payments.x402 import (
 )
 from marketplace.provider.announce import AnnounceError, Announcer, Offer
 from marketplace.provider.staking import bond
+from marketplace.testing.gateway import GatewayServer
 from settlement.chain import Chain
 from settlement.contracts import random_channel_id
 from settlement.db.engine import sync_url
@@ -99,15 +97,20 @@ def start_market(tmp: Path) -> Market:
 
 @dataclass
 class ProviderProcess:
-    """A `strata provider serve` process for one of the market's provider accounts."""
+    """A `strata provider serve` process, on TLS, for one of the market's provider accounts."""
 
     account: LocalAccount
     span: tuple[int, int]
     node: NodeProcess
+    domain: Domain  # the deployment's protocol domain, which its asks are signed under
 
     @property
     def endpoint(self) -> str:
         return self.node.endpoint
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.node.fingerprint
 
     @property
     def process(self) -> subprocess.Popen[bytes]:
@@ -121,21 +124,24 @@ def start_provider(
     model: Path,
     account: LocalAccount,
     span: tuple[int, int],
-    gateway: LocalAccount,
+    market: Market,
     extra: Sequence[str] = (),
     *,
     log_dir: Path,
+    env: dict[str, str] | None = None,
 ) -> ProviderProcess:
     launch = ProviderLaunch(
         model,
         f"{span[0]}:{span[1]}",
         free_port(),
-        trust_gateway=gateway.address,
-        chain_id=31337,
+        trust_gateway=market.gateway_key.address,
+        deployment=market.deployment_file,
+        tls_dir=log_dir / f"tls-{account.address}",
         extra=tuple(extra),
     )
     log = log_dir / f"provider-{account.address[:10]}-{span[0]}-{span[1]}-{launch.port}.log"
-    return ProviderProcess(account, span, NodeProcess.start(launch, key=account.key.hex(), log=log))
+    node = NodeProcess.start(launch, key=account.key.hex(), log=log, env=env)
+    return ProviderProcess(account, span, node, market.contracts.protocol_domain())
 
 
 def wait_ready(provider: ProviderProcess, timeout_s: float = 300) -> None:
@@ -178,36 +184,6 @@ def database(backend: str, tmp: Path, *, template: str | None = None) -> Iterato
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-class GatewayServer:
-    """The real gateway app under uvicorn, in a thread of its own, on a free port."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> GatewayServer:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def gateway(self):  # type: ignore[no-untyped-def]
-        return self.app.state.gateway
-
-
 def gateway_settings(
     market: Market, database_url: str, models: dict[str, Path], **overrides: object
 ) -> GatewaySettings:
@@ -236,8 +212,11 @@ def announce(
     announcer = Announcer(
         url,
         provider.account,
-        Offer(root, provider.span[0], provider.span[1], price, capacity, provider.endpoint),
-        chain_id=31337,
+        Offer(
+            root, provider.span[0], provider.span[1], price, capacity, provider.endpoint, provider.fingerprint
+        ),
+        domain=provider.domain,
+        trusted=None,
         heartbeat_s=2.0,
     )
 

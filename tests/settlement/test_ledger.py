@@ -15,11 +15,12 @@ from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
 from settlement.ledger import meter_job, split
-from settlement.testing.ledger import MODEL_ROOT, Recorder
-from settlement.tickets import KeyReceiptSigner
+from settlement.testing.ledger import GATEWAY, MODEL_ROOT, Recorder
+from settlement.tickets import KeyRing
 from tests.conftest import Actors
 from tests.settlement.ledger_data import ledger_database
-from worker.receipts import ReceiptFields, transcript_root_of
+from worker.transcript import StepHashes, sampling_hash, transcript_root
+from worker.trust import ReceiptFields
 
 ONE = 10**6
 
@@ -39,7 +40,7 @@ def recorder(sessions: sessionmaker[Session], contracts: Contracts, actors: Acto
 
 def meter(recorder: Recorder, job_id: str) -> object:
     with recorder.sessions.begin() as session:
-        return meter_job(session, job_id, chain_id=recorder.chain_id)
+        return meter_job(session, job_id, domain=recorder.contracts.protocol_domain())
 
 
 def entries(recorder: Recorder, job_id: str) -> list[LedgerEntry]:
@@ -152,12 +153,17 @@ def test_receipts_that_do_not_check_out_bill_nothing(
             # the receipt alone is fine, the chain of hops is not.
             steps = [list(step) for step in hop.transcript]
             steps[0][1] = "0x" + "ee" * 32
-            root = transcript_root_of([(s, bytes.fromhex(i[2:]), bytes.fromhex(o[2:])) for s, i, o in steps])
-            fields = ReceiptFields(
-                bytes.fromhex(job_id[2:]), hop.provider, bytes.fromhex(MODEL_ROOT[2:]), hop.layer_start,
-                hop.layer_end, hop.tokens, root,
+            root = transcript_root([StepHashes.from_row(step) for step in steps])
+            assert hop.session is not None
+            signed = KeyRing(actors.providers[1], recorder.contracts.protocol_domain()).receipt(
+                ReceiptFields(
+                    job_id=bytes.fromhex(job_id[2:]), session=bytes.fromhex(hop.session), gateway=GATEWAY,
+                    provider=hop.provider, model_root=bytes.fromhex(MODEL_ROOT[2:]), layer_start=hop.layer_start,
+                    layer_end=hop.layer_end, positions=hop.tokens, transcript_root=root,
+                    sampling_hash=sampling_hash(None),
+                )
             )  # fmt: skip
-            signature = KeyReceiptSigner(actors.providers[1], chain_id=recorder.chain_id)(fields)
+            signature = signed.signature
             hop.transcript, hop.transcript_root = steps, "0x" + root.hex()
             session.execute(
                 update(Receipt)

@@ -1,261 +1,265 @@
-"""Provider processes chained peer to peer: same tokens and logits as generate(), transcripts that link hop to
-hop, signed receipts, and every bad request refused with its code."""
+"""Provider processes chained peer to peer over TLS: the same tokens and logits as generate(), every hop's
+authenticated account of every step, each provider's own signed receipt collected directly, and tickets and
+steps that do not follow the protocol refused with their codes. tests/worker/test_adversary.py attacks it."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import struct
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from transformers import AutoModelForCausalLM
 
-from marketplace.devnet.process import free_port
-from marketplace.devnet.providers import ProviderLaunch, ProviderProcess
-from settlement.tickets import issue_ticket, receipt_signer
-from worker.client import ConnectionPool, RouteClient
-from worker.errors import HopFailed
-from worker.protocol import read_message
-from worker.receipts import ReceiptFields, transcript_root_of
-from worker.shard import load_shard
+from marketplace.testing.hops import (
+    Generation,
+    Served,
+    checks,
+    gateway_keys,
+    generate,
+    launch,
+    plan,
+    running,
+    write_deployment,
+)
+from settlement.tickets import KeyRing
+from worker.client import Peers, RouteClient
+from worker.errors import HopRefused, StepFailed
+from worker.messages import Open
+from worker.shard import model_root
 from worker.testing.tiny import BOS
-from worker.wire import FrameLimits, encode_frame
+from worker.transcript import Expected, receipt_bills, sampling_hash, transcript_root
 
-CHAIN_ID = 31337
 PROMPT = [BOS, *b"Peer to peer, layer by layer. "]
 NEW_TOKENS = 10
-SPLITS = {1: ["0:6"], 2: ["0:3", "3:6"], 3: ["0:2", "2:5", "5:6"]}
+SPLITS = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 5), (5, 6)]}
 ARCHS = ("llama", "qwen2", "gpt2", "mixtral")
-GATEWAY: LocalAccount = Account.from_key(b"\x42" * 32)
-LIMITS = FrameLimits()
-STRATA = str(Path(sys.executable).with_name("strata"))
+VOCAB = 259  # the tiny checkpoints' byte-level vocabulary
 
 
-@dataclass
-class Provider:
-    span: str
-    endpoint: str
-    account: LocalAccount
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_deployment(tmp_path_factory.mktemp("deployment") / "deployment.json")
 
 
-def start_provider(model: Path, span: str, seed: int, logs: Path) -> tuple[Provider, ProviderProcess]:
-    account = Account.from_key(seed.to_bytes(32, "big"))
-    launch = ProviderLaunch(model, span, free_port(), trust_gateway=GATEWAY.address, chain_id=CHAIN_ID)
-    node = ProviderProcess.start(launch, key=account.key.hex(), log=logs / f"provider-{seed}.log")
-    return Provider(span, launch.endpoint, account), node
-
-
-@contextmanager
-def running(model: Path, logs: Path) -> Iterator[dict[int, list[Provider]]]:
-    """The routes of SPLITS over ``model``, one process per span, started together."""
-    started = {
-        count: [start_provider(model, span, 100 * count + i + 1, logs) for i, span in enumerate(spans)]
+def start_splits(model: Path, workdir: Path, deployment: Path) -> dict[int, list[Served]]:
+    root = model_root(model)
+    return {
+        count: [
+            launch(model, span, seed=100 * count + i + 1, root=root, workdir=workdir, deployment=deployment)
+            for i, span in enumerate(spans)
+        ]
         for count, spans in SPLITS.items()
     }
-    nodes = [node for route in started.values() for _, node in route]
-    try:
-        for node in nodes:
-            node.wait_ready()
-        yield {count: [provider for provider, _ in route] for count, route in started.items()}
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 @pytest.fixture(scope="module")
 def llama(
-    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[int, list[Provider]]]:
-    with running(tiny_models["llama"], tmp_path_factory.mktemp("llama-providers")) as routes:
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, deployment: Path
+) -> Iterator[dict[int, list[Served]]]:
+    routes = start_splits(tiny_models["llama"], tmp_path_factory.mktemp("llama-providers"), deployment)
+    with running([p for route in routes.values() for p in route]):
         yield routes
-
-
-def ticket_for(model: Path, *, signer: LocalAccount = GATEWAY, expires_in_s: int = 600) -> dict[str, object]:
-    root = bytes.fromhex(load_shard(model, "0:1").root.removeprefix("0x"))
-    return issue_ticket(
-        signer,
-        job_id=os.urandom(32),
-        model_root=root,
-        expires_at=int(time.time()) + expires_in_s,
-        chain_id=CHAIN_ID,
-    )
 
 
 def run(coroutine: object) -> object:
     return asyncio.run(coroutine)  # type: ignore[arg-type]
 
 
+def drive(route: list[Served], model: Path, **options: object) -> Generation:
+    async def go() -> Generation:
+        peers = Peers(gateway_keys())
+        try:
+            return await generate(
+                peers,
+                plan(route, root=model_root(model)),
+                PROMPT,
+                vocab_size=VOCAB,
+                max_tokens=NEW_TOKENS,
+                **options,  # type: ignore[arg-type]
+            )
+        finally:
+            await peers.close()
+
+    return run(go())  # type: ignore[return-value]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_provider_processes_generate_like_the_whole_model(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]], arch: str, tmp_path: Path
+    tiny_models: dict[str, Path],
+    llama: dict[int, list[Served]],
+    arch: str,
+    tmp_path: Path,
+    deployment: Path,
 ) -> None:
     if arch == "llama":
-        for count, route in llama.items():
-            check_generation(tiny_models[arch], route, count)
+        for route in llama.values():
+            check_generation(tiny_models[arch], route)
         return
-    with running(tiny_models[arch], tmp_path) as routes:
-        for count, route in routes.items():
-            check_generation(tiny_models[arch], route, count)
+    routes = start_splits(tiny_models[arch], tmp_path, deployment)
+    with running([p for route in routes.values() for p in route]):
+        for route in routes.values():
+            check_generation(tiny_models[arch], route)
 
 
-def check_generation(model: Path, route: list[Provider], count: int) -> None:
-    ticket = ticket_for(model)
-    session = os.urandom(16)
-
-    async def drive() -> tuple[list[int], list[object], list[dict[str, object]]]:
-        pool = ConnectionPool(LIMITS)
-        client = RouteClient([p.endpoint for p in route], ticket, pool)
-        try:
-            tokens, steps = await client.generate(session, PROMPT, max_tokens=NEW_TOKENS, logits=True)
-            receipts = await client.close(session)
-        finally:
-            await pool.close()
-        return tokens, steps, receipts
-
-    tokens, steps, receipts = run(drive())  # type: ignore[misc]
+def check_generation(model: Path, route: list[Served]) -> None:
+    generation = drive(route, model, logits=True)
     reference = AutoModelForCausalLM.from_pretrained(model).eval()
     expected = reference.generate(
         torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
         output_logits=True, return_dict_in_generate=True, pad_token_id=reference.config.pad_token_id,
     )  # fmt: skip
-    assert tokens == expected.sequences[0, len(PROMPT) :].tolist()
-    logits = torch.cat([s.logits for s in steps])  # type: ignore[attr-defined]
+    assert generation.tokens == expected.sequences[0, len(PROMPT) :].tolist()
+    logits = torch.cat([s.logits for s in generation.steps])  # type: ignore[misc]
     torch.testing.assert_close(logits, torch.cat(expected.logits), rtol=0, atol=1e-4)
 
-    # Every step's transcript links hop to hop; each receipt is signed by its provider over those hashes.
-    for step in steps:
-        hops = step.transcript  # type: ignore[attr-defined]
-        assert [h["provider"] for h in hops] == [p.account.address for p in route]
-        assert all(a["out"] == b["in"] for a, b in itertools.pairwise(hops))
-    assert len(receipts) == count
-    job_id = bytes.fromhex(str(ticket["jobId"])[2:])
-    root = bytes.fromhex(str(ticket["modelRoot"])[2:])
-    for index, (receipt, provider) in enumerate(zip(receipts, route, strict=True)):
-        start, end = (int(x) for x in provider.span.split(":"))
-        per_step = [
-            (n, bytes.fromhex(s.transcript[index]["in"]), bytes.fromhex(s.transcript[index]["out"]))  # type: ignore[attr-defined]
-            for n, s in enumerate(steps)
-        ]
-        fields = ReceiptFields(
-            job_id, provider.account.address, root, start, end,
-            tokens=len(PROMPT) + NEW_TOKENS - 1, transcript_root=transcript_root_of(per_step),
+    # Each provider's own receipt bills exactly what it reported step by step; the last commits to the tokens.
+    positions = len(PROMPT) + NEW_TOKENS - 1
+    for index, (receipt, provider, plan_) in enumerate(
+        zip(generation.receipts, route, generation.plans, strict=True)
+    ):
+        steps = [step.hops[index] for step in generation.steps]
+        assert receipt is not None
+        expected_fields = Expected(
+            plan_.ticket.job_id, plan_.ticket.session, gateway_keys().address, provider.account.address,
+            plan_.ticket.model_root, provider.ask.start, provider.ask.end, positions, transcript_root(steps),
         )  # fmt: skip
-        assert receipt["transcriptRoot"] == fields.transcript_root.hex()
-        signature = bytes.fromhex(str(receipt["signature"]))
-        assert receipt_signer(fields, signature, chain_id=CHAIN_ID) == provider.account.address
+        assert receipt_bills(receipt, expected_fields, checks().receipt) is None
+        last = index == len(route) - 1
+        assert receipt.sampling_hash == (sampling_hash({}) if last else sampling_hash(None))
+        assert [s.token for s in steps] == (generation.tokens if last else [None] * NEW_TOKENS)
 
 
-def _first_step_error(route: list[Provider], ticket: dict[str, object], *, step: int = 0) -> HopFailed:
-    async def drive() -> None:
-        pool = ConnectionPool(LIMITS)
+def open_error(route: list[Served], model: Path, **ticket: object) -> HopRefused:
+    """The refusal of the first hop to open a session whose ticket is ``plan``'s with ``ticket`` changed."""
+    keys: KeyRing = ticket.pop("keys", gateway_keys())  # type: ignore[assignment]
+    plans = plan(route, root=str(ticket.pop("root", model_root(model))), keys=keys, **ticket)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        peers = Peers(keys)
         try:
-            await RouteClient([p.endpoint for p in route], ticket, pool).step(
-                os.urandom(16), step, torch.tensor([PROMPT]), {}
+            hop = plans[0]
+            reply, _ = await peers.get(hop.endpoint, hop.fingerprint).request(
+                Open(hop.ticket, hop.mac_key).to_json()
             )
-        finally:
-            await pool.close()
+            from worker.messages import checked
 
-    with pytest.raises(HopFailed) as caught:
-        run(drive())
+            checked(reply)
+        finally:
+            await peers.close()
+
+    with pytest.raises(HopRefused) as caught:
+        run(go())
     return caught.value
 
 
-def test_forged_expired_and_missing_tickets_are_refused(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]]
+def test_expired_and_overlong_tickets_and_other_models_are_refused(
+    tiny_models: dict[str, Path], llama: dict[int, list[Served]]
 ) -> None:
-    route = llama[2]
-    model = tiny_models["llama"]
-    forged = ticket_for(model, signer=Account.from_key(b"\x07" * 32))
-    expired = ticket_for(model, expires_in_s=-1)
-    tampered = {**ticket_for(model), "expiresAt": int(time.time()) + 10_000}
-    other_model = ticket_for(tiny_models["qwen2"])
-    for ticket in (forged, expired, tampered, other_model, {}):
-        error = _first_step_error(route, ticket)
-        assert error.code == "ticket_refused", error
-        assert error.hop == route[0].endpoint
+    route, model = llama[1], tiny_models["llama"]
+    assert open_error(route, model, expires_in_s=-1).code == "ticket_refused"
+    assert open_error(route, model, expires_in_s=10_000).code == "ticket_refused"
+    assert open_error(route, model, root=model_root(tiny_models["qwen2"])).code == "ticket_refused"
+    assert open_error(route, model, max_positions=1_000_000).code == "ticket_refused"
 
 
-def test_steps_out_of_order_and_unknown_sessions(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]]
+def test_steps_out_of_order_and_beyond_the_tickets_positions_are_refused(
+    tiny_models: dict[str, Path], llama: dict[int, list[Served]]
 ) -> None:
     route = llama[1]
-    assert _first_step_error(route, ticket_for(tiny_models["llama"]), step=3).code == "unknown_session"
 
-    async def drive() -> HopFailed:
-        pool = ConnectionPool(LIMITS)
-        client = RouteClient([route[0].endpoint], ticket_for(tiny_models["llama"]), pool)
-        session = os.urandom(16)
+    async def go(max_positions: int, first_step: int) -> StepFailed:
+        peers = Peers(gateway_keys())
+        client = RouteClient(
+            plan(route, root=model_root(tiny_models["llama"]), max_positions=max_positions),
+            peers,
+            vocab_size=VOCAB,
+        )
         try:
-            await client.step(session, 0, torch.tensor([PROMPT]), {})
-            with pytest.raises(HopFailed) as caught:
-                await client.step(session, 2, torch.tensor([[5]]))
+            await client.open({})
+            await client.step(0, torch.tensor([PROMPT]))
+            with pytest.raises(StepFailed) as caught:
+                await client.step(first_step, torch.tensor([[5]]))
             return caught.value
         finally:
-            await pool.close()
+            await peers.close()
 
-    assert run(drive()).code == "step_out_of_order"  # type: ignore[attr-defined]
+    failed = run(go(1024, 2))
+    assert "step_out_of_order" in str(failed) and failed.blame.positions == [0]  # type: ignore[attr-defined]
+    refused = run(go(len(PROMPT), 1))  # the prompt used up every position the ticket allows
+    assert refused.blame.positions == [0]  # type: ignore[attr-defined]
 
 
-def test_routes_that_stop_short_or_run_past_the_last_layer(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]]
+def test_a_session_id_is_opened_once(tiny_models: dict[str, Path], llama: dict[int, list[Served]]) -> None:
+    route = llama[1]
+    plans = plan(route, root=model_root(tiny_models["llama"]))
+
+    async def go() -> HopRefused:
+        peers = Peers(gateway_keys())
+        try:
+            link = peers.get(plans[0].endpoint, plans[0].fingerprint)
+            request = Open(plans[0].ticket, plans[0].mac_key, {}).to_json()
+            from worker.messages import checked
+
+            checked((await link.request(request))[0])
+            with pytest.raises(HopRefused) as caught:
+                checked((await link.request(request))[0])
+            return caught.value
+        finally:
+            await peers.close()
+
+    assert run(go()).code == "session_exists"  # type: ignore[attr-defined]
+
+
+def test_an_unreachable_next_hop_is_blamed_on_whoever_the_gateway_cannot_reach(
+    tiny_models: dict[str, Path], llama: dict[int, list[Served]], tmp_path: Path, deployment: Path
 ) -> None:
-    first, last = llama[2]
-    ticket = ticket_for(tiny_models["llama"])
-    assert _first_step_error([first], ticket).code == "bad_hop_message"
-    assert _first_step_error([last, first], ticket).code == "bad_hop_message"
-
-
-def test_unreachable_next_hop_is_named(
-    tiny_models: dict[str, Path], llama: dict[int, list[Provider]]
-) -> None:
+    model = tiny_models["llama"]
     first = llama[2][0]
-    dead = Provider("3:6", f"127.0.0.1:{free_port()}", GATEWAY)
-    error = _first_step_error([first, dead], ticket_for(tiny_models["llama"]))
-    assert error.code == "hop_unreachable"
-    assert error.hop == first.endpoint  # the provider that could not reach the next one reports it
-    assert dead.endpoint in str(error)
+    # A second hop that answered its open, then went away before the first step.
+    dying = launch(model, (3, 6), seed=9_001, root=model_root(model), workdir=tmp_path, deployment=deployment)
+    dying.node.wait_ready()
+    plans = plan([first, dying], root=model_root(model))
+
+    async def go() -> StepFailed:
+        peers = Peers(gateway_keys())
+        client = RouteClient(plans, peers, vocab_size=VOCAB)
+        try:
+            await client.open({})
+            dying.node.kill()
+            with pytest.raises(StepFailed) as caught:
+                await client.step(0, torch.tensor([PROMPT]))
+            return caught.value
+        finally:
+            await peers.close()
+
+    failed = run(go())
+    assert "next_unreachable" in str(failed)
+    assert failed.blame.positions == [1] and failed.blame.suspend  # type: ignore[attr-defined]
 
 
-async def _raw_exchange(endpoint: str, payload: bytes) -> dict[str, object]:
-    host, port = endpoint.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(payload)
-    await writer.drain()
-    reply = await read_message(reader, LIMITS)
-    writer.close()
-    return reply.control
+def test_a_gateway_the_provider_does_not_trust_cannot_open(
+    tiny_models: dict[str, Path], llama: dict[int, list[Served]]
+) -> None:
+    from eth_account import Account
 
+    from marketplace.testing.hops import DOMAIN
 
-def _step_message(frame: bytes, session: bytes) -> bytes:
-    control = b'{"op":"step","session":"' + session.hex().encode() + b'","step":0,"route":[],"ticket":{}}'
-    return struct.pack("<I", len(control)) + control + struct.pack("<Q", len(frame)) + frame
+    stranger = KeyRing(Account.from_key(os.urandom(32)), DOMAIN)
 
+    async def go() -> Exception:
+        peers = Peers(stranger)
+        try:
+            hop = plan(llama[1], root=model_root(tiny_models["llama"]), keys=stranger)[0]
+            with pytest.raises(Exception) as caught:
+                await peers.get(hop.endpoint, hop.fingerprint).request(
+                    Open(hop.ticket, hop.mac_key).to_json()
+                )
+            return caught.value
+        finally:
+            await peers.close()
 
-def test_tampered_and_oversized_frames_are_refused(llama: dict[int, list[Provider]]) -> None:
-    endpoint = llama[1][0].endpoint
-    session = os.urandom(16)
-    frame = bytearray(encode_frame(torch.tensor([PROMPT]), session=session, step=0))
-    frame[-1] ^= 0x01
-    reply = run(_raw_exchange(endpoint, _step_message(bytes(frame), session)))
-    assert reply["error"]["code"] == "frame_hash_mismatch"  # type: ignore[index]
-
-    # A header that announces more than the provider accepts is refused before any payload is sent.
-    huge = bytearray(encode_frame(torch.zeros((1, 1), dtype=torch.int64), session=session, step=0))
-    struct.pack_into("<I", huge, 8, 1_000_000)
-    struct.pack_into("<I", huge, 12, 100_000)
-    struct.pack_into("<Q", huge, 48, 1_000_000 * 100_000 * 8)
-    header_only = bytes(huge[:88])
-    message = _step_message(header_only, session)
-    message = message[: -88 - 8] + struct.pack("<Q", 88 + 1_000_000 * 100_000 * 8) + header_only
-    reply = run(_raw_exchange(endpoint, message))
-    assert reply["error"]["code"] == "frame_too_large"  # type: ignore[index]
+    error = run(go())
+    assert getattr(error, "code", None) == "unauthenticated"  # refused at the handshake: no business there

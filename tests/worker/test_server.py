@@ -1,4 +1,5 @@
-"""The hop server in-process: abandoned sessions are freed without anyone asking."""
+"""The hop server in-process, over TLS: abandoned sessions are freed without anyone asking, and validators read
+retained steps only with a ticket naming this provider and that session, over a link they authenticated."""
 
 from __future__ import annotations
 
@@ -6,95 +7,103 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from eth_account import Account
 
 from marketplace.devnet.process import free_port
-from settlement.tickets import GatewayTicketVerifier, KeyReceiptSigner, issue_ticket
-from worker.client import ConnectionPool, RouteClient, fetch_retained
-from worker.errors import HopFailed, ProtocolError
+from marketplace.gateway.orderbook import BookAsk
+from marketplace.testing.hops import DOMAIN, VALIDATOR_ACCOUNT, checks, gateway_keys, plan
+from marketplace.testing.hops import Served as _Served
+from settlement.tickets import KeyRing
+from worker.client import Peers, RouteClient, fetch_retained
+from worker.errors import HopRefused, ProtocolError, StepFailed, Unauthenticated
+from worker.messages import FetchTicket
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.server import HopServer
 from worker.shard import load_shard
 from worker.testing.tiny import BOS
+from worker.tls import TlsIdentity
 from worker.wire import FrameLimits
 
-GATEWAY = Account.from_key(b"\x42" * 32)
+PROVIDER = Account.from_key(b"\x01" * 32)
+LIMITS = FrameLimits(max_payload_bytes=1 << 24, max_elements=1 << 22)
 
 
-def test_abandoned_sessions_expire(tiny_models: dict[str, Path]) -> None:
-    shard = load_shard(tiny_models["llama"], "0:6", device=torch.device("cpu"))
-    runtime = SpanRuntime(shard, RuntimeLimits(session_idle_s=0.05, retention_s=0.05))
-    port = free_port()
+def serve(runtime: SpanRuntime, tmp_path: Path) -> tuple[HopServer, int]:
     server = HopServer(
         runtime,
-        endpoint=f"127.0.0.1:{port}",
-        verify_ticket=GatewayTicketVerifier([GATEWAY.address], chain_id=31337),
-        sign_receipt=KeyReceiptSigner(Account.from_key(b"\x01" * 32), chain_id=31337),
+        keys=KeyRing(PROVIDER, DOMAIN),
+        checks=checks(),
+        gateways={gateway_keys().address},
+        validators={VALIDATOR_ACCOUNT.address},
+        tls=TlsIdentity.load_or_create(tmp_path / "tls"),
     )
-    ticket = issue_ticket(
-        GATEWAY,
-        job_id=os.urandom(32),
-        model_root=bytes.fromhex(shard.root[2:]),
-        expires_at=int(time.time()) + 60,
-        chain_id=31337,
-    )
+    return server, free_port()
+
+
+def served(server: HopServer, port: int) -> _Served:
+    shard = server.runtime.shard
+    ask = BookAsk(
+        1, PROVIDER.address, shard.root, shard.span.start, shard.span.end, 1, 8, f"127.0.0.1:{port}",
+        server.fingerprint, time.time() + 60,
+    )  # fmt: skip
+    return _Served(PROVIDER, None, ask)  # type: ignore[arg-type]
+
+
+def test_abandoned_sessions_expire(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    shard = load_shard(tiny_models["llama"], "0:6", device=torch.device("cpu"))
+    runtime = SpanRuntime(shard, RuntimeLimits(session_idle_s=0.05, retention_s=0.05))
+    server, port = serve(runtime, tmp_path)
 
     async def drive() -> None:
         await server.start("127.0.0.1", port, expire_every_s=0.05)
-        pool = ConnectionPool(FrameLimits())
-        client = RouteClient([f"127.0.0.1:{port}"], ticket, pool)
-        session = os.urandom(16)
+        peers = Peers(gateway_keys())
+        client = RouteClient(
+            plan([served(server, port)], root=shard.root), peers, vocab_size=shard.vocab_size
+        )
         try:
-            await client.step(session, 0, torch.tensor([[BOS, 1, 2]]), {})
-            assert runtime.is_open(session)
+            await client.open({})
+            await client.step(0, torch.tensor([[BOS, 1, 2]]))
+            assert runtime.is_open(client.session)
             await asyncio.sleep(0.3)
-            assert not runtime.is_open(session)
-            with pytest.raises(HopFailed) as caught:
-                await client.step(session, 1, torch.tensor([[3]]))
-            assert caught.value.code == "unknown_session"
+            assert not runtime.is_open(client.session)
+            with pytest.raises(StepFailed):  # the session is gone: the provider no longer takes its steps
+                await client.step(1, torch.tensor([[3]]))
         finally:
-            await pool.close()
+            await peers.close()
             await server.close()
 
     asyncio.run(drive())
 
 
-def test_validators_fetch_retained_steps_and_nobody_else(tiny_models: dict[str, Path]) -> None:
+def test_validators_fetch_retained_steps_of_the_session_their_ticket_names(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     shard = load_shard(tiny_models["llama"], "0:3", device=torch.device("cpu"))
     runtime = SpanRuntime(shard)
-    port = free_port()
-    validator = Account.from_key(b"\x07" * 32)
-    server = HopServer(
-        runtime,
-        endpoint=f"127.0.0.1:{port}",
-        verify_ticket=GatewayTicketVerifier([GATEWAY.address], chain_id=31337),
-        sign_receipt=KeyReceiptSigner(Account.from_key(b"\x01" * 32), chain_id=31337),
-        verify_fetch=GatewayTicketVerifier([validator.address], chain_id=31337),
-    )
+    server, port = serve(runtime, tmp_path)
+    validator = KeyRing(VALIDATOR_ACCOUNT, DOMAIN)
     job, other_job = os.urandom(32), os.urandom(32)
-    root = bytes.fromhex(shard.root[2:])
-
-    def ticket(signer: Any, job_id: bytes) -> dict[str, Any]:
-        return issue_ticket(
-            signer, job_id=job_id, model_root=root, expires_at=int(time.time()) + 60, chain_id=31337
-        )
+    session, other_session = os.urandom(16), os.urandom(16)
+    expires = int(time.time()) + 60
 
     async def drive() -> None:
         await server.start("127.0.0.1", port)
-        pool = ConnectionPool(FrameLimits())
-        session = os.urandom(16)
+        peers = Peers(validator)
         try:
-            # A span that is not the last forwards: run it as the only hop by stepping the runtime directly.
-            runtime.open(session, job)
-            runtime.step(session, 0, torch.tensor([[BOS, 1, 2]]))
-            runtime.step(session, 1, torch.tensor([[3]]))
-            runtime.close(session)
-            connection = pool.get(f"127.0.0.1:{port}")
-            steps = await fetch_retained(connection, session, ticket(validator, job), max_steps=2)
+            # Steps of two sessions, run on the runtime directly: a span that is not the last only forwards.
+            for sid, jid in ((session, job), (other_session, other_job)):
+                runtime.open(sid, jid)
+                runtime.step(sid, 0, torch.tensor([[BOS, 1, 2]]))
+                runtime.step(sid, 1, torch.tensor([[3]]))
+                runtime.close(sid)
+            link = peers.get(f"127.0.0.1:{port}", server.fingerprint)
+            ticket = validator.fetch_ticket(
+                job_id=job, session=session, provider=PROVIDER.address, expires_at=expires
+            )
+            steps = await fetch_retained(link, ticket, max_steps=2, limits=LIMITS)
             kept = runtime.retained(session)
             assert [s.step for s in steps] == [0, 1]
             assert [(s.input_hash, s.output_hash) for s in steps] == [
@@ -102,24 +111,45 @@ def test_validators_fetch_retained_steps_and_nobody_else(tiny_models: dict[str, 
             ]
             assert torch.equal(steps[1].output, kept[1].output)
 
+            def fetch_ticket(**changed: object) -> FetchTicket:
+                fields = {
+                    "job_id": job,
+                    "session": session,
+                    "provider": PROVIDER.address,
+                    "expires_at": expires,
+                }
+                return validator.fetch_ticket(**{**fields, **changed})  # type: ignore[arg-type]
+
+            # Another provider's ticket, another session's (it opens no other), an expired one.
             refusals = [
-                (
-                    ticket(GATEWAY, job),
-                    "ticket_refused",
-                ),  # a gateway's ticket travels the route: never enough
-                (ticket(validator, other_job), "unknown_session"),  # a ticket for one job opens no other
+                (fetch_ticket(provider=VALIDATOR_ACCOUNT.address), "ticket_refused"),
+                (fetch_ticket(session=other_session), "unknown_session"),
+                (fetch_ticket(expires_at=1), "ticket_refused"),
             ]
             for wrong, code in refusals:
-                with pytest.raises(HopFailed) as caught:
-                    await fetch_retained(connection, session, wrong, max_steps=2)
+                with pytest.raises(HopRefused) as caught:
+                    await fetch_retained(link, wrong, max_steps=2, limits=LIMITS)
                 assert caught.value.code == code
-            with pytest.raises(HopFailed) as caught:
-                await fetch_retained(connection, os.urandom(16), ticket(validator, job), max_steps=2)
-            assert caught.value.code == "unknown_session"
             with pytest.raises(ProtocolError):  # more steps than the transcript has: not what was signed
-                await fetch_retained(connection, session, ticket(validator, job), max_steps=1)
+                await fetch_retained(link, ticket, max_steps=1, limits=LIMITS)
+
+            # A ticket that saw the wire is no use to anyone else: the link must be the signer's own.
+            thief = Peers(KeyRing(Account.from_key(os.urandom(32)), DOMAIN))
+            with pytest.raises(Unauthenticated):
+                await fetch_retained(
+                    thief.get(f"127.0.0.1:{port}", server.fingerprint), ticket, max_steps=2, limits=LIMITS
+                )
+            await thief.close()
+            # Nor to the gateway, which has business here but is not a validator.
+            gateway = Peers(gateway_keys())
+            with pytest.raises(HopRefused) as refused:
+                await fetch_retained(
+                    gateway.get(f"127.0.0.1:{port}", server.fingerprint), ticket, max_steps=2, limits=LIMITS
+                )
+            assert refused.value.code == "not_authorised"
+            await gateway.close()
         finally:
-            await pool.close()
+            await peers.close()
             await server.close()
 
     asyncio.run(drive())

@@ -139,6 +139,10 @@ class AskBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: str
+    gateway: str = Field(description="the gateway the ask is for: this one's address")
+    tlsFingerprint: str = Field(
+        pattern=r"^0x[0-9a-fA-F]{64}$", description="sha256 of the TLS certificate the endpoint presents"
+    )
     modelRoot: str = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
     layerStart: int = Field(ge=0, le=2**32 - 1)
     layerEnd: int = Field(ge=1, le=2**32 - 1)
@@ -161,5 +165,6 @@ class HeartbeatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: str
+    gateway: str = Field(description="the gateway the heartbeat is for: this one's address")
     timestamp: int = Field(ge=0, le=2**64 - 1, description="unix seconds")
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")

@@ -9,6 +9,7 @@ session's provider processes. Its epochs and claims then start from nothing, wha
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -42,7 +43,10 @@ from tests.marketplace.harness import (
     post,
     requirement,
     start_market,
+    start_provider,
+    stop_providers,
     voucher_header,
+    wait_ready,
 )
 
 SETTINGS = ("PROVIDER_KEY", "GATEWAY_URL", "GATEWAY_ADDRESSES", "CHAIN_ID", "RPC_URL", "DEPLOYMENT_FILE")
@@ -247,6 +251,7 @@ def test_ask_by_an_unstaked_provider_is_refused_before_the_gateway(
     on_chain: Contracts, actors: Actors
 ) -> None:
     args = ["ask", "--model-root", "0x" + "ab" * 32, "--layers", "0:2", "--price", "5", "--endpoint", "h:1"]
+    args += ["--tls-fingerprint", "0x" + "cd" * 32]
     error = refused(strata(*args, "--json", key=actors.providers[0]))
     assert error["code"] == "inactive_provider" and "strata provider stake" in error["message"]
     assert (
@@ -310,6 +315,11 @@ ROOT = "0x" + "ab" * 32
         (["ask", "--model-root", ROOT, "--layers", "0:2", "--endpoint", "nowhere"], "is not a host:port"),
         (["ask", "--model-root", ROOT, "--layers", "0:2", "--endpoint", "h:1"], "needs a price"),
         (["ask", "--layers", "0:2", "--price", "5", "--endpoint", "h:1"], "needs the model's root"),
+        (
+            ["ask", "--model-root", ROOT, "--layers", "0:2", "--price", "5", "--endpoint", "h:1"],
+            "fingerprint",
+        ),
+        (["ask", "--model-root", ROOT, "--tls-fingerprint", "0x12"], "is not a certificate fingerprint"),
         (["ask", "--model-root", ROOT, "--layers", "0:2", "--price", "0"], "greater than or equal to 1"),
     ],
 )
@@ -368,13 +378,27 @@ def provider_view(own: OwnMarket, address: str) -> dict[str, Any]:
     return view
 
 
-def test_ask_posts_replaces_and_withdraws_on_the_gateway(at_own: OwnMarket) -> None:
-    own = at_own
-    provider = fresh_account(own.market.contracts, own.market.admin, 150 * ONE_TOKEN)
-    # Far above the session providers' price: this ask is never on a route, and its endpoint never called.
+@pytest.fixture
+def serving(at_own: OwnMarket, model_dir: Path, tmp_path: Path) -> Iterator[ProviderProcess]:
+    """A fresh, funded, unstaked provider serving layers 4:6 with a hop server of its own, whose endpoint the
+    gateway checks its asks against."""
+    account = fresh_account(at_own.market.contracts, at_own.market.admin, 150 * ONE_TOKEN)
+    env = {name: value for name, value in os.environ.items() if name != "GATEWAY_URL"}  # it does not announce
+    node = start_provider(model_dir, account, (4, 6), at_own.market, log_dir=tmp_path, env=env)
+    try:
+        wait_ready(node)
+        yield node
+    finally:
+        stop_providers([node])
+
+
+def test_ask_posts_replaces_and_withdraws_on_the_gateway(at_own: OwnMarket, serving: ProviderProcess) -> None:
+    own, node = at_own, serving
+    provider = node.account
+    # Far above the session providers' price: this ask is never on a route.
     price = 1_000_000_000
     ask = ["ask", "--model-root", own.root, "--layers", "4:6", "--capacity", "2"]
-    ask += ["--endpoint", f"127.0.0.1:{free_port()}"]
+    ask += ["--endpoint", node.endpoint, "--tls-fingerprint", "0x" + node.fingerprint.hex()]
 
     assert refused(strata(*ask, "--price", str(price), "--json", key=provider))["code"] == "inactive_provider"
     assert httpx.get(f"{own.gateway.url}/v1/providers/{provider.address}").status_code == 404

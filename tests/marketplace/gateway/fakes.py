@@ -17,14 +17,17 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from marketplace.gateway.chainwatch import ChainEvent, ChannelView
+from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.orderbook import BookAsk, OrderBook
 from marketplace.gateway.payments.gate import Terms
-from settlement.eip712 import Domain, voucher_domain
+from settlement.eip712 import Domain, protocol_domain, voucher_domain
 from settlement.errors import ChainUnavailable
-from settlement.tickets import KeyReceiptSigner
-from worker.client import StepResult
-from worker.errors import HopFailed
-from worker.receipts import ReceiptFields, transcript_root_of
+from settlement.tickets import KeyRing, SignatureChecks
+from worker.client import HopPlan, StepResult, blame
+from worker.errors import StepFailed
+from worker.messages import SignedReceipt
+from worker.transcript import StepHashes, sampling_hash, transcript_root
+from worker.trust import ReceiptFields
 from worker.wire import payload_sha256
 
 CHAIN_ID = 31337
@@ -32,6 +35,8 @@ TOKEN = "0x" + "11" * 20
 ESCROW = "0x" + "22" * 20
 OPERATOR = "0x" + "33" * 20
 MODEL_ROOT = "0x" + hashlib.sha256(b"fake model").hexdigest()
+GATEWAY = Account.from_key(b"\x42" * 32)
+DOMAIN = protocol_domain(CHAIN_ID, "0x5a5A5a5a5A5a5a5A5a5a5A5A5a5a5A5A5A5a5a5A")
 
 
 def terms() -> Terms:
@@ -49,7 +54,9 @@ def terms() -> Terms:
 
 def model(layers: int = 6) -> Any:
     """What the runner needs of a served model: its name, root and depth."""
-    return SimpleNamespace(name="fake", root=MODEL_ROOT, num_layers=layers, directory=Path("."))
+    return SimpleNamespace(
+        name="fake", root=MODEL_ROOT, num_layers=layers, vocab_size=1_000, directory=Path(".")
+    )
 
 
 def provider(index: int) -> LocalAccount:
@@ -74,7 +81,8 @@ def book_with(
             price,
             4,
             f"10.0.0.{index}:7000",
-            expires_at=clock() + 3600,
+            bytes(32),
+            clock() + 3600,
         )
         book.post(ask)
         book.set_active(address, True)
@@ -119,81 +127,81 @@ class FakeChainReader:
 
 class FakeRoute:
     """A route of fake providers that compute nothing: each hop's output is a hash of its input, the last one
-    samples ``token_of(step)``, and each signs a real receipt over what it saw. ``fail`` says which hop fails
-    and how, at which step."""
+    samples ``token_of(positions, step)``, and each signs a real receipt over what it reported. ``fail`` maps an
+    endpoint to the step from which it fails and how the route client would blame it:
+
+        own      the hop's own authenticated error: it is blamed and suspended
+        relayed  a report that does not verify: the hop before it is blamed and suspended
+        link     its input is not the previous hop's output: both are left out, neither suspended
+        timeout  the route says nothing: the caller's timeout fires
+    """
 
     def __init__(
         self,
-        endpoints: list[str],
-        ticket: dict[str, Any],
-        asks: dict[str, BookAsk],
+        plans: list[HopPlan],
         *,
-        fail: dict[str, tuple[int, Exception]],
+        fail: dict[str, tuple[int, str]],
         token_of: Callable[[int, int], int],
         log: list[tuple[str, int, list[int]]],
         hold: asyncio.Event | None = None,
     ) -> None:
-        self.hold = hold
-        self.endpoints = endpoints
-        self.ticket = ticket
-        self.asks = asks
+        self.plans = plans
+        self.endpoints = [plan.endpoint for plan in plans]
         self.fail = fail
         self.token_of = token_of
         self.log = log  # (route's first endpoint, step, token ids sent)
-        self.steps: dict[str, list[tuple[int, bytes, bytes]]] = {endpoint: [] for endpoint in endpoints}
+        self.hold = hold
+        self.steps: list[list[StepHashes]] = [[] for _ in plans]
         self.positions = 0
+        self.opened_with: dict[str, Any] | None = None
 
-    async def step(
-        self, session: bytes, step: int, inputs: torch.Tensor, sampling: dict[str, Any] | None = None
-    ) -> StepResult:
+    async def open(self, sampling: dict[str, Any] | None) -> None:
+        self.opened_with = sampling
+
+    async def step(self, step: int, inputs: torch.Tensor, *, logits: bool = False) -> StepResult:
         if self.hold is not None:
             await self.hold.wait()
         ids = [int(x) for x in inputs[0]]
         self.log.append((self.endpoints[0], step, ids))
-        for endpoint in self.endpoints:
+        for position, endpoint in enumerate(self.endpoints):
             failure = self.fail.get(endpoint)
-            if failure is not None and failure[0] <= step:
-                raise failure[1]
-        transcript = []
+            if failure is None or step < failure[0]:
+                continue
+            kind = failure[1]
+            if kind == "timeout":
+                raise TimeoutError
+            positions = {
+                "own": [position],
+                "relayed": [max(position - 1, 0)],
+                "link": [position - 1, position],
+            }
+            raise StepFailed(f"hop {position}: {kind}", blame(positions[kind], suspend=kind != "link"))
+        hops = []
         hashed = payload_sha256(inputs)
-        for endpoint in self.endpoints:
-            output = hashlib.sha256(hashed + endpoint.encode()).digest()
-            ask = self.asks[endpoint]
-            transcript.append(
-                {
-                    "provider": ask.provider,
-                    "span": [ask.start, ask.end],
-                    "in": hashed.hex(),
-                    "out": output.hex(),
-                }
-            )
-            self.steps[endpoint].append((step, hashed, output))
-            hashed = output
         self.positions += len(ids)
-        return StepResult(self.token_of(self.positions, step), transcript)
+        token = self.token_of(self.positions, step)
+        for position, endpoint in enumerate(self.endpoints):
+            output = hashlib.sha256(hashed + endpoint.encode()).digest()
+            last = position == len(self.endpoints) - 1
+            hops.append(StepHashes(step, hashed, output, token if last else None))
+            self.steps[position].append(hops[-1])
+            hashed = output
+        return StepResult(token, hops, [None] * len(hops))
 
-    async def close(self, session: bytes) -> list[dict[str, Any]]:
-        receipts = []
-        for endpoint in self.endpoints:
-            ask = self.asks[endpoint]
-            signer = KeyReceiptSigner(_key_of(ask.provider), chain_id=CHAIN_ID)
-            fields = ReceiptFields(
-                bytes.fromhex(str(self.ticket["jobId"]).removeprefix("0x")),
-                ask.provider,
-                bytes.fromhex(MODEL_ROOT[2:]),
-                ask.start,
-                ask.end,
-                self.positions,
-                transcript_root_of(self.steps[endpoint]),
-            )
+    async def close(self) -> list[SignedReceipt | None]:
+        receipts: list[SignedReceipt | None] = []
+        for position, plan in enumerate(self.plans):
+            ticket = plan.ticket
+            last = position == len(self.plans) - 1
             receipts.append(
-                {
-                    "tokens": self.positions,
-                    "span": [ask.start, ask.end],
-                    "transcriptRoot": fields.transcript_root.hex(),
-                    "signature": signer(fields).hex(),
-                }
-            )
+                KeyRing(_key_of(ticket.provider), DOMAIN).receipt(
+                    ReceiptFields(
+                        ticket.job_id, ticket.session, GATEWAY.address, ticket.provider, ticket.model_root,
+                        ticket.layer_start, ticket.layer_end, self.positions, transcript_root(self.steps[position]),
+                        sampling_hash(self.opened_with) if last else sampling_hash(None),
+                    )
+                )
+            )  # fmt: skip
         return receipts
 
 
@@ -211,20 +219,19 @@ class FakeTransport:
         self,
         asks: list[BookAsk],
         *,
-        fail: dict[str, tuple[int, Exception]] | None = None,
+        fail: dict[str, tuple[int, str]] | None = None,
         token_of: Callable[[int, int], int] = lambda positions, step: 100 + positions,
         hold: asyncio.Event | None = None,  # steps wait for it to be set
     ) -> None:
         self.hold = hold
-        self.asks = {ask.endpoint: ask for ask in asks}
         self.fail = fail or {}
         self.token_of = token_of
         self.routes: list[FakeRoute] = []
         self.log: list[tuple[str, int, list[int]]] = []
         self.closed = 0
 
-    def route(self, endpoints: list[str], ticket: dict[str, Any]) -> FakeRoute:
-        route = FakeRoute(endpoints, ticket, self.asks, fail=self.fail, token_of=self.token_of, log=self.log)
+    def route(self, hops: list[HopPlan], *, vocab_size: int) -> FakeRoute:
+        route = FakeRoute(hops, fail=self.fail, token_of=self.token_of, log=self.log, hold=self.hold)
         self.routes.append(route)
         return route
 
@@ -232,6 +239,13 @@ class FakeTransport:
         self.closed += 1
 
 
-def unreachable(endpoint: str, reporter: str) -> HopFailed:
-    """The error a provider at ``reporter`` sends back when it cannot reach ``endpoint``."""
-    return HopFailed("hop_unreachable", f"cannot reach {endpoint}", hop=reporter)
+def coordinator(book: OrderBook, transport: FakeTransport, **settings: Any) -> Coordinator:
+    """The gateway's coordinator, its providers fakes."""
+    return Coordinator(
+        book,
+        KeyRing(GATEWAY, DOMAIN),
+        check_receipt=SignatureChecks(DOMAIN).receipt,
+        transport=lambda: transport,
+        clock=lambda: 1_000.0,
+        **settings,
+    )

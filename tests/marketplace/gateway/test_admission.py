@@ -15,7 +15,6 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
 from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
-from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected
 from marketplace.gateway.jobs import JobRunner, Request
 from marketplace.gateway.metrics import Metrics
@@ -31,6 +30,7 @@ from tests.marketplace.gateway.fakes import (
     FakeChainReader,
     FakeTransport,
     book_with,
+    coordinator,
     model,
     terms,
 )
@@ -136,14 +136,10 @@ class Admission:
         self.engine = create_engine(database)
         self.sessions = sessions(self.engine)
         self.transport = FakeTransport(self.asks)
-        gateway = Account.from_key(b"\x42" * 32)
-        coordinator = Coordinator(
-            self.book, gateway, chain_id=CHAIN_ID, transport=lambda: self.transport, clock=lambda: 1_000.0
-        )
         self.runner = JobRunner(
             book=self.book,
             catalog=None,  # type: ignore[arg-type]
-            coordinator=coordinator,
+            coordinator=coordinator(self.book, self.transport),
             gate=gate_on(self.reader),
             terms=terms(),
             sessions=self.sessions,

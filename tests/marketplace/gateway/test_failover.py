@@ -51,7 +51,7 @@ def failing_market(
         ).start()
         root = server.gateway.catalog.get("tiny").root
         x = start_provider(
-            model_dir, market.providers[4], (2, 4), market.gateway_key,
+            model_dir, market.providers[4], (2, 4), market,
             ["--gateway", server.url, "--price", str(PRICE), "--capacity", "4"], log_dir=tmp_path,
         )  # fmt: skip
         try:

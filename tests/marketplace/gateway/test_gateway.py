@@ -26,7 +26,7 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from marketplace.provider.announce import Announcer, Offer
 from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
-from settlement.eip712 import Heartbeat, protocol_domain
+from settlement.eip712 import Heartbeat
 from tests.marketplace.harness import (
     PRICE,
     GatewayServer,
@@ -468,6 +468,12 @@ def test_asks_and_heartbeats_are_checked(
     forged = {**announcer.signed_ask(), "pricePerMillion": "1"}
     cases = [
         (forged, 403, "invalid_signature"),
+        (
+            {"gateway": unstaked.address},
+            403,
+            "wrong_gateway",
+        ),  # an ask for another gateway is not replayed here
+        ({"tlsFingerprint": "0x" + "00" * 32}, 400, "plaintext_endpoint"),
         ({"provider": unstaked.address, "signature": ask["signature"]}, 403, "invalid_signature"),
         ({}, 409, "stale_nonce"),  # the same ask again
         ({"modelRoot": "0x" + "11" * 32}, 404, "unknown_model"),
@@ -486,15 +492,23 @@ def test_asks_and_heartbeats_are_checked(
     assert httpx.get(gateway.url + "/v1/asks", params={"model": "tiny"}).json() == before
 
     # A well-signed ask from a key with no stake is refused.
-    stranger = Announcer(gateway.url, unstaked, Offer(root, 0, 2, PRICE, 1, "127.0.0.1:1"), chain_id=31337)
+    offer = Offer(root, 0, 2, PRICE, 1, "127.0.0.1:1", backup.fingerprint)
+    stranger = Announcer(gateway.url, unstaked, offer, domain=backup.domain, trusted=None)
+    stranger.gateway = market.gateway_key.address
     response = httpx.post(gateway.url + "/v1/asks", json=stranger.signed_ask())
     assert (response.status_code, error_code(response)) == (403, "provider_not_staked")
 
-    beat = {"provider": backup.account.address, "timestamp": int(time.time()) + 30}
+    here = market.gateway_key.address
+    beat = {"provider": backup.account.address, "gateway": here, "timestamp": int(time.time()) + 30}
 
-    def signed(by: Any, timestamp: int) -> dict[str, Any]:
-        signature = Heartbeat(backup.account.address, timestamp).sign(by, protocol_domain(31337))
-        return {**beat, "timestamp": timestamp, "signature": "0x" + signature.hex()}
+    def signed(by: Any, timestamp: int, gateway_address: str = here) -> dict[str, Any]:
+        signature = Heartbeat(backup.account.address, gateway_address, timestamp).sign(by, backup.domain)
+        return {
+            **beat,
+            "gateway": gateway_address,
+            "timestamp": timestamp,
+            "signature": "0x" + signature.hex(),
+        }
 
     assert (
         httpx.post(
@@ -507,15 +521,17 @@ def test_asks_and_heartbeats_are_checked(
         (signed(backup.account, beat["timestamp"]), 409, "stale_heartbeat"),
         (signed(backup.account, int(time.time()) + 3600), 400, "bad_timestamp"),
         ({**signed(unstaked, 5), "provider": unstaked.address}, 400, "bad_timestamp"),
+        (signed(backup.account, beat["timestamp"] + 2, unstaked.address), 403, "wrong_gateway"),
     ]
     for body, status, code in heartbeat_cases:
         response = httpx.post(gateway.url + "/v1/providers/heartbeat", json=body)
         assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
-    stranger_beat = Heartbeat(unstaked.address, int(time.time())).sign(unstaked, protocol_domain(31337))
+    stranger_beat = Heartbeat(unstaked.address, here, int(time.time())).sign(unstaked, backup.domain)
     response = httpx.post(
         gateway.url + "/v1/providers/heartbeat",
         json={
             "provider": unstaked.address,
+            "gateway": here,
             "timestamp": int(time.time()),
             "signature": "0x" + stranger_beat.hex(),
         },

@@ -45,7 +45,7 @@ def test_a_paid_job_meters_to_exactly_its_charge(
     try:
         sessions = blocking_sessions(engine)
         with sessions.begin() as session:
-            metered = meter_job(session, job_id, chain_id=31337)
+            metered = meter_job(session, job_id, domain=market.contracts.protocol_domain())
         with sessions() as session:
             charge = session.scalar(select(Charge).where(Charge.job_id == job_id))
             entries = session.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)).all()

@@ -25,7 +25,16 @@ def ask(
     root: str = "m", expires_at: float = NOW + 600,
 ) -> BookAsk:  # fmt: skip
     return BookAsk(
-        id, provider or f"p{id}", root, start, end, price, capacity, f"127.0.0.1:{1000 + id}", expires_at
+        id,
+        provider or f"p{id}",
+        root,
+        start,
+        end,
+        price,
+        capacity,
+        f"127.0.0.1:{1000 + id}",
+        bytes(32),
+        expires_at,
     )
 
 

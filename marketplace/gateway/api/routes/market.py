@@ -31,6 +31,7 @@ def ask_view(ask: BookAsk) -> dict[str, Any]:
         "capacity": ask.capacity,
         "inUse": ask.in_use,
         "endpoint": ask.endpoint,
+        "tlsFingerprint": "0x" + ask.tls_fingerprint.hex(),
         "expiresAt": int(ask.expires_at),
     }
 
@@ -49,6 +50,8 @@ async def post_ask(body: AskBody, gateway: GatewayDep) -> dict[str, Any]:
     booked = await gateway.market.post_ask(
         AskInput(
             provider=body.provider,
+            gateway=body.gateway,
+            tls_fingerprint=body.tlsFingerprint,
             model_root=body.modelRoot.lower(),
             layer_start=body.layerStart,
             layer_end=body.layerEnd,
@@ -115,7 +118,7 @@ async def get_order_book(
 )
 async def post_heartbeat(body: HeartbeatBody, gateway: GatewayDep) -> dict[str, Any]:
     """A provider's signed heartbeat (EIP-712 `Heartbeat`): it stays matchable for the heartbeat TTL."""
-    until = await gateway.market.heartbeat(body.provider, body.timestamp, body.signature)
+    until = await gateway.market.heartbeat(body.provider, body.gateway, body.timestamp, body.signature)
     return {"provider": to_checksum_address(body.provider), "matchableUntil": int(until)}
 
 

@@ -1,0 +1,691 @@
+"""The adversarial suite: every attack the hop protocol and the market must defeat, each run against real
+provider processes (honest ones, and rogues from worker.testing.rogue), the gateway's real coordinator and app,
+and a real chain, and judged on two counts:
+
+    succeeded      the attack got what it was after (its data accepted, an honest party blamed, a cheat hidden)
+    honest_harmed  an honest party was blamed or suspended, went unpaid for work on a route that completed, or
+                   had its steps slowed past twice their normal time
+
+Work on an abandoned attempt is paid to nobody (marketplace.gateway.coordinator says why); that is the design,
+not harm. tests/marketplace/test_adversary.py asserts every verdict; benchmarks/adversary.py counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import statistics
+import struct
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from marketplace.devnet.anvil import Anvil
+from marketplace.gateway.config import GatewaySettings
+from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
+from marketplace.gateway.orderbook import BookAsk, OrderBook
+from marketplace.provider.announce import Announcer, Offer
+from marketplace.provider.staking import bond
+from marketplace.testing.gateway import GatewayServer
+from marketplace.testing.hops import Served, launch, plan, running
+from settlement.chain import Chain
+from settlement.db.schema import HopStatus
+from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
+from settlement.tickets import KeyRing, SignatureChecks
+from worker.client import PeerLink, Peers, RouteClient, fetch_retained
+from worker.errors import WorkerError
+from worker.messages import Auth, Hello, Open, Step, checked
+from worker.protocol import read_control, write_message
+from worker.shard import model_root
+from worker.testing.tiny import BOS, write_tiny_checkpoint
+from worker.tls import client_context
+from worker.wire import FrameLimits
+
+PROMPT = [BOS, *b"Strangers on a route. "]
+NEW_TOKENS = 6
+VOCAB = 259
+MIN_STAKE = 100 * ONE_TOKEN
+SPANS = {"a": (0, 2), "b": (2, 4), "c": (4, 6), "spare": (2, 4)}
+ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so that routing picks it first
+    "alter-downstream": (2, 4),
+    "forge-error": (2, 4),
+    "blame-next": (2, 4),
+    "substitute-token": (4, 6),
+    "close-others": (0, 2),
+    "inject-step": (0, 2),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    attack: str
+    succeeded: bool
+    honest_harmed: bool
+    detail: str
+
+
+@dataclass
+class Arena:
+    """A chain with two deployments of the contracts (for replays across deployments), a gateway app on the first,
+    honest providers a 0:2, b 2:4, c 4:6 and a spare 2:4, and one rogue per misbehaviour, all staked, on TLS."""
+
+    workdir: Path
+    model: Path
+    root: str
+    contracts: Contracts
+    other: Contracts  # the second deployment on the same chain
+    gateway_account: LocalAccount
+    validator: LocalAccount
+    honest: dict[str, Served]
+    rogues: dict[str, Served]
+    gateway: GatewayServer
+    reference: list[int]  # the tokens an honest route generates
+    baseline_step_ms: float  # an honest decode step's median time, unattacked
+
+    @property
+    def keys(self) -> KeyRing:
+        return KeyRing(self.gateway_account, self.contracts.protocol_domain())
+
+    @property
+    def checks(self) -> SignatureChecks:
+        return SignatureChecks(self.contracts.protocol_domain())
+
+
+@contextmanager
+def arena(workdir: Path) -> Iterator[Arena]:
+    """Starts everything the attacks need and stops it afterwards."""
+    with ExitStack() as stack:
+        anvil = stack.enter_context(Anvil(accounts=20))
+        accounts = anvil.accounts
+        chain = Chain(anvil.url, receipt_timeout_s=30)
+        admin, operator, treasury, validator = accounts[:4]
+        gateway_account = Account.from_key(b"\x42" * 32)
+        chain.w3.provider.make_request("anvil_setBalance", [gateway_account.address, hex(10**21)])  # type: ignore[arg-type]
+        params = DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600, withdraw_delay_s=0)
+        contracts, other = (
+            deploy(
+                chain, admin, operator=operator.address, treasury=treasury.address, slasher=validator.address,
+                params=params,
+            )
+            for _ in range(2)
+        )  # fmt: skip
+        deployment = workdir / "deployment.json"
+        contracts.deployment.save(deployment)
+
+        model = write_tiny_checkpoint(workdir / "tiny", arch="llama", layers=6, hidden=128, seed=3)
+        root = model_root(model)
+        accounts_by_name = dict(zip([*SPANS, *ROGUES], accounts[4:], strict=False))
+        for account in accounts_by_name.values():
+            contracts.token.mint(admin, to=account.address, amount=10_000 * ONE_TOKEN)
+            bond(contracts, account, MIN_STAKE)
+
+        def start(name: str, span: tuple[int, int], extra: tuple[str, ...] = ()) -> Served:
+            account = accounts_by_name[name]
+            served = launch(
+                model, span, seed=int.from_bytes(account.key, "big"), root=root, workdir=workdir,
+                deployment=deployment, gateway=gateway_account.address, extra=extra,
+            )  # fmt: skip
+            return served
+
+        honest = {name: start(name, span) for name, span in SPANS.items()}
+        rogues: dict[str, Served] = {}
+        for kind, span in ROGUES.items():
+            extra: tuple[str, ...] = ("--misbehave", kind)
+            if kind in ("close-others", "inject-step"):
+                c = honest["c"]
+                extra += ("--misbehave-target", f"{c.endpoint}@{c.node.fingerprint.hex()}")
+            rogues[kind] = start(kind, span, extra)
+        stack.enter_context(running([*honest.values(), *rogues.values()]))
+        for served in rogues.values():  # cheaper than the honest ask of its span: routing picks it first
+            served.ask.price_per_million = 500_000
+
+        settings = GatewaySettings(
+            rpc_url=anvil.url, deployment_file=deployment, database_url=f"sqlite:///{workdir / 'gateway.db'}",
+            gateway_key=gateway_account.key.hex(), models=[f"tiny={model}"], heartbeat_ttl_s=3600,
+            _env_file=None,
+        )  # type: ignore[call-arg]  # fmt: skip
+        gateway = GatewayServer(settings).start()
+        stack.callback(gateway.stop)
+        built = Arena(
+            workdir,
+            model,
+            root,
+            contracts,
+            other,
+            gateway_account,
+            validator,
+            honest,
+            rogues,
+            gateway,
+            [],
+            0.0,
+        )
+        built.reference, built.baseline_step_ms = asyncio.run(_honest_run(built))
+        yield built
+
+
+async def _honest_run(arena: Arena) -> tuple[list[int], float]:
+    """The honest route's tokens and its median decode step, each measured a few times."""
+    route = [arena.honest[name] for name in ("a", "b", "c")]
+    times: list[float] = []
+    tokens: list[int] = []
+    for _ in range(3):
+        tokens, step_times = await _timed_job(arena, route)
+        times += step_times
+    return tokens, statistics.median(times)
+
+
+async def _timed_job(arena: Arena, route: list[Served]) -> tuple[list[int], list[float]]:
+    peers = Peers(arena.keys)
+    client = RouteClient(plan(route, root=arena.root, keys=arena.keys), peers, vocab_size=VOCAB)
+    try:
+        await client.open({})
+        result = await client.step(0, torch.tensor([PROMPT]))
+        tokens, times = [result.token], []
+        for step in range(1, NEW_TOKENS):
+            started = time.perf_counter()
+            result = await client.step(step, torch.tensor([[tokens[-1]]]))
+            times.append((time.perf_counter() - started) * 1e3)
+            tokens.append(result.token)
+        await client.close()
+        return tokens, times
+    finally:
+        await peers.close()
+
+
+# -- attacks on a route, through the gateway's coordinator --------------------------------------------------
+
+
+async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, OrderBook]:
+    """A job routed by the gateway's own coordinator over ``asks`` (the cheapest route is tried first)."""
+    book = OrderBook(heartbeat_ttl_s=3600, clock=time.time)
+    for number, ask in enumerate(asks, start=1):
+        ask.id, ask.in_use, ask.live = number, 0, True
+        book.post(ask)
+        book.set_active(ask.provider, True)
+        book.heartbeat(ask.provider, time.time())
+    coordinator = Coordinator(
+        book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=30
+    )
+    spec = JobSpec(os.urandom(32), arena.root, 6, VOCAB, PROMPT, NEW_TOKENS, {}, frozenset(), None)
+    route = book.match(arena.root, 6)
+    assert route is not None
+
+    async def emit(_token: int) -> bool:
+        return True
+
+    return await coordinator.run(spec, route, emit), book
+
+
+def _route_attack(arena: Arena, kind: str) -> Verdict:
+    rogue = arena.rogues[kind]
+    asks = [served.ask for served in (*arena.honest.values(), rogue)]
+    outcome, book = asyncio.run(_coordinated(arena, asks))
+    honest = {served.account.address for served in arena.honest.values()}
+    rogue_hops = [hop for hop in outcome.hops if hop.ask.provider == rogue.account.address]
+    final = [hop for hop in outcome.hops if hop.attempt == outcome.failovers]
+    succeeded = (
+        outcome.finish is None
+        or outcome.tokens != arena.reference
+        or any(hop.status != HopStatus.FAILED for hop in rogue_hops if hop.attempt < outcome.failovers)
+        or any(hop.amount for hop in rogue_hops)
+    )
+    harmed = (
+        any(hop.status == HopStatus.FAILED and hop.ask.provider in honest for hop in outcome.hops)
+        or any(not book.matchable(address) for address in honest)
+        or any(hop.status != HopStatus.BILLED for hop in final)
+    )
+    statuses = [(hop.attempt, hop.ask.provider[:8], hop.status) for hop in outcome.hops]
+    return Verdict(kind, succeeded, harmed, f"failovers {outcome.failovers}, hops {statuses}")
+
+
+def alter_downstream_report(arena: Arena) -> Verdict:
+    """A middle provider relays the next hop's report with its output hash changed."""
+    return _route_attack(arena, "alter-downstream")
+
+
+def forge_error_report(arena: Arena) -> Verdict:
+    """A middle provider reports, in the next hop's name, an error the next hop never sent."""
+    return _route_attack(arena, "forge-error")
+
+
+def false_unreachable_report(arena: Arena) -> Verdict:
+    """A middle provider says the next hop could not be reached, to get it suspended."""
+    return _route_attack(arena, "blame-next")
+
+
+def _interference(arena: Arena, kind: str) -> Verdict:
+    """The rogue serves the first span honestly and attacks the last provider's session on the side: the job
+    completes as if it had not, every hop is billed on its own receipt, and the victim refused every attempt."""
+    rogue = arena.rogues[kind]
+    asks = [served.ask for served in (*arena.honest.values(), rogue)]
+    outcome, book = asyncio.run(_coordinated(arena, asks))
+    log = rogue.node.log.read_text(errors="replace")
+    attempts = [line for line in log.splitlines() if f"{kind} against" in line]
+    refused = bool(attempts) and all("not_authorised" in line for line in attempts)
+    succeeded = (
+        outcome.finish is None or outcome.tokens != arena.reference or outcome.failovers > 0 or not refused
+    )
+    harmed = any(hop.status != HopStatus.BILLED for hop in outcome.hops) or not all(
+        book.matchable(served.account.address) for served in arena.honest.values()
+    )
+    return Verdict(kind, succeeded, harmed, f"{len(attempts)} attempts, all refused: {refused}")
+
+
+def close_another_providers_session(arena: Arena) -> Verdict:
+    """The first provider tries to close the last provider's session with every step."""
+    return _interference(arena, "close-others")
+
+
+def inject_a_step(arena: Arena) -> Verdict:
+    """The first provider sends steps of its own into the last provider's session."""
+    return _interference(arena, "inject-step")
+
+
+def substitute_the_emitted_token(arena: Arena) -> Verdict:
+    """The last provider emits other tokens than it sampled, keeping its logits honest: the job completes (the
+    gateway cannot tell), but its signed transcript commits to what it emitted, and its retained logits say
+    otherwise, which is what a validator compares."""
+    rogue = arena.rogues["substitute-token"]
+    route = [arena.honest["a"], arena.honest["b"], rogue]
+
+    async def run() -> tuple[list[int], list[int]]:
+        peers = Peers(arena.keys)
+        plans = plan(route, root=arena.root, keys=arena.keys)
+        client = RouteClient(plans, peers, vocab_size=VOCAB)
+        try:
+            await client.open({})
+            result = await client.step(0, torch.tensor([PROMPT]))
+            committed = [result.hops[-1].token or 0]
+            for step in range(1, NEW_TOKENS):
+                result = await client.step(step, torch.tensor([[committed[-1]]]))
+                committed.append(result.hops[-1].token or 0)
+            receipts = await client.close()
+        finally:
+            await peers.close()
+        validator = KeyRing(arena.validator, arena.contracts.protocol_domain())
+        ticket = validator.fetch_ticket(
+            job_id=plans[-1].ticket.job_id, session=client.session, provider=rogue.account.address,
+            expires_at=int(time.time()) + 60,
+        )  # fmt: skip
+        link = PeerLink(rogue.endpoint, rogue.node.fingerprint, validator, tls=True)
+        try:
+            limits = FrameLimits(max_payload_bytes=64 * VOCAB * 4, max_elements=64 * VOCAB)
+            retained = await fetch_retained(link, ticket, max_steps=NEW_TOKENS, limits=limits)
+        finally:
+            await link.close()
+        assert receipts[-1] is not None
+        argmax = [int(step.output[0, -1].argmax()) for step in retained]
+        return committed, argmax
+
+    committed, argmax = asyncio.run(run())
+    exposed = any(c != a for c, a in zip(committed, argmax, strict=True))
+    return Verdict(
+        "substitute-token", not exposed, False, f"committed {committed}, the retained logits' argmax {argmax}"
+    )
+
+
+def withhold_downstream_receipts(arena: Arena) -> Verdict:
+    """The first provider of a route that completed goes away before the close: in the old protocol every
+    receipt came back through it. Each provider now hands its own to the gateway: the others are billed."""
+    first = launch(
+        arena.model, (0, 2), seed=777_001, root=arena.root, workdir=arena.workdir,
+        deployment=arena.workdir / "deployment.json", gateway=arena.gateway_account.address,
+    )  # fmt: skip
+    route = [first, arena.honest["b"], arena.honest["c"]]
+
+    async def run() -> list[str | None]:
+        peers = Peers(arena.keys)
+        client = RouteClient(plan(route, root=arena.root, keys=arena.keys), peers, vocab_size=VOCAB)
+        try:
+            await client.open({})
+            token = (await client.step(0, torch.tensor([PROMPT]))).token
+            for step in range(1, 3):
+                token = (await client.step(step, torch.tensor([[token]]))).token
+            first.node.kill()
+            receipts = await client.close()
+        finally:
+            await peers.close()
+        return [None if r is None else r.provider for r in receipts]
+
+    with running([first]):
+        receipts = asyncio.run(run())
+    billed_others = receipts[1:] == [route[1].account.address, route[2].account.address]
+    return Verdict("withhold-receipts", not billed_others, not billed_others, f"receipts from {receipts}")
+
+
+# -- attacks by strangers on a provider ---------------------------------------------------------------------
+
+
+async def _raw_tls(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Hello]:
+    host, port = served.endpoint.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=client_context(), server_hostname="")
+    hello = Hello.from_json(await read_control(reader))
+    await reader.readexactly(8)
+    return reader, writer, hello
+
+
+async def _authenticated(
+    served: Served, keys: KeyRing
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+    reader, writer, hello = await _raw_tls(served)
+    signature = keys.peer_auth(hello.challenge, hello.fingerprint)
+    write_message(writer, Auth(keys.address, signature).to_json())
+    await writer.drain()
+    reply = await read_control(reader)
+    await reader.readexactly(8)
+    return reader, writer, reply
+
+
+def replay_tickets(arena: Arena) -> Verdict:
+    """The gateway's own tickets, sent where they were not meant for: another provider, another span, a
+    session opened once already, after expiry. And a ticket seen on the wire, by someone with another key."""
+    a, b = arena.honest["a"], arena.honest["b"]
+
+    async def run() -> list[str]:
+        codes = []
+        peers = Peers(arena.keys)
+        try:
+            hop = plan([a, b], root=arena.root, keys=arena.keys)[0]
+            link_b = peers.get(b.endpoint, b.node.fingerprint)
+            link_a = peers.get(a.endpoint, a.node.fingerprint)
+            for link, ticket in (
+                (link_b, hop.ticket),  # a's ticket at b: another provider, another span
+                (
+                    link_a,
+                    plan([a, b], root=arena.root, keys=arena.keys, expires_in_s=-5)[0].ticket,
+                ),  # expired
+            ):
+                reply, _ = await link.request(Open(ticket, os.urandom(32)).to_json())
+                codes.append(str(reply.get("error", {}).get("code")))
+            checked((await link_a.request(Open(hop.ticket, os.urandom(32)).to_json()))[0])
+            reply, _ = await link_a.request(
+                Open(hop.ticket, os.urandom(32)).to_json()
+            )  # the same session again
+            codes.append(str(reply.get("error", {}).get("code")))
+        finally:
+            await peers.close()
+        thief = KeyRing(Account.from_key(os.urandom(32)), arena.contracts.protocol_domain())
+        _, writer, reply = await _authenticated(a, thief)
+        writer.close()
+        codes.append(str(reply.get("error", {}).get("code")))  # a stranger is turned away before it can open
+        return codes
+
+    codes = asyncio.run(run())
+    expected = ["ticket_refused", "ticket_refused", "session_exists", "not_authorised"]
+    return Verdict("replay-tickets", codes != expected, False, f"refusals {codes}")
+
+
+def route_to_an_unnamed_address(arena: Arena) -> Verdict:
+    """A step that names where to go next (the old protocol's route field) is not a step: a provider sends on
+    only to the peer its ticket names."""
+    a = arena.honest["a"]
+
+    async def run() -> str:
+        reader, writer, _ = await _authenticated(a, arena.keys)
+        control = {**Step(os.urandom(16), 0, 1).to_json(), "route": ["127.0.0.1:9"]}
+        write_message(writer, control)
+        await writer.drain()
+        reply = await read_control(reader)
+        writer.close()
+        return str(reply.get("error", {}).get("code"))
+
+    code = asyncio.run(run())
+    return Verdict("route-elsewhere", code != "bad_hop_message", False, f"refused with {code}")
+
+
+def oversized_frame_without_a_ticket(arena: Arena) -> Verdict:
+    """A peer with business at the provider (the gateway's key) announces a 256 MiB frame for a session it
+    never opened; a stranger announces a 256 MiB control part. Both are refused from the lengths alone."""
+    a = arena.honest["a"]
+
+    async def run() -> tuple[str, float, bool]:
+        reader, writer, _ = await _authenticated(a, arena.keys)
+        started = time.perf_counter()
+        body = Step(os.urandom(16), 0, 1).to_json()
+        write_message(writer, body)
+        writer.write(struct.pack("<Q", 256 * 2**20))  # the frame it would send
+        await writer.drain()
+        reply = await asyncio.wait_for(read_control(reader), 5)
+        refused_in = time.perf_counter() - started
+        writer.close()
+        reader, writer, _ = await _raw_tls(a)
+        writer.write(struct.pack("<I", 256 * 2**20))
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(), 5)  # its refusal, then the end of the stream
+            hung_up = True
+        except TimeoutError:
+            hung_up = False
+        writer.close()
+        return str(reply.get("error", {}).get("code")), refused_in, hung_up
+
+    code, refused_in, hung_up = asyncio.run(run())
+    return Verdict(
+        "oversized-frame",
+        code != "not_authorised" or refused_in > 2 or not hung_up,
+        False,
+        f"refused with {code} in {refused_in * 1e3:.0f} ms",
+    )
+
+
+def _under_load(arena: Arena, load: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[float, Any]:
+    """An honest job's median decode step while ``load`` runs against its providers."""
+
+    async def run() -> tuple[float, Any]:
+        attack = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        _, times = await _timed_job(arena, [arena.honest[name] for name in ("a", "b", "c")])
+        return statistics.median(times), await attack
+
+    return asyncio.run(run())
+
+
+def idle_connections(arena: Arena) -> Verdict:
+    """1,000 connections to an honest provider that finish TLS and then say nothing, held while an honest job
+    runs: they are dropped at the handshake timeout, and the job is not slowed."""
+    b = arena.honest["b"]
+
+    async def hold() -> int:
+        host, port = b.endpoint.rsplit(":", 1)
+        opened = []
+        for _ in range(1000):
+            with suppress(OSError, ssl.SSLError):
+                opened.append(
+                    await asyncio.open_connection(host, int(port), ssl=client_context(), server_hostname="")
+                )
+        await asyncio.sleep(8)  # past the provider's 5 s handshake timeout
+        dropped = 0
+        for reader, writer in opened:
+            try:
+                await asyncio.wait_for(reader.read(), 1)  # Hello, then the end of the stream
+                dropped += reader.at_eof()
+            except (OSError, TimeoutError, ssl.SSLError):
+                dropped += 1
+            writer.close()
+        return dropped
+
+    step_ms, dropped = _under_load(arena, hold)
+    slowed = step_ms > 2 * arena.baseline_step_ms
+    return Verdict(
+        "idle-connections",
+        dropped < 900,
+        slowed,
+        f"{dropped} of 1000 dropped; honest step {step_ms:.1f} ms (baseline {arena.baseline_step_ms:.1f} ms)",
+    )
+
+
+def fetch_flood(arena: Arena) -> Verdict:
+    """While an honest job runs, strangers connect to its providers again and again, each asking for retained
+    data with a ticket of its own making: each is turned away at the handshake, and the job is not slowed."""
+    providers = [arena.honest[name] for name in ("a", "b", "c")]
+
+    async def flood() -> int:
+        refused = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            for served in providers:
+                stranger = KeyRing(Account.from_key(os.urandom(32)), arena.contracts.protocol_domain())
+                try:
+                    _, writer, reply = await _authenticated(served, stranger)
+                    writer.close()
+                    refused += reply.get("ok") is not True
+                except (OSError, ssl.SSLError, WorkerError, asyncio.IncompleteReadError):
+                    refused += 1
+        return refused
+
+    step_ms, refused = _under_load(arena, flood)
+    slowed = step_ms > 2 * arena.baseline_step_ms
+    return Verdict(
+        "fetch-flood",
+        refused == 0,
+        slowed,
+        f"{refused} strangers refused; honest step {step_ms:.1f} ms (baseline {arena.baseline_step_ms:.1f} ms)",
+    )
+
+
+# -- attacks on the market -------------------------------------------------------------------------------------
+
+
+def _post_ask(arena: Arena, announcer: Announcer) -> httpx.Response:
+    announcer.gateway = arena.gateway_account.address
+    return httpx.post(arena.gateway.url + "/v1/asks", json=announcer.signed_ask(), timeout=30)
+
+
+def ask_with_someone_elses_endpoint(arena: Arena) -> Verdict:
+    """A staked provider posts an ask naming an honest provider's endpoint, with the honest certificate or with
+    its own: the endpoint proves to be someone else's, or not to hold the certificate, and the ask never enters
+    the book."""
+    victim, attacker = arena.honest["b"], arena.rogues["blame-next"]
+    codes = []
+    for fingerprint in (victim.node.fingerprint, attacker.node.fingerprint):
+        offer = Offer(arena.root, 2, 4, 1, 8, victim.endpoint, fingerprint)
+        announcer = Announcer(
+            arena.gateway.url, attacker.account, offer, domain=arena.contracts.protocol_domain(), trusted=None
+        )
+        response = _post_ask(arena, announcer)
+        codes.append(str(response.json().get("error", {}).get("code")))
+    booked = httpx.get(arena.gateway.url + "/v1/asks", params={"provider": attacker.account.address}).json()
+    succeeded = codes != ["endpoint_not_proven", "endpoint_not_proven"] or bool(booked["data"])
+    return Verdict("foreign-endpoint", succeeded, False, f"refused with {codes}")
+
+
+def replay_across_deployments(arena: Arena) -> Verdict:
+    """Another deployment of the contracts on the same chain, run by the same gateway key: an ask signed for one
+    is refused by a gateway of the other, and a ticket signed under the other is refused by a provider of this
+    one."""
+    honest = arena.honest["b"]
+    offer = Offer(arena.root, 2, 4, 1_000_000, 8, honest.endpoint, honest.node.fingerprint)
+    other_domain = arena.other.protocol_domain()
+    # An ask signed under the other deployment, posted here.
+    announcer = Announcer(arena.gateway.url, honest.account, offer, domain=other_domain, trusted=None)
+    ask_code = str(_post_ask(arena, announcer).json().get("error", {}).get("code"))
+
+    async def link_and_ticket_codes() -> tuple[str, str]:
+        other_keys = KeyRing(arena.gateway_account, other_domain)  # the same key, the other deployment
+        _, writer, reply = await _authenticated(honest, other_keys)
+        writer.close()
+        link = str(reply.get("error", {}).get("code")) if reply.get("ok") is not True else "authenticated"
+        # Over a link authenticated for this deployment, a ticket signed for the other.
+        peers = Peers(arena.keys)
+        try:
+            hop = plan([honest, arena.honest["c"]], root=arena.root, keys=other_keys)[0]
+            opened, _ = await peers.get(honest.endpoint, honest.node.fingerprint).request(
+                Open(hop.ticket, os.urandom(32)).to_json()
+            )
+        finally:
+            await peers.close()
+        return link, str(opened.get("error", {}).get("code"))
+
+    link, ticket = asyncio.run(link_and_ticket_codes())
+    succeeded = ask_code != "invalid_signature" or link != "unauthenticated" or ticket != "ticket_refused"
+    detail = f"ask refused with {ask_code}, link with {link}, ticket with {ticket}"
+    return Verdict("cross-deployment", succeeded, False, detail)
+
+
+def man_in_the_middle(arena: Arena) -> Verdict:
+    """A relay with a certificate of its own sits in front of an honest provider: the gateway, pinning the
+    certificate the provider's ask named, refuses to talk through it, and nobody is blamed for it."""
+    victim = arena.honest["b"]
+
+    async def run() -> str:
+        proxy = await _tls_proxy(victim.endpoint)
+        port = proxy.sockets[0].getsockname()[1]
+        peers = Peers(arena.keys)
+        try:
+            link = peers.get(f"127.0.0.1:{port}", victim.node.fingerprint)
+            try:
+                await link.request(
+                    Open(plan([victim], root=arena.root, keys=arena.keys)[0].ticket, os.urandom(32)).to_json()
+                )
+            except WorkerError as exc:
+                return exc.code
+            return "talked through the relay"
+        finally:
+            await peers.close()
+            proxy.close()
+
+    code = asyncio.run(run())
+    return Verdict("man-in-the-middle", code != "certificate_mismatch", False, f"the gateway's link: {code}")
+
+
+async def _tls_proxy(upstream: str) -> asyncio.Server:
+    """A TLS server with a certificate of its own, relaying bytes to ``upstream`` over TLS."""
+    from worker.tls import TlsIdentity
+
+    identity = TlsIdentity.load_or_create(Path(os.environ.get("TMPDIR", "/tmp")) / f"mitm-{os.getpid()}")
+    host, port = upstream.rsplit(":", 1)
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                host, int(port), ssl=client_context(), server_hostname=""
+            )
+        except (OSError, asyncio.CancelledError):
+            writer.close()
+            return
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0, ssl=identity.server_context())
+
+
+ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
+    "alter-downstream-report": alter_downstream_report,
+    "forge-error-report": forge_error_report,
+    "false-unreachable-report": false_unreachable_report,
+    "close-another-providers-session": close_another_providers_session,
+    "inject-a-step": inject_a_step,
+    "substitute-the-emitted-token": substitute_the_emitted_token,
+    "withhold-downstream-receipts": withhold_downstream_receipts,
+    "replay-tickets": replay_tickets,
+    "route-to-an-unnamed-address": route_to_an_unnamed_address,
+    "oversized-frame-without-a-ticket": oversized_frame_without_a_ticket,
+    "idle-connections": idle_connections,
+    "fetch-flood": fetch_flood,
+    "ask-with-someone-elses-endpoint": ask_with_someone_elses_endpoint,
+    "replay-across-deployments": replay_across_deployments,
+    "man-in-the-middle": man_in_the_middle,
+}
+
+
+__all__ = ["ATTACKS", "Arena", "Verdict", "arena"]

@@ -1,0 +1,594 @@
+"""The hop protocol's control messages: one frozen dataclass each, one JSON form, one hex convention.
+
+Threat model
+------------
+Anyone may be malicious: any provider, any client, anyone on a network path. The gateway is trusted by the
+clients it serves, but a provider trusts nothing the gateway says unless the gateway signed it; validators are
+trusted to judge, and a provider lets only the validators it trusts read what it kept. What must hold whatever
+the others do:
+
+- A provider runs only work a trusted gateway signed for it (:class:`HopTicket`: its key, its span, one
+  session, a short expiry, at most ``max_positions`` positions) and takes that session's steps only from the
+  peer the ticket names as ``previous``, over a connection that peer authenticated with its key (:class:`Auth`),
+  and sends them on only to the peer the ticket names as ``next``, whose certificate it pins.
+- Only the gateway that opened a session may close it, and each provider hands its signed receipt to the
+  gateway directly: no other provider can drop, alter or forge it, or end the session early.
+- Every hop's account of a step (:class:`HopEntry`: its input and output hashes; on the last span the token it
+  emitted) and every error it reports is authenticated with a key only that hop and the gateway share
+  (:class:`Report`): a relay cannot alter or forge a downstream hop's entry, or blame it falsely. Each relay
+  authenticates what it passes on, so a report that does not verify blames the hop that relayed it.
+- A validator reads a provider's retained data only with a ticket naming that provider and that session
+  (:class:`FetchTicket`), signed by a validator the provider trusts, sent over a connection that validator
+  authenticated.
+- Links are TLS; a peer's certificate is pinned by its fingerprint (from the provider's signed ask, or from
+  the ticket); the client's key is proved over the pinned channel, bound to the server's certificate, so a
+  relay in the middle cannot pass it on. Plain TCP is a development switch only.
+
+Every message is a small JSON control part, at most one tensor frame after it (:mod:`worker.protocol`). Bytes
+are ``0x``-prefixed lower-case hex; addresses are checksummed; integers are JSON numbers, never strings.
+Parsing is strict: a missing, extra or mistyped field is a :class:`ProtocolError`, raised before anything else
+is done with the message.
+
+The order on a connection: the server speaks first (:class:`Hello`, a fresh challenge), the client answers with
+:class:`Auth`, then requests and replies alternate, one reply per request, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from eth_utils.address import is_checksum_address
+
+from worker.errors import ProtocolError
+
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+SESSION_BYTES = 16
+MAX_SAMPLING_KEYS = 16
+MAX_ERROR_MESSAGE = 500
+MAX_ENDPOINT = 255
+MAX_REPORT_DEPTH = 256  # hops in one route
+
+
+# -- field readers -----------------------------------------------------------------------------------------
+
+
+def hex0x(raw: bytes) -> str:
+    return "0x" + raw.hex()
+
+
+def _bytes(data: Mapping[str, Any], name: str, size: int) -> bytes:
+    value = data.get(name)
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 2 + 2 * size:
+        raise ProtocolError(f"{name} must be {size} bytes of 0x-prefixed hex")
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError as exc:
+        raise ProtocolError(f"{name} is not hex") from exc
+
+
+def _int(data: Mapping[str, Any], name: str, *, low: int = 0, high: int = 2**64 - 1) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(f"{name} must be an integer in {low}..{high}")
+    return value
+
+
+def _address(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not is_checksum_address(value):
+        raise ProtocolError(f"{name} must be a checksummed address")
+    return value
+
+
+def _string(data: Mapping[str, Any], name: str, limit: int) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"{name} must be a string of at most {limit} characters")
+    return value
+
+
+def _object(data: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"{name} must be an object")
+    return data
+
+
+def _only(data: Mapping[str, Any], allowed: set[str], name: str) -> None:
+    extra = set(data) - allowed
+    if extra:
+        raise ProtocolError(f"{name} has unknown fields {sorted(extra)}")
+
+
+def canonical(data: Any) -> bytes:
+    """The one serialisation that MACs and digests are computed over."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# -- the handshake -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The server's first words on a connection: a fresh challenge, and the fingerprint of the certificate it
+    presented (zero over plain TCP), which the client's :class:`Auth` must name."""
+
+    challenge: bytes
+    fingerprint: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "hello", "challenge": hex0x(self.challenge), "fingerprint": hex0x(self.fingerprint)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Hello:
+        _only(data, {"op", "challenge", "fingerprint"}, "hello")
+        return cls(_bytes(data, "challenge", 32), _bytes(data, "fingerprint", 32))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The client's key, proved by its signature of PeerAuth(challenge, the fingerprint it pinned)."""
+
+    address: str
+    signature: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "auth", "address": self.address, "signature": hex0x(self.signature)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Auth:
+        _only(data, {"op", "address", "signature"}, "auth")
+        return cls(_address(data, "address"), _bytes(data, "signature", 65))
+
+
+# -- tickets -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopTicket:
+    """The gateway's signed permission for ``provider`` to serve ``session`` of ``job_id`` on its span; see
+    settlement.eip712.HopTicket for the signed type. ``previous`` is the only peer whose steps it takes (the
+    gateway, for the first span); ``next`` the only one it sends them on to (the zero address on the last)."""
+
+    job_id: bytes
+    session: bytes
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    previous: str
+    next: str
+    next_endpoint: str
+    next_fingerprint: bytes
+    max_positions: int
+    expires_at: int
+    signature: bytes
+
+    @property
+    def last(self) -> bool:
+        return self.next == ZERO_ADDRESS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobId": hex0x(self.job_id),
+            "session": hex0x(self.session),
+            "provider": self.provider,
+            "modelRoot": hex0x(self.model_root),
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "previous": self.previous,
+            "next": self.next,
+            "nextEndpoint": self.next_endpoint,
+            "nextFingerprint": hex0x(self.next_fingerprint),
+            "maxPositions": self.max_positions,
+            "expiresAt": self.expires_at,
+            "signature": hex0x(self.signature),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> HopTicket:
+        data = _object(data, "ticket")
+        _only(data, set(cls._FIELDS), "ticket")
+        ticket = cls(
+            _bytes(data, "jobId", 32),
+            _bytes(data, "session", SESSION_BYTES),
+            _address(data, "provider"),
+            _bytes(data, "modelRoot", 32),
+            _int(data, "layerStart", high=2**32 - 1),
+            _int(data, "layerEnd", high=2**32 - 1),
+            _address(data, "previous"),
+            _address(data, "next"),
+            _string(data, "nextEndpoint", MAX_ENDPOINT),
+            _bytes(data, "nextFingerprint", 32),
+            _int(data, "maxPositions", low=1, high=2**32 - 1),
+            _int(data, "expiresAt"),
+            _bytes(data, "signature", 65),
+        )
+        if ticket.layer_start >= ticket.layer_end:
+            raise ProtocolError("the ticket's span is empty")
+        if ticket.last != (ticket.next_endpoint == ""):
+            raise ProtocolError("a ticket names a next endpoint exactly when it names a next hop")
+        return ticket
+
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "jobId", "session", "provider", "modelRoot", "layerStart", "layerEnd", "previous", "next",
+        "nextEndpoint", "nextFingerprint", "maxPositions", "expiresAt", "signature",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FetchTicket:
+    """A validator's signed request to read what ``provider`` retained of ``session`` of ``job_id``."""
+
+    job_id: bytes
+    session: bytes
+    provider: str
+    expires_at: int
+    signature: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobId": hex0x(self.job_id),
+            "session": hex0x(self.session),
+            "provider": self.provider,
+            "expiresAt": self.expires_at,
+            "signature": hex0x(self.signature),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> FetchTicket:
+        data = _object(data, "ticket")
+        _only(data, {"jobId", "session", "provider", "expiresAt", "signature"}, "ticket")
+        return cls(
+            _bytes(data, "jobId", 32),
+            _bytes(data, "session", SESSION_BYTES),
+            _address(data, "provider"),
+            _int(data, "expiresAt"),
+            _bytes(data, "signature", 65),
+        )
+
+
+# -- requests ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Open:
+    """From the gateway, directly to each provider of a route: open the ticket's session. ``mac_key`` is the
+    key this hop authenticates its reports with (only it and the gateway know it: it travels over TLS to this
+    hop alone); ``sampling`` is how the last span picks tokens."""
+
+    op: ClassVar[str] = "open"
+    ticket: HopTicket
+    mac_key: bytes
+    sampling: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"op": self.op, "ticket": self.ticket.to_json(), "macKey": hex0x(self.mac_key)}
+        if self.sampling is not None:
+            data["sampling"] = self.sampling
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Open:
+        _only(data, {"op", "ticket", "macKey", "sampling"}, "open")
+        sampling = data.get("sampling")
+        if sampling is not None:
+            sampling = dict(_object(sampling, "sampling"))
+            if len(sampling) > MAX_SAMPLING_KEYS:
+                raise ProtocolError("sampling has too many fields")
+        return cls(HopTicket.from_json(data.get("ticket")), _bytes(data, "macKey", 32), sampling)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a session: ``positions`` new positions, carried by the frame that follows (token ids on the
+    first span, hidden states on the others). From the ticket's previous peer only."""
+
+    op: ClassVar[str] = "step"
+    session: bytes
+    step: int
+    positions: int
+    logits: bool = False  # the last span returns the last position's logits as the reply's frame
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "session": hex0x(self.session),
+            "step": self.step,
+            "positions": self.positions,
+            "logits": self.logits,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Step:
+        _only(data, {"op", "session", "step", "positions", "logits"}, "step")
+        logits = data.get("logits", False)
+        if not isinstance(logits, bool):
+            raise ProtocolError("logits must be true or false")
+        return cls(
+            _bytes(data, "session", SESSION_BYTES),
+            _int(data, "step", high=2**32 - 1),
+            _int(data, "positions", low=1, high=2**32 - 1),
+            logits,
+        )
+
+
+@dataclass(frozen=True)
+class Close:
+    """From the gateway that opened the session: end it and sign a receipt. Closing again returns the same
+    receipt, so the gateway may retry."""
+
+    op: ClassVar[str] = "close"
+    session: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "session": hex0x(self.session)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Close:
+        _only(data, {"op", "session"}, "close")
+        return cls(_bytes(data, "session", SESSION_BYTES))
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """From a validator: one retained step's ``input`` or ``output``, as the reply's frame."""
+
+    op: ClassVar[str] = "fetch"
+    ticket: FetchTicket
+    step: int
+    part: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "ticket": self.ticket.to_json(), "step": self.step, "part": self.part}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fetch:
+        _only(data, {"op", "ticket", "step", "part"}, "fetch")
+        part = data.get("part")
+        if part not in ("input", "output"):
+            raise ProtocolError('part must be "input" or "output"')
+        return cls(FetchTicket.from_json(data.get("ticket")), _int(data, "step", high=2**32 - 1), str(part))
+
+
+@dataclass(frozen=True)
+class Prove:
+    """From a gateway checking an ask: sign EndpointProof(challenge, provider, endpoint, fingerprint) with the
+    staked key, over this connection, whose certificate is the one the ask names."""
+
+    op: ClassVar[str] = "prove"
+    challenge: bytes
+    endpoint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "challenge": hex0x(self.challenge), "endpoint": self.endpoint}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Prove:
+        _only(data, {"op", "challenge", "endpoint"}, "prove")
+        return cls(_bytes(data, "challenge", 32), _string(data, "endpoint", MAX_ENDPOINT))
+
+
+Request = Open | Step | Close | Fetch | Prove
+_REQUESTS: dict[str, type[Open] | type[Step] | type[Close] | type[Fetch] | type[Prove]] = {
+    cls.op: cls for cls in (Open, Step, Close, Fetch, Prove)
+}
+
+
+def parse_request(data: Mapping[str, Any]) -> Request:
+    op = data.get("op")
+    kind = _REQUESTS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    return kind.from_json(data)
+
+
+# -- replies -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopError:
+    code: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HopError:
+        data = _object(data, "error")
+        _only(data, {"code", "message"}, "error")
+        return cls(_string(data, "code", 64), _string(data, "message", MAX_ERROR_MESSAGE))
+
+
+@dataclass(frozen=True)
+class HopEntry:
+    """One hop's account of one step: what it received and sent on (sha256 of the frames' payloads), on the
+    last span the token it emitted, and the error it stopped at (with the hashes, when it got as far as
+    computing and then could not send the step on)."""
+
+    provider: str
+    session: bytes
+    step: int
+    input: bytes | None = None
+    output: bytes | None = None
+    token: int | None = None
+    error: HopError | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"provider": self.provider, "session": hex0x(self.session), "step": self.step}
+        if self.input is not None:
+            data["in"] = hex0x(self.input)
+        if self.output is not None:
+            data["out"] = hex0x(self.output)
+        if self.token is not None:
+            data["token"] = self.token
+        if self.error is not None:
+            data["error"] = self.error.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> HopEntry:
+        data = _object(data, "entry")
+        _only(data, {"provider", "session", "step", "in", "out", "token", "error"}, "entry")
+        entry = cls(
+            _address(data, "provider"),
+            _bytes(data, "session", SESSION_BYTES),
+            _int(data, "step", high=2**32 - 1),
+            _bytes(data, "in", 32) if "in" in data else None,
+            _bytes(data, "out", 32) if "out" in data else None,
+            _int(data, "token", high=2**32 - 1) if "token" in data else None,
+            HopError.from_json(data["error"]) if "error" in data else None,
+        )
+        if entry.error is None and (entry.input is None or entry.output is None):
+            raise ProtocolError("an entry without an error carries both hashes")
+        return entry
+
+
+@dataclass(frozen=True)
+class Report:
+    """A hop's entry for a step and, when it sent the step on, the report it got back from the next hop, with a
+    MAC over both under the key only this hop and the gateway hold. ``compute_ms`` is telemetry: not MACed,
+    never billed or judged on."""
+
+    entry: HopEntry
+    mac: bytes
+    downstream: Report | None = None
+    compute_ms: float | None = None
+
+    @staticmethod
+    def mac_of(key: bytes, entry: HopEntry, downstream: Report | None) -> bytes:
+        below = hashlib.sha256(canonical(downstream.to_json())).digest() if downstream is not None else b""
+        return hmac.new(key, canonical(entry.to_json()) + below, hashlib.sha256).digest()
+
+    @classmethod
+    def made(
+        cls, key: bytes, entry: HopEntry, downstream: Report | None = None, compute_ms: float | None = None
+    ) -> Report:
+        return cls(entry, cls.mac_of(key, entry, downstream), downstream, compute_ms)
+
+    def verifies(self, key: bytes) -> bool:
+        return hmac.compare_digest(self.mac, self.mac_of(key, self.entry, self.downstream))
+
+    def chain(self) -> list[Report]:
+        """This report and every report below it, first hop first."""
+        reports: list[Report] = []
+        report: Report | None = self
+        while report is not None:
+            reports.append(report)
+            report = report.downstream
+        return reports
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"entry": self.entry.to_json(), "mac": hex0x(self.mac)}
+        if self.downstream is not None:
+            data["next"] = self.downstream.to_json()
+        if self.compute_ms is not None:
+            data["computeMs"] = self.compute_ms
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, depth: int = 0) -> Report:
+        if depth > MAX_REPORT_DEPTH:
+            raise ProtocolError("a report nested deeper than any route")
+        data = _object(data, "report")
+        _only(data, {"entry", "mac", "next", "computeMs"}, "report")
+        compute = data.get("computeMs")
+        if compute is not None and (not isinstance(compute, int | float) or isinstance(compute, bool)):
+            raise ProtocolError("computeMs must be a number")
+        downstream = cls.from_json(data["next"], depth + 1) if "next" in data else None
+        return cls(HopEntry.from_json(data.get("entry")), _bytes(data, "mac", 32), downstream, compute)
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    """A provider's HopReceipt (settlement.eip712.HopReceipt) and its signature."""
+
+    job_id: bytes
+    session: bytes
+    gateway: str
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    positions: int
+    transcript_root: bytes
+    sampling_hash: bytes
+    signature: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobId": hex0x(self.job_id),
+            "session": hex0x(self.session),
+            "gateway": self.gateway,
+            "provider": self.provider,
+            "modelRoot": hex0x(self.model_root),
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "positions": self.positions,
+            "transcriptRoot": hex0x(self.transcript_root),
+            "samplingHash": hex0x(self.sampling_hash),
+            "signature": hex0x(self.signature),
+        }
+
+    _FIELDS: ClassVar[set[str]] = {
+        "jobId", "session", "gateway", "provider", "modelRoot", "layerStart", "layerEnd", "positions",
+        "transcriptRoot", "samplingHash", "signature",
+    }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Any) -> SignedReceipt:
+        data = _object(data, "receipt")
+        _only(data, cls._FIELDS, "receipt")
+        return cls(
+            _bytes(data, "jobId", 32),
+            _bytes(data, "session", SESSION_BYTES),
+            _address(data, "gateway"),
+            _address(data, "provider"),
+            _bytes(data, "modelRoot", 32),
+            _int(data, "layerStart", high=2**32 - 1),
+            _int(data, "layerEnd", high=2**32 - 1),
+            _int(data, "positions"),
+            _bytes(data, "transcriptRoot", 32),
+            _bytes(data, "samplingHash", 32),
+            _bytes(data, "signature", 65),
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    step: int
+    steps: int
+    part: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": True, "step": self.step, "steps": self.steps, "part": self.part}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fetched:
+        _only(data, {"ok", "step", "steps", "part"}, "fetch reply")
+        part = data.get("part")
+        if part not in ("input", "output"):
+            raise ProtocolError('part must be "input" or "output"')
+        return cls(_int(data, "step", high=2**32 - 1), _int(data, "steps", low=1, high=2**32 - 1), str(part))
+
+
+def refusal(code: str, message: str) -> dict[str, Any]:
+    """The reply to a request this server will not serve."""
+    return {"ok": False, "error": HopError(code, message[:MAX_ERROR_MESSAGE]).to_json()}
+
+
+def checked(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A reply that says ``ok``; a refusal raises HopRefused with the server's code."""
+    from worker.errors import HopRefused
+
+    if data.get("ok") is True:
+        return data
+    if data.get("ok") is False and "error" in data:
+        error = HopError.from_json(data["error"])
+        raise HopRefused(error.code, error.message)
+    raise ProtocolError("a reply must say ok: true, or carry an error")

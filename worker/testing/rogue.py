@@ -1,0 +1,105 @@
+"""Providers that attack the hop protocol, for the adversarial tests and benchmark. Each serves its span honestly
+and then deviates in one way; the protocol must expose it, blame it, and leave the honest providers around it
+paid and unblamed. ``strata provider serve --misbehave KIND`` (a hidden option) runs one.
+
+    alter-downstream   relays the next hop's report with that hop's output hash changed, its MAC kept
+    forge-error        does not send the step on; reports, in the next hop's name, an error it never sent
+    blame-next         does not send the step on; says the next hop could not be reached
+    substitute-token   (last span) emits another token than the one it sampled; its logits stay honest
+    close-others       with every step, also tries to close the session at ``target`` (another provider's)
+    inject-step        with every step, also sends a step of its own into the session at ``target``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from worker.client import PeerLink
+from worker.errors import WorkerError
+from worker.messages import Close, HopEntry, HopError, Report, Step
+from worker.server import HopServer
+
+log = logging.getLogger(__name__)
+
+MISBEHAVIOURS = (
+    "alter-downstream", "forge-error", "blame-next", "substitute-token", "close-others", "inject-step",
+)  # fmt: skip
+
+
+class RogueServer(HopServer):
+    def __init__(
+        self, *args: Any, misbehave: str, target: tuple[str, bytes] | None = None, **kwargs: Any
+    ) -> None:
+        if misbehave not in MISBEHAVIOURS:
+            raise ValueError(f"unknown misbehaviour {misbehave!r}; choose one of {', '.join(MISBEHAVIOURS)}")
+        if misbehave in ("close-others", "inject-step") and target is None:
+            raise ValueError(f"{misbehave} needs a target endpoint and its certificate")
+        super().__init__(*args, **kwargs)
+        self.misbehave = misbehave
+        self.target = target
+        self.attempts: list[str] = []  # what the target answered each time it was attacked
+
+    async def _forward(
+        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes
+    ) -> tuple[Report | None, torch.Tensor | None, HopError | None]:
+        if self.misbehave in ("close-others", "inject-step"):
+            await self._interfere(request)
+        if self.misbehave == "blame-next":
+            return None, None, HopError("next_unreachable", f"{ticket.next_endpoint}: connection refused")
+        if self.misbehave == "forge-error":
+            forged = HopEntry(
+                ticket.next, request.session, request.step, error=HopError("provider_busy", "full")
+            )
+            return Report(forged, os.urandom(32)), None, None
+        downstream, logits, failure = await super()._forward(ticket, request, output, output_hash)
+        if (
+            self.misbehave == "alter-downstream"
+            and downstream is not None
+            and downstream.entry.output is not None
+        ):
+            altered = replace(downstream.entry, output=bytes(32))
+            downstream = replace(downstream, entry=altered)
+        return downstream, logits, failure
+
+    async def _interfere(self, request: Step) -> None:
+        assert self.target is not None
+        endpoint, fingerprint = self.target
+        link = PeerLink(endpoint, fingerprint, self.keys, tls=any(fingerprint))
+        try:
+            if self.misbehave == "close-others":
+                reply, _ = await link.request(Close(request.session).to_json())
+            else:
+                bogus = torch.zeros((1, 1, self.runtime.shard.hidden_size), dtype=torch.float32)
+                attack = Step(request.session, request.step + 1, 1)
+                reply, _ = await link.request(
+                    attack.to_json(), bogus, session=request.session, step=request.step + 1
+                )
+            self.attempts.append(str(reply.get("error", reply)))
+        except (TimeoutError, WorkerError, OSError) as exc:
+            self.attempts.append(f"refused: {exc!r}")
+        finally:
+            await link.close()
+        log.warning("%s against %s: %s", self.misbehave, endpoint, self.attempts[-1])
+
+    async def _step(
+        self, request: Step, reader: asyncio.StreamReader, peer: str
+    ) -> tuple[dict[str, Any], Any, Any]:
+        reply, logits, sha = await super()._step(request, reader, peer)
+        if self.misbehave != "substitute-token" or "report" not in reply:
+            return reply, logits, sha
+        session = self._sessions[request.session]
+        report = Report.from_json(reply["report"])
+        if report.entry.token is None:
+            return reply, logits, sha
+        # Emits another token, and says so in its own entry (the gateway reads the token from it): the
+        # transcript commits to what the client was sent, while the retained logits say something else.
+        token = (report.entry.token + 1) % self.runtime.shard.vocab_size
+        session.tokens[-1] = token
+        entry = replace(report.entry, token=token)
+        return {"report": Report.made(session.mac_key, entry, None, report.compute_ms).to_json()}, logits, sha

@@ -1,0 +1,137 @@
+"""Transcripts and receipts, in one place: what a hop's steps add up to, how hops link, and when a receipt
+bills. The hop server builds receipts with it; the gateway's coordinator and settlement's metering check them
+with the same rules.
+
+A hop's transcript is its steps, each ``(step, input hash, output hash)`` (sha256 of the frames' payloads);
+the last span's steps also carry the token it emitted. Its root is sha256 over the steps in order, each as
+``step (uint32 BE) ‖ input ‖ output`` and, on the last span, ``‖ token (uint32 BE)``: the last span's receipt
+therefore commits to every token the client was sent. A route's transcripts link when each hop's input is the
+previous hop's output, step by step, and the first hop's input is what the gateway sent.
+
+A receipt bills when it is signed by the provider it names, for the gateway, job, session, model and span the
+gateway asked for, over exactly the positions the gateway sent, and its transcript root is the root of the
+entries that hop authenticated as the route ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from worker.messages import SignedReceipt
+
+NO_SAMPLING = bytes(32)  # the sampling hash of every span but the last
+
+
+@dataclass(frozen=True)
+class StepHashes:
+    step: int
+    input: bytes
+    output: bytes
+    token: int | None = None  # the last span's emitted token
+
+    def leaf(self) -> bytes:
+        leaf = self.step.to_bytes(4, "big") + self.input + self.output
+        return leaf if self.token is None else leaf + self.token.to_bytes(4, "big")
+
+    def to_row(self) -> list[Any]:
+        """The step as the hops table keeps it: [step, "0x…input", "0x…output"], and the token on the last span."""
+        row: list[Any] = [self.step, "0x" + self.input.hex(), "0x" + self.output.hex()]
+        return row if self.token is None else [*row, self.token]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StepHashes:
+        """Raises ValueError or TypeError on a row that is not one."""
+        step, input_hash, output_hash, *token = row
+        if len(token) > 1:
+            raise ValueError(f"a transcript row has 3 or 4 fields, not {len(row)}")
+        return cls(
+            int(step),
+            bytes.fromhex(str(input_hash).removeprefix("0x")),
+            bytes.fromhex(str(output_hash).removeprefix("0x")),
+            int(token[0]) if token else None,
+        )
+
+
+def transcript_root(steps: Sequence[StepHashes]) -> bytes:
+    digest = hashlib.sha256()
+    for entry in steps:
+        digest.update(entry.leaf())
+    return digest.digest()
+
+
+def sampling_hash(sampling: Mapping[str, Any] | None) -> bytes:
+    """What the last span's receipt commits to about how it sampled: the parameters as it received them, the
+    seed included; NO_SAMPLING on other spans."""
+    if sampling is None:
+        return NO_SAMPLING
+    return hashlib.sha256(json.dumps(sampling, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def links(sent: bytes, hops: Sequence[StepHashes]) -> int | None:
+    """The position of the first hop whose input is not what reached it, or None when the step links."""
+    expected = sent
+    for position, entry in enumerate(hops):
+        if entry.input != expected:
+            return position
+        expected = entry.output
+    return None
+
+
+class ReceiptChecker(Protocol):
+    def __call__(self, receipt: SignedReceipt) -> str:
+        """The address that signed the receipt; raises ValueError when no signer can be recovered."""
+        ...
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a hop's receipt must say, from the gateway's own records."""
+
+    job_id: bytes
+    session: bytes
+    gateway: str
+    provider: str
+    model_root: bytes
+    layer_start: int
+    layer_end: int
+    positions: int
+    transcript_root: bytes
+
+
+def receipt_bills(receipt: SignedReceipt, expected: Expected, signer_of: ReceiptChecker) -> str | None:
+    """None when the receipt bills the hop; else why not."""
+    said = (
+        receipt.job_id,
+        receipt.session,
+        receipt.gateway,
+        receipt.provider,
+        receipt.model_root,
+        receipt.layer_start,
+        receipt.layer_end,
+    )
+    wanted = (
+        expected.job_id,
+        expected.session,
+        expected.gateway,
+        expected.provider,
+        expected.model_root,
+        expected.layer_start,
+        expected.layer_end,
+    )
+    if said != wanted:
+        return "the receipt is for another job, session, gateway, provider, model or span"
+    if receipt.positions != expected.positions:
+        return f"the receipt bills {receipt.positions} positions; {expected.positions} were sent"
+    if receipt.transcript_root != expected.transcript_root:
+        return "the receipt's transcript root is not the root of the steps the hop reported"
+    try:
+        signer = signer_of(receipt)
+    except ValueError as exc:
+        return f"the receipt's signature does not recover: {exc}"
+    if signer != expected.provider:
+        return f"the receipt is signed by {signer}, not by {expected.provider}"
+    return None
