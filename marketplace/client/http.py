@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,7 +16,9 @@ from marketplace.gateway.payments.x402 import (
     PAYMENT_SIGNATURE,
     decode_header,
 )
+from settlement.eip712 import JobRead, protocol_domain
 
+JOB_READ = "X-Strata-Job-Read"  # the header a job's payer proves a read with
 _RESIGN = {"voucher_not_increasing", "voucher_too_low", "insufficient_deposit"}
 
 
@@ -184,6 +187,24 @@ class StrataClient:
         state: dict[str, Any] = response.json()
         self.wallet.sync(state)
         return state
+
+    async def job(self, job_id: str, *, valid_s: int = 300) -> dict[str, Any]:
+        """A job of this wallet's, output included: its read is proved with the payer's signature of
+        ``JobRead(jobId, expiresAt)`` under the gateway's protocol domain (``GET /health`` names it)."""
+        health = await self.http.get("/health")
+        _raise_for_error(health)
+        deployment = health.json()["deployment"]
+        domain = protocol_domain(int(deployment["chainId"]), str(deployment["stakeManager"]))
+        expires_at = int(time.time()) + valid_s
+        signature = JobRead(bytes.fromhex(job_id.removeprefix("0x")), expires_at).sign(
+            self.wallet.account, domain
+        )
+        response = await self.http.get(
+            f"/v1/jobs/{job_id}", headers={JOB_READ: f"{expires_at}:0x{signature.hex()}"}
+        )
+        _raise_for_error(response)
+        document: dict[str, Any] = response.json()
+        return document
 
     async def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
         response = await self.http.post(

@@ -26,7 +26,7 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from marketplace.provider.announce import Announcer, Offer
 from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
-from settlement.eip712 import Heartbeat
+from settlement.eip712 import Heartbeat, JobRead
 from tests.marketplace.harness import (
     PRICE,
     GatewayServer,
@@ -586,7 +586,21 @@ def test_a_job_rests_until_a_route_within_its_price_appears(
         for name in ("a", "b", "c", "backup"):  # back to the book every other test expects
             announce(gateway.url, providers[name], root)
     assert 0 < int(done["charged"]) <= max_price
-    assert done["output"] is not None and done["usage"]["completion_tokens"] >= 1
+    assert done["output"] is None and done["usage"]["completion_tokens"] >= 1  # the output is the payer's
+
+    def read(by: Any, expires_at: int) -> httpx.Response:
+        signature = JobRead(bytes.fromhex(job["id"][2:]), expires_at).sign(
+            by, market.contracts.protocol_domain()
+        )
+        headers = {"X-Strata-Job-Read": f"{expires_at}:0x{signature.hex()}"}
+        return httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=headers)
+
+    soon = int(time.time()) + 60
+    assert read(client, soon).json()["output"]
+    assert error_code(read(market.clients[1], soon)) == "not_the_payer"
+    assert error_code(read(client, int(time.time()) - 1)) == "read_proof_expired"
+    sdk = asyncio.run(_read_with_sdk(gateway.url, wallet_for(market, client, channel), job["id"]))
+    assert sdk["output"] == read(client, soon).json()["output"]
     state = channel_state(gateway.url, channel)
     assert (state["charged"], state["reserved"]) == (done["charged"], "0")
 
@@ -658,3 +672,8 @@ def test_the_wallet_tops_up_its_channel_only_when_allowed(gateway: GatewayServer
     asyncio.run(ask(wallet))
     assert market.contracts.escrow.channel(channel).deposit > ONE_TOKEN
     assert int(channel_state(gateway.url, channel)["charged"]) > 0
+
+
+async def _read_with_sdk(url: str, wallet: Any, job_id: str) -> dict[str, Any]:
+    async with strata_client(url, wallet) as strata:
+        return await strata.job(job_id)

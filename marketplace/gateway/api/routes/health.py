@@ -38,6 +38,8 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
     body = {
         "status": "ok" if healthy else "degraded",
         "gateway": gateway.account.address,
+        # The protocol's signing domain: a payer's JobRead proof is signed under it.
+        "deployment": {"chainId": gateway.terms.chain_id, "stakeManager": gateway.contracts.stake.address},
         "models": [model.name for model in gateway.catalog],
         "asks": len(gateway.book.asks()),
         **checks,

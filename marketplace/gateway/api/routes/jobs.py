@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -14,17 +15,24 @@ from marketplace.gateway.api.deps import GatewayDep, PaymentHeader, resource_url
 from marketplace.gateway.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
 from marketplace.gateway.api.routes.inference import PAID, build_request
 from marketplace.gateway.api.schemas import JobBody
-from marketplace.gateway.errors import InvalidRequest, NotFound
+from marketplace.gateway.errors import Forbidden, InvalidRequest, NotFound
 from marketplace.gateway.payments.gate import NONE
 from marketplace.gateway.payments.x402 import PAYMENT_RESPONSE, encode_header
 from settlement.db.schema import Job
+from settlement.eip712 import JobRead
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 _JOB_ID = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
-def job_view(job: Job) -> dict[str, Any]:
+# "<expiresAt>:<0x signature>" of JobRead(jobId, expiresAt) by the job's payer (the SDK sends it: client.http)
+JOB_READ = "X-Strata-Job-Read"
+MAX_READ_LIFETIME_S = 3600
+
+
+def job_view(job: Job, *, with_output: bool = True) -> dict[str, Any]:
+    """The job as its API shows it; ``output`` only to its payer (None otherwise)."""
     return {
         "id": job.id,
         "object": "job",
@@ -37,7 +45,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "quote": str(job.quote),
         "charged": str(job.charged),
         "maxPrice": str(job.max_price) if job.max_price is not None else None,
-        "output": job.output,
+        "output": job.output if with_output else None,
         "finishReason": job.finish_reason,
         "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens},
         "failovers": job.failovers,
@@ -84,12 +92,44 @@ async def create_job(
     return JSONResponse(job_view(row), status_code=202, headers=headers)
 
 
-@router.get("/jobs/{job_id}", operation_id="getJob", responses={404: {"description": "unknown job"}})
-async def get_job(job_id: str, gateway: GatewayDep) -> dict[str, Any]:
-    """A job's status, its output once finished, and what it was charged."""
+@router.get(
+    "/jobs/{job_id}",
+    operation_id="getJob",
+    responses={
+        400: {"description": "a malformed job id or read proof"},
+        403: {"description": "a read proof that is not the payer's, or expired"},
+        404: {"description": "unknown job"},
+    },
+)
+async def get_job(job_id: str, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    """A job's status, what it was charged, and its output once finished. The output is the payer's: it is
+    shown only with an ``X-Strata-Job-Read`` header, ``<expiresAt>:<signature>``, the payer's EIP-712 signature
+    of ``JobRead(jobId, expiresAt)`` under the protocol domain (providers see job ids in their tickets, so an id
+    alone must not be enough). Jobs of a gateway without payments show it to anyone."""
     if not _JOB_ID.fullmatch(job_id):
         raise InvalidRequest("invalid_request", "a job id is 32 bytes of 0x-prefixed hex")
     row = await gateway.runner.job(job_id.lower())
     if row is None:
         raise NotFound("unknown_job", f"no job {job_id}")
+    proof = request.headers.get(JOB_READ)
+    if row.payer is None:
+        return job_view(row)
+    if proof is None:
+        return job_view(row, with_output=False)
+    expires_text, _, signature_text = proof.partition(":")
+    try:
+        expires_at = int(expires_text)
+        signature = bytes.fromhex(signature_text.removeprefix("0x"))
+        signer = JobRead(bytes.fromhex(row.id[2:]), expires_at).signer(
+            signature, gateway.contracts.protocol_domain()
+        )
+    except ValueError as exc:
+        raise InvalidRequest(
+            "invalid_read_proof", f"{JOB_READ} is not <expiresAt>:<signature>: {exc}"
+        ) from exc
+    now = int(time.time())
+    if not now < expires_at <= now + MAX_READ_LIFETIME_S:
+        raise Forbidden("read_proof_expired", f"the read proof expires at {expires_at}; now is {now}")
+    if signer != row.payer:
+        raise Forbidden("not_the_payer", f"the read proof is signed by {signer}, not by the job's payer")
     return job_view(row)
