@@ -168,14 +168,10 @@ class HopServer:
         return self.keys.address
 
     async def start(self, host: str, port: int, *, expire_every_s: float = 10.0) -> asyncio.Server:
-        context = self.tls.server_context() if self.tls is not None else None
-        self._server = await asyncio.start_server(
-            self._serve_connection,
-            host,
-            port,
-            ssl=context,
-            ssl_handshake_timeout=self.limits.handshake_timeout_s,
-        )
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": self.tls.server_context(), "ssl_handshake_timeout": self.limits.handshake_timeout_s}
+        self._server = await asyncio.start_server(self._serve_connection, host, port, **tls)
         self._expiry = asyncio.create_task(self._expire_periodically(expire_every_s))
         return self._server
 

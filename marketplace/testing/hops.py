@@ -66,7 +66,7 @@ class Served:
 
     @property
     def endpoint(self) -> str:
-        return self.node.endpoint
+        return self.ask.endpoint
 
 
 def launch(

@@ -18,7 +18,7 @@ from marketplace.testing.hops import DOMAIN, VALIDATOR_ACCOUNT, checks, gateway_
 from marketplace.testing.hops import Served as _Served
 from settlement.tickets import KeyRing
 from worker.client import Peers, RouteClient, fetch_retained
-from worker.errors import HopRefused, ProtocolError, StepFailed, Unauthenticated
+from worker.errors import CertificateMismatch, HopRefused, ProtocolError, StepFailed, Unauthenticated
 from worker.messages import FetchTicket
 from worker.runtime import RuntimeLimits, SpanRuntime
 from worker.server import HopServer
@@ -31,16 +31,41 @@ PROVIDER = Account.from_key(b"\x01" * 32)
 LIMITS = FrameLimits(max_payload_bytes=1 << 24, max_elements=1 << 22)
 
 
-def serve(runtime: SpanRuntime, tmp_path: Path) -> tuple[HopServer, int]:
+def serve(runtime: SpanRuntime, tmp_path: Path, *, plaintext: bool = False) -> tuple[HopServer, int]:
     server = HopServer(
         runtime,
         keys=KeyRing(PROVIDER, DOMAIN),
         checks=checks(),
         gateways={gateway_keys().address},
         validators={VALIDATOR_ACCOUNT.address},
-        tls=TlsIdentity.load_or_create(tmp_path / "tls"),
+        tls=None if plaintext else TlsIdentity.load_or_create(tmp_path / "tls"),
     )
     return server, free_port()
+
+
+def test_plaintext_serves_only_clients_that_allow_it(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The development switch: a plaintext provider still authenticates its clients, and a client links to it
+    only when it allows plaintext itself."""
+    shard = load_shard(tiny_models["llama"], "0:6", device=torch.device("cpu"))
+    server, port = serve(SpanRuntime(shard), tmp_path, plaintext=True)
+    hop = served(server, port)
+
+    async def drive() -> int:
+        await server.start("127.0.0.1", port)
+        try:
+            with pytest.raises(CertificateMismatch):
+                Peers(gateway_keys()).get(hop.endpoint, hop.ask.tls_fingerprint)
+            peers = Peers(gateway_keys(), allow_plaintext=True)
+            client = RouteClient(plan([hop], root=shard.root), peers, vocab_size=shard.vocab_size)
+            try:
+                await client.open({})
+                return (await client.step(0, torch.tensor([[BOS, 1, 2]]))).token
+            finally:
+                await peers.close()
+        finally:
+            await server.close()
+
+    assert 0 <= asyncio.run(drive()) < shard.vocab_size
 
 
 def served(server: HopServer, port: int) -> _Served:
