@@ -306,28 +306,26 @@ class RouteClient:
             raise StepFailed(f"the first hop failed: {exc}", blame([0])) from exc
         if "report" not in reply:
             raise StepFailed(f"the first hop refused the step: {reply.get('error')}", blame([0]))
-        try:
-            report = Report.from_json(reply["report"])
-        except ProtocolError as exc:
-            raise StepFailed(f"the first hop's report: {exc}", blame([0])) from exc
-        hops = await self._verified(report, step, payload_sha256(inputs))
-        return StepResult(
-            hops[-1].token or 0,
-            hops,
-            [r.compute_ms for r in report.chain()],
-            frame.tensor if frame is not None else None,
-        )
+        hops, compute_ms = await self._verified(reply["report"], step, payload_sha256(inputs))
+        return StepResult(hops[-1].token or 0, hops, compute_ms, frame.tensor if frame is not None else None)
 
-    async def _verified(self, report: Report, step: int, sent: bytes) -> list[StepHashes]:
-        """Each hop's authenticated account of the step, first hop first; raises StepFailed with the blame."""
+    async def _verified(
+        self, report: Any, step: int, sent: bytes
+    ) -> tuple[list[StepHashes], list[float | None]]:
+        """Each hop's authenticated account of the step, first hop first (and its compute telemetry); raises
+        StepFailed with the blame."""
         hops: list[StepHashes] = []
-        current: Report | None = report
+        compute_ms: list[float | None] = []
+        raw: Any = report
         for position, hop in enumerate(self.hops):
-            if current is None:
+            relayer = max(position - 1, 0)  # the hop that handed this report up: answerable for its form
+            if raw is None:
                 # The hop before said it sent the step on and got nothing back that it could show.
-                raise StepFailed(
-                    f"hop {position - 1} relayed no report from hop {position}", blame([position - 1])
-                )
+                raise StepFailed(f"hop {relayer} relayed no report from hop {position}", blame([relayer]))
+            try:
+                current = Report.from_json(raw)
+            except ProtocolError as exc:
+                raise StepFailed(f"hop {position}'s report: {exc}", blame([relayer])) from exc
             entry = current.entry
             honest_entry = (
                 current.verifies(hop.mac_key)
@@ -337,7 +335,6 @@ class RouteClient:
             )
             if not honest_entry:
                 # Altered or forged on its way: the hop that handed it up is answerable for it.
-                relayer = max(position - 1, 0)
                 raise StepFailed(f"hop {position}'s report does not verify", blame([relayer]))
             if entry.error is not None:
                 raise StepFailed(
@@ -356,13 +353,14 @@ class RouteClient:
             elif entry.token is not None:
                 raise StepFailed(f"hop {position} is not the last, yet emitted a token", blame([position]))
             hops.append(StepHashes(step, entry.input, entry.output, entry.token))
-            current = current.downstream
+            compute_ms.append(current.compute_ms)
+            raw = current.downstream
         broken = links(sent, hops)
         if broken is not None:
             # Two authenticated accounts disagree about the bytes between them: either hop may be lying.
             positions = [broken] if broken == 0 else [broken - 1, broken]
             raise StepFailed(f"hop {broken}'s input is not what reached it", blame(positions, suspend=False))
-        return hops
+        return hops, compute_ms
 
     async def _blame_error(self, position: int, code: str) -> Blame:
         if code == "next_unreachable" and position + 1 < len(self.hops):

@@ -35,6 +35,7 @@ The order on a connection: the server speaks first (:class:`Hello`, a fresh chal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -51,7 +52,6 @@ SESSION_BYTES = 16
 MAX_SAMPLING_KEYS = 16
 MAX_ERROR_MESSAGE = 500
 MAX_ENDPOINT = 255
-MAX_REPORT_DEPTH = 256  # hops in one route
 
 
 # -- field readers -----------------------------------------------------------------------------------------
@@ -80,9 +80,15 @@ def _int(data: Mapping[str, Any], name: str, *, low: int = 0, high: int = 2**64 
 
 def _address(data: Mapping[str, Any], name: str) -> str:
     value = data.get(name)
-    if not isinstance(value, str) or not is_checksum_address(value):
+    if not isinstance(value, str) or len(value) != 42 or not _checksummed(value):
         raise ProtocolError(f"{name} must be a checksummed address")
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _checksummed(value: str) -> bool:
+    # The same few addresses come back in every step's reports: keccak them once each.
+    return bool(is_checksum_address(value))
 
 
 def _string(data: Mapping[str, Any], name: str, limit: int) -> str:
@@ -453,55 +459,60 @@ class HopEntry:
 class Report:
     """A hop's entry for a step and, when it sent the step on, the report it got back from the next hop, with a
     MAC over both under the key only this hop and the gateway hold. ``compute_ms`` is telemetry: not MACed,
-    never billed or judged on."""
+    never billed or judged on.
+
+    A relay passes the next hop's report on as it came (``downstream``: its JSON, unparsed), MACing its digest
+    with its own entry: parsing and checking every report below is the gateway's work, once per step, and a
+    report that does not parse or verify blames the hop that relayed it (worker.client.RouteClient).
+    """
 
     entry: HopEntry
     mac: bytes
-    downstream: Report | None = None
+    downstream: Mapping[str, Any] | None = None
     compute_ms: float | None = None
 
     @staticmethod
-    def mac_of(key: bytes, entry: HopEntry, downstream: Report | None) -> bytes:
-        below = hashlib.sha256(canonical(downstream.to_json())).digest() if downstream is not None else b""
+    def mac_of(key: bytes, entry: HopEntry, downstream: Mapping[str, Any] | None) -> bytes:
+        below = hashlib.sha256(canonical(downstream)).digest() if downstream is not None else b""
         return hmac.new(key, canonical(entry.to_json()) + below, hashlib.sha256).digest()
 
     @classmethod
     def made(
-        cls, key: bytes, entry: HopEntry, downstream: Report | None = None, compute_ms: float | None = None
+        cls,
+        key: bytes,
+        entry: HopEntry,
+        downstream: Mapping[str, Any] | None = None,
+        compute_ms: float | None = None,
     ) -> Report:
         return cls(entry, cls.mac_of(key, entry, downstream), downstream, compute_ms)
 
     def verifies(self, key: bytes) -> bool:
         return hmac.compare_digest(self.mac, self.mac_of(key, self.entry, self.downstream))
 
-    def chain(self) -> list[Report]:
-        """This report and every report below it, first hop first."""
-        reports: list[Report] = []
-        report: Report | None = self
-        while report is not None:
-            reports.append(report)
-            report = report.downstream
-        return reports
-
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"entry": self.entry.to_json(), "mac": hex0x(self.mac)}
         if self.downstream is not None:
-            data["next"] = self.downstream.to_json()
+            data["next"] = self.downstream
         if self.compute_ms is not None:
             data["computeMs"] = self.compute_ms
         return data
 
     @classmethod
-    def from_json(cls, data: Any, depth: int = 0) -> Report:
-        if depth > MAX_REPORT_DEPTH:
-            raise ProtocolError("a report nested deeper than any route")
+    def from_json(cls, data: Any) -> Report:
+        """This hop's report; the one below it stays JSON (see :meth:`below`)."""
         data = _object(data, "report")
         _only(data, {"entry", "mac", "next", "computeMs"}, "report")
         compute = data.get("computeMs")
         if compute is not None and (not isinstance(compute, int | float) or isinstance(compute, bool)):
             raise ProtocolError("computeMs must be a number")
-        downstream = cls.from_json(data["next"], depth + 1) if "next" in data else None
+        downstream = data.get("next")
+        if downstream is not None and not isinstance(downstream, Mapping):
+            raise ProtocolError("next must be a report")
         return cls(HopEntry.from_json(data.get("entry")), _bytes(data, "mac", 32), downstream, compute)
+
+    def below(self) -> Report | None:
+        """The next hop's report, parsed; raises ProtocolError when it is not one."""
+        return Report.from_json(self.downstream) if self.downstream is not None else None
 
 
 @dataclass(frozen=True)

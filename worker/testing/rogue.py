@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -47,7 +48,7 @@ class RogueServer(HopServer):
 
     async def _forward(
         self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes
-    ) -> tuple[Report | None, torch.Tensor | None, HopError | None]:
+    ) -> tuple[Mapping[str, Any] | None, torch.Tensor | None, HopError | None]:
         if self.misbehave in ("close-others", "inject-step"):
             await self._interfere(request)
         if self.misbehave == "blame-next":
@@ -56,15 +57,12 @@ class RogueServer(HopServer):
             forged = HopEntry(
                 ticket.next, request.session, request.step, error=HopError("provider_busy", "full")
             )
-            return Report(forged, os.urandom(32)), None, None
+            return Report(forged, os.urandom(32)).to_json(), None, None
         downstream, logits, failure = await super()._forward(ticket, request, output, output_hash)
-        if (
-            self.misbehave == "alter-downstream"
-            and downstream is not None
-            and downstream.entry.output is not None
-        ):
-            altered = replace(downstream.entry, output=bytes(32))
-            downstream = replace(downstream, entry=altered)
+        if self.misbehave == "alter-downstream" and downstream is not None:
+            report = Report.from_json(downstream)
+            altered = replace(report.entry, output=bytes(32))  # its MAC kept
+            downstream = replace(report, entry=altered).to_json()
         return downstream, logits, failure
 
     async def _interfere(self, request: Step) -> None:
