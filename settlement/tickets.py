@@ -17,6 +17,7 @@ from settlement.eip712 import (
     HopTicket,
     PeerAuth,
     protocol_domain,
+    recover_hash_signer,
     recover_signer,
 )
 from worker import messages
@@ -114,7 +115,7 @@ class SignatureChecks:
         self.domain = domain
 
     def peer_auth(self, challenge: bytes, server_fingerprint: bytes, signature: bytes) -> str:
-        return recover_signer(PeerAuth(challenge, server_fingerprint).signable(self.domain), signature)
+        return recover_hash_signer(PeerAuth(challenge, server_fingerprint).digest(self.domain), signature)
 
     def hop_ticket(self, ticket: messages.HopTicket) -> str:
         return recover_signer(_hop_ticket(ticket).signable(self.domain), ticket.signature)

@@ -17,8 +17,9 @@ import os
 import ssl
 import statistics
 import struct
+import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,43 +479,84 @@ def oversized_frame_without_a_ticket(arena: Arena) -> Verdict:
     )
 
 
-def _under_load(arena: Arena, load: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[float, Any]:
-    """An honest job's median decode step while ``load`` runs against its providers."""
+def _under_load(arena: Arena, load: list[str]) -> tuple[float, str]:
+    """An honest job's median decode step while an attacker process runs ``load`` (this module's command line)
+    against its providers: the attacker is a machine of its own, as it would be, not a task in the honest
+    client's event loop. The attacker says ``ready`` once its load is on, and its result last."""
 
-    async def run() -> tuple[float, Any]:
-        attack = asyncio.create_task(load())
-        await asyncio.sleep(0.5)
+    async def run() -> tuple[float, str]:
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "marketplace.testing.adversary", *load, stdout=asyncio.subprocess.PIPE
+        )
+        assert attacker.stdout is not None
+        await asyncio.wait_for(attacker.stdout.readline(), 120)  # ready
         _, times = await _timed_job(arena, [arena.honest[name] for name in ("a", "b", "c")])
-        return statistics.median(times), await attack
+        result = (await asyncio.wait_for(attacker.stdout.read(), 120)).decode().strip()
+        await attacker.wait()
+        return statistics.median(times), result
 
     return asyncio.run(run())
+
+
+async def _hold_idle(endpoint: str, count: int) -> int:
+    """Opens ``count`` TLS connections and says nothing on them; returns how many the server dropped."""
+    host, port = endpoint.rsplit(":", 1)
+    opened = []
+    for _ in range(count):
+        with suppress(OSError, ssl.SSLError):
+            opened.append(
+                await asyncio.open_connection(host, int(port), ssl=client_context(), server_hostname="")
+            )
+    print("ready", flush=True)
+    await asyncio.sleep(8)  # held past the provider's 5 s handshake timeout
+    dropped = 0
+    for reader, writer in opened:
+        try:
+            await asyncio.wait_for(reader.read(), 1)  # Hello, then the end of the stream
+            dropped += reader.at_eof()
+        except (OSError, TimeoutError, ssl.SSLError):
+            dropped += 1
+        writer.close()
+    return dropped
+
+
+async def _flood(endpoints: list[str], chain_id: int, stake_manager: str, seconds: float) -> int:
+    """Connects to each endpoint again and again with a fresh key, for ``seconds``; returns how many were
+    turned away."""
+    from settlement.eip712 import protocol_domain
+
+    domain = protocol_domain(chain_id, stake_manager)
+    refused = 0
+    print("ready", flush=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for endpoint in endpoints:
+            stranger = KeyRing(Account.from_key(os.urandom(32)), domain)
+            host, port = endpoint.rsplit(":", 1)
+            try:
+                reader, writer = await asyncio.open_connection(
+                    host, int(port), ssl=client_context(), server_hostname=""
+                )
+                hello = Hello.from_json(await read_control(reader))
+                await reader.readexactly(8)
+                write_message(
+                    writer,
+                    Auth(stranger.address, stranger.peer_auth(hello.challenge, hello.fingerprint)).to_json(),
+                )
+                await writer.drain()
+                reply = await read_control(reader)
+                writer.close()
+                refused += reply.get("ok") is not True
+            except (OSError, ssl.SSLError, WorkerError, asyncio.IncompleteReadError):
+                refused += 1
+    return refused
 
 
 def idle_connections(arena: Arena) -> Verdict:
     """1,000 connections to an honest provider that finish TLS and then say nothing, held while an honest job
     runs: they are dropped at the handshake timeout, and the job is not slowed."""
-    b = arena.honest["b"]
-
-    async def hold() -> int:
-        host, port = b.endpoint.rsplit(":", 1)
-        opened = []
-        for _ in range(1000):
-            with suppress(OSError, ssl.SSLError):
-                opened.append(
-                    await asyncio.open_connection(host, int(port), ssl=client_context(), server_hostname="")
-                )
-        await asyncio.sleep(8)  # past the provider's 5 s handshake timeout
-        dropped = 0
-        for reader, writer in opened:
-            try:
-                await asyncio.wait_for(reader.read(), 1)  # Hello, then the end of the stream
-                dropped += reader.at_eof()
-            except (OSError, TimeoutError, ssl.SSLError):
-                dropped += 1
-            writer.close()
-        return dropped
-
-    step_ms, dropped = _under_load(arena, hold)
+    step_ms, result = _under_load(arena, ["idle", arena.honest["b"].endpoint, "1000"])
+    dropped = int(result or 0)
     slowed = step_ms > 2 * arena.baseline_step_ms
     return Verdict(
         "idle-connections",
@@ -525,25 +567,12 @@ def idle_connections(arena: Arena) -> Verdict:
 
 
 def fetch_flood(arena: Arena) -> Verdict:
-    """While an honest job runs, strangers connect to its providers again and again, each asking for retained
-    data with a ticket of its own making: each is turned away at the handshake, and the job is not slowed."""
-    providers = [arena.honest[name] for name in ("a", "b", "c")]
-
-    async def flood() -> int:
-        refused = 0
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
-            for served in providers:
-                stranger = KeyRing(Account.from_key(os.urandom(32)), arena.contracts.protocol_domain())
-                try:
-                    _, writer, reply = await _authenticated(served, stranger)
-                    writer.close()
-                    refused += reply.get("ok") is not True
-                except (OSError, ssl.SSLError, WorkerError, asyncio.IncompleteReadError):
-                    refused += 1
-        return refused
-
-    step_ms, refused = _under_load(arena, flood)
+    """While an honest job runs, strangers connect to its providers again and again, each with a key of its own
+    making, to ask for retained data: each is turned away at the handshake, and the job is not slowed."""
+    endpoints = [arena.honest[name].endpoint for name in ("a", "b", "c")]
+    chain = str(arena.contracts.deployment.chain_id)
+    step_ms, result = _under_load(arena, ["flood", chain, arena.contracts.stake.address, "6", *endpoints])
+    refused = int(result or 0)
     slowed = step_ms > 2 * arena.baseline_step_ms
     return Verdict(
         "fetch-flood",
@@ -686,6 +715,21 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "replay-across-deployments": replay_across_deployments,
     "man-in-the-middle": man_in_the_middle,
 }
+
+
+def main(argv: list[str]) -> None:
+    """The attacker's side of the load attacks, as a process of its own: ``idle ENDPOINT COUNT`` or
+    ``flood CHAIN_ID STAKE_MANAGER SECONDS ENDPOINT...``."""
+    if argv[0] == "idle":
+        print(asyncio.run(_hold_idle(argv[1], int(argv[2]))))
+    elif argv[0] == "flood":
+        print(asyncio.run(_flood(argv[4:], int(argv[1]), argv[2], float(argv[3]))))
+    else:
+        raise SystemExit(f"unknown load {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
 
 
 __all__ = ["ATTACKS", "Arena", "Verdict", "arena"]
