@@ -7,6 +7,7 @@ gateway and the validator are handed them through the seams in :mod:`worker.trus
 
 from __future__ import annotations
 
+from coincurve import PrivateKey
 from eth_account.signers.local import LocalAccount
 
 from settlement.eip712 import (
@@ -14,11 +15,13 @@ from settlement.eip712 import (
     EndpointProof,
     FetchTicket,
     HopReceipt,
+    HopReport,
     HopTicket,
     PeerAuth,
     protocol_domain,
     recover_hash_signer,
     recover_signer,
+    sign_hash,
 )
 from worker import messages
 from worker.trust import ReceiptFields
@@ -68,6 +71,7 @@ class KeyRing:
     def __init__(self, account: LocalAccount, domain: Domain) -> None:
         self.account = account
         self.domain = domain
+        self._key = PrivateKey(bytes(account.key))
 
     @property
     def address(self) -> str:
@@ -75,6 +79,9 @@ class KeyRing:
 
     def peer_auth(self, challenge: bytes, server_fingerprint: bytes) -> bytes:
         return PeerAuth(challenge, server_fingerprint).sign(self.account, self.domain)
+
+    def hop_report(self, entry: bytes, next_report: bytes) -> bytes:
+        return sign_hash(self._key, HopReport(entry, next_report).digest(self.domain))
 
     def receipt(self, fields: ReceiptFields) -> messages.SignedReceipt:
         signature = _receipt(fields).sign(self.account, self.domain)
@@ -116,6 +123,9 @@ class SignatureChecks:
 
     def peer_auth(self, challenge: bytes, server_fingerprint: bytes, signature: bytes) -> str:
         return recover_hash_signer(PeerAuth(challenge, server_fingerprint).digest(self.domain), signature)
+
+    def hop_report(self, entry: bytes, next_report: bytes, signature: bytes) -> str:
+        return recover_hash_signer(HopReport(entry, next_report).digest(self.domain), signature)
 
     def hop_ticket(self, ticket: messages.HopTicket) -> str:
         return recover_signer(_hop_ticket(ticket).signable(self.domain), ticket.signature)

@@ -6,24 +6,23 @@ A link connects over TLS, checks that the provider's certificate is the one pinn
 or from a ticket), answers the provider's challenge with this party's key, and then carries one request at a
 time. It reconnects on the next request after it breaks.
 
-:class:`RouteClient` opens a session on every provider of a route directly (each its own ticket and MAC key),
-sends steps to the first, verifies the route's report hop by hop, and closes each session directly, collecting
-each provider's own receipt. When a step does not come back whole it says whom the failure is on
-(:class:`~worker.errors.StepFailed`): a hop whose authenticated entry reports an error of its own; the hop that
-relayed a report which does not verify; for a hop that says it could not reach the next, whichever of the two
-this client cannot reach itself; and both hops of a link whose hashes disagree, with nobody suspended, since
-either may be the liar.
+:class:`RouteClient` opens a session on every provider of a route directly (each its own ticket), sends steps
+to the first, verifies the route's signed report hop by hop, and closes each session directly, collecting each
+provider's own receipt. When a step does not come back whole it says whom the failure is on
+(:class:`~worker.errors.StepFailed`): a hop whose signed entry reports an error of its own; the hop that signed
+for relaying a report which does not verify; for a hop that says it could not reach the next, the next if this
+client cannot reach it either; and where two hops' signed words disagree (whose hashes do not link, who says the
+other sent bad input or would not answer), both, with nobody suspended, since either may be the liar.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,15 +54,26 @@ from worker.messages import (
 from worker.protocol import read_control, read_frame, write_message
 from worker.tls import NO_FINGERPRINT, check_pinned, client_context
 from worker.transcript import StepHashes, links
-from worker.trust import Keys
+from worker.trust import Checks, Keys
 from worker.wire import Frame, FrameLimits, payload_sha256
 
 HANDSHAKE_TIMEOUT_S = 5.0
-# A hop's report that the next one answered garbage, refused, or presented another certificate: the two
-# disagree and either may be lying (or the path between them attacked). Both are left out, neither suspended.
-NEXT_DISPUTED = ("next_misbehaved", "next_refused", "next_certificate_mismatch")
+# Long enough for a long prompt's prefill through every hop after this one; a peer that never answers costs no
+# one more than this.
+REQUEST_TIMEOUT_S = 60.0
+# A hop's report that the next one answered garbage, refused, presented another certificate, or could not be
+# reached while this client reaches it: the two disagree and either may be lying (or the path between them
+# attacked). Both are left out, neither suspended.
+NEXT_DISPUTED = ("next_misbehaved", "next_refused", "next_certificate_mismatch", "next_unreachable")
+# A hop's report that its input was bad or out of turn: it came from the hop before, so the two disagree.
+INPUT_DISPUTED = ("bad_step_input", "step_out_of_order")
+# A hop out of room for this session (KV cache, sessions): an honest answer. Routed around, never suspended.
+CAPACITY = ("provider_busy",)
 CLOSE_ATTEMPTS = 3
 CLOSE_RETRY_S = 0.5
+CLOSE_TIMEOUT_S = 10.0  # a close signs one receipt: quick, or not coming
+# Of a step's budget, what the gateway keeps for the first hop's reply to reach it.
+STEP_MARGIN_S = 0.5
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -85,6 +95,7 @@ class PeerLink:
         tls: bool,
         expect: str | None = None,
         connect_timeout_s: float = 5.0,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.endpoint = endpoint
         self.host, self.port = parse_endpoint(endpoint)
@@ -93,6 +104,7 @@ class PeerLink:
         self.tls = tls
         self.expect = expect  # the provider's address, when the caller knows it: the server names itself
         self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -106,37 +118,64 @@ class PeerLink:
         step: int = 0,
         sha256: bytes | None = None,
         reply_frame: FrameLimits | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[Mapping[str, Any], Frame | None]:
-        """Sends one request and reads its reply; ``reply_frame`` is the frame the reply may carry (None: none)."""
-        async with self._lock:
-            try:
-                reader, writer = await self._connected()
-                write_message(writer, control, tensor, session=session, step=step, sha256=sha256)
-                await writer.drain()
-                reply = await read_control(reader)
-                frame = await read_frame(reader, reply_frame)
-                return reply, frame
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-                await self._drop()
-                raise HopUnreachable(f"{self.endpoint}: {exc!r}") from exc
-            except (ProtocolError, WireError, CertificateMismatch, Unauthenticated):
-                await self._drop()  # the stream's framing, or the peer, can no longer be trusted
-                raise
-            except BaseException:
-                # Cancelled mid-exchange (a caller's timeout): the reply may still arrive and would be read as
-                # the answer to the next request, so this connection is done. No await: we are being cancelled.
-                self._abandon()
-                raise
+        """Sends one request and reads its reply; ``reply_frame`` is the frame the reply may carry (None: none).
+        Raises HopUnreachable when the reply has not come within ``timeout_s`` (default ``request_timeout_s``),
+        time spent waiting behind this link's other requests included."""
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout_s), self._lock:
+                return await self._exchange(control, tensor, session, step, sha256, reply_frame)
+        except TimeoutError as exc:  # the exchange, if it had begun, was abandoned on its way out
+            raise HopUnreachable(f"{self.endpoint}: no reply in {timeout_s:g} s") from exc
+
+    async def _exchange(
+        self,
+        control: dict[str, Any],
+        tensor: torch.Tensor | None,
+        session: bytes,
+        step: int,
+        sha256: bytes | None,
+        reply_frame: FrameLimits | None,
+    ) -> tuple[Mapping[str, Any], Frame | None]:
+        try:
+            reader, writer = await self._connected()
+            write_message(writer, control, tensor, session=session, step=step, sha256=sha256)
+            await writer.drain()
+            reply = await read_control(reader)
+            frame = await read_frame(reader, reply_frame)
+            return reply, frame
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            await self._drop()
+            raise HopUnreachable(f"{self.endpoint}: {exc!r}") from exc
+        except (ProtocolError, WireError, CertificateMismatch, Unauthenticated):
+            await self._drop()  # the stream's framing, or the peer, can no longer be trusted
+            raise
+        except BaseException:
+            # Cancelled mid-exchange (a timeout): the reply may still arrive and would be read as the answer to
+            # the next request, so this connection is done. No await: we are being cancelled.
+            self._abandon()
+            raise
 
     async def probe(self) -> bool:
-        """Whether the provider answers: connected, its certificate the pinned one, our key accepted."""
-        async with self._lock:
-            try:
-                await self._connected()
-            except (WorkerError, OSError, TimeoutError, asyncio.IncompleteReadError):
-                await self._drop()
-                return False
-            return True
+        """Whether the provider answers a new connection now: connected, its certificate the pinned one, our key
+        accepted. A new one, since a connection this link already holds proves nothing about the present."""
+        fresh = PeerLink(
+            self.endpoint,
+            self.fingerprint,
+            self.keys,
+            tls=self.tls,
+            expect=self.expect,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+        try:
+            await fresh._connected()
+        except (WorkerError, OSError, TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            await fresh._drop()
+        return True
 
     async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is not None and self._writer is not None and not self._writer.is_closing():
@@ -158,7 +197,12 @@ class PeerLink:
                 # Steps are small request/response exchanges: Nagle's delay would add up at every hop.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(self._authenticate(reader, writer), HANDSHAKE_TIMEOUT_S)
-        except BaseException:
+        except Exception:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+            raise
+        except BaseException:  # cancelled: no await
             writer.close()
             raise
         self._reader, self._writer = reader, writer
@@ -228,12 +272,11 @@ class Peers:
 
 @dataclass(frozen=True)
 class HopPlan:
-    """One hop of a route: where it is, the certificate pinned for it, its ticket and its report key."""
+    """One hop of a route: where it is, the certificate pinned for it, and its ticket."""
 
     endpoint: str
     fingerprint: bytes
     ticket: HopTicket
-    mac_key: bytes = field(default_factory=lambda: os.urandom(32))
 
     @property
     def provider(self) -> str:
@@ -243,7 +286,7 @@ class HopPlan:
 @dataclass(frozen=True)
 class StepResult:
     token: int
-    hops: list[StepHashes]  # each hop's authenticated (step, input, output), the last one's token with it
+    hops: list[StepHashes]  # each hop's signed (step, input, output), the last one's token with it
     compute_ms: list[float | None]  # each hop's own account of its compute; telemetry, never billed
     logits: torch.Tensor | None = None  # the last position's (1, vocab), when asked for
 
@@ -251,12 +294,24 @@ class StepResult:
 class RouteClient:
     """Drives one session along one route: opens it on every hop, steps it through the first, closes every hop."""
 
-    def __init__(self, hops: list[HopPlan], peers: Peers, *, vocab_size: int) -> None:
+    def __init__(
+        self,
+        hops: list[HopPlan],
+        peers: Peers,
+        *,
+        checks: Checks,  # whose signature each hop's report carries
+        vocab_size: int,
+        step_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         if not hops:
             raise ValueError("a route needs at least one provider")
+        if step_timeout_s <= 2 * STEP_MARGIN_S:
+            raise ValueError(f"a step needs more than {2 * STEP_MARGIN_S:g} s")
         self.hops = hops
         self.peers = peers
+        self.checks = checks
         self.vocab_size = vocab_size
+        self.step_timeout_s = step_timeout_s
         self.session = hops[0].ticket.session
 
     def _link(self, hop: HopPlan) -> PeerLink:
@@ -267,7 +322,7 @@ class RouteClient:
 
         async def open_one(position: int, hop: HopPlan) -> None:
             last = position == len(self.hops) - 1
-            request = Open(hop.ticket, hop.mac_key, sampling if last else None)
+            request = Open(hop.ticket, sampling if last else None)
             reply, _ = await self._link(hop).request(request.to_json())
             checked(reply)
 
@@ -285,13 +340,15 @@ class RouteClient:
 
     async def step(self, step: int, inputs: torch.Tensor, *, logits: bool = False) -> StepResult:
         first = self.hops[0]
-        request = Step(self.session, step, int(inputs.shape[1]), logits)
+        budget_ms = int((self.step_timeout_s - STEP_MARGIN_S) * 1e3)
+        request = Step(self.session, step, int(inputs.shape[1]), logits, budget_ms)
         try:
             reply, frame = await self._link(first).request(
                 request.to_json(),
                 inputs,
                 session=self.session,
                 step=step,
+                timeout_s=self.step_timeout_s,
                 reply_frame=FrameLimits(max_payload_bytes=self.vocab_size * 8, max_elements=self.vocab_size)
                 if logits
                 else None,
@@ -318,23 +375,24 @@ class RouteClient:
         compute_ms: list[float | None] = []
         raw: Any = report
         for position, hop in enumerate(self.hops):
-            relayer = max(position - 1, 0)  # the hop that handed this report up: answerable for its form
+            relayer = max(position - 1, 0)  # the hop that handed this report up
             if raw is None:
-                # The hop before said it sent the step on and got nothing back that it could show.
+                # The hop before said it sent the step on and got nothing back, yet reported no error.
                 raise StepFailed(f"hop {relayer} relayed no report from hop {position}", blame([relayer]))
+            # The relayer signed for this report after checking it (the first hop's came straight here): one that
+            # does not hold was altered, forged, or passed on unchecked by the relayer.
             try:
                 current = Report.from_json(raw)
             except ProtocolError as exc:
                 raise StepFailed(f"hop {position}'s report: {exc}", blame([relayer])) from exc
             entry = current.entry
             honest_entry = (
-                current.verifies(hop.mac_key)
-                and entry.provider == hop.provider
+                entry.provider == hop.provider
                 and entry.session == self.session
                 and entry.step == step
+                and current.signer(self.checks.hop_report) == hop.provider
             )
             if not honest_entry:
-                # Altered or forged on its way: the hop that handed it up is answerable for it.
                 raise StepFailed(f"hop {position}'s report does not verify", blame([relayer]))
             if entry.error is not None:
                 raise StepFailed(
@@ -363,12 +421,21 @@ class RouteClient:
         return hops, compute_ms
 
     async def _blame_error(self, position: int, code: str) -> Blame:
-        if code == "next_unreachable" and position + 1 < len(self.hops):
-            # Whoever this client cannot reach itself is down; if it can, the reporter is the problem.
-            reachable = await self._link(self.hops[position + 1]).probe()
-            return blame([position] if reachable else [position + 1])
-        if code in NEXT_DISPUTED and position + 1 < len(self.hops):
+        """Whom an authenticated error entry of the hop at ``position`` is on."""
+        following = position + 1 < len(self.hops)
+        if code == "next_unreachable" and following and not await self._link(self.hops[position + 1]).probe():
+            return blame([position + 1])  # down for this client too
+        if code in NEXT_DISPUTED and following:
             return blame([position, position + 1], suspend=False)
+        if code in INPUT_DISPUTED or code == "out_of_time":
+            # Its input (or its time) came from the hop before; from this client, for the first hop.
+            return (
+                blame([position], suspend=False)
+                if position == 0
+                else blame([position - 1, position], suspend=False)
+            )
+        if code in CAPACITY:
+            return blame([position], suspend=False)
         return blame([position])
 
     async def close(self) -> list[SignedReceipt | None]:
@@ -377,7 +444,9 @@ class RouteClient:
         async def close_one(hop: HopPlan) -> SignedReceipt | None:
             for attempt in range(CLOSE_ATTEMPTS):
                 try:
-                    reply, _ = await self._link(hop).request(Close(self.session).to_json())
+                    reply, _ = await self._link(hop).request(
+                        Close(self.session).to_json(), timeout_s=min(CLOSE_TIMEOUT_S, self.step_timeout_s)
+                    )
                     return SignedReceipt.from_json(checked(reply).get("receipt"))
                 except (WorkerError, OSError):
                     if attempt + 1 < CLOSE_ATTEMPTS:

@@ -14,9 +14,10 @@ the others do:
 - Only the gateway that opened a session may close it, and each provider hands its signed receipt to the
   gateway directly: no other provider can drop, alter or forge it, or end the session early.
 - Every hop's account of a step (:class:`HopEntry`: its input and output hashes; on the last span the token it
-  emitted) and every error it reports is authenticated with a key only that hop and the gateway share
-  (:class:`Report`): a relay cannot alter or forge a downstream hop's entry, or blame it falsely. Each relay
-  authenticates what it passes on, so a report that does not verify blames the hop that relayed it.
+  emitted) and every error it reports is signed by that hop's staked key (:class:`Report`): a relay cannot
+  alter or forge a downstream hop's entry, or blame it falsely. Each relay checks the report it passes on and
+  signs over it, so a report that does not verify blames the hop that relayed it; and since a hop signs only
+  for its own input, an error its input caused is the word of one hop against the one before.
 - A validator reads a provider's retained data only with a ticket naming that provider and that session
   (:class:`FetchTicket`), signed by a validator the provider trusts, sent over a connection that validator
   authenticated.
@@ -37,9 +38,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +52,7 @@ SESSION_BYTES = 16
 MAX_SAMPLING_KEYS = 16
 MAX_ERROR_MESSAGE = 500
 MAX_ENDPOINT = 255
+MAX_STEP_BUDGET_MS = 600_000
 
 
 # -- field readers -----------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def _only(data: Mapping[str, Any], allowed: set[str], name: str) -> None:
 
 
 def canonical(data: Any) -> bytes:
-    """The one serialisation that MACs and digests are computed over."""
+    """The one serialisation that digests are computed over."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -263,42 +264,46 @@ class FetchTicket:
 
 @dataclass(frozen=True)
 class Open:
-    """From the gateway, directly to each provider of a route: open the ticket's session. ``mac_key`` is the
-    key this hop authenticates its reports with (only it and the gateway know it: it travels over TLS to this
-    hop alone); ``sampling`` is how the last span picks tokens."""
+    """From the gateway, directly to each provider of a route: open the ticket's session. ``sampling`` is how
+    the last span picks tokens."""
 
     op: ClassVar[str] = "open"
     ticket: HopTicket
-    mac_key: bytes
     sampling: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"op": self.op, "ticket": self.ticket.to_json(), "macKey": hex0x(self.mac_key)}
+        data: dict[str, Any] = {"op": self.op, "ticket": self.ticket.to_json()}
         if self.sampling is not None:
             data["sampling"] = self.sampling
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Open:
-        _only(data, {"op", "ticket", "macKey", "sampling"}, "open")
+        _only(data, {"op", "ticket", "sampling"}, "open")
         sampling = data.get("sampling")
         if sampling is not None:
             sampling = dict(_object(sampling, "sampling"))
             if len(sampling) > MAX_SAMPLING_KEYS:
                 raise ProtocolError("sampling has too many fields")
-        return cls(HopTicket.from_json(data.get("ticket")), _bytes(data, "macKey", 32), sampling)
+        return cls(HopTicket.from_json(data.get("ticket")), sampling)
 
 
 @dataclass(frozen=True)
 class Step:
     """One step of a session: ``positions`` new positions, carried by the frame that follows (token ids on the
-    first span, hidden states on the others). From the ticket's previous peer only."""
+    first span, hidden states on the others). From the ticket's previous peer only.
+
+    ``budget_ms`` is how long the sender waits for the reply. A hop gives the next one its own budget less what
+    it spent and a margin for the way back, so the hop nearest a silent peer is the first to give up, and its
+    report of whom it waited for arrives before anyone upstream gives up on it.
+    """
 
     op: ClassVar[str] = "step"
     session: bytes
     step: int
     positions: int
     logits: bool = False  # the last span returns the last position's logits as the reply's frame
+    budget_ms: int = 60_000
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -307,11 +312,12 @@ class Step:
             "step": self.step,
             "positions": self.positions,
             "logits": self.logits,
+            "budgetMs": self.budget_ms,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Step:
-        _only(data, {"op", "session", "step", "positions", "logits"}, "step")
+        _only(data, {"op", "session", "step", "positions", "logits", "budgetMs"}, "step")
         logits = data.get("logits", False)
         if not isinstance(logits, bool):
             raise ProtocolError("logits must be true or false")
@@ -320,6 +326,7 @@ class Step:
             _int(data, "step", high=2**32 - 1),
             _int(data, "positions", low=1, high=2**32 - 1),
             logits,
+            _int(data, "budgetMs", low=1, high=MAX_STEP_BUDGET_MS),
         )
 
 
@@ -457,40 +464,45 @@ class HopEntry:
 
 @dataclass(frozen=True)
 class Report:
-    """A hop's entry for a step and, when it sent the step on, the report it got back from the next hop, with a
-    MAC over both under the key only this hop and the gateway hold. ``compute_ms`` is telemetry: not MACed,
-    never billed or judged on.
+    """A hop's entry for a step and, when it sent the step on, the report it got back from the next hop, signed
+    by the hop's staked key over both (:class:`settlement.eip712.HopReport`: the entry's digest and the next
+    report's). ``compute_ms`` is telemetry: not signed, never billed or judged on.
 
-    A relay passes the next hop's report on as it came (``downstream``: its JSON, unparsed), MACing its digest
-    with its own entry: parsing and checking every report below is the gateway's work, once per step, and a
-    report that does not parse or verify blames the hop that relayed it (worker.client.RouteClient).
+    A relay checks the next hop's report (its hop, session and step, and its signer: the ticket's next) before
+    it signs over it, and passes it on as it came (``downstream``: its JSON, unparsed below that). So the
+    gateway, reading a route's report hop by hop, blames a report that does not hold on the hop that signed
+    for relaying it (worker.client.RouteClient); and a hop's signed entry is evidence that anyone can check.
     """
 
     entry: HopEntry
-    mac: bytes
+    signature: bytes
     downstream: Mapping[str, Any] | None = None
     compute_ms: float | None = None
 
     @staticmethod
-    def mac_of(key: bytes, entry: HopEntry, downstream: Mapping[str, Any] | None) -> bytes:
-        below = hashlib.sha256(canonical(downstream)).digest() if downstream is not None else b""
-        return hmac.new(key, canonical(entry.to_json()) + below, hashlib.sha256).digest()
+    def digests(entry: HopEntry, downstream: Mapping[str, Any] | None) -> tuple[bytes, bytes]:
+        below = hashlib.sha256(canonical(downstream)).digest() if downstream is not None else bytes(32)
+        return hashlib.sha256(canonical(entry.to_json())).digest(), below
 
     @classmethod
-    def made(
+    def signed(
         cls,
-        key: bytes,
+        sign: Callable[[bytes, bytes], bytes],  # trust.Keys.hop_report
         entry: HopEntry,
         downstream: Mapping[str, Any] | None = None,
         compute_ms: float | None = None,
     ) -> Report:
-        return cls(entry, cls.mac_of(key, entry, downstream), downstream, compute_ms)
+        return cls(entry, sign(*cls.digests(entry, downstream)), downstream, compute_ms)
 
-    def verifies(self, key: bytes) -> bool:
-        return hmac.compare_digest(self.mac, self.mac_of(key, self.entry, self.downstream))
+    def signer(self, recover: Callable[[bytes, bytes, bytes], str]) -> str | None:
+        """Who signed it (``recover`` is trust.Checks.hop_report), or None when nobody can be recovered."""
+        try:
+            return recover(*self.digests(self.entry, self.downstream), self.signature)
+        except ValueError:
+            return None
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"entry": self.entry.to_json(), "mac": hex0x(self.mac)}
+        data: dict[str, Any] = {"entry": self.entry.to_json(), "signature": hex0x(self.signature)}
         if self.downstream is not None:
             data["next"] = self.downstream
         if self.compute_ms is not None:
@@ -501,14 +513,14 @@ class Report:
     def from_json(cls, data: Any) -> Report:
         """This hop's report; the one below it stays JSON (see :meth:`below`)."""
         data = _object(data, "report")
-        _only(data, {"entry", "mac", "next", "computeMs"}, "report")
+        _only(data, {"entry", "signature", "next", "computeMs"}, "report")
         compute = data.get("computeMs")
         if compute is not None and (not isinstance(compute, int | float) or isinstance(compute, bool)):
             raise ProtocolError("computeMs must be a number")
         downstream = data.get("next")
         if downstream is not None and not isinstance(downstream, Mapping):
             raise ProtocolError("next must be a report")
-        return cls(HopEntry.from_json(data.get("entry")), _bytes(data, "mac", 32), downstream, compute)
+        return cls(HopEntry.from_json(data.get("entry")), _bytes(data, "signature", 65), downstream, compute)
 
     def below(self) -> Report | None:
         """The next hop's report, parsed; raises ProtocolError when it is not one."""

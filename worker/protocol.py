@@ -30,10 +30,13 @@ async def read_control(reader: asyncio.StreamReader, *, limit: int = MAX_CONTROL
     (length,) = _CONTROL_LENGTH.unpack(await reader.readexactly(_CONTROL_LENGTH.size))
     if length > limit:
         raise ProtocolError(f"control part of {length} bytes, the limit here is {limit}")
+    body = await reader.readexactly(length)
     try:
-        control = json.loads(await reader.readexactly(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"control part is not JSON: {exc}") from exc
+        control = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers malformed JSON, bad UTF-8 and integers past Python's digit limit; RecursionError,
+        # nesting deeper than the parser's stack: whatever a peer sends is its error, never ours.
+        raise ProtocolError(f"control part is not JSON we take: {type(exc).__name__}") from exc
     if not isinstance(control, dict):
         raise ProtocolError("control part must be a JSON object")
     return control

@@ -66,6 +66,7 @@ class Session:
     positions: int = 0
     records: list[StepRecord] = field(default_factory=list)
     closed_at: float | None = None
+    spoiled: str | None = None  # why no further step can run: its cache holds a step that was refused
 
     @property
     def tokens(self) -> int:
@@ -177,6 +178,8 @@ class SpanRuntime:
             session = self._open.get(session_id)
             if session is None:
                 raise UnknownSession(f"no open session {session_id.hex()}")
+            if session.spoiled is not None:
+                raise BadStepInput(f"session {session_id.hex()} takes no more steps: {session.spoiled}")
             if step != session.next_step:
                 raise StepOutOfOrder(session_id.hex(), session.next_step, step)
             seq = self._check_input(inputs)
@@ -193,6 +196,13 @@ class SpanRuntime:
                 output = self.shard.forward(cache=session.cache, input_ids=inputs)
             else:
                 output = self.shard.forward(cache=session.cache, hidden=inputs)
+            if not bool(torch.isfinite(output).all()):
+                # Finite inputs that overflow in this span's precision (say, float32 values past float16's
+                # range). The step is not recorded, so the session still closes with a receipt for the steps
+                # before it; but the cache took the step's positions (a sliding window may have dropped older
+                # ones for them), so no later step can run on it.
+                session.spoiled = f"step {step}'s output was not finite"
+                raise BadStepInput(f"span {self.shard.span}'s output is not finite for this input")
             record = StepRecord(
                 step, inputs, output, input_hash or payload_sha256(inputs), payload_sha256(output)
             )

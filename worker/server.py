@@ -9,7 +9,7 @@ Requests then run in order, one at a time per connection:
 
     open    a trusted gateway opens its ticket's session here (the ticket names this provider and its span)
     step    the ticket's previous peer (or the gateway) sends a step; it runs, goes on to the ticket's next
-            peer, and the reply carries this hop's authenticated report wrapping the next hop's
+            peer, and the reply carries this hop's signed report over the next hop's, checked
     close   the gateway that opened the session ends it and gets this provider's signed receipt (again, if it
             asks again)
     fetch   a trusted validator, with a ticket naming this provider and the session, reads one retained step
@@ -57,6 +57,7 @@ from worker.messages import (
     Close,
     Fetch,
     Fetched,
+    FetchTicket,
     Hello,
     HopEntry,
     HopError,
@@ -78,6 +79,8 @@ from worker.wire import FrameLimits
 log = logging.getLogger(__name__)
 
 HANDSHAKE_CONTROL_BYTES = 1024
+# Of a step's budget, what a hop keeps for its report's way back when it gives the rest to the next hop.
+FORWARD_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,13 @@ class ServerLimits:
     idle_timeout_s: float = 300.0  # an authenticated connection with no request this long is closed
     read_timeout_s: float = 30.0  # once a request has begun, for the rest of it to arrive
     max_handshakes: int = 2048  # connections not yet authenticated, at once
-    max_connections: int = 4096  # authenticated connections, at once
+    # Authenticated connections of peers that are neither a trusted gateway nor a trusted validator (previous
+    # hops), at once and from any one of them: the parties this provider trusts are never crowded out.
+    max_connections: int = 4096
+    max_connections_per_peer: int = 64
     max_inflight_bytes: int = 1 << 30  # frame payload bytes being read, over all connections
-    max_sessions_per_job: int = (
-        8  # a job's attempts at this provider (its failovers), over the retention window
-    )
+    # A job's attempts at this provider (its failovers), while their sessions are remembered.
+    max_sessions_per_job: int = 8
     max_ticket_lifetime_s: int = 600  # a ticket expiring later than this is refused: tickets are short-lived
 
 
@@ -98,7 +103,6 @@ class ServerLimits:
 class _Session:
     ticket: Any  # messages.HopTicket
     gateway: str  # the gateway that opened it: its only closer
-    mac_key: bytes
     sampler: Sampler | None
     sampling: dict[str, Any] | None
     tokens: list[int] = field(default_factory=list)  # the last span's emitted tokens, by step
@@ -163,6 +167,10 @@ class HopServer:
         self._budget = _Budget(self.limits.max_inflight_bytes)
         self._handshaking = 0
         self._connected = 0
+        self._connected_from: dict[str, int] = defaultdict(int)
+        self._previous_of_unclosed: dict[str, int] = defaultdict(
+            int
+        )  # sessions not closed yet, by previous peer
         self._server: asyncio.Server | None = None
         self._expiry: asyncio.Task[None] | None = None
 
@@ -183,8 +191,11 @@ class HopServer:
         while True:
             await asyncio.sleep(every_s)
             self.runtime.expire()
-            for session in [s for s in self._sessions if not self.runtime.knows(s)]:
-                del self._sessions[session]
+            for session_id in [s for s in self._sessions if not self.runtime.knows(s)]:
+                session = self._sessions.pop(session_id)
+                _count_down(self._sessions_per_job, session.ticket.job_id)
+                if session.receipt is None:
+                    _count_down(self._previous_of_unclosed, session.ticket.previous)
 
     async def close(self) -> None:
         if self._expiry is not None:
@@ -210,13 +221,25 @@ class HopServer:
                 )
             finally:
                 self._handshaking -= 1
-            if peer is None or self._connected >= self.limits.max_connections:
+            if peer is None:
                 return
-            self._connected += 1
+            trusted = peer in self.gateways or peer in self.validators
+            if not trusted and (
+                self._connected >= self.limits.max_connections
+                or self._connected_from[peer] >= self.limits.max_connections_per_peer
+            ):
+                # The answer to its first request: it may try again when one of its connections ends.
+                write_message(writer, refusal("provider_busy", f"too many connections from {peer} or all"))
+                await writer.drain()
+                return
+            self._connected += not trusted
+            self._connected_from[peer] += not trusted
             try:
-                await self._serve_requests(reader, writer, peer)
+                await self._serve_requests(reader, writer, peer, trusted=trusted)
             finally:
-                self._connected -= 1
+                self._connected -= not trusted
+                if not trusted:
+                    _count_down(self._connected_from, peer)
         except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.debug("connection ended: %r", exc)
         except asyncio.CancelledError:
@@ -254,14 +277,12 @@ class HopServer:
         return signer
 
     def _has_business(self, peer: str) -> bool:
-        if peer in self.gateways or peer in self.validators:
-            return True
-        return any(session.ticket.previous == peer for session in self._sessions.values())
+        return peer in self.gateways or peer in self.validators or peer in self._previous_of_unclosed
 
     async def _serve_requests(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, *, trusted: bool
     ) -> None:
-        verified: dict[bytes, str] = {}  # fetch-ticket signatures this connection already had checked
+        verified: dict[FetchTicket, str] = {}  # fetch tickets this connection already had checked
         while True:
             try:
                 async with asyncio.timeout(self.limits.idle_timeout_s):
@@ -270,6 +291,9 @@ class HopServer:
                 return  # the peer closed the connection between requests
             try:
                 request = parse_request(control)
+                if not trusted and not isinstance(request, Step):
+                    # A previous hop only ever sends steps; anything else would just keep its connection alive.
+                    raise NotAuthorised(f"{peer} sends steps here, nothing else")
                 reply, tensor, sha = await self._handle(request, reader, peer, verified)
             except (ProtocolError, WireError, NotAuthorised, ProviderBusy, TimeoutError) as exc:
                 code = exc.code if isinstance(exc, WorkerError) else "read_timeout"
@@ -283,7 +307,7 @@ class HopServer:
             await writer.drain()
 
     async def _handle(
-        self, request: Any, reader: asyncio.StreamReader, peer: str, verified: dict[bytes, str]
+        self, request: Any, reader: asyncio.StreamReader, peer: str, verified: dict[FetchTicket, str]
     ) -> tuple[dict[str, Any], torch.Tensor | None, bytes | None]:
         if isinstance(request, Step):
             return await self._step(request, reader, peer)
@@ -298,7 +322,9 @@ class HopServer:
                 return reply, tensor, None
             assert isinstance(request, Prove)
             return self._prove(request, peer), None, None
-        except (TicketRefused, UnknownSession, NotAuthorised, ValueError, WorkerError) as exc:
+        except NotAuthorised:
+            raise  # hung up on
+        except (ValueError, WorkerError) as exc:
             code = exc.code if isinstance(exc, WorkerError) else "bad_request"
             return refusal(code, str(exc)), None, None
 
@@ -353,7 +379,8 @@ class HopServer:
             raise ProtocolError("only the last span samples")
         self.runtime.open(ticket.session, ticket.job_id)  # a session id is opened once: SessionExists again
         self._sessions_per_job[ticket.job_id] += 1
-        self._sessions[ticket.session] = _Session(ticket, peer, request.mac_key, sampler, request.sampling)
+        self._sessions[ticket.session] = _Session(ticket, peer, sampler, request.sampling)
+        self._previous_of_unclosed[ticket.previous] += 1
         return {"ok": True}
 
     # -- step -----------------------------------------------------------------------------------------------
@@ -361,6 +388,7 @@ class HopServer:
     async def _step(
         self, request: Step, reader: asyncio.StreamReader, peer: str
     ) -> tuple[dict[str, Any], torch.Tensor | None, bytes | None]:
+        received = asyncio.get_running_loop().time()
         session = self._sessions.get(request.session)
         if session is None or not self.runtime.is_open(request.session):
             raise NotAuthorised(f"no open session {request.session.hex()} here")
@@ -386,7 +414,7 @@ class HopServer:
             frame = await read_frame_body(reader, length, limits)
         if frame.session != request.session or frame.step != request.step:
             raise ProtocolError("the frame belongs to another session or step")
-        if int(frame.tensor.shape[1]) != request.positions:
+        if frame.tensor.dim() < 2 or int(frame.tensor.shape[1]) != request.positions:
             raise ProtocolError(
                 f"the frame holds {frame.tensor.shape[1]} positions, the step says {request.positions}"
             )
@@ -399,7 +427,7 @@ class HopServer:
             )
         except WorkerError as exc:
             failed = HopEntry(**{**entry.__dict__, "error": HopError(exc.code, str(exc))})
-            return {"report": Report.made(session.mac_key, failed).to_json()}, None, None
+            return {"report": Report.signed(self.keys.hop_report, failed).to_json()}, None, None
         compute_ms = round((time.perf_counter() - started) * 1e3, 3)
         session.positions += request.positions
         entry = HopEntry(self.address, request.session, request.step, record.input_hash, record.output_hash)
@@ -410,24 +438,31 @@ class HopServer:
             session.tokens.append(token)
             entry = HopEntry(**{**entry.__dict__, "token": token})
             logits = output[:, -1, :] if request.logits else None
-            return {"report": Report.made(session.mac_key, entry, None, compute_ms).to_json()}, logits, None
+            report = Report.signed(self.keys.hop_report, entry, None, compute_ms)
+            return {"report": report.to_json()}, logits, None
 
-        downstream, logits, failure = await self._forward(ticket, request, output, record.output_hash)
+        spent = asyncio.get_running_loop().time() - received
+        left_s = request.budget_ms / 1e3 - spent - FORWARD_MARGIN_S
+        downstream, logits, failure = await self._forward(ticket, request, output, record.output_hash, left_s)
         if failure is not None:
             entry = HopEntry(**{**entry.__dict__, "error": failure})
-        report = Report.made(session.mac_key, entry, downstream, compute_ms)
+        report = Report.signed(self.keys.hop_report, entry, downstream, compute_ms)
         return {"report": report.to_json()}, logits, None
 
     async def _forward(
-        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes
+        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes, left_s: float
     ) -> tuple[Mapping[str, Any] | None, torch.Tensor | None, HopError | None]:
-        """Sends the step on to the ticket's next peer; returns its report, or why there is none."""
-        step = Step(request.session, request.step, request.positions, request.logits)
+        """Sends the step on to the ticket's next peer with ``left_s`` of the budget; returns its report, or why
+        there is none."""
+        if left_s < 0.001:
+            return None, None, HopError("out_of_time", "the step's budget was spent before it could go on")
+        step = Step(request.session, request.step, request.positions, request.logits, int(left_s * 1e3))
         try:
             link = self.peers.get(ticket.next_endpoint, ticket.next_fingerprint, expect=ticket.next)
             reply, frame = await link.request(
                 step.to_json(),
                 output,
+                timeout_s=left_s,
                 session=request.session,
                 step=request.step,
                 sha256=output_hash,
@@ -451,9 +486,20 @@ class HopServer:
             detail = error.get("code") if isinstance(error, dict) else None
             return None, None, HopError("next_refused", f"{ticket.next_endpoint} refused the step ({detail})")
         downstream = reply["report"]
-        if not isinstance(downstream, Mapping):
-            return None, None, HopError("next_misbehaved", f"{ticket.next_endpoint} replied with no report")
-        # Passed on as it came: the gateway parses and checks it, and blames this hop if it does not hold.
+        # Checked before this hop signs for relaying it: the gateway blames whoever signs for a bad one.
+        try:
+            report = Report.from_json(downstream)
+        except ProtocolError as exc:
+            return None, None, HopError("next_misbehaved", f"{ticket.next_endpoint} sent no report: {exc}")
+        entry = report.entry
+        if (entry.provider, entry.session, entry.step) != (ticket.next, request.session, request.step) or (
+            report.signer(self.checks.hop_report) != ticket.next
+        ):
+            return (
+                None,
+                None,
+                HopError("next_misbehaved", f"{ticket.next_endpoint} sent a report not its own"),
+            )
         return downstream, frame.tensor if frame is not None else None, None
 
     # -- close, fetch, prove --------------------------------------------------------------------------------
@@ -487,19 +533,20 @@ class HopServer:
                     sampling_hash=sampling_hash(session.sampling) if ticket.last else sampling_hash(None),
                 )
             )
+            _count_down(self._previous_of_unclosed, ticket.previous)
         return {"ok": True, "receipt": session.receipt.to_json()}
 
     async def _fetch(
-        self, request: Fetch, peer: str, verified: dict[bytes, str]
+        self, request: Fetch, peer: str, verified: dict[FetchTicket, str]
     ) -> tuple[dict[str, Any], torch.Tensor | None]:
         """One retained step's input or output, for the validator whose ticket names this provider and session."""
         if peer not in self.validators:
             raise NotAuthorised(f"{peer} is not a validator this provider lets read its data")
         ticket = request.ticket
-        signer = verified.get(ticket.signature)
+        signer = verified.get(ticket)
         if signer is None:
             signer = await asyncio.to_thread(self.checks.fetch_ticket, ticket)
-            verified[ticket.signature] = signer
+            verified[ticket] = signer
         if signer != peer:
             raise TicketRefused("the fetch ticket is not signed by the validator asking")
         if ticket.provider != self.address:
@@ -522,3 +569,9 @@ class HopServer:
             raise NotAuthorised(f"{peer} is not a gateway this provider announces itself to")
         signature = self.keys.endpoint_proof(request.challenge, request.endpoint, self.fingerprint)
         return {"ok": True, "signature": "0x" + signature.hex()}
+
+
+def _count_down(counts: dict[Any, int], key: Any) -> None:
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]

@@ -30,12 +30,17 @@ class ReceiptFields:
 
 
 class Keys(Protocol):
-    """A party's key: it proves who the party is on a connection, signs its receipts and its endpoint."""
+    """A party's key: it proves who the party is on a connection, signs its step reports, its receipts and its
+    endpoint."""
 
     @property
     def address(self) -> str: ...
 
     def peer_auth(self, challenge: bytes, server_fingerprint: bytes) -> bytes: ...
+
+    def hop_report(self, entry: bytes, next_report: bytes) -> bytes:
+        """Signs a step's report (:class:`worker.messages.Report`'s digests)."""
+        ...
 
     def receipt(self, fields: ReceiptFields) -> SignedReceipt: ...
 
@@ -46,6 +51,8 @@ class Checks(Protocol):
     """Recovers who signed what. Each method raises ValueError when no signer can be recovered."""
 
     def peer_auth(self, challenge: bytes, server_fingerprint: bytes, signature: bytes) -> str: ...
+
+    def hop_report(self, entry: bytes, next_report: bytes, signature: bytes) -> str: ...
 
     def hop_ticket(self, ticket: HopTicket) -> str: ...
 

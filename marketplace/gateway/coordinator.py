@@ -38,7 +38,7 @@ import torch
 from marketplace.gateway.orderbook import BookAsk, OrderBook, Route
 from settlement.db.schema import HopStatus
 from settlement.pricing import hop_charge
-from settlement.tickets import KeyRing
+from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
@@ -125,11 +125,15 @@ class LinkedTransport:
     """Providers over authenticated links (TLS pinned to each provider's certificate), shared by a job's
     attempts."""
 
-    def __init__(self, keys: KeyRing, *, allow_plaintext: bool) -> None:
+    def __init__(self, keys: KeyRing, *, allow_plaintext: bool, step_timeout_s: float) -> None:
         self.peers = Peers(keys, allow_plaintext=allow_plaintext)
+        self.checks = SignatureChecks(keys.domain)
+        self.step_timeout_s = step_timeout_s
 
     def route(self, hops: list[HopPlan], *, vocab_size: int) -> RouteSession:
-        return RouteClient(hops, self.peers, vocab_size=vocab_size)
+        return RouteClient(
+            hops, self.peers, checks=self.checks, vocab_size=vocab_size, step_timeout_s=self.step_timeout_s
+        )
 
     async def aclose(self) -> None:
         await self.peers.close()
@@ -153,7 +157,9 @@ class Coordinator:
         self.book = book
         self.keys = keys
         self.check_receipt = check_receipt
-        self.transport = transport or (lambda: LinkedTransport(keys, allow_plaintext=allow_plaintext))
+        self.transport = transport or (
+            lambda: LinkedTransport(keys, allow_plaintext=allow_plaintext, step_timeout_s=step_timeout_s)
+        )
         self.step_timeout_s = step_timeout_s
         self.ticket_ttl_s = ticket_ttl_s
         self.max_failovers = max_failovers
@@ -191,10 +197,11 @@ class Coordinator:
                     blame = exc.blame if isinstance(exc, StepFailed) else None
                     # A silent route may be anyone's doing: leave all of it out, suspend none.
                     positions = blame.positions if blame is not None else list(range(len(records)))
+                    suspend = blame is not None and blame.suspend
                     for position in positions:
-                        records[position].status = HopStatus.FAILED
+                        records[position].status = HopStatus.FAILED if suspend else HopStatus.SUSPECT
                         excluded.add(route.asks[position].provider)
-                        if blame is not None and blame.suspend:
+                        if suspend:
                             self.book.suspend(route.asks[position].provider, self.failure_suspend_s)
                     self._close_quietly(plans, spec.vocab_size)
                     fresh = self._reroute(spec, excluded) if attempt < self.max_failovers else None
@@ -255,7 +262,8 @@ class Coordinator:
         self, client: RouteSession, records: list[HopRecord], step: int, ids: list[int]
     ) -> StepResult:
         inputs = torch.tensor([ids], dtype=torch.int64)
-        result = await asyncio.wait_for(client.step(step, inputs), self.step_timeout_s)
+        # The route gives up on its own at step_timeout_s, saying on whom; this is for one that does not.
+        result = await asyncio.wait_for(client.step(step, inputs), self.step_timeout_s + 5.0)
         for record, hashes in zip(records, result.hops, strict=True):
             record.steps.append(hashes)
             record.tokens += len(ids)

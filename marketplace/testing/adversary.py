@@ -3,11 +3,14 @@ provider processes (honest ones, and rogues from worker.testing.rogue), the gate
 and a real chain, and judged on two counts:
 
     succeeded      the attack got what it was after (its data accepted, an honest party blamed, a cheat hidden)
-    honest_harmed  an honest party was blamed or suspended, went unpaid for work on a route that completed, or
-                   had its steps slowed past twice their normal time
+    honest_harmed  an honest party was blamed alone or suspended, went unpaid for work on a route that
+                   completed, or had its steps slowed past twice their normal time
 
-Work on an abandoned attempt is paid to nobody (marketplace.gateway.coordinator says why); that is the design,
-not harm. tests/marketplace/test_adversary.py asserts every verdict; benchmarks/adversary.py counts them.
+Work on an abandoned attempt is paid to nobody (marketplace.gateway.coordinator says why), and a hop whose
+signed word stands against another's is left out of that job's later attempts with it, neither suspended
+(HopStatus.SUSPECT): that is the design, not harm. An attack "succeeds" when it gets what it was after, or when
+the rogue stays in the job's later attempts. tests/marketplace/test_adversary.py asserts every verdict;
+benchmarks/adversary.py counts them.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ PROMPT = [BOS, *b"Strangers on a route. "]
 NEW_TOKENS = 6
 VOCAB = 259
 MIN_STAKE = 100 * ONE_TOKEN
-SPANS = {"a": (0, 2), "b": (2, 4), "c": (4, 6), "spare": (2, 4)}
+SPANS = {"a": (0, 2), "b": (2, 4), "c": (4, 6), "spare": (2, 4), "spare-c": (4, 6)}
+STEP_TIMEOUT_S = 5.0  # the coordinator's: what a silent hop costs a job
 ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so that routing picks it first
     "alter-downstream": (2, 4),
     "forge-error": (2, 4),
@@ -63,6 +67,10 @@ ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so t
     "substitute-token": (4, 6),
     "close-others": (0, 2),
     "inject-step": (0, 2),
+    "replay-step": (0, 2),
+    "garbage-report": (4, 6),
+    "stall": (4, 6),
+    "silent-close": (0, 2),
 }
 
 
@@ -77,7 +85,8 @@ class Verdict:
 @dataclass
 class Arena:
     """A chain with two deployments of the contracts (for replays across deployments), a gateway app on the first,
-    honest providers a 0:2, b 2:4, c 4:6 and a spare 2:4, and one rogue per misbehaviour, all staked, on TLS."""
+    honest providers a 0:2, b 2:4, c 4:6 and spares for 2:4 and 4:6, and one rogue per misbehaviour, all staked,
+    on TLS."""
 
     workdir: Path
     model: Path
@@ -187,7 +196,9 @@ async def _honest_run(arena: Arena) -> tuple[list[int], float]:
 
 async def _timed_job(arena: Arena, route: list[Served]) -> tuple[list[int], list[float]]:
     peers = Peers(arena.keys)
-    client = RouteClient(plan(route, root=arena.root, keys=arena.keys), peers, vocab_size=VOCAB)
+    client = RouteClient(
+        plan(route, root=arena.root, keys=arena.keys), peers, checks=arena.checks, vocab_size=VOCAB
+    )
     try:
         await client.open({})
         result = await client.step(0, torch.tensor([PROMPT]))
@@ -215,7 +226,7 @@ async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, Orde
         book.set_active(ask.provider, True)
         book.heartbeat(ask.provider, time.time())
     coordinator = Coordinator(
-        book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=30
+        book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=STEP_TIMEOUT_S
     )
     spec = JobSpec(os.urandom(32), arena.root, 6, VOCAB, PROMPT, NEW_TOKENS, {}, frozenset(), None)
     route = book.match(arena.root, 6)
@@ -227,26 +238,36 @@ async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, Orde
     return await coordinator.run(spec, route, emit), book
 
 
-def _route_attack(arena: Arena, kind: str) -> Verdict:
+def _route_attack(arena: Arena, kind: str, *, suspended: bool = True) -> Verdict:
+    """A job through the coordinator with ``kind``'s rogue cheapest for its span. The job must complete with
+    the honest answer, the rogue left out after it struck (``suspended``: blamed alone, or left out with the
+    hop it disputes) and paid nothing; no honest provider blamed alone or suspended, and every honest hop of the
+    final route billed."""
     rogue = arena.rogues[kind]
     asks = [served.ask for served in (*arena.honest.values(), rogue)]
+    started = time.monotonic()
     outcome, book = asyncio.run(_coordinated(arena, asks))
+    seconds = time.monotonic() - started
     honest = {served.account.address for served in arena.honest.values()}
     rogue_hops = [hop for hop in outcome.hops if hop.ask.provider == rogue.account.address]
     final = [hop for hop in outcome.hops if hop.attempt == outcome.failovers]
+    left_out = HopStatus.FAILED if suspended else HopStatus.SUSPECT
     succeeded = (
         outcome.finish is None
         or outcome.tokens != arena.reference
-        or any(hop.status != HopStatus.FAILED for hop in rogue_hops if hop.attempt < outcome.failovers)
+        or any(hop.status != left_out for hop in rogue_hops if hop.attempt < outcome.failovers)
         or any(hop.amount for hop in rogue_hops)
+        or seconds > 4 * STEP_TIMEOUT_S
     )
     harmed = (
         any(hop.status == HopStatus.FAILED and hop.ask.provider in honest for hop in outcome.hops)
         or any(not book.matchable(address) for address in honest)
-        or any(hop.status != HopStatus.BILLED for hop in final)
+        or any(hop.status != HopStatus.BILLED for hop in final if hop.ask.provider in honest)
     )
     statuses = [(hop.attempt, hop.ask.provider[:8], hop.status) for hop in outcome.hops]
-    return Verdict(kind, succeeded, harmed, f"failovers {outcome.failovers}, hops {statuses}")
+    return Verdict(
+        kind, succeeded, harmed, f"failovers {outcome.failovers} in {seconds:.1f} s, hops {statuses}"
+    )
 
 
 def alter_downstream_report(arena: Arena) -> Verdict:
@@ -260,8 +281,33 @@ def forge_error_report(arena: Arena) -> Verdict:
 
 
 def false_unreachable_report(arena: Arena) -> Verdict:
-    """A middle provider says the next hop could not be reached, to get it suspended."""
-    return _route_attack(arena, "blame-next")
+    """A middle provider says the next hop could not be reached, to get it suspended. The gateway reaches the
+    next hop itself: the two hops' words stand against each other, and both are left out, neither suspended."""
+    return _route_attack(arena, "blame-next", suspended=False)
+
+
+def replay_a_step_to_frame_the_next_hop(arena: Arena) -> Verdict:
+    """The first provider sends a step on twice and relays the next hop's honest, signed refusal of the second
+    (step_out_of_order), hoping to get it blamed for an error its input caused."""
+    return _route_attack(arena, "replay-step", suspended=False)
+
+
+def garbage_report_to_frame_the_relayer(arena: Arena) -> Verdict:
+    """The last provider answers with a report whose signature is nobody's, hoping the gateway blames the hop
+    that relayed it. The relayer checks before it signs for relaying: it reports its next hop instead."""
+    return _route_attack(arena, "garbage-report", suspended=False)
+
+
+def stall_a_step(arena: Arena) -> Verdict:
+    """The last provider never answers: the hop before it gives up within the budget its step carried, while
+    the gateway and the first hop still wait, and says whom it waited for."""
+    return _route_attack(arena, "stall", suspended=False)
+
+
+def never_answer_the_close(arena: Arena) -> Verdict:
+    """The first provider of a route that completed never answers its close: the others' receipts do not wait
+    for it, the job ends in bounded time, and it alone is unpaid."""
+    return _route_attack(arena, "silent-close")
 
 
 def _interference(arena: Arena, kind: str) -> Verdict:
@@ -302,7 +348,7 @@ def substitute_the_emitted_token(arena: Arena) -> Verdict:
     async def run() -> tuple[list[int], list[int]]:
         peers = Peers(arena.keys)
         plans = plan(route, root=arena.root, keys=arena.keys)
-        client = RouteClient(plans, peers, vocab_size=VOCAB)
+        client = RouteClient(plans, peers, checks=arena.checks, vocab_size=VOCAB)
         try:
             await client.open({})
             result = await client.step(0, torch.tensor([PROMPT]))
@@ -346,7 +392,9 @@ def withhold_downstream_receipts(arena: Arena) -> Verdict:
 
     async def run() -> list[str | None]:
         peers = Peers(arena.keys)
-        client = RouteClient(plan(route, root=arena.root, keys=arena.keys), peers, vocab_size=VOCAB)
+        client = RouteClient(
+            plan(route, root=arena.root, keys=arena.keys), peers, checks=arena.checks, vocab_size=VOCAB
+        )
         try:
             await client.open({})
             token = (await client.step(0, torch.tensor([PROMPT]))).token
@@ -365,6 +413,14 @@ def withhold_downstream_receipts(arena: Arena) -> Verdict:
 
 
 # -- attacks by strangers on a provider ---------------------------------------------------------------------
+
+
+async def _hang_up(writer: asyncio.StreamWriter) -> None:
+    """Closes a connection and waits for it to be closed: a transport still closing when its event loop ends is
+    never finalized, and warns (an error, under pytest) wherever the garbage collector happens to find it."""
+    writer.close()
+    with suppress(OSError, ssl.SSLError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def _raw_tls(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Hello]:
@@ -406,18 +462,16 @@ def replay_tickets(arena: Arena) -> Verdict:
                     plan([a, b], root=arena.root, keys=arena.keys, expires_in_s=-5)[0].ticket,
                 ),  # expired
             ):
-                reply, _ = await link.request(Open(ticket, os.urandom(32)).to_json())
+                reply, _ = await link.request(Open(ticket).to_json())
                 codes.append(str(reply.get("error", {}).get("code")))
-            checked((await link_a.request(Open(hop.ticket, os.urandom(32)).to_json()))[0])
-            reply, _ = await link_a.request(
-                Open(hop.ticket, os.urandom(32)).to_json()
-            )  # the same session again
+            checked((await link_a.request(Open(hop.ticket).to_json()))[0])
+            reply, _ = await link_a.request(Open(hop.ticket).to_json())  # the same session again
             codes.append(str(reply.get("error", {}).get("code")))
         finally:
             await peers.close()
         thief = KeyRing(Account.from_key(os.urandom(32)), arena.contracts.protocol_domain())
         _, writer, reply = await _authenticated(a, thief)
-        writer.close()
+        await _hang_up(writer)
         codes.append(str(reply.get("error", {}).get("code")))  # a stranger is turned away before it can open
         return codes
 
@@ -437,7 +491,7 @@ def route_to_an_unnamed_address(arena: Arena) -> Verdict:
         write_message(writer, control)
         await writer.drain()
         reply = await read_control(reader)
-        writer.close()
+        await _hang_up(writer)
         return str(reply.get("error", {}).get("code"))
 
     code = asyncio.run(run())
@@ -458,7 +512,7 @@ def oversized_frame_without_a_ticket(arena: Arena) -> Verdict:
         await writer.drain()
         reply = await asyncio.wait_for(read_control(reader), 5)
         refused_in = time.perf_counter() - started
-        writer.close()
+        await _hang_up(writer)
         reader, writer, _ = await _raw_tls(a)
         writer.write(struct.pack("<I", 256 * 2**20))
         await writer.drain()
@@ -467,7 +521,7 @@ def oversized_frame_without_a_ticket(arena: Arena) -> Verdict:
             hung_up = True
         except TimeoutError:
             hung_up = False
-        writer.close()
+        await _hang_up(writer)
         return str(reply.get("error", {}).get("code")), refused_in, hung_up
 
     code, refused_in, hung_up = asyncio.run(run())
@@ -622,14 +676,14 @@ def replay_across_deployments(arena: Arena) -> Verdict:
     async def link_and_ticket_codes() -> tuple[str, str]:
         other_keys = KeyRing(arena.gateway_account, other_domain)  # the same key, the other deployment
         _, writer, reply = await _authenticated(honest, other_keys)
-        writer.close()
+        await _hang_up(writer)
         link = str(reply.get("error", {}).get("code")) if reply.get("ok") is not True else "authenticated"
         # Over a link authenticated for this deployment, a ticket signed for the other.
         peers = Peers(arena.keys)
         try:
             hop = plan([honest, arena.honest["c"]], root=arena.root, keys=other_keys)[0]
             opened, _ = await peers.get(honest.endpoint, honest.node.fingerprint).request(
-                Open(hop.ticket, os.urandom(32)).to_json()
+                Open(hop.ticket).to_json()
             )
         finally:
             await peers.close()
@@ -647,61 +701,66 @@ def man_in_the_middle(arena: Arena) -> Verdict:
     victim = arena.honest["b"]
 
     async def run() -> str:
-        proxy = await _tls_proxy(victim.endpoint)
+        proxy, relays = await _tls_proxy(victim.endpoint)
         port = proxy.sockets[0].getsockname()[1]
         peers = Peers(arena.keys)
         try:
             link = peers.get(f"127.0.0.1:{port}", victim.node.fingerprint)
             try:
-                await link.request(
-                    Open(plan([victim], root=arena.root, keys=arena.keys)[0].ticket, os.urandom(32)).to_json()
-                )
+                await link.request(Open(plan([victim], root=arena.root, keys=arena.keys)[0].ticket).to_json())
             except WorkerError as exc:
                 return exc.code
             return "talked through the relay"
         finally:
             await peers.close()
             proxy.close()
+            if relays:  # each ends once the gateway's side hangs up
+                await asyncio.wait(relays, timeout=5)
 
     code = asyncio.run(run())
     return Verdict("man-in-the-middle", code != "certificate_mismatch", False, f"the gateway's link: {code}")
 
 
-async def _tls_proxy(upstream: str) -> asyncio.Server:
-    """A TLS server with a certificate of its own, relaying bytes to ``upstream`` over TLS."""
+async def _tls_proxy(upstream: str) -> tuple[asyncio.Server, set[asyncio.Task[None]]]:
+    """A TLS server with a certificate of its own, relaying bytes to ``upstream`` over TLS; with the tasks that
+    relay each connection."""
     from worker.tls import TlsIdentity
 
     identity = TlsIdentity.load_or_create(Path(os.environ.get("TMPDIR", "/tmp")) / f"mitm-{os.getpid()}")
     host, port = upstream.rsplit(":", 1)
 
+    relays: set[asyncio.Task[None]] = set()
+
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        relays.add(asyncio.current_task())  # type: ignore[arg-type]
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 host, int(port), ssl=client_context(), server_hostname=""
             )
-        except (OSError, asyncio.CancelledError):
-            writer.close()
+        except OSError:
+            await _hang_up(writer)
             return
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
+            with suppress(OSError, ssl.SSLError):
                 while data := await source.read(65536):
                     sink.write(data)
                     await sink.drain()
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                sink.close()
+            await _hang_up(sink)
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
-    return await asyncio.start_server(relay, "127.0.0.1", 0, ssl=identity.server_context())
+    return await asyncio.start_server(relay, "127.0.0.1", 0, ssl=identity.server_context()), relays
 
 
 ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "alter-downstream-report": alter_downstream_report,
     "forge-error-report": forge_error_report,
     "false-unreachable-report": false_unreachable_report,
+    "replay-a-step-to-frame-the-next-hop": replay_a_step_to_frame_the_next_hop,
+    "garbage-report-to-frame-the-relayer": garbage_report_to_frame_the_relayer,
+    "stall-a-step": stall_a_step,
+    "never-answer-the-close": never_answer_the_close,
     "close-another-providers-session": close_another_providers_session,
     "inject-a-step": inject_a_step,
     "substitute-the-emitted-token": substitute_the_emitted_token,

@@ -160,9 +160,10 @@ async def generate(
     max_tokens: int,
     sampling: dict[str, Any] | None = None,
     logits: bool = False,
+    domain: Domain = DOMAIN,
 ) -> Generation:
     """A whole job on one route as the coordinator runs it: open, prefill, decode, close every hop directly."""
-    client = RouteClient(plans, peers, vocab_size=vocab_size)
+    client = RouteClient(plans, peers, checks=checks(domain), vocab_size=vocab_size)
     tokens, steps = await client.generate(
         prompt, max_tokens=max_tokens, sampling=sampling or {}, logits=logits
     )

@@ -81,7 +81,9 @@ class HopStatus(StrEnum):
     BILLED = "billed"  # its receipt verified: it bills its token-layers
     UNVERIFIED = "unverified"  # it finished, but its receipt did not check out: it bills nothing
     ABANDONED = "abandoned"  # its route failed over: nobody on it bills that attempt
-    FAILED = "failed"  # the provider that failed its route
+    FAILED = "failed"  # the provider that failed its route: suspended from matching for a while
+    # Left out of its job's later attempts, not suspended: its word against another hop's, or a silent route.
+    SUSPECT = "suspect"
 
 
 class AuthorizationStatus(StrEnum):

@@ -1,6 +1,6 @@
 """Provider processes chained peer to peer over TLS: the same tokens and logits as generate(), every hop's
-authenticated account of every step, each provider's own signed receipt collected directly, and tickets and
-steps that do not follow the protocol refused with their codes. tests/worker/test_adversary.py attacks it."""
+signed account of every step, each provider's own signed receipt collected directly, and tickets and
+steps that do not follow the protocol refused with their codes. tests/marketplace/test_adversary.py attacks it."""
 
 from __future__ import annotations
 
@@ -141,9 +141,7 @@ def open_error(route: list[Served], model: Path, **ticket: object) -> HopRefused
         peers = Peers(keys)
         try:
             hop = plans[0]
-            reply, _ = await peers.get(hop.endpoint, hop.fingerprint).request(
-                Open(hop.ticket, hop.mac_key).to_json()
-            )
+            reply, _ = await peers.get(hop.endpoint, hop.fingerprint).request(Open(hop.ticket).to_json())
             from worker.messages import checked
 
             checked(reply)
@@ -175,6 +173,7 @@ def test_steps_out_of_order_and_beyond_the_tickets_positions_are_refused(
         client = RouteClient(
             plan(route, root=model_root(tiny_models["llama"]), max_positions=max_positions),
             peers,
+            checks=checks(),
             vocab_size=VOCAB,
         )
         try:
@@ -200,7 +199,7 @@ def test_a_session_id_is_opened_once(tiny_models: dict[str, Path], llama: dict[i
         peers = Peers(gateway_keys())
         try:
             link = peers.get(plans[0].endpoint, plans[0].fingerprint)
-            request = Open(plans[0].ticket, plans[0].mac_key, {}).to_json()
+            request = Open(plans[0].ticket, {}).to_json()
             from worker.messages import checked
 
             checked((await link.request(request))[0])
@@ -225,7 +224,7 @@ def test_an_unreachable_next_hop_is_blamed_on_whoever_the_gateway_cannot_reach(
 
     async def go() -> StepFailed:
         peers = Peers(gateway_keys())
-        client = RouteClient(plans, peers, vocab_size=VOCAB)
+        client = RouteClient(plans, peers, checks=checks(), vocab_size=VOCAB)
         try:
             await client.open({})
             dying.node.kill()
@@ -254,9 +253,7 @@ def test_a_gateway_the_provider_does_not_trust_cannot_open(
         try:
             hop = plan(llama[1], root=model_root(tiny_models["llama"]), keys=stranger)[0]
             with pytest.raises(Exception) as caught:
-                await peers.get(hop.endpoint, hop.fingerprint).request(
-                    Open(hop.ticket, hop.mac_key).to_json()
-                )
+                await peers.get(hop.endpoint, hop.fingerprint).request(Open(hop.ticket).to_json())
             return caught.value
         finally:
             await peers.close()

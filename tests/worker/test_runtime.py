@@ -159,3 +159,24 @@ def test_retention_drops_the_oldest_sessions_past_its_byte_budget(tiny_models: d
     with pytest.raises(UnknownSession):
         runtime.retained(b"a" * 16)
     assert len(runtime.retained(b"b" * 16)) == 1
+
+
+def test_an_input_that_overflows_the_span_is_refused_and_spoils_only_what_comes_after(
+    tiny_models: dict[str, Path],
+) -> None:
+    first = SpanRuntime(load_shard(tiny_models["llama"], "0:3", device=CPU))
+    last = SpanRuntime(load_shard(tiny_models["llama"], "3:6", device=CPU, dtype=torch.float16))
+    session = b"\x07" * 16
+    first.open(session)
+    last.open(session)
+    hidden, _ = first.step(session, 0, PROMPT)
+    last.step(session, 0, hidden)
+    hidden, _ = first.step(session, 1, torch.tensor([[BOS]]))
+    # Finite float32, so it passes the input check; in this span's float16 it is infinite, its output NaN.
+    with pytest.raises(BadStepInput, match="not finite"):
+        last.step(session, 1, torch.full_like(hidden, 1e5))
+    with pytest.raises(BadStepInput, match="no more steps"):
+        last.step(session, 1, hidden)
+    closed = last.close(session)
+    assert [record.step for record in closed.records] == [0]
+    assert closed.tokens == PROMPT.shape[1]

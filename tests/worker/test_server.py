@@ -17,11 +17,12 @@ from marketplace.gateway.orderbook import BookAsk
 from marketplace.testing.hops import DOMAIN, VALIDATOR_ACCOUNT, checks, gateway_keys, plan
 from marketplace.testing.hops import Served as _Served
 from settlement.tickets import KeyRing
-from worker.client import Peers, RouteClient, fetch_retained
+from worker.client import PeerLink, Peers, RouteClient, fetch_retained
 from worker.errors import CertificateMismatch, HopRefused, ProtocolError, StepFailed, Unauthenticated
-from worker.messages import FetchTicket
+from worker.messages import Close, FetchTicket, Open
+from worker.protocol import read_control
 from worker.runtime import RuntimeLimits, SpanRuntime
-from worker.server import HopServer
+from worker.server import HopServer, ServerLimits
 from worker.shard import load_shard
 from worker.testing.tiny import BOS
 from worker.tls import TlsIdentity
@@ -31,7 +32,9 @@ PROVIDER = Account.from_key(b"\x01" * 32)
 LIMITS = FrameLimits(max_payload_bytes=1 << 24, max_elements=1 << 22)
 
 
-def serve(runtime: SpanRuntime, tmp_path: Path, *, plaintext: bool = False) -> tuple[HopServer, int]:
+def serve(
+    runtime: SpanRuntime, tmp_path: Path, *, plaintext: bool = False, limits: ServerLimits | None = None
+) -> tuple[HopServer, int]:
     server = HopServer(
         runtime,
         keys=KeyRing(PROVIDER, DOMAIN),
@@ -39,6 +42,7 @@ def serve(runtime: SpanRuntime, tmp_path: Path, *, plaintext: bool = False) -> t
         gateways={gateway_keys().address},
         validators={VALIDATOR_ACCOUNT.address},
         tls=None if plaintext else TlsIdentity.load_or_create(tmp_path / "tls"),
+        limits=limits,
     )
     return server, free_port()
 
@@ -56,7 +60,9 @@ def test_plaintext_serves_only_clients_that_allow_it(tiny_models: dict[str, Path
             with pytest.raises(CertificateMismatch):
                 Peers(gateway_keys()).get(hop.endpoint, hop.ask.tls_fingerprint)
             peers = Peers(gateway_keys(), allow_plaintext=True)
-            client = RouteClient(plan([hop], root=shard.root), peers, vocab_size=shard.vocab_size)
+            client = RouteClient(
+                plan([hop], root=shard.root), peers, checks=checks(), vocab_size=shard.vocab_size
+            )
             try:
                 await client.open({})
                 return (await client.step(0, torch.tensor([[BOS, 1, 2]]))).token
@@ -77,6 +83,73 @@ def served(server: HopServer, port: int) -> _Served:
     return _Served(PROVIDER, None, ask)  # type: ignore[arg-type]
 
 
+def test_a_previous_hop_only_steps_and_holds_only_so_many_connections(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The provider before this one on an open session may connect (it has business here), but it may only send
+    steps: anything else, a close of the session included, is refused and hung up on, so it cannot keep idle
+    connections alive with chatter. And it holds at most ``max_connections_per_peer`` at once; the gateway,
+    trusted, is never counted against a cap."""
+    shard = load_shard(tiny_models["llama"], "3:6", device=torch.device("cpu"))
+    server, port = serve(SpanRuntime(shard), tmp_path, limits=ServerLimits(max_connections_per_peer=2))
+    upstream = KeyRing(Account.from_key(b"\x02" * 32), DOMAIN)
+    before = BookAsk(
+        2, upstream.address, shard.root, 0, 3, 1, 8, "127.0.0.1:9", bytes(32), time.time() + 60
+    )  # fmt: skip
+    previous = _Served(upstream.account, None, before)  # type: ignore[arg-type]
+    hops = plan([previous, served(server, port)], root=shard.root)
+    endpoint = f"127.0.0.1:{port}"
+
+    def upstream_link() -> PeerLink:
+        return PeerLink(endpoint, server.fingerprint, upstream, tls=True)
+
+    async def first_reply(link: PeerLink) -> str:
+        """The refusal a connection over the cap gets before it asks anything."""
+        reader, _ = await link._connected()
+        return str((await read_control(reader))["error"]["code"])
+
+    async def drive() -> None:
+        await server.start("127.0.0.1", port)
+        gateway = Peers(gateway_keys())
+        held = [upstream_link() for _ in range(3)]
+        try:
+            checked = await gateway.get(endpoint, server.fingerprint).request(Open(hops[1].ticket).to_json())
+            assert checked[0].get("ok") is True
+
+            closing = upstream_link()
+            reply, _ = await closing.request(Close(hops[1].ticket.session).to_json())
+            assert reply["error"]["code"] == "not_authorised"
+            assert closing._reader is not None and await closing._reader.read() == b""  # hung up
+            await closing.close()
+
+            for link in held[:2]:
+                await link._connected()
+            assert await first_reply(held[2]) == "provider_busy"
+            await held[2].close()
+            # The gateway's own connections are not capped by the previous hop's.
+            for _ in range(3):
+                link = PeerLink(endpoint, server.fingerprint, gateway_keys(), tls=True)
+                await link._connected()
+                held.append(link)
+            # One of the two ends: the previous hop may connect again.
+            await held[0].close()
+            for _ in range(50):
+                await asyncio.sleep(0.02)
+                if not server._connected_from.get(upstream.address, 0) >= 2:
+                    break
+            again = upstream_link()
+            held.append(again)
+            reply, _ = await again.request(Close(hops[1].ticket.session).to_json())
+            assert reply["error"]["code"] == "not_authorised"  # served, not turned away at the door
+        finally:
+            for link in held:
+                await link.close()
+            await gateway.close()
+            await server.close()
+
+    asyncio.run(drive())
+
+
 def test_abandoned_sessions_expire(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     shard = load_shard(tiny_models["llama"], "0:6", device=torch.device("cpu"))
     runtime = SpanRuntime(shard, RuntimeLimits(session_idle_s=0.05, retention_s=0.05))
@@ -86,7 +159,7 @@ def test_abandoned_sessions_expire(tiny_models: dict[str, Path], tmp_path: Path)
         await server.start("127.0.0.1", port, expire_every_s=0.05)
         peers = Peers(gateway_keys())
         client = RouteClient(
-            plan([served(server, port)], root=shard.root), peers, vocab_size=shard.vocab_size
+            plan([served(server, port)], root=shard.root), peers, checks=checks(), vocab_size=shard.vocab_size
         )
         try:
             await client.open({})

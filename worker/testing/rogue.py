@@ -2,12 +2,16 @@
 and then deviates in one way; the protocol must expose it, blame it, and leave the honest providers around it
 paid and unblamed. ``strata provider serve --misbehave KIND`` (a hidden option) runs one.
 
-    alter-downstream   relays the next hop's report with that hop's output hash changed, its MAC kept
+    alter-downstream   relays the next hop's report with that hop's output hash changed, its signature kept
     forge-error        does not send the step on; reports, in the next hop's name, an error it never sent
     blame-next         does not send the step on; says the next hop could not be reached
     substitute-token   (last span) emits another token than the one it sampled; its logits stay honest
     close-others       with every step, also tries to close the session at ``target`` (another provider's)
     inject-step        with every step, also sends a step of its own into the session at ``target``
+    replay-step        sends each step on twice, and relays the next hop's (honest, signed) refusal of the second
+    garbage-report     answers every step with a report whose signature is nobody's
+    stall              never answers a step
+    silent-close       never answers a close: it hopes the route's receipts wait for it
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MISBEHAVIOURS = (
     "alter-downstream", "forge-error", "blame-next", "substitute-token", "close-others", "inject-step",
+    "replay-step", "garbage-report", "stall", "silent-close",
 )  # fmt: skip
 
 
@@ -47,7 +52,7 @@ class RogueServer(HopServer):
         self.attempts: list[str] = []  # what the target answered each time it was attacked
 
     async def _forward(
-        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes
+        self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes, left_s: float
     ) -> tuple[Mapping[str, Any] | None, torch.Tensor | None, HopError | None]:
         if self.misbehave in ("close-others", "inject-step"):
             await self._interfere(request)
@@ -57,13 +62,28 @@ class RogueServer(HopServer):
             forged = HopEntry(
                 ticket.next, request.session, request.step, error=HopError("provider_busy", "full")
             )
-            return Report(forged, os.urandom(32)).to_json(), None, None
-        downstream, logits, failure = await super()._forward(ticket, request, output, output_hash)
+            return Report(forged, os.urandom(65)).to_json(), None, None
+        downstream, logits, failure = await super()._forward(ticket, request, output, output_hash, left_s)
+        if self.misbehave == "replay-step" and downstream is not None:
+            # The same step again: the next hop refuses it as out of order, in an entry it signs.
+            again, _, failure = await super()._forward(ticket, request, output, output_hash, left_s)
+            return again, None, failure
         if self.misbehave == "alter-downstream" and downstream is not None:
             report = Report.from_json(downstream)
-            altered = replace(report.entry, output=bytes(32))  # its MAC kept
+            altered = replace(report.entry, output=bytes(32))  # its signature kept
             downstream = replace(report, entry=altered).to_json()
         return downstream, logits, failure
+
+    def _close(self, request: Close, peer: str) -> dict[str, Any]:
+        if self.misbehave == "silent-close":
+            raise _Silent
+        return super()._close(request, peer)
+
+    async def _handle(self, request: Any, reader: asyncio.StreamReader, peer: str, verified: Any) -> Any:
+        try:
+            return await super()._handle(request, reader, peer, verified)
+        except _Silent:
+            await asyncio.Event().wait()
 
     async def _interfere(self, request: Step) -> None:
         assert self.target is not None
@@ -89,6 +109,11 @@ class RogueServer(HopServer):
         self, request: Step, reader: asyncio.StreamReader, peer: str
     ) -> tuple[dict[str, Any], Any, Any]:
         reply, logits, sha = await super()._step(request, reader, peer)
+        if self.misbehave == "stall":
+            await asyncio.Event().wait()
+        if self.misbehave == "garbage-report" and "report" in reply:
+            report = Report.from_json(reply["report"])
+            return {"report": replace(report, signature=os.urandom(65)).to_json()}, logits, sha
         if self.misbehave != "substitute-token" or "report" not in reply:
             return reply, logits, sha
         session = self._sessions[request.session]
@@ -100,4 +125,9 @@ class RogueServer(HopServer):
         token = (report.entry.token + 1) % self.runtime.shard.vocab_size
         session.tokens[-1] = token
         entry = replace(report.entry, token=token)
-        return {"report": Report.made(session.mac_key, entry, None, report.compute_ms).to_json()}, logits, sha
+        signed = Report.signed(self.keys.hop_report, entry, None, report.compute_ms)
+        return {"report": signed.to_json()}, logits, sha
+
+
+class _Silent(Exception):
+    """Raised by a close that is never to be answered."""

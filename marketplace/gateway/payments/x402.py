@@ -117,7 +117,8 @@ def decode_payment(header: str) -> Payment:
         raise _malformed(f"longer than {MAX_HEADER_BYTES} bytes")
     try:
         document = json.loads(base64.b64decode(header.strip(), validate=True))
-    except (binascii.Error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError is nesting deeper than json's stack.
+    except (binascii.Error, ValueError, RecursionError) as exc:
         raise _malformed("not base64 of a JSON object") from exc
     document = _object(document, "payment")
     version = document.get("x402Version")

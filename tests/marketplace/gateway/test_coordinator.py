@@ -88,7 +88,7 @@ def test_a_broken_link_leaves_both_hops_out_and_suspends_neither() -> None:
     outcome, _, _, book, posted = run([*ROUTE, (6, 2, 4, 1_000_000), (7, 4, 6, 1_000_000)], broken, spec())
     assert outcome.failovers == 1 and outcome.finish == "length"
     statuses = [hop.status for hop in outcome.hops[:3]]
-    assert statuses == [HopStatus.ABANDONED, HopStatus.FAILED, HopStatus.FAILED]
+    assert statuses == [HopStatus.ABANDONED, HopStatus.SUSPECT, HopStatus.SUSPECT]
     assert all(book.matchable(ask.provider) for ask in posted)  # either may be lying: nobody suspended
     assert {hop.ask.provider for hop in outcome.hops[3:]}.isdisjoint({posted[1].provider, posted[2].provider})
 
@@ -109,7 +109,7 @@ def test_a_silent_route_is_left_whole_but_nobody_is_suspended() -> None:
 
     outcome, _, _, book, posted = run(ROUTE, silent, spec())
     assert outcome.finish is None and outcome.error_code == "route_failed"
-    assert all(hop.status == HopStatus.FAILED for hop in outcome.hops)
+    assert all(hop.status == HopStatus.SUSPECT for hop in outcome.hops)
     assert all(book.matchable(ask.provider) for ask in posted)  # a timeout may be anyone's: no suspension
 
 

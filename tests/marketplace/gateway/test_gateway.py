@@ -240,6 +240,7 @@ def test_bad_vouchers_are_refused_and_change_nothing(gateway: GatewayServer, mar
             "invalid_payment_header",
         ),
         ("A" * 9000, 400, "invalid_payment_header"),
+        (base64.b64encode(b"[" * 3000 + b"]" * 3000).decode(), 400, "invalid_payment_header"),  # too deep
         (_encoded({"x402Version": 1, "accepted": offer, "payload": {}}), 400, "unsupported_x402_version"),
         (
             voucher_header(client, channel, charged + quote + 1, {**offer, "scheme": "upto"}),
