@@ -266,7 +266,14 @@ def recover_hash_signer(digest: bytes, signature: bytes) -> str:
         public = PublicKey.from_signature_and_message(r + s + bytes([v - 27]), digest, hasher=None)
     except Exception as exc:  # coincurve raises plain Exceptions for unrecoverable signatures
         raise ValueError(f"signature cannot be recovered: {exc}") from exc
-    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+    return _address_of(public.format(compressed=False)[1:])
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_of(public_key: bytes) -> str:
+    """The checksummed address of a 64-byte public key. Cached: the same few keys sign every step of a route,
+    and hashing and checksumming cost more than the recovery itself."""
+    return to_checksum_address(keccak(public_key)[-20:])
 
 
 _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
