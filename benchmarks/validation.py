@@ -3,9 +3,11 @@ judged by an fp32 validator exactly as the validation task judges a sampled one.
 
 Builds a Llama-style model (hidden 256, 6 layers) locally and serves it as three spans, 0:2, 2:4 and 4:6, each
 provider a real SpanRuntime (KV cache, retention, transcript hashes). A job is a prompt of 4 to 48 tokens and 8
-to 16 greedy decode steps through one provider per span. Honest jobs draw each span's provider from fp32 and
-bf16 ones, and every hop of every honest job is judged. Cheating jobs put one cheater (worker.testing.cheats) on one
-span, serving in fp32 or in bf16, between honest fp32 providers, and its hop is judged.
+to 16 decode steps through one provider per span, greedy or sampled under a seed (half each). Honest jobs draw
+each span's provider from fp32 and bf16 ones, and every hop of every honest job is judged. Cheating jobs put one
+cheater (worker.testing.cheats) on one span, serving in fp32 or in bf16, between honest fp32 providers, and its
+hop is judged. Token cheats (token-greedy, token-sampled) are honest last spans that commit to one token other
+than the one their own logits give, at a random step.
 
     min_detection_rate       the lowest, over every (cheat, span, dtype), of cheating hops failed ÷ judged
                              (target ≥ 0.99)
@@ -25,7 +27,9 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -33,13 +37,17 @@ from transformers.utils import logging as hf_logging
 from settlement.validation import ReferenceSpan, judge_span
 from worker.client import RetainedStep
 from worker.runtime import SpanRuntime
+from worker.sampling import Sampler, SamplingParams
 from worker.shard import Shard, load_shard
 from worker.testing.cheats import CHEATS, make_cheater
 from worker.testing.tiny import write_tiny_checkpoint
+from worker.transcript import StepHashes
 
 SPANS = ("0:2", "2:4", "4:6")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU = torch.device("cpu")
+GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
+SAMPLED: dict[str, Any] = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": 0}
 
 
 class Provider:
@@ -49,31 +57,53 @@ class Provider:
         self.compute_s: dict[bytes, float] = defaultdict(float)
 
 
-def run_job(route: list[Provider], prompt: list[int], decode_steps: int, session: bytes) -> None:
+def run_job(
+    route: list[Provider], prompt: list[int], decode_steps: int, session: bytes, sampling: dict[str, Any]
+) -> list[int]:
+    """The job's tokens, picked as the last provider's hop server picks them."""
     for provider in route:
         provider.runtime.open(session, job=session * 2)
+    sampler = Sampler(SamplingParams.from_dict(sampling))
     inputs: torch.Tensor = torch.tensor([prompt], dtype=torch.int64)
+    tokens = []
     for step in range(decode_steps + 1):
         x = inputs
         for provider in route:
             started = time.perf_counter()
             x, _ = provider.runtime.step(session, step, x)
             provider.compute_s[session] += time.perf_counter() - started
-        inputs = torch.tensor([[int(x[0, -1].float().argmax())]], dtype=torch.int64)
+        tokens.append(sampler.next_token(x[:, -1, :]))
+        inputs = torch.tensor([[tokens[-1]]], dtype=torch.int64)
     for provider in route:
         provider.runtime.close(session)
+    return tokens
 
 
-def judge(reference: ReferenceSpan, provider: Provider, session: bytes) -> tuple[bool, float, float]:
-    """(passed, mean relative error ÷ its bound, validator seconds) for the provider's hop of ``session``."""
-    records = provider.runtime.retained(session)
+def judge(
+    reference: ReferenceSpan, provider: Provider, job: Job, *, tokens: list[int] | None = None
+) -> tuple[bool, float, float]:
+    """(passed, mean relative error ÷ its bound, validator seconds) for the provider's hop of ``job``, its last
+    span's transcript committing to ``tokens`` (default: the ones it emitted)."""
+    records = provider.runtime.retained(job.session)
     started = time.perf_counter()
     steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
-    transcript = [(r.step, r.input_hash, r.output_hash) for r in records]
-    verdict = judge_span(reference, steps, transcript)
+    last = provider.runtime.shard.span.last
+    committed = job.tokens if tokens is None else tokens
+    transcript = [
+        StepHashes(r.step, r.input_hash, r.output_hash, token if last else None)
+        for r, token in zip(records, committed, strict=True)
+    ]
+    verdict = judge_span(reference, steps, transcript, sampling=job.sampling)
     elapsed = time.perf_counter() - started
     metrics = verdict.metrics
     return verdict.passed, metrics.get("meanRelErr", float("inf")) / metrics.get("meanBound", 1.0), elapsed
+
+
+@dataclass(frozen=True)
+class Job:
+    session: bytes
+    sampling: dict[str, Any]
+    tokens: list[int]
 
 
 def main() -> None:
@@ -110,11 +140,13 @@ def main() -> None:
             shard.model.set_attn_implementation("eager")
             honest[(span, "bf16-eager")] = Provider(f"honest bf16-eager {span}", shard)
 
-        def job(route: list[Provider]) -> bytes:
+        def job(route: list[Provider], sampling: dict[str, Any] | None = None) -> Job:
             session = rng.randbytes(16)
             prompt = [rng.randrange(256) for _ in range(rng.randint(4, 48))]
-            run_job(route, prompt, rng.randint(8, 16), session)
-            return session
+            if sampling is None:  # half greedy, half sampled under a seed, as the gateway fixes one
+                sampling = rng.choice((GREEDY, {**SAMPLED, "seed": rng.randrange(1 << 62)}))
+            tokens = run_job(route, prompt, rng.randint(8, 16), session, sampling)
+            return Job(session, sampling, tokens)
 
         honest_failed = 0
         honest_hops = 0
@@ -122,15 +154,15 @@ def main() -> None:
         worst_honest: dict[str, float] = defaultdict(float)
         for _ in range(args.honest_jobs):
             route = [honest[(span, rng.choice(("fp32", "bf16", "bf16-eager")))] for span in SPANS]
-            session = job(route)
+            done = job(route)
             for span, provider in zip(SPANS, route, strict=True):
-                passed, mean_error, seconds = judge(reference[span], provider, session)
+                passed, mean_error, seconds = judge(reference[span], provider, done)
                 honest_hops += 1
                 honest_failed += not passed
                 dtype = provider.name.split()[1]
                 worst_honest[dtype] = max(worst_honest[dtype], mean_error)
                 if dtype == "fp32":
-                    cost_ratios.append(seconds / provider.compute_s[session])
+                    cost_ratios.append(seconds / provider.compute_s[done.session])
 
         detection: dict[tuple[str, str, str], float] = {}
         least_cheat: dict[tuple[str, str], float] = defaultdict(lambda: float("inf"))
@@ -154,15 +186,33 @@ def main() -> None:
                     cheat_hops += args.cheat_jobs
                     detection[(kind, span, dtype)] = caught / args.cheat_jobs
 
+        # Token cheats: honest logits on the last span, one emitted token (at a random step) not the one they
+        # give, greedy or under the committed seed.
+        last = SPANS[-1]
+        for kind, sampling in (("token-greedy", GREEDY), ("token-sampled", SAMPLED)):
+            for dtype in DTYPES:
+                route = [honest[(s, "fp32")] for s in SPANS[:-1]] + [honest[(last, dtype)]]
+                caught = 0
+                for _ in range(args.cheat_jobs):
+                    done = job(route, {**sampling, "seed": rng.randrange(1 << 62)})
+                    cheated = list(done.tokens)
+                    at = rng.randrange(len(cheated))
+                    cheated[at] = (cheated[at] + rng.randrange(1, 256)) % 256
+                    passed, _, _ = judge(reference[last], route[-1], done, tokens=cheated)
+                    caught += not passed
+                cheat_hops += args.cheat_jobs
+                detection[(kind, last, dtype)] = caught / args.cheat_jobs
+
     print("detection rate per span; the least mean relative error ÷ its bound (1 = at the bound)")
     print(
         f"{'cheat':<14} {'dtype':<5} " + " ".join(f"{span:>6}" for span in SPANS) + "   least error ÷ bound"
     )
-    for kind in CHEATS:
+    for kind in (*CHEATS, "token-greedy", "token-sampled"):
         for dtype in DTYPES:
             rates = [detection.get((kind, span, dtype)) for span in SPANS]
             cells = " ".join("     -" if rate is None else f"{rate:6.2f}" for rate in rates)
-            print(f"{kind:<14} {dtype:<5} {cells}   {least_cheat[(kind, dtype)]:.3g}")
+            least = least_cheat.get((kind, dtype))
+            print(f"{kind:<14} {dtype:<5} {cells}   {'-' if least is None else f'{least:.3g}'}")
     print(
         f"honest: {honest_failed} of {honest_hops} hops failed; largest mean relative error ÷ bound "
         + ", ".join(f"{dtype} {value:.3g}" for dtype, value in sorted(worst_honest.items()))

@@ -57,7 +57,14 @@ from settlement.errors import UnknownJob
 from settlement.pricing import hop_charge
 from settlement.tickets import SignatureChecks
 from worker.messages import SignedReceipt
-from worker.transcript import Expected, ReceiptChecker, StepHashes, receipt_bills, transcript_root
+from worker.transcript import (
+    Expected,
+    ReceiptChecker,
+    StepHashes,
+    receipt_bills,
+    sampling_hash,
+    transcript_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +193,8 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: Receipt
     if not hop.transcript or hop.session is None or receipt.gateway is None or receipt.sampling_hash is None:
         return "no recorded transcript, session, gateway or sampling commitment"
     try:
-        root = transcript_root(_steps(hop))
+        steps = _steps(hop)
+        root = transcript_root(steps)
         signed = SignedReceipt(
             job_id=bytes.fromhex(job.id[2:]),
             session=bytes.fromhex(hop.session),
@@ -214,6 +222,8 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: Receipt
         layer_end=hop.layer_end,
         positions=hop.tokens,
         transcript_root=root,
+        # The last span's steps carry their tokens; it alone samples, with the job's parameters.
+        sampling_hash=sampling_hash(job.request.get("sampling") if steps[-1].token is not None else None),
     )
     return receipt_bills(signed, expected, check)
 

@@ -24,6 +24,16 @@ dtype the provider computed in (the dtype of its outputs):
     last span              the top token of the provider's logits is the reference's top token, or a near-tie:
                            its reference logit within ``tie`` standard deviations of the reference's top
 
+Emitted tokens. The last span's transcript commits to the token it emitted at every step, and its receipt to
+the sampling parameters it was opened with (seed included: the gateway fixes one when the client gives none).
+Before anything is re-executed, each token is checked against the provider's own retained logits, which hash
+to the transcript: under greedy decoding it must be their argmax (ties to the lowest id, as the sampler
+breaks them: the provider's own logits leave no near-tie to allow for), under sampling the token that
+``worker.sampling.Sampler``, seeded alike and fed the same logits in step order, draws. The provider signed
+both the logits and the token, so the check is exact and needs no tolerance; whether the logits themselves
+are right is the re-execution's question. A sampling commitment without a seed (older jobs) leaves only the
+weaker check that the token was one the parameters allowed.
+
 Measured with ``benchmarks/validation.py`` (tiny Llama checkpoints, an fp32 reference): honest bf16 hops come
 to a mean relative error of 0.5% to 0.8% depending on the span, the same weights quantized to int8 and served
 in bf16 to 1.1% and more, about twice the bf16 noise of the same input; honest fp32 to about 5e-7. A provider
@@ -32,20 +42,24 @@ computing in a dtype not in the table is judged as fp32.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from worker.client import RetainedStep
+from worker.sampling import Sampler, SamplingParams, warp_logits
 from worker.shard import Shard
+from worker.transcript import StepHashes
 from worker.wire import payload_sha256
 
 TRANSCRIPT_MISMATCH = "transcript_mismatch"  # the tensors handed over are not the ones the transcript signs
 BAD_TENSORS = "bad_tensors"  # shapes or dtypes no honest span produces
 OUTPUT_MISMATCH = "output_mismatch"
-TOKEN_MISMATCH = "token_mismatch"
+TOKEN_MISMATCH = "token_mismatch"  # the provider's logits pick another top token than the reference's
+WRONG_TOKEN = "wrong_token"  # the emitted token is not what the provider's own logits and sampling give
 
 
 @dataclass(frozen=True)
@@ -99,9 +113,14 @@ class Verdict:
 
 
 def judge_span(
-    reference: ReferenceSpan, steps: Sequence[RetainedStep], transcript: Sequence[tuple[int, bytes, bytes]]
+    reference: ReferenceSpan,
+    steps: Sequence[RetainedStep],
+    transcript: Sequence[StepHashes],
+    *,
+    sampling: Mapping[str, Any] | None = None,
 ) -> Verdict:
-    """The verdict on a provider's retained ``steps`` of one session, given the ``transcript`` its receipt signs.
+    """The verdict on a provider's retained ``steps`` of one session, given the ``transcript`` its receipt signs
+    and, on the last span, the ``sampling`` parameters it committed to.
 
     ``reference`` holds the same span's weights, loaded from the same model root.
     """
@@ -112,6 +131,15 @@ def judge_span(
     problem = _shape_problem(shard, steps)
     if problem is not None:
         return Verdict.failed(BAD_TENSORS, problem)
+    if shard.span.last:
+        tokens = [entry.token for entry in transcript]
+        if any(token is None for token in tokens):
+            return Verdict.failed(
+                TRANSCRIPT_MISMATCH, "the last span's transcript does not commit to its tokens"
+            )
+        verdict = check_tokens(steps, [int(t) for t in tokens if t is not None], sampling)
+        if verdict is not None:
+            return verdict
     dtype = steps[0].output.dtype
     tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     exact = reexecute(shard, steps)
@@ -125,12 +153,41 @@ def judge_span(
     return compare(shard, steps, exact, tolerance, noise)
 
 
-def _transcript_problem(
-    steps: Sequence[RetainedStep], transcript: Sequence[tuple[int, bytes, bytes]]
-) -> str | None:
+def check_tokens(
+    steps: Sequence[RetainedStep], tokens: Sequence[int], sampling: Mapping[str, Any] | None
+) -> Verdict | None:
+    """None when every emitted token is the one the step's retained logits and ``sampling`` give (see the module
+    docstring), else the failed verdict naming the steps that are not."""
+    try:
+        params = SamplingParams.from_dict(sampling or {})
+    except ValueError as exc:
+        return Verdict.failed(WRONG_TOKEN, f"the committed sampling parameters are not valid: {exc}")
+    replay = Sampler(params) if params.greedy or params.seed is not None else None
+    off: list[int] = []
+    drawn: list[int] = []
+    for kept, token in zip(steps, tokens, strict=True):
+        logits = kept.output[:, -1, :]
+        if replay is not None:
+            expected = replay.next_token(logits)  # every step, in order: the draws advance one generator
+            drawn.append(expected)
+            if token != expected:
+                off.append(kept.step)
+        elif not 0 <= token < logits.shape[-1] or warp_logits(logits, params)[token] == -math.inf:
+            off.append(kept.step)
+    if not off:
+        return None
+    how = "drawn under its committed seed" if replay is not None and not params.greedy else "their argmax"
+    detail = f"steps {_few(off)} emitted a token other than {how} from the provider's own logits"
+    return Verdict.failed(
+        WRONG_TOKEN, detail, emitted=list(tokens), expected=drawn or None, greedy=params.greedy
+    )
+
+
+def _transcript_problem(steps: Sequence[RetainedStep], transcript: Sequence[StepHashes]) -> str | None:
     if len(steps) != len(transcript):
         return f"{len(steps)} steps retained, the transcript has {len(transcript)}"
-    for kept, (step, input_hash, output_hash) in zip(steps, transcript, strict=True):
+    for kept, entry in zip(steps, transcript, strict=True):
+        step, input_hash, output_hash = entry.step, entry.input, entry.output
         if kept.step != step:
             return f"step {kept.step} retained where the transcript has step {step}"
         # Hashed again here: the frame digests were checked on receipt, but only against the frame's own header.
@@ -287,9 +344,11 @@ __all__ = [
     "TOKEN_MISMATCH",
     "TOLERANCES",
     "TRANSCRIPT_MISMATCH",
+    "WRONG_TOKEN",
     "ReferenceSpan",
     "Tolerance",
     "Verdict",
+    "check_tokens",
     "compare",
     "judge_span",
     "reexecute",

@@ -5,8 +5,10 @@ one (the ``settlement.validate_hop`` task):
 
     fetch     the provider's retained steps of the hop's session, with a ticket for the job signed by this
               validator's key (providers accept fetches only from validators they trust)
-    judge     hashes against the signed transcript, then one prefill on the reference weights of the same
-              model root and span, compared within the tolerance of the provider's dtype (settlement.validation)
+    judge     hashes against the signed transcript; on the last span, every emitted token against the provider's
+              own logits and the job's sampling parameters; then one prefill on the reference weights of the
+              same model root and span, compared within the tolerance of the provider's dtype
+              (settlement.validation)
     decide    passed: the job clears once all its drawn hops are decided.
               failed: the evidence is stored, the job is voided (see below), the provider's asks are pulled,
               and StakeManager.slash takes ``slash_bps`` of its stake, bonded and unbonding, under the
@@ -140,9 +142,12 @@ class _Hop:
     signature: str | None
     fingerprint: bytes  # of the certificate the provider's ask named: the link to it pins it
 
-    def steps(self) -> list[tuple[int, bytes, bytes]]:
-        rows = [StepHashes.from_row(row) for row in self.transcript]
-        return [(row.step, row.input, row.output) for row in rows]
+    sampling: (
+        dict[str, Any] | None
+    )  # the job's sampling parameters: the last span's tokens are checked under them
+
+    def steps(self) -> list[StepHashes]:
+        return [StepHashes.from_row(row) for row in self.transcript]
 
 
 class Validator:
@@ -209,7 +214,7 @@ class Validator:
                     validation_id, ValidationStatus.PENDING, retry_in_s=min(self.retry_s, deadline - now)
                 )
             return self._unavailable(hop, first_attempt <= deadline, f"unreachable: {exc!r}")
-        verdict = judge_span(reference, steps, hop.steps())
+        verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
         return self._decide(hop, verdict)
 
     def _load(self, validation_id: int) -> _Hop:
@@ -242,6 +247,7 @@ class Validator:
                 list(hop.transcript or []),
                 receipt.signature if receipt else None,
                 bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")) if ask is not None else bytes(32),
+                (job.request or {}).get("sampling"),
             )
 
     async def _fetch(self, hop: _Hop, reference: ReferenceSpan) -> list[RetainedStep]:
@@ -292,20 +298,30 @@ class Validator:
         evidence_hash = "0x" + keccak(evidence.encode()).hex()
         now = datetime.fromtimestamp(self.clock(), UTC)
         with self.sessions.begin() as session:
-            self._record(
-                session, hop, ValidationStatus.FAILED, verdict.reason, verdict.detail, verdict.metrics
+            decided = validations.decide(
+                session,
+                validation_id=hop.validation,
+                job_id=hop.job_id,
+                status=ValidationStatus.FAILED,
+                now=now,
+                reason=verdict.reason,
+                detail=verdict.detail,
+                metrics=verdict.metrics,
+                evidence=evidence,
+                evidence_hash=evidence_hash,
             )
-            session.execute(
-                update(Validation)
-                .where(Validation.id == hop.validation)
-                .values(evidence=evidence, evidence_hash=evidence_hash, slash_status=SlashStatus.PENDING)
-            )
-            self._void(session, hop.job_id, now)
-            session.execute(
-                update(Ask)
-                .where(Ask.provider == hop.provider, Ask.withdrawn_at.is_(None))
-                .values(withdrawn_at=now)
-            )
+            if decided:
+                self._void(session, hop.job_id, now)
+                session.execute(
+                    update(Ask)
+                    .where(Ask.provider == hop.provider, Ask.withdrawn_at.is_(None))
+                    .values(withdrawn_at=now)
+                )
+        if not decided:
+            # Another run decided it first: its decision stands, with its evidence, and it slashes (or a later
+            # run resumes its slash); this one acts on nothing.
+            log.info("validation %d was decided by another run", hop.validation)
+            return Outcome(hop.validation, self._load(hop.validation).status)
         log.warning(
             "validation %d failed: %s on layers %s of job %s: %s (%s)",
             hop.validation, hop.provider, hop.layers, hop.job_id, verdict.reason, verdict.detail,

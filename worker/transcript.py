@@ -9,8 +9,9 @@ therefore commits to every token the client was sent. A route's transcripts link
 previous hop's output, step by step, and the first hop's input is what the gateway sent.
 
 A receipt bills when it is signed by the provider it names, for the gateway, job, session, model and span the
-gateway asked for, over exactly the positions the gateway sent, and its transcript root is the root of the
-entries that hop authenticated as the route ran.
+gateway asked for, over exactly the positions the gateway sent, its transcript root is the root of the entries
+that hop authenticated as the route ran, and (on the last span) it commits to the sampling parameters the
+session was opened with: a validator checks the emitted tokens under those.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class Expected:
     layer_end: int
     positions: int
     transcript_root: bytes
+    sampling_hash: (
+        bytes  # the last span's: sampling_hash of the parameters it was opened with; NO_SAMPLING else
+    )
 
 
 def receipt_bills(receipt: SignedReceipt, expected: Expected, signer_of: ReceiptChecker) -> str | None:
@@ -128,6 +132,8 @@ def receipt_bills(receipt: SignedReceipt, expected: Expected, signer_of: Receipt
         return f"the receipt bills {receipt.positions} positions; {expected.positions} were sent"
     if receipt.transcript_root != expected.transcript_root:
         return "the receipt's transcript root is not the root of the steps the hop reported"
+    if receipt.sampling_hash != expected.sampling_hash:
+        return "the receipt commits to other sampling parameters than the session was opened with"
     try:
         signer = signer_of(receipt)
     except ValueError as exc:

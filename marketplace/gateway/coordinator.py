@@ -42,7 +42,14 @@ from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
-from worker.transcript import Expected, ReceiptChecker, StepHashes, receipt_bills, transcript_root
+from worker.transcript import (
+    Expected,
+    ReceiptChecker,
+    StepHashes,
+    receipt_bills,
+    sampling_hash,
+    transcript_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +296,7 @@ class Coordinator:
                 layer_end=record.ask.end,
                 positions=record.tokens,
                 transcript_root=record.transcript_root,
+                sampling_hash=sampling_hash(spec.sampling if plan.ticket.last else None),
             )
             refused = (
                 "no receipt" if receipt is None else receipt_bills(receipt, expected, self.check_receipt)

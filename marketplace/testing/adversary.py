@@ -45,13 +45,15 @@ from settlement.chain import Chain
 from settlement.db.schema import HopStatus
 from settlement.deploy import ONE_TOKEN, Contracts, DeployParams, deploy
 from settlement.tickets import KeyRing, SignatureChecks
+from settlement.validation import WRONG_TOKEN, ReferenceSpan, judge_span
 from worker.client import PeerLink, Peers, RouteClient, fetch_retained
 from worker.errors import WorkerError
 from worker.messages import Auth, Hello, Open, Step, checked
 from worker.protocol import read_control, write_message
-from worker.shard import model_root
+from worker.shard import load_shard, model_root
 from worker.testing.tiny import BOS, write_tiny_checkpoint
 from worker.tls import client_context
+from worker.transcript import Expected, receipt_bills, sampling_hash, transcript_root
 from worker.wire import FrameLimits
 
 PROMPT = [BOS, *b"Strangers on a route. "]
@@ -339,23 +341,27 @@ def inject_a_step(arena: Arena) -> Verdict:
 
 
 def substitute_the_emitted_token(arena: Arena) -> Verdict:
-    """The last provider emits other tokens than it sampled, keeping its logits honest: the job completes (the
-    gateway cannot tell), but its signed transcript commits to what it emitted, and its retained logits say
-    otherwise, which is what a validator compares."""
+    """The last provider emits other tokens than it sampled, keeping its logits honest, greedy and under a seeded
+    sampler: the job completes and bills (the gateway cannot tell), but its signed transcript commits to what it
+    emitted, and the validator, judging its retained steps as the validation task does, fails the hop."""
     rogue = arena.rogues["substitute-token"]
     route = [arena.honest["a"], arena.honest["b"], rogue]
+    reference = ReferenceSpan(
+        lambda dtype: load_shard(arena.model, "4:6", device=torch.device("cpu"), dtype=dtype)
+    )
 
-    async def run() -> tuple[list[int], list[int]]:
+    async def run(sampling: dict[str, Any]) -> tuple[str | None, bool]:
         peers = Peers(arena.keys)
         plans = plan(route, root=arena.root, keys=arena.keys)
         client = RouteClient(plans, peers, checks=arena.checks, vocab_size=VOCAB)
+        transcript = []
         try:
-            await client.open({})
+            await client.open(sampling)
             result = await client.step(0, torch.tensor([PROMPT]))
-            committed = [result.hops[-1].token or 0]
+            transcript.append(result.hops[-1])
             for step in range(1, NEW_TOKENS):
-                result = await client.step(step, torch.tensor([[committed[-1]]]))
-                committed.append(result.hops[-1].token or 0)
+                result = await client.step(step, torch.tensor([[result.token]]))
+                transcript.append(result.hops[-1])
             receipts = await client.close()
         finally:
             await peers.close()
@@ -370,15 +376,23 @@ def substitute_the_emitted_token(arena: Arena) -> Verdict:
             retained = await fetch_retained(link, ticket, max_steps=NEW_TOKENS, limits=limits)
         finally:
             await link.close()
-        assert receipts[-1] is not None
-        argmax = [int(step.output[0, -1].argmax()) for step in retained]
-        return committed, argmax
+        expected = Expected(
+            plans[-1].ticket.job_id, client.session, arena.keys.address, rogue.account.address,
+            plans[-1].ticket.model_root, 4, 6, len(PROMPT) + NEW_TOKENS - 1, transcript_root(transcript),
+            sampling_hash(sampling),
+        )  # fmt: skip
+        receipt = receipts[-1]
+        billed = receipt is not None and receipt_bills(receipt, expected, arena.checks.receipt) is None
+        return judge_span(reference, retained, transcript, sampling=sampling).reason, billed
 
-    committed, argmax = asyncio.run(run())
-    exposed = any(c != a for c, a in zip(committed, argmax, strict=True))
-    return Verdict(
-        "substitute-token", not exposed, False, f"committed {committed}, the retained logits' argmax {argmax}"
+    sampled = {"temperature": 0.8, "top_p": 0.95, "top_k": 20, "seed": 7}
+    verdicts = [asyncio.run(run(sampling)) for sampling in ({"temperature": 0.0, "seed": 1}, sampled)]
+    caught = all(reason == WRONG_TOKEN and billed for reason, billed in verdicts)
+    detail = ", ".join(
+        f"{name}: billed {billed}, judged {reason}"
+        for name, (reason, billed) in zip(("greedy", "sampled"), verdicts, strict=True)
     )
+    return Verdict("substitute-token", not caught, False, detail)
 
 
 def withhold_downstream_receipts(arena: Arena) -> Verdict:

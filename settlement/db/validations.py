@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from settlement.db.schema import Job, Validation, ValidationStatus
+from settlement.db.schema import Job, SlashStatus, Validation, ValidationStatus
 
 
 def record(*, job_id: str, hop_id: int, provider: str) -> Validation:
@@ -34,16 +34,29 @@ def decide(
     reason: str | None = None,
     detail: str | None = None,
     metrics: dict[str, Any] | None = None,
-) -> None:
-    """Records a pending validation's verdict (a decided one stays as it is), and clears its job when it was
-    the last one pending."""
+    evidence: str | None = None,
+    evidence_hash: str | None = None,
+) -> bool:
+    """Records a pending validation's verdict, with the evidence of a failure (its slash then pending), and
+    clears its job when it was the last one pending. Returns whether this call decided it: a validation is
+    decided once, by one conditional update, so two runs racing on one hop (a lock that expired, a task
+    delivered twice) cannot both act on a failure, and the first evidence is never overwritten."""
     if status == ValidationStatus.PENDING:
         raise ValueError("a decision is passed, failed or missed")
-    session.execute(
+    if (evidence is None) != (status != ValidationStatus.FAILED):
+        raise ValueError("a failure, and only a failure, comes with its evidence")
+    values: dict[str, Any] = {
+        "status": status, "reason": reason, "detail": detail, "metrics": metrics, "decided_at": now,
+    }  # fmt: skip
+    if evidence is not None:
+        values.update(evidence=evidence, evidence_hash=evidence_hash, slash_status=SlashStatus.PENDING)
+    decided = session.execute(
         update(Validation)
         .where(Validation.id == validation_id, Validation.status == ValidationStatus.PENDING)
-        .values(status=status, reason=reason, detail=detail, metrics=metrics, decided_at=now)
+        .values(**values)
     )
+    if decided.rowcount != 1:  # type: ignore[attr-defined]
+        return False
     undecided = session.scalar(
         select(Validation.id)
         .where(Validation.job_id == job_id, Validation.status == ValidationStatus.PENDING)
@@ -51,6 +64,7 @@ def decide(
     )
     if undecided is None:
         clear(session, job_id, now)
+    return True
 
 
 def clear(session: Session, job_id: str, now: datetime) -> None:

@@ -140,7 +140,7 @@ class Recorder:
                 Job(
                     id=job_id, kind="chat", model_root=MODEL_ROOT, model_name="tiny", status=status,
                     scheme=scheme, payer=payer.address, channel_id=channel_id, quote=0, charged=0,
-                    max_tokens=tokens, prompt_tokens=1, request={}, created_at=now, finished_at=now,
+                    max_tokens=tokens, prompt_tokens=1, request={"sampling": {}}, created_at=now, finished_at=now,
                 )
             )  # fmt: skip
             session.flush()

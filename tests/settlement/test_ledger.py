@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,17 @@ from eth_account import Account
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.db.schema import Charge, Hop, Job, LedgerEntry, Receipt
+from settlement.db import validations
+from settlement.db.schema import (
+    Charge,
+    Hop,
+    Job,
+    LedgerEntry,
+    Receipt,
+    SlashStatus,
+    Validation,
+    ValidationStatus,
+)
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
 from settlement.ledger import meter_job, split
@@ -182,6 +193,72 @@ def test_receipts_that_do_not_check_out_bill_nothing(
     assert actors.providers[1].address not in {r.provider for r in entries(recorder, job_id)}
     if change == "link":
         assert entries(recorder, job_id) == []  # a broken chain bills no hop of its route
+
+
+def test_a_last_span_receipt_for_other_sampling_bills_nothing(recorder: Recorder, actors: Actors) -> None:
+    """The last span's receipt commits to the sampling it was opened with; a provider that signs another (to
+    escape the token check under the job's own) bills nothing."""
+    job_id = recorder.voucher_job(actors.payers[0], tokens=50_000)
+    with recorder.sessions.begin() as session:
+        hop = session.scalar(select(Hop).where(Hop.job_id == job_id, Hop.position == 2))
+        assert hop is not None and hop.session is not None
+        signed = KeyRing(actors.providers[2], recorder.contracts.protocol_domain()).receipt(
+            ReceiptFields(
+                job_id=bytes.fromhex(job_id[2:]), session=bytes.fromhex(hop.session), gateway=GATEWAY,
+                provider=hop.provider, model_root=bytes.fromhex(MODEL_ROOT[2:]), layer_start=hop.layer_start,
+                layer_end=hop.layer_end, positions=hop.tokens, transcript_root=bytes.fromhex(hop.transcript_root[2:]),
+                sampling_hash=sampling_hash({"temperature": 0.0}),
+            )
+        )  # fmt: skip
+        session.execute(
+            update(Receipt)
+            .where(Receipt.hop_id == hop.id)
+            .values(signature="0x" + signed.signature.hex(), sampling_hash="0x" + signed.sampling_hash.hex())
+        )
+    reasons = list(meter(recorder, job_id).refused.values())  # type: ignore[attr-defined]
+    assert any("other sampling parameters" in reason for reason in reasons), reasons
+    assert actors.providers[2].address not in {r.provider for r in entries(recorder, job_id)}
+
+
+def test_a_validation_is_decided_once_and_its_evidence_never_overwritten(
+    recorder: Recorder, actors: Actors
+) -> None:
+    """Two runs judging one hop (a lock that expired under a slow one, a task delivered twice) race to decide it:
+    one conditional update lets exactly one win, and only the winner's failure voids, pulls asks and slashes."""
+    job_id = recorder.voucher_job(actors.payers[0], tokens=50_000)
+    with recorder.sessions.begin() as session:
+        hop = session.scalar(select(Hop).where(Hop.job_id == job_id, Hop.position == 1))
+        assert hop is not None
+        validation = validations.record(job_id=job_id, hop_id=hop.id, provider=hop.provider)
+        session.add(validation)
+        session.flush()
+        validation_id = validation.id
+    now = datetime.now(UTC)
+
+    def fail(evidence: str) -> bool:
+        with recorder.sessions.begin() as session:
+            return validations.decide(
+                session, validation_id=validation_id, job_id=job_id, status=ValidationStatus.FAILED, now=now,
+                reason="output_mismatch", evidence=evidence, evidence_hash="0x" + "11" * 32,
+            )  # fmt: skip
+
+    assert fail('{"first": true}')
+    assert not fail('{"second": true}')
+    with recorder.sessions.begin() as session:
+        assert not validations.decide(
+            session, validation_id=validation_id, job_id=job_id, status=ValidationStatus.PASSED, now=now
+        )
+    with recorder.sessions() as session:
+        decided = session.get(Validation, validation_id)
+        assert decided is not None
+        assert (decided.status, decided.evidence) == (ValidationStatus.FAILED, '{"first": true}')
+        assert decided.slash_status == SlashStatus.PENDING
+        job = session.get(Job, job_id)
+        assert job is not None and job.cleared_at is not None
+    with pytest.raises(ValueError, match="evidence"), recorder.sessions.begin() as session:
+        validations.decide(
+            session, validation_id=validation_id, job_id=job_id, status=ValidationStatus.FAILED, now=now
+        )
 
 
 def test_the_ledger_adds_up_to_the_charges_exactly(recorder: Recorder, actors: Actors) -> None:

@@ -1,10 +1,12 @@
 """Judging a hop: honest providers pass in fp32 and bf16, every kind of cheat fails on every span it applies to,
-and tensors that are not the ones the transcript signs fail before anything is re-executed."""
+tensors that are not the ones the transcript signs fail before anything is re-executed, and so does a last span
+that emitted a token other than the one its own logits and committed sampling give."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,15 +16,18 @@ from settlement.validation import (
     OUTPUT_MISMATCH,
     TOKEN_MISMATCH,
     TRANSCRIPT_MISMATCH,
+    WRONG_TOKEN,
     ReferenceSpan,
     Verdict,
     judge_span,
 )
 from worker.client import RetainedStep
 from worker.runtime import SpanRuntime
+from worker.sampling import Sampler, SamplingParams
 from worker.shard import Shard, load_shard
 from worker.testing.cheats import CHEATS, make_cheater
 from worker.testing.tiny import write_tiny_checkpoint
+from worker.transcript import StepHashes
 
 SPANS = ("0:2", "2:4", "4:6")
 CPU = torch.device("cpu")
@@ -44,32 +49,48 @@ def references(model: Path) -> dict[str, ReferenceSpan]:
     }
 
 
-def serve(shards: list[Shard], prompt: list[int], decode_steps: int) -> list[SpanRuntime]:
-    """One job through one runtime per span, greedy; returns the runtimes holding its retained steps."""
+def serve(
+    shards: list[Shard], prompt: list[int], decode_steps: int, sampling: dict[str, Any] | None = None
+) -> tuple[list[SpanRuntime], list[int]]:
+    """One job through one runtime per span, the last span's tokens picked as a hop server picks them; returns
+    the runtimes holding its retained steps, and the tokens."""
     runtimes = [SpanRuntime(shard) for shard in shards]
+    sampler = Sampler(SamplingParams.from_dict(sampling or {}))
     session = b"s" * 16
     for runtime in runtimes:
         runtime.open(session, b"j" * 32)
-    inputs = torch.tensor([prompt])
+    inputs, tokens = torch.tensor([prompt]), []
     for step in range(decode_steps + 1):
         x = inputs
         for runtime in runtimes:
             x, _ = runtime.step(session, step, x)
-        inputs = torch.tensor([[int(x[0, -1].float().argmax())]])
+        tokens.append(sampler.next_token(x[:, -1, :]))
+        inputs = torch.tensor([[tokens[-1]]])
     for runtime in runtimes:
         runtime.close(session)
-    return runtimes
+    return runtimes, tokens
 
 
-def judged(reference: ReferenceSpan, runtime: SpanRuntime, tamper: bool = False) -> Verdict:
+def judged(
+    reference: ReferenceSpan,
+    runtime: SpanRuntime,
+    tokens: list[int],
+    *,
+    tamper: bool = False,
+    sampling: dict[str, Any] | None = None,
+) -> Verdict:
     records = runtime.retained(b"s" * 16)
     steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
-    transcript = [(r.step, r.input_hash, r.output_hash) for r in records]
+    last = runtime.shard.span.last
+    transcript = [
+        StepHashes(r.step, r.input_hash, r.output_hash, token if last else None)
+        for r, token in zip(records, tokens, strict=True)
+    ]
     if tamper:
         changed = steps[1].output.clone()
         changed.view(-1)[0] += 1
         steps[1] = RetainedStep(1, steps[1].input, changed, steps[1].input_hash, steps[1].output_hash)
-    return judge_span(reference, steps, transcript)
+    return judge_span(reference, steps, transcript, sampling=sampling)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,8 +98,9 @@ def test_honest_providers_pass(model: Path, references: dict[str, ReferenceSpan]
     shards = [load_shard(model, span, device=CPU, dtype=dtype) for span in SPANS]
     for trial in range(3):
         prompt = list(os.urandom(5 + 9 * trial))
-        for span, runtime in zip(SPANS, serve(shards, prompt, decode_steps=6), strict=True):
-            verdict = judged(references[span], runtime)
+        runtimes, tokens = serve(shards, prompt, decode_steps=6)
+        for span, runtime in zip(SPANS, runtimes, strict=True):
+            verdict = judged(references[span], runtime, tokens)
             assert verdict.passed, (span, verdict.detail, verdict.metrics.get("meanRelErr"))
             assert verdict.metrics["dtype"] == str(dtype).removeprefix("torch.")
 
@@ -95,16 +117,16 @@ def test_every_cheat_fails_on_every_span(
             shards[position] = make_cheater(
                 load_shard(model, span, device=CPU, dtype=dtype), kind, seed=position
             )
-            runtimes = serve(shards, list(os.urandom(12)), decode_steps=6)
-            verdict = judged(references[span], runtimes[position])
+            runtimes, tokens = serve(shards, list(os.urandom(12)), decode_steps=6)
+            verdict = judged(references[span], runtimes[position], tokens)
             assert not verdict.passed, (kind, span, dtype, verdict.metrics.get("meanRelErr"))
             assert verdict.reason in (OUTPUT_MISMATCH, TOKEN_MISMATCH)
 
 
 def test_tensors_that_are_not_the_signed_ones_fail(model: Path, references: dict[str, ReferenceSpan]) -> None:
     shards = [load_shard(model, span, device=CPU) for span in SPANS]
-    runtimes = serve(shards, [1, 2, 3, 4], decode_steps=3)
-    verdict = judged(references["2:4"], runtimes[1], tamper=True)
+    runtimes, tokens = serve(shards, [1, 2, 3, 4], decode_steps=3)
+    verdict = judged(references["2:4"], runtimes[1], tokens, tamper=True)
     assert (verdict.passed, verdict.reason) == (False, TRANSCRIPT_MISMATCH)
     assert "step 1's output" in verdict.detail
 
@@ -114,3 +136,59 @@ def test_cheats_refuse_spans_they_cannot_apply_to(model: Path) -> None:
         make_cheater(load_shard(model, "0:2", device=CPU), "copy-input")
     with pytest.raises(ValueError, match="unknown cheat"):
         make_cheater(load_shard(model, "0:2", device=CPU), "bribe")
+
+
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 1234}
+
+
+@pytest.mark.parametrize("sampling", [None, SAMPLED], ids=["greedy", "sampled"])
+def test_a_last_span_that_emits_another_token_fails(
+    model: Path, references: dict[str, ReferenceSpan], sampling: dict[str, Any] | None
+) -> None:
+    """Honest logits, honest tokens but one: the substituted token is caught whatever the logits say, greedy or
+    sampled, and honest sampled tokens pass."""
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [1, 2, 3, 4], decode_steps=12, sampling=sampling)
+    assert judged(references["4:6"], runtimes[2], tokens, sampling=sampling).passed
+    vocab = shards[2].vocab_size
+    for step in (0, 11):  # the prefill's token, and one late in the decode
+        cheated = list(tokens)
+        cheated[step] = (cheated[step] + 1) % vocab
+        verdict = judged(references["4:6"], runtimes[2], cheated, sampling=sampling)
+        assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN), verdict.detail
+        assert f"steps {step} " in verdict.detail
+
+
+def test_tokens_drawn_under_another_seed_than_committed_fail(
+    model: Path, references: dict[str, ReferenceSpan]
+) -> None:
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [5, 6, 7], decode_steps=12, sampling={**SAMPLED, "seed": 99})
+    verdict = judged(references["4:6"], runtimes[2], tokens, sampling=SAMPLED)
+    assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN)
+
+
+def test_without_a_committed_seed_a_token_must_be_one_the_parameters_allow(
+    model: Path, references: dict[str, ReferenceSpan]
+) -> None:
+    """Jobs from before the gateway fixed seeds: the draws cannot be replayed, but a token outside the top-k is
+    still a token no honest sampler emits."""
+    unseeded = {**SAMPLED, "seed": None, "top_k": 1}
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [5, 6, 7], decode_steps=6, sampling=unseeded)
+    assert judged(references["4:6"], runtimes[2], tokens, sampling=unseeded).passed
+    cheated = [(token + 1) % shards[2].vocab_size for token in tokens]
+    verdict = judged(references["4:6"], runtimes[2], cheated, sampling=unseeded)
+    assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN)
+
+
+def test_a_last_span_transcript_without_tokens_fails(
+    model: Path, references: dict[str, ReferenceSpan]
+) -> None:
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, _ = serve(shards, [1, 2, 3], decode_steps=2)
+    records = runtimes[2].retained(b"s" * 16)
+    steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
+    transcript = [StepHashes(r.step, r.input_hash, r.output_hash) for r in records]
+    verdict = judge_span(references["4:6"], steps, transcript)
+    assert (verdict.passed, verdict.reason) == (False, TRANSCRIPT_MISMATCH)

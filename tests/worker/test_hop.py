@@ -125,6 +125,7 @@ def check_generation(model: Path, route: list[Served]) -> None:
         expected_fields = Expected(
             plan_.ticket.job_id, plan_.ticket.session, gateway_keys().address, provider.account.address,
             plan_.ticket.model_root, provider.ask.start, provider.ask.end, positions, transcript_root(steps),
+            sampling_hash({} if index == len(route) - 1 else None),
         )  # fmt: skip
         assert receipt_bills(receipt, expected_fields, checks().receipt) is None
         last = index == len(route) - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -48,6 +49,10 @@ def build_request(
             context_length=model.context_length,
         )
     sampling = body.sampling()
+    if sampling["seed"] is None:
+        # Fixed here rather than left to the last provider: its receipt commits to the parameters, seed and all,
+        # so a validator can replay its draws and check every token it emitted.
+        sampling["seed"] = secrets.randbits(63)
     try:
         SamplingParams.from_dict(sampling)
     except ValueError as exc:
