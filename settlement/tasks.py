@@ -5,7 +5,8 @@
     settlement.validate_hop(id)    re-executes one drawn hop and slashes on a mismatch (settlement.validator);
                                    retried while the provider cannot be reached, within the window
     settlement.close_epoch()       Celery beat every EPOCH_S seconds, or on demand; see settlement.epochs. It
-                                   also sends validate_hop again for every validation still undone.
+                                   also sends validate_hop again for every validation still undone that has
+                                   none on its way (queue_validation), so retries never pile up.
 
 Nothing is sampled without a VALIDATOR_KEY: a drawn hop holds its job's payout back until it is validated.
 
@@ -56,6 +57,10 @@ VALIDATE_HOP = "settlement.validate_hop"
 CLOSE_EPOCH = "settlement.close_epoch"
 _CLOSE_LOCK = "strata:close_epoch"
 _SLASH_LOCK = "strata:slash"
+_QUEUED = "strata:validate:queued:{}"
+# How long a validation counts as on its way without news: a chain of retries lost with its worker is queued
+# again by an epoch close after this. Each attempt renews it.
+QUEUED_TTL_S = 30 * 60
 # Failures that a later attempt can get past; a revert or a ledger mismatch is not one of them.
 _TRANSIENT = (ChainUnavailable, TransactionTimeout, TransactionRejected, OperationalError, EpochBusy)
 
@@ -151,7 +156,7 @@ def meter_job(job_id: str) -> dict[str, Any]:
     if metered is None:
         return {"jobId": job_id, "metered": False}
     for validation in metered.sampled:
-        validate_hop.delay(validation)
+        queue_validation(ctx.redis, validation)
     return {
         "jobId": job_id,
         "metered": True,
@@ -177,15 +182,38 @@ def validate_hop(self: Task, validation_id: int) -> dict[str, Any]:
     lock = ctx.redis.lock(f"strata:validate:{validation_id}", timeout=15 * 60)
     if not lock.acquire(blocking=False):
         return {"validation": validation_id, "status": "busy"}  # another worker has it
+    queued = _QUEUED.format(validation_id)
     try:
         outcome = ctx.validator.validate(validation_id)
+    except _TRANSIENT:
+        raise  # retried by Celery: the chain goes on
+    except Exception:
+        ctx.redis.delete(queued)  # this chain ends here; the next epoch close queues the validation again
+        raise
     finally:
         with contextlib.suppress(LockError):
             lock.release()
     if outcome.retry_in_s is not None:
         # Not an error: the provider did not answer yet, and the validator decides when it is too late.
+        ctx.redis.expire(queued, QUEUED_TTL_S)
         raise self.retry(countdown=outcome.retry_in_s, max_retries=None)
+    ctx.redis.delete(queued)
     return outcome.as_json()
+
+
+def queue_validation(redis: Redis, validation_id: int) -> bool:
+    """Sends validate_hop for a validation unless one is already on its way (queued, running or waiting to
+    retry); returns whether it sent one. Every epoch close queues each undone validation, and without this
+    each would start another chain of retries beside the ones still going."""
+    if not claim_validation(redis, validation_id):
+        return False
+    validate_hop.delay(validation_id)
+    return True
+
+
+def claim_validation(redis: Redis, validation_id: int) -> bool:
+    """Marks a validation as on its way, unless it already is."""
+    return bool(redis.set(_QUEUED.format(validation_id), 1, nx=True, ex=QUEUED_TTL_S))
 
 
 @app.task(
@@ -210,7 +238,7 @@ def close_epoch() -> dict[str, Any]:
     if ctx.validator is not None:
         from settlement.validator import unfinished
 
-        # Validations drawn here or whose tasks were lost: each task does nothing if another got there first.
+        # Validations drawn here or whose tasks were lost; one already on its way is left to it.
         for validation in unfinished(ctx.sessions):
-            validate_hop.delay(validation)
+            queue_validation(ctx.redis, validation)
     return report

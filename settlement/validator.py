@@ -16,9 +16,11 @@ one (the ``settlement.validate_hop`` task):
 
 Data the provider cannot produce. A provider must keep a session's steps for ``window_s`` after the job
 finished (its ``retention_s`` should be longer). A provider that answers without them (or refuses this
-validator's ticket) fails the validation, as one that cannot be reached fails once the window has passed
-with every attempt unanswered. A validator that first tries after the window blames nobody: the hop is
-``missed``, and the job clears as if it had not been drawn.
+validator's ticket) inside the window fails the validation, as one that cannot be reached fails once the window
+has passed with every attempt unanswered while the validator kept trying (see :func:`unavailable`). Trouble
+on the validator's side (no reference weights, a crash, a backlog) is never the provider's: an attempt after
+the window that finds no data blames nobody, the hop is ``missed``, and the job clears as if it had not been
+drawn.
 
 Voiding. Because a job enters an epoch only once cleared, a voided job's earnings were never in any root:
 voiding takes nothing back from anyone. Its ledger entries are marked voided and its charge's metered amount
@@ -47,7 +49,7 @@ import torch
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from settlement.contracts import BPS
@@ -126,7 +128,8 @@ class _Hop:
     status: str
     slash_status: str | None
     evidence_hash: str | None
-    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    unreachable_since: datetime | None  # the first of the attempts since which the provider has not answered
     job_id: str
     model_root: str
     finished_at: datetime
@@ -148,6 +151,38 @@ class _Hop:
 
     def steps(self) -> list[StepHashes]:
         return [StepHashes.from_row(row) for row in self.transcript]
+
+
+def unavailable(
+    *,
+    now: float,
+    deadline: float,
+    refused: bool,
+    unreachable_since: float | None = None,
+    previous_attempt: float | None = None,
+    patience_s: float = 0.0,
+) -> ValidationStatus | None:
+    """Who answers for data a provider did not produce at an attempt at ``now``: FAILED (the provider), MISSED
+    (nobody: it no longer had to keep it), or None (try again).
+
+    A provider must produce a session's data until ``deadline`` (the window after its job finished). Refusing, or
+    answering without it, inside the window is its fault; after the window it is not, however the validator
+    came to be late (no reference weights yet, a crash, a backlog). An unreachable provider is tried again until
+    the deadline, and is at fault only if it was unreachable at every attempt from ``unreachable_since`` on and
+    the validator was still trying as the window closed: its ``previous_attempt`` at most ``patience_s`` (a
+    retry interval and a fetch) before the deadline. A validator that stopped trying earlier blames nobody.
+    """
+    if refused:
+        return ValidationStatus.FAILED if now <= deadline else ValidationStatus.MISSED
+    if now < deadline:
+        return None
+    kept_trying = (
+        previous_attempt is not None
+        and unreachable_since is not None
+        and unreachable_since <= previous_attempt <= deadline
+        and deadline - previous_attempt <= patience_s
+    )
+    return ValidationStatus.FAILED if kept_trying else ValidationStatus.MISSED
 
 
 class Validator:
@@ -186,36 +221,65 @@ class Validator:
             self._slash(hop)  # decided by an earlier run that stopped before the slash was mined
         if hop.status != ValidationStatus.PENDING:
             return Outcome(validation_id, hop.status)
-        now = self.clock()
-        deadline = hop.finished_at.timestamp() + self.window_s
-        first_attempt = hop.first_attempt_at.timestamp() if hop.first_attempt_at else now
-        with self.sessions.begin() as session:
-            session.execute(
-                update(Validation)
-                .where(Validation.id == validation_id)
-                .values(
-                    attempts=Validation.attempts + 1,
-                    first_attempt_at=datetime.fromtimestamp(first_attempt, UTC),
-                )
-            )
         reference = self.references.span(hop.model_root, *hop.layers)
-        if reference is None:
+        if reference is None:  # the validator's own trouble: no attempt is counted against the provider
             raise NoReferenceWeights(
                 f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
             )
+        now = self.clock()
+        deadline = hop.finished_at.timestamp() + self.window_s
+        previous = hop.last_attempt_at.timestamp() if hop.last_attempt_at else None
+        self._attempting(hop, now)
         try:
             steps = asyncio.run(self._fetch(hop, reference))
         except HopRefused as exc:  # the provider answered, without the data
-            return self._unavailable(hop, first_attempt <= deadline, f"{exc.code}: {exc}")
+            refused = unavailable(now=now, deadline=deadline, refused=True)
+            assert refused is not None  # an answer is never a reason to wait
+            return self._unavailable(hop, refused, f"{exc.code}: {exc}")
         except (WorkerError, TimeoutError, OSError) as exc:
-            if now < deadline:
+            unreachable_since = hop.unreachable_since.timestamp() if hop.unreachable_since else now
+            status = unavailable(
+                now=now,
+                deadline=deadline,
+                refused=False,
+                unreachable_since=unreachable_since,
+                previous_attempt=previous,
+                patience_s=self.retry_s + self.fetch_timeout_s,
+            )
+            if status is None:
                 log.info("validation %d: %s unreachable (%r), retrying", validation_id, hop.endpoint, exc)
+                self._unreachable(hop, unreachable_since)
                 return Outcome(
-                    validation_id, ValidationStatus.PENDING, retry_in_s=min(self.retry_s, deadline - now)
+                    validation_id,
+                    ValidationStatus.PENDING,
+                    retry_in_s=max(1.0, min(self.retry_s, deadline - now)),
                 )
-            return self._unavailable(hop, first_attempt <= deadline, f"unreachable: {exc!r}")
+            return self._unavailable(hop, status, f"unreachable: {exc!r}")
+        if hop.unreachable_since is not None:
+            self._unreachable(hop, None)  # it answered: an earlier streak of silence is over
         verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
         return self._decide(hop, verdict)
+
+    def _attempting(self, hop: _Hop, now: float) -> None:
+        at = datetime.fromtimestamp(now, UTC)
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Validation)
+                .where(Validation.id == hop.validation)
+                .values(
+                    attempts=Validation.attempts + 1,
+                    first_attempt_at=func.coalesce(Validation.first_attempt_at, at),
+                    last_attempt_at=at,
+                )
+            )
+
+    def _unreachable(self, hop: _Hop, since: float | None) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Validation)
+                .where(Validation.id == hop.validation)
+                .values(unreachable_since=None if since is None else datetime.fromtimestamp(since, UTC))
+            )
 
     def _load(self, validation_id: int) -> _Hop:
         with self.sessions() as session:
@@ -232,7 +296,8 @@ class Validator:
                 validation.status,
                 validation.slash_status,
                 validation.evidence_hash,
-                validation.first_attempt_at,
+                validation.last_attempt_at,
+                validation.unreachable_since,
                 job.id,
                 job.model_root,
                 job.finished_at,
@@ -279,9 +344,13 @@ class Validator:
         finally:
             await link.close()
 
-    def _unavailable(self, hop: _Hop, within_window: bool, detail: str) -> Outcome:
-        if not within_window:
-            log.warning("validation %d missed: first tried after the retention window", hop.validation)
+    def _unavailable(self, hop: _Hop, status: ValidationStatus, detail: str) -> Outcome:
+        if status == ValidationStatus.MISSED:
+            log.warning(
+                "validation %d missed: the provider no longer had to keep the data (%s)",
+                hop.validation,
+                detail,
+            )
             with self.sessions.begin() as session:
                 self._record(session, hop, ValidationStatus.MISSED, None, detail, None)
             return Outcome(hop.validation, ValidationStatus.MISSED)

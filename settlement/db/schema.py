@@ -399,8 +399,14 @@ class Validation(Base):
     slash_status: Mapped[str | None] = mapped_column(String(16))  # SlashStatus
     slashed: Mapped[int | None] = mapped_column(BigInteger)  # base units taken from the provider's stake
     slash_tx: Mapped[str | None] = mapped_column(HASH)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(
+        Integer, default=0
+    )  # fetches tried; the validator's own failures aside
     first_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Since when every attempt found the provider unreachable (None once it answers): past the window, that is
+    # its fault only if the validator was still trying as the window closed.
+    unreachable_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

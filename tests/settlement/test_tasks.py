@@ -22,7 +22,7 @@ from settlement.db.schema import LedgerEntry
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
 from settlement.report import ledger_and_chain
-from settlement.tasks import CLOSE_EPOCH, METER_JOB, make_app
+from settlement.tasks import CLOSE_EPOCH, METER_JOB, claim_validation, make_app
 from settlement.testing.ledger import Recorder, ledger_sessions
 from tests.conftest import Actors
 from tests.marketplace.harness import database
@@ -137,3 +137,16 @@ def test_the_worker_meters_jobs_and_closes_epochs(worker: Celery, recorder: Reco
 def _entries(sessions: sessionmaker[Session]) -> int:
     with sessions() as session:
         return len(session.scalars(select(LedgerEntry)).all())
+
+
+def test_a_validation_on_its_way_is_not_queued_again(redis_url: str) -> None:
+    """Every epoch close queues each undone validation; one already queued, running or waiting to retry is
+    claimed, so its retries never pile up. The claim lapses, for a chain lost with its worker."""
+    client = redis.Redis.from_url(redis_url)
+    assert claim_validation(client, 7)
+    assert not claim_validation(client, 7)
+    assert claim_validation(client, 8)
+    ttl = client.ttl("strata:validate:queued:7")
+    assert 0 < ttl <= 30 * 60
+    client.delete("strata:validate:queued:7")  # the chain ended: decided, or failed on the validator's side
+    assert claim_validation(client, 7)
