@@ -153,6 +153,21 @@ class _Hop:
         return [StepHashes.from_row(row) for row in self.transcript]
 
 
+# A session is fetched a part at a time, each part under ``fetch_timeout_s``; the whole fetch gets a round trip
+# per part and a floor rate per byte on top, so a provider far away or with a long session is not failed for
+# either, while one that drips its answer cannot hold the validator for long. Capped below the longest ticket a
+# provider takes (worker.server.ServerLimits.max_ticket_lifetime_s, 600 s), less the ticket's margin.
+FETCH_ROUND_TRIP_S = 0.25
+FETCH_FLOOR_BYTES_PER_S = 1 << 20
+MAX_FETCH_S = 540.0
+
+
+def fetch_budget_s(steps: int, payload_bytes: int, request_timeout_s: float) -> float:
+    """How long fetching ``steps`` steps (an input and an output part each) of at most ``payload_bytes`` may take."""
+    budget = request_timeout_s + 2 * steps * FETCH_ROUND_TRIP_S + payload_bytes / FETCH_FLOOR_BYTES_PER_S
+    return min(budget, MAX_FETCH_S)
+
+
 def unavailable(
     *,
     now: float,
@@ -195,7 +210,7 @@ class Validator:
         *,
         window_s: float = 600.0,
         slash_bps: int = BPS,
-        fetch_timeout_s: float = 30.0,
+        fetch_timeout_s: float = 30.0,  # per request: one part of one step
         retry_s: float = 10.0,
         send_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         clock: Callable[[], float] = time.time,
@@ -318,28 +333,29 @@ class Validator:
     async def _fetch(self, hop: _Hop, reference: ReferenceSpan) -> list[RetainedStep]:
         """The provider's retained steps of the hop's session, read over a link pinned to its certificate with a
         ticket naming it and the session: it can be used to read nothing else, by nobody else."""
+        shard = reference.shard()
+        # A retained tensor holds at most every position of the hop, each a hidden state or a row of logits.
+        width = hop.tokens * max(shard.hidden_size, shard.vocab_size)
+        limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
+        budget_s = fetch_budget_s(len(hop.transcript), 2 * width * 4, self.fetch_timeout_s)
         keys = KeyRing(self.account, self.contracts.protocol_domain())
         ticket = keys.fetch_ticket(
             job_id=bytes.fromhex(hop.job_id[2:]),
             session=bytes.fromhex(hop.session),
             provider=to_checksum_address(hop.provider),
-            expires_at=int(self.clock()) + int(self.fetch_timeout_s) + 60,
+            expires_at=int(self.clock() + budget_s) + 60,
         )
-        shard = reference.shard()
-        # A retained tensor holds at most every position of the hop, each a hidden state or a row of logits.
-        width = hop.tokens * max(shard.hidden_size, shard.vocab_size)
-        limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
         link = PeerLink(
             hop.endpoint,
             hop.fingerprint,
             keys,
             tls=hop.fingerprint != NO_FINGERPRINT,
             expect=to_checksum_address(hop.provider),
+            request_timeout_s=self.fetch_timeout_s,
         )
         try:
             return await asyncio.wait_for(
-                fetch_retained(link, ticket, max_steps=len(hop.transcript), limits=limits),
-                self.fetch_timeout_s,
+                fetch_retained(link, ticket, max_steps=len(hop.transcript), limits=limits), budget_s
             )
         finally:
             await link.close()

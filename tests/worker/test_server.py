@@ -16,7 +16,9 @@ from marketplace.devnet.process import free_port
 from marketplace.gateway.orderbook import BookAsk
 from marketplace.testing.hops import DOMAIN, VALIDATOR_ACCOUNT, checks, gateway_keys, plan
 from marketplace.testing.hops import Served as _Served
+from marketplace.testing.latency import DelayProxy
 from settlement.tickets import KeyRing
+from settlement.validator import fetch_budget_s
 from worker.client import PeerLink, Peers, RouteClient, fetch_retained
 from worker.errors import CertificateMismatch, HopRefused, ProtocolError, StepFailed, Unauthenticated
 from worker.messages import Close, FetchTicket, Open
@@ -251,3 +253,50 @@ def test_validators_fetch_retained_steps_of_the_session_their_ticket_names(
             await server.close()
 
     asyncio.run(drive())
+
+
+def test_a_long_session_is_fetched_over_a_slow_link_a_part_at_a_time(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A validator 50 ms from the provider fetches a session of 25 steps (50 round trips, over 5 s): each part
+    gets its own timeout and the whole a budget per round trip and per byte, where one timeout for the whole
+    session (the old rule, here 2 s) could never be met however honest the provider."""
+    shard = load_shard(tiny_models["llama"], "0:3", device=torch.device("cpu"))
+    runtime = SpanRuntime(shard)
+    server, port = serve(runtime, tmp_path)
+    validator = KeyRing(VALIDATOR_ACCOUNT, DOMAIN)
+    job, session = os.urandom(32), os.urandom(16)
+    runtime.open(session, job)
+    runtime.step(session, 0, torch.tensor([[BOS, 1, 2]]))
+    for step in range(1, 25):
+        runtime.step(session, step, torch.tensor([[3 + step]]))
+    runtime.close(session)
+    ticket = validator.fetch_ticket(
+        job_id=job, session=session, provider=PROVIDER.address, expires_at=int(time.time()) + 120
+    )
+    request_timeout_s = 2.0
+
+    async def fetch(endpoint: str, whole_s: float) -> float:
+        link = PeerLink(
+            endpoint, server.fingerprint, validator, tls=True, request_timeout_s=request_timeout_s
+        )
+        started = time.perf_counter()
+        try:
+            steps = await asyncio.wait_for(fetch_retained(link, ticket, max_steps=25, limits=LIMITS), whole_s)
+        finally:
+            await link.close()
+        assert [s.step for s in steps] == list(range(25))
+        return time.perf_counter() - started
+
+    async def drive(endpoint: str) -> float:
+        await server.start("127.0.0.1", port)
+        try:
+            with pytest.raises(TimeoutError):
+                await fetch(endpoint, request_timeout_s)
+            return await fetch(endpoint, fetch_budget_s(25, LIMITS.max_payload_bytes, request_timeout_s))
+        finally:
+            await server.close()
+
+    with DelayProxy(f"127.0.0.1:{port}", 0.05) as slow:
+        took = asyncio.run(drive(slow.endpoint))
+    assert took > 50 * 2 * 0.05  # every part crossed the slow link both ways
