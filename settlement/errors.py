@@ -14,6 +14,7 @@
     │   └── TransactionTimeout         no receipt in time; the transaction may still land
     ├── MerkleError                    a tree or proof request that cannot be answered
     ├── UnknownJob                     metering or validation was asked for a job the database does not have
+    ├── CannotJudge                    the validator cannot judge a drawn hop by its rules: nobody is blamed
     ├── EpochBusy                      another close_epoch holds the lock
     ├── BrokerUnavailable              the local redis-server did not start or does not answer
     └── LedgerMismatch                 the database and the chain disagree about settlement
@@ -33,6 +34,13 @@ class SettlementError(Exception):
 
 class ConfigurationError(SettlementError):
     code = "configuration_error"
+
+
+class CannotJudge(SettlementError):
+    """The validator cannot judge a hop it drew: parameters the gateway committed that its rules do not take.
+    Nobody is blamed."""
+
+    code = "cannot_judge"
 
 
 class NoReferenceWeights(ConfigurationError):

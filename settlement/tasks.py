@@ -183,6 +183,7 @@ def validate_hop(self: Task, validation_id: int) -> dict[str, Any]:
     if not lock.acquire(blocking=False):
         return {"validation": validation_id, "status": "busy"}  # another worker has it
     queued = _QUEUED.format(validation_id)
+    ctx.redis.set(queued, 1, ex=QUEUED_TTL_S)  # claimed anew: a chain that outlived its claim holds it again
     try:
         outcome = ctx.validator.validate(validation_id)
     except _TRANSIENT:
@@ -195,7 +196,6 @@ def validate_hop(self: Task, validation_id: int) -> dict[str, Any]:
             lock.release()
     if outcome.retry_in_s is not None:
         # Not an error: the provider did not answer yet, and the validator decides when it is too late.
-        ctx.redis.expire(queued, QUEUED_TTL_S)
         raise self.retry(countdown=outcome.retry_in_s, max_retries=None)
     ctx.redis.delete(queued)
     return outcome.as_json()

@@ -49,8 +49,9 @@ from typing import Any
 
 import torch
 
+from settlement.errors import CannotJudge
 from worker.client import RetainedStep
-from worker.sampling import Sampler, SamplingParams, warp_logits
+from worker.sampling import LOGITS_DTYPES, Sampler, SamplingParams, warp_logits
 from worker.shard import Shard
 from worker.transcript import StepHashes
 from worker.wire import payload_sha256
@@ -160,8 +161,8 @@ def check_tokens(
     docstring), else the failed verdict naming the steps that are not."""
     try:
         params = SamplingParams.from_dict(sampling or {})
-    except ValueError as exc:
-        return Verdict.failed(WRONG_TOKEN, f"the committed sampling parameters are not valid: {exc}")
+    except ValueError as exc:  # the gateway chose them and the provider only followed: not its fault
+        raise CannotJudge(f"the job's sampling parameters are not ones this validator takes: {exc}") from exc
     replay = Sampler(params) if params.greedy or params.seed is not None else None
     off: list[int] = []
     drawn: list[int] = []
@@ -203,8 +204,11 @@ def _shape_problem(shard: Shard, steps: Sequence[RetainedStep]) -> str | None:
     dtypes = {kept.output.dtype for kept in steps}
     if not steps:
         return "no steps"
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        return f"outputs in {sorted(str(d) for d in dtypes)}: one floating dtype expected"
+    if len(dtypes) != 1 or next(iter(dtypes)) not in LOGITS_DTYPES:
+        return f"outputs in {sorted(str(d) for d in dtypes)}: one of float32, float16 or bfloat16 expected"
+    for kept in steps:
+        if not bool(torch.isfinite(kept.output).all()):
+            return f"step {kept.step}: its output is not finite"
     for kept in steps:
         inputs, outputs = kept.input, kept.output
         if span.first:

@@ -67,13 +67,13 @@ from settlement.db.schema import (
     ValidationStatus,
 )
 from settlement.deploy import Contracts
-from settlement.errors import NoReferenceWeights, TransactionReverted, UnknownJob
+from settlement.errors import CannotJudge, NoReferenceWeights, TransactionReverted, UnknownJob
 from settlement.outbox import send_once
 from settlement.tickets import KeyRing
 from settlement.validation import ReferenceSpan, Verdict, judge_span
 from worker.client import PeerLink, RetainedStep, fetch_retained
-from worker.errors import HopRefused, WorkerError
-from worker.shard import default_device, load_shard, model_root
+from worker.errors import HopRefused, UnknownSession, WorkerError
+from worker.shard import Shard, default_device, load_shard, model_root
 from worker.tls import NO_FINGERPRINT
 from worker.transcript import StepHashes
 from worker.wire import FrameLimits
@@ -160,6 +160,18 @@ class _Hop:
 FETCH_ROUND_TRIP_S = 0.25
 FETCH_FLOOR_BYTES_PER_S = 1 << 20
 MAX_FETCH_S = 540.0
+# Past the deadline, an unreachable provider is blamed only if the validator's last attempt before it began
+# within a retry interval, a whole fetch and this much of it.
+PATIENCE_SLACK_S = 30.0
+# Refusals that say the provider does not have the data; any other refusal is treated as no answer.
+NO_DATA = frozenset({UnknownSession.code})
+
+
+@dataclass(frozen=True)
+class _FetchPlan:
+    limits: FrameLimits  # per frame
+    part_timeout_s: float  # per request: one step's input or output
+    budget_s: float  # the whole session
 
 
 def fetch_budget_s(steps: int, payload_bytes: int, request_timeout_s: float) -> float:
@@ -185,7 +197,8 @@ def unavailable(
     came to be late (no reference weights yet, a crash, a backlog). An unreachable provider is tried again until
     the deadline, and is at fault only if it was unreachable at every attempt from ``unreachable_since`` on and
     the validator was still trying as the window closed: its ``previous_attempt`` at most ``patience_s`` (a
-    retry interval and a fetch) before the deadline. A validator that stopped trying earlier blames nobody.
+    retry interval, a whole fetch and a margin) before the deadline, and this attempt at most that after it. A
+    validator that stopped trying earlier, or came back much later, blames nobody.
     """
     if refused:
         return ValidationStatus.FAILED if now <= deadline else ValidationStatus.MISSED
@@ -196,6 +209,7 @@ def unavailable(
         and unreachable_since is not None
         and unreachable_since <= previous_attempt <= deadline
         and deadline - previous_attempt <= patience_s
+        and now - deadline <= patience_s  # and tried again soon after: not an hour late, after its own outage
     )
     return ValidationStatus.FAILED if kept_trying else ValidationStatus.MISSED
 
@@ -241,17 +255,26 @@ class Validator:
             raise NoReferenceWeights(
                 f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
             )
+        try:
+            plan = self._plan(hop, reference.shard())
+        except OSError as exc:
+            raise NoReferenceWeights(
+                f"the reference weights for {hop.model_root} do not load: {exc}"
+            ) from exc
         now = self.clock()
         deadline = hop.finished_at.timestamp() + self.window_s
         previous = hop.last_attempt_at.timestamp() if hop.last_attempt_at else None
         self._attempting(hop, now)
         try:
-            steps = asyncio.run(self._fetch(hop, reference))
-        except HopRefused as exc:  # the provider answered, without the data
-            refused = unavailable(now=now, deadline=deadline, refused=True)
-            assert refused is not None  # an answer is never a reason to wait
-            return self._unavailable(hop, refused, f"{exc.code}: {exc}")
+            steps = asyncio.run(self._fetch(hop, plan))
         except (WorkerError, TimeoutError, OSError) as exc:
+            answered = self.clock()  # a long fetch may end well after it began
+            if isinstance(exc, HopRefused) and exc.code in NO_DATA:  # it answered, without the data
+                refused = unavailable(now=answered, deadline=deadline, refused=True)
+                assert refused is not None  # an answer is never a reason to wait
+                return self._unavailable(hop, refused, f"{exc.code}: {exc}")
+            # No answer that can be held against it: unreachable, too slow, or it refused the ticket (a clock
+            # skewed, this validator not yet among those it trusts). Tried again until the window closes.
             unreachable_since = hop.unreachable_since.timestamp() if hop.unreachable_since else now
             status = unavailable(
                 now=now,
@@ -259,7 +282,7 @@ class Validator:
                 refused=False,
                 unreachable_since=unreachable_since,
                 previous_attempt=previous,
-                patience_s=self.retry_s + self.fetch_timeout_s,
+                patience_s=self.retry_s + plan.budget_s + PATIENCE_SLACK_S,
             )
             if status is None:
                 log.info("validation %d: %s unreachable (%r), retrying", validation_id, hop.endpoint, exc)
@@ -267,12 +290,18 @@ class Validator:
                 return Outcome(
                     validation_id,
                     ValidationStatus.PENDING,
-                    retry_in_s=max(1.0, min(self.retry_s, deadline - now)),
+                    retry_in_s=max(1.0, min(self.retry_s, deadline - answered)),
                 )
             return self._unavailable(hop, status, f"unreachable: {exc!r}")
         if hop.unreachable_since is not None:
             self._unreachable(hop, None)  # it answered: an earlier streak of silence is over
-        verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
+        try:
+            verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
+        except CannotJudge as exc:
+            log.warning("validation %d missed: %s", validation_id, exc)
+            with self.sessions.begin() as session:
+                self._record(session, hop, ValidationStatus.MISSED, None, str(exc), None)
+            return Outcome(validation_id, ValidationStatus.MISSED)
         return self._decide(hop, verdict)
 
     def _attempting(self, hop: _Hop, now: float) -> None:
@@ -330,20 +359,29 @@ class Validator:
                 (job.request or {}).get("sampling"),
             )
 
-    async def _fetch(self, hop: _Hop, reference: ReferenceSpan) -> list[RetainedStep]:
+    def _plan(self, hop: _Hop, shard: Shard) -> _FetchPlan:
+        """How much a hop's retained data may weigh and how long fetching it may take, from the model and the
+        hop: inputs are token ids on the first span and hidden states elsewhere, outputs hidden states, or one
+        row of logits a step on the last span."""
+        span, tokens, steps = shard.span, hop.tokens, len(hop.transcript)
+        input_bytes = tokens * (8 if span.first else shard.hidden_size * 4)
+        output_bytes = steps * shard.vocab_size * 4 if span.last else tokens * shard.hidden_size * 4
+        # A frame holds at most every position of the hop, each a hidden state or a row of logits.
+        width = tokens * max(shard.hidden_size, shard.vocab_size)
+        limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
+        part_timeout_s = self.fetch_timeout_s + max(input_bytes, output_bytes) / FETCH_FLOOR_BYTES_PER_S
+        budget_s = fetch_budget_s(steps, input_bytes + output_bytes, self.fetch_timeout_s)
+        return _FetchPlan(limits, min(part_timeout_s, budget_s), budget_s)
+
+    async def _fetch(self, hop: _Hop, plan: _FetchPlan) -> list[RetainedStep]:
         """The provider's retained steps of the hop's session, read over a link pinned to its certificate with a
         ticket naming it and the session: it can be used to read nothing else, by nobody else."""
-        shard = reference.shard()
-        # A retained tensor holds at most every position of the hop, each a hidden state or a row of logits.
-        width = hop.tokens * max(shard.hidden_size, shard.vocab_size)
-        limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
-        budget_s = fetch_budget_s(len(hop.transcript), 2 * width * 4, self.fetch_timeout_s)
         keys = KeyRing(self.account, self.contracts.protocol_domain())
         ticket = keys.fetch_ticket(
             job_id=bytes.fromhex(hop.job_id[2:]),
             session=bytes.fromhex(hop.session),
             provider=to_checksum_address(hop.provider),
-            expires_at=int(self.clock() + budget_s) + 60,
+            expires_at=int(self.clock() + plan.budget_s) + 60,
         )
         link = PeerLink(
             hop.endpoint,
@@ -351,11 +389,17 @@ class Validator:
             keys,
             tls=hop.fingerprint != NO_FINGERPRINT,
             expect=to_checksum_address(hop.provider),
-            request_timeout_s=self.fetch_timeout_s,
         )
         try:
             return await asyncio.wait_for(
-                fetch_retained(link, ticket, max_steps=len(hop.transcript), limits=limits), budget_s
+                fetch_retained(
+                    link,
+                    ticket,
+                    max_steps=len(hop.transcript),
+                    limits=plan.limits,
+                    part_timeout_s=plan.part_timeout_s,
+                ),
+                plan.budget_s,
             )
         finally:
             await link.close()

@@ -500,16 +500,24 @@ class RetainedStep:
 
 
 async def fetch_retained(
-    link: PeerLink, ticket: FetchTicket, *, max_steps: int, limits: FrameLimits
+    link: PeerLink,
+    ticket: FetchTicket,
+    *,
+    max_steps: int,
+    limits: FrameLimits,
+    part_timeout_s: float | None = None,
 ) -> list[RetainedStep]:
-    """Every retained step of the ticket's session on the provider behind ``link`` (for validators).
+    """Every retained step of the ticket's session on the provider behind ``link`` (for validators), a part
+    (one step's input or output) per request, each within ``part_timeout_s`` (default: the link's).
 
     Raises HopRefused with the provider's code when it does not have them, ProtocolError when it answers out of
     turn or claims more than ``max_steps`` steps. ``limits`` bound each frame (from the model and the hop).
     """
 
     async def part(step: int, name: str) -> tuple[int, Frame]:
-        reply, frame = await link.request(Fetch(ticket, step, name).to_json(), reply_frame=limits)
+        reply, frame = await link.request(
+            Fetch(ticket, step, name).to_json(), reply_frame=limits, timeout_s=part_timeout_s
+        )
         fetched = Fetched.from_json(checked(reply))
         if fetched.step != step or fetched.part != name or fetched.steps > max_steps or frame is None:
             raise ProtocolError(f"{link.endpoint} answered fetch of step {step} with something else")

@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from settlement.errors import CannotJudge
 from settlement.validation import (
+    BAD_TENSORS,
     OUTPUT_MISMATCH,
     TOKEN_MISMATCH,
     TRANSCRIPT_MISMATCH,
@@ -28,6 +30,7 @@ from worker.shard import Shard, load_shard
 from worker.testing.cheats import CHEATS, make_cheater
 from worker.testing.tiny import write_tiny_checkpoint
 from worker.transcript import StepHashes
+from worker.wire import payload_sha256
 
 SPANS = ("0:2", "2:4", "4:6")
 CPU = torch.device("cpu")
@@ -192,3 +195,33 @@ def test_a_last_span_transcript_without_tokens_fails(
     transcript = [StepHashes(r.step, r.input_hash, r.output_hash) for r in records]
     verdict = judge_span(references["4:6"], steps, transcript)
     assert (verdict.passed, verdict.reason) == (False, TRANSCRIPT_MISMATCH)
+
+
+@pytest.mark.parametrize("change", ["float64", "nan", "posinf"])
+def test_last_span_outputs_no_sampler_takes_are_bad_tensors(
+    model: Path, references: dict[str, ReferenceSpan], change: str
+) -> None:
+    """Logits retained in a dtype no sampler reads, or not finite: a verdict (bad_tensors), never a validator
+    that fails to decide."""
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [1, 2, 3], decode_steps=2)
+    records = runtimes[2].retained(b"s" * 16)
+    steps, transcript = [], []
+    for record, token in zip(records, tokens, strict=True):
+        output = record.output.to(torch.float64) if change == "float64" else record.output.clone()
+        if change != "float64":
+            output.view(-1)[3] = float("nan") if change == "nan" else float("inf")
+        digest = payload_sha256(output)
+        steps.append(RetainedStep(record.step, record.input, output, record.input_hash, digest))
+        transcript.append(StepHashes(record.step, record.input_hash, digest, token))
+    verdict = judge_span(references["4:6"], steps, transcript)
+    assert (verdict.passed, verdict.reason) == (False, BAD_TENSORS), verdict.detail
+
+
+def test_sampling_parameters_the_validator_does_not_take_blame_nobody(
+    model: Path, references: dict[str, ReferenceSpan]
+) -> None:
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [1, 2, 3], decode_steps=2)
+    with pytest.raises(CannotJudge):
+        judged(references["4:6"], runtimes[2], tokens, sampling={"temperature": 0.5, "mirostat": 2})

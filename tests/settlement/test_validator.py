@@ -49,6 +49,7 @@ def test_unreachable_is_retried_until_the_deadline() -> None:
         (DEADLINE - 5, DEADLINE - 10, MISSED),  # it answered at the attempt before: not silent throughout
         (None, DEADLINE - 10, MISSED),
     ],
+    ids=["kept-trying", "stopped-early", "answered-before", "never-silent"],
 )
 def test_unreachable_past_the_deadline_blames_the_provider_only_if_the_validator_kept_trying(
     unreachable_since: float | None, previous_attempt: float, expected: ValidationStatus
@@ -58,3 +59,13 @@ def test_unreachable_past_the_deadline_blames_the_provider_only_if_the_validator
         previous_attempt=previous_attempt, patience_s=PATIENCE,
     )  # fmt: skip
     assert status == expected
+
+
+def test_unreachable_an_hour_after_the_deadline_blames_nobody() -> None:
+    """The validator tried just before the end, then went down for an hour: what it finds then says nothing
+    about the provider inside its window."""
+    status = unavailable(
+        now=DEADLINE + 3_600, deadline=DEADLINE, refused=False, unreachable_since=100.0,
+        previous_attempt=DEADLINE - 10, patience_s=PATIENCE,
+    )  # fmt: skip
+    assert status == MISSED
