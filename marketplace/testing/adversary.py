@@ -792,7 +792,12 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
 
 def main(argv: list[str]) -> None:
     """The attacker's side of the load attacks, as a process of its own: ``idle ENDPOINT COUNT`` or
-    ``flood CHAIN_ID STAKE_MANAGER SECONDS ENDPOINT...``."""
+    ``flood CHAIN_ID STAKE_MANAGER SECONDS ENDPOINT...``.
+
+    It runs at the lowest CPU priority: a real attacker is another machine, and on a machine this small its own
+    handshakes and signatures would otherwise take the cores the honest providers need, and the measured
+    slowdown would be the attacker's CPU rather than what the attack costs them."""
+    os.nice(19)
     if argv[0] == "idle":
         print(asyncio.run(_hold_idle(argv[1], int(argv[2]))))
     elif argv[0] == "flood":
