@@ -58,13 +58,13 @@ from settlement.pricing import hop_charge
 from settlement.tickets import SignatureChecks
 from worker.messages import SignedReceipt
 from worker.transcript import (
-    Expected,
     ReceiptChecker,
     StepHashes,
     receipt_bills,
     sampling_hash,
     transcript_root,
 )
+from worker.trust import ReceiptFields
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: Receipt
         return f"unreadable receipt or transcript: {exc}"
     if "0x" + root.hex() != hop.transcript_root:
         return "the transcript root does not match the recorded steps"
-    expected = Expected(
+    expected = ReceiptFields(
         job_id=signed.job_id,
         session=signed.session,
         gateway=signed.gateway,

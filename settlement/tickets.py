@@ -7,6 +7,8 @@ gateway and the validator are handed them through the seams in :mod:`worker.trus
 
 from __future__ import annotations
 
+import dataclasses
+
 from coincurve import PrivateKey
 from eth_account.signers.local import LocalAccount
 
@@ -51,18 +53,7 @@ def _hop_ticket(ticket: messages.HopTicket) -> HopTicket:
 
 
 def _receipt(fields: ReceiptFields | messages.SignedReceipt) -> HopReceipt:
-    return HopReceipt(
-        fields.job_id,
-        fields.session,
-        fields.gateway,
-        fields.provider,
-        fields.model_root,
-        fields.layer_start,
-        fields.layer_end,
-        fields.positions,
-        fields.transcript_root,
-        fields.sampling_hash,
-    )
+    return HopReceipt(*(getattr(fields, field.name) for field in dataclasses.fields(ReceiptFields)))
 
 
 class KeyRing:
@@ -85,19 +76,7 @@ class KeyRing:
 
     def receipt(self, fields: ReceiptFields) -> messages.SignedReceipt:
         signature = _receipt(fields).sign(self.account, self.domain)
-        return messages.SignedReceipt(
-            fields.job_id,
-            fields.session,
-            fields.gateway,
-            fields.provider,
-            fields.model_root,
-            fields.layer_start,
-            fields.layer_end,
-            fields.positions,
-            fields.transcript_root,
-            fields.sampling_hash,
-            signature,
-        )
+        return messages.SignedReceipt(**vars(fields), signature=signature)
 
     def endpoint_proof(self, challenge: bytes, endpoint: str, fingerprint: bytes) -> bytes:
         return EndpointProof(challenge, self.address, endpoint, fingerprint).sign(self.account, self.domain)

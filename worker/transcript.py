@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.messages import SignedReceipt
+from worker.trust import ReceiptFields
 
 NO_SAMPLING = bytes(32)  # the sampling hash of every span but the last
 
@@ -88,26 +89,9 @@ class ReceiptChecker(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Expected:
-    """What a hop's receipt must say, from the gateway's own records."""
-
-    job_id: bytes
-    session: bytes
-    gateway: str
-    provider: str
-    model_root: bytes
-    layer_start: int
-    layer_end: int
-    positions: int
-    transcript_root: bytes
-    sampling_hash: (
-        bytes  # the last span's: sampling_hash of the parameters it was opened with; NO_SAMPLING else
-    )
-
-
-def receipt_bills(receipt: SignedReceipt, expected: Expected, signer_of: ReceiptChecker) -> str | None:
-    """None when the receipt bills the hop; else why not."""
+def receipt_bills(receipt: SignedReceipt, expected: ReceiptFields, signer_of: ReceiptChecker) -> str | None:
+    """None when the receipt bills the hop; else why not. ``expected`` is what it must say, from the gateway's own
+    records (on the last span, ``sampling_hash`` of the parameters the session was opened with)."""
     said = (
         receipt.job_id,
         receipt.session,

@@ -43,13 +43,13 @@ from worker.client import HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
 from worker.transcript import (
-    Expected,
     ReceiptChecker,
     StepHashes,
     receipt_bills,
     sampling_hash,
     transcript_root,
 )
+from worker.trust import ReceiptFields
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class Coordinator:
         """Each hop billed on its own receipt, whatever the others' say."""
         for plan, record, receipt in zip(plans, records, receipts, strict=True):
             record.receipt = receipt
-            expected = Expected(
+            expected = ReceiptFields(
                 job_id=spec.job_id,
                 session=plan.ticket.session,
                 gateway=self.keys.address,

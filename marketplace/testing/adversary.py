@@ -53,7 +53,8 @@ from worker.protocol import read_control, write_message
 from worker.shard import load_shard, model_root
 from worker.testing.tiny import BOS, write_tiny_checkpoint
 from worker.tls import client_context
-from worker.transcript import Expected, receipt_bills, sampling_hash, transcript_root
+from worker.transcript import receipt_bills, sampling_hash, transcript_root
+from worker.trust import ReceiptFields
 from worker.wire import FrameLimits
 
 PROMPT = [BOS, *b"Strangers on a route. "]
@@ -376,7 +377,7 @@ def substitute_the_emitted_token(arena: Arena) -> Verdict:
             retained = await fetch_retained(link, ticket, max_steps=NEW_TOKENS, limits=limits)
         finally:
             await link.close()
-        expected = Expected(
+        expected = ReceiptFields(
             plans[-1].ticket.job_id, client.session, arena.keys.address, rogue.account.address,
             plans[-1].ticket.model_root, 4, 6, len(PROMPT) + NEW_TOKENS - 1, transcript_root(transcript),
             sampling_hash(sampling),

@@ -30,7 +30,8 @@ from worker.errors import HopRefused, StepFailed
 from worker.messages import Open
 from worker.shard import model_root
 from worker.testing.tiny import BOS
-from worker.transcript import Expected, receipt_bills, sampling_hash, transcript_root
+from worker.transcript import receipt_bills, sampling_hash, transcript_root
+from worker.trust import ReceiptFields
 
 PROMPT = [BOS, *b"Peer to peer, layer by layer. "]
 NEW_TOKENS = 10
@@ -122,7 +123,7 @@ def check_generation(model: Path, route: list[Served]) -> None:
     ):
         steps = [step.hops[index] for step in generation.steps]
         assert receipt is not None
-        expected_fields = Expected(
+        expected_fields = ReceiptFields(
             plan_.ticket.job_id, plan_.ticket.session, gateway_keys().address, provider.account.address,
             plan_.ticket.model_root, provider.ask.start, provider.ask.end, positions, transcript_root(steps),
             sampling_hash({} if index == len(route) - 1 else None),
