@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RETENTION_MARGIN_S = 60.0
 
 # The source checkout: migrations/, the contracts' build artifacts under build/, node_modules/.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +70,9 @@ class SettlementSettings(ChainSettings):
         le=10_000,
         description="share of a cheating provider's stake a failed validation slashes",
     )
+
+    @property
+    def min_retention_s(self) -> int:
+        """The least an ask may keep a session's steps: the validation window, and a margin for a session that
+        ended a little before its job (the window runs from the job's end) and for clocks apart."""
+        return math.ceil(self.validation_window_s + RETENTION_MARGIN_S)

@@ -139,6 +139,7 @@ ASK_TYPES = {
         {"name": "layerEnd", "type": "uint32"},
         {"name": "pricePerMillion", "type": "uint64"},
         {"name": "capacity", "type": "uint32"},
+        {"name": "retentionS", "type": "uint32"},
         {"name": "endpoint", "type": "string"},
         {"name": "tlsFingerprint", "type": "bytes32"},
         {"name": "nonce", "type": "uint64"},
@@ -488,8 +489,8 @@ class Ask(_Typed):
     at ``endpoint``, whose TLS certificate hashes to ``tls_fingerprint``.
 
     ``price_per_million`` is in token base units per million token-layers; ``capacity`` is how many sessions it
-    serves at once (0 withdraws the offer); ``nonce`` only grows per provider, so an old ask cannot be replayed
-    over a newer one.
+    serves at once (0 withdraws the offer); ``retention_s`` how long after a session ends it keeps the session's
+    steps for validators; ``nonce`` only grows per provider, so an old ask cannot be replayed over a newer one.
     """
 
     TYPES = ASK_TYPES
@@ -501,6 +502,7 @@ class Ask(_Typed):
     layer_end: int
     price_per_million: int
     capacity: int
+    retention_s: int
     endpoint: str
     tls_fingerprint: bytes
     nonce: int
@@ -515,6 +517,7 @@ class Ask(_Typed):
             "layerEnd": self.layer_end,
             "pricePerMillion": self.price_per_million,
             "capacity": self.capacity,
+            "retentionS": self.retention_s,
             "endpoint": self.endpoint,
             "tlsFingerprint": self.tls_fingerprint,
             "nonce": self.nonce,

@@ -73,6 +73,7 @@ from settlement.tickets import KeyRing
 from settlement.validation import ReferenceSpan, Verdict, judge_span
 from worker.client import PeerLink, RetainedStep, fetch_retained
 from worker.errors import HopRefused, UnknownSession, WorkerError
+from worker.server import ServerLimits
 from worker.shard import Shard, default_device, load_shard, model_root
 from worker.tls import NO_FINGERPRINT
 from worker.transcript import StepHashes
@@ -153,11 +154,14 @@ class _Hop:
         return [StepHashes.from_row(row) for row in self.transcript]
 
 
-# A session is fetched a part at a time, each part under ``fetch_timeout_s``; the whole fetch gets a round trip
-# per part and a floor rate per byte on top, so a provider far away or with a long session is not failed for
-# either, while one that drips its answer cannot hold the validator for long. Capped below the longest ticket a
-# provider takes (worker.server.ServerLimits.max_ticket_lifetime_s, 600 s), less the ticket's margin.
+# A session is fetched a part (its inputs, then its outputs) at a time, in as many requests as the provider's
+# reply size needs (worker.server.ServerLimits.max_fetch_bytes), each under ``fetch_timeout_s`` and a floor rate
+# per byte; the whole fetch gets a round trip per request and the floor rate on top, so a provider far away or
+# with a long session is not failed for either, while one that drips its answer cannot hold the validator for
+# long. Capped below the longest ticket a provider takes (ServerLimits.max_ticket_lifetime_s, 600 s), less the
+# ticket's margin.
 FETCH_ROUND_TRIP_S = 0.25
+FETCH_REPLY_BYTES = ServerLimits().max_fetch_bytes
 FETCH_FLOOR_BYTES_PER_S = 1 << 20
 MAX_FETCH_S = 540.0
 # Past the deadline, an unreachable provider is blamed only if the validator's last attempt before it began
@@ -170,13 +174,14 @@ NO_DATA = frozenset({UnknownSession.code})
 @dataclass(frozen=True)
 class _FetchPlan:
     limits: FrameLimits  # per frame
-    part_timeout_s: float  # per request: one step's input or output
+    part_timeout_s: float  # per request: a reply of inputs or outputs, up to the whole part
     budget_s: float  # the whole session
 
 
-def fetch_budget_s(steps: int, payload_bytes: int, request_timeout_s: float) -> float:
-    """How long fetching ``steps`` steps (an input and an output part each) of at most ``payload_bytes`` may take."""
-    budget = request_timeout_s + 2 * steps * FETCH_ROUND_TRIP_S + payload_bytes / FETCH_FLOOR_BYTES_PER_S
+def fetch_budget_s(payload_bytes: int, request_timeout_s: float) -> float:
+    """How long fetching a session's inputs and outputs, at most ``payload_bytes`` in all, may take."""
+    requests = 2 + payload_bytes // FETCH_REPLY_BYTES
+    budget = request_timeout_s + requests * FETCH_ROUND_TRIP_S + payload_bytes / FETCH_FLOOR_BYTES_PER_S
     return min(budget, MAX_FETCH_S)
 
 
@@ -370,7 +375,7 @@ class Validator:
         width = tokens * max(shard.hidden_size, shard.vocab_size)
         limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
         part_timeout_s = self.fetch_timeout_s + max(input_bytes, output_bytes) / FETCH_FLOOR_BYTES_PER_S
-        budget_s = fetch_budget_s(steps, input_bytes + output_bytes, self.fetch_timeout_s)
+        budget_s = fetch_budget_s(input_bytes + output_bytes, self.fetch_timeout_s)
         return _FetchPlan(limits, min(part_timeout_s, budget_s), budget_s)
 
     async def _fetch(self, hop: _Hop, plan: _FetchPlan) -> list[RetainedStep]:

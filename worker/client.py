@@ -507,30 +507,51 @@ async def fetch_retained(
     limits: FrameLimits,
     part_timeout_s: float | None = None,
 ) -> list[RetainedStep]:
-    """Every retained step of the ticket's session on the provider behind ``link`` (for validators), a part
-    (one step's input or output) per request, each within ``part_timeout_s`` (default: the link's).
+    """Every retained step of the ticket's session on the provider behind ``link`` (for validators): the inputs,
+    then the outputs, each in as few requests as the provider's reply size allows, each request within
+    ``part_timeout_s`` (default: the link's).
 
     Raises HopRefused with the provider's code when it does not have them, ProtocolError when it answers out of
-    turn or claims more than ``max_steps`` steps. ``limits`` bound each frame (from the model and the hop).
+    turn, claims more than ``max_steps`` steps, or two parts disagree on how many. ``limits`` bound each frame
+    (from the model and the hop).
     """
 
-    async def part(step: int, name: str) -> tuple[int, Frame]:
-        reply, frame = await link.request(
-            Fetch(ticket, step, name).to_json(), reply_frame=limits, timeout_s=part_timeout_s
-        )
-        fetched = Fetched.from_json(checked(reply))
-        if fetched.step != step or fetched.part != name or fetched.steps > max_steps or frame is None:
-            raise ProtocolError(f"{link.endpoint} answered fetch of step {step} with something else")
-        return fetched.steps, frame
+    async def part(name: str) -> list[torch.Tensor]:
+        tensors: list[torch.Tensor] = []
+        count = 1
+        while len(tensors) < count:
+            reply, frame = await link.request(
+                Fetch(ticket, len(tensors), name).to_json(), reply_frame=limits, timeout_s=part_timeout_s
+            )
+            fetched = Fetched.from_json(checked(reply))
+            if (
+                fetched.step != len(tensors)
+                or fetched.part != name
+                or fetched.steps > max_steps
+                or (tensors and fetched.steps != count)
+                or frame is None
+                or frame.tensor.dim() < 2
+                or int(frame.tensor.shape[1]) != sum(fetched.widths)
+            ):
+                raise ProtocolError(
+                    f"{link.endpoint} answered a fetch of {name} from step {len(tensors)} amiss"
+                )
+            count = fetched.steps
+            start = 0
+            for width in fetched.widths:
+                tensors.append(frame.tensor[:, start : start + width])
+                start += width
+        return tensors
 
-    steps: list[RetainedStep] = []
-    count = 1
-    while len(steps) < count:
-        step = len(steps)
-        count, inputs = await part(step, "input")
-        _, outputs = await part(step, "output")
-        steps.append(RetainedStep(step, inputs.tensor, outputs.tensor, inputs.sha256, outputs.sha256))
-    return steps
+    inputs = await part("input")
+    outputs = await part("output")
+    if len(outputs) != len(inputs):
+        raise ProtocolError(f"{link.endpoint} kept {len(inputs)} inputs and {len(outputs)} outputs")
+    # Each step's slice of a joined frame is contiguous along dim 1 only when dim 0 is 1, as a span's always is.
+    return [
+        RetainedStep(step, i.contiguous(), o.contiguous(), payload_sha256(i), payload_sha256(o))
+        for step, (i, o) in enumerate(zip(inputs, outputs, strict=True))
+    ]
 
 
 __all__ = [

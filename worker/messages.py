@@ -349,7 +349,8 @@ class Close:
 
 @dataclass(frozen=True)
 class Fetch:
-    """From a validator: one retained step's ``input`` or ``output``, as the reply's frame."""
+    """From a validator: the ``input`` or ``output`` of a session's retained steps from ``step`` on, as many
+    consecutive ones as fit in one frame (:class:`Fetched` says which)."""
 
     op: ClassVar[str] = "fetch"
     ticket: FetchTicket
@@ -584,20 +585,40 @@ class SignedReceipt:
 
 @dataclass(frozen=True)
 class Fetched:
+    """The reply to a :class:`Fetch`: the frame holds steps ``step`` to ``step + len(widths) - 1`` of the
+    ``steps`` retained, joined along dim 1, step i taking ``widths[i]`` of it (a step's positions; one row of
+    logits a step on the last span's output)."""
+
     step: int
     steps: int
     part: str
+    widths: tuple[int, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": True, "step": self.step, "steps": self.steps, "part": self.part}
+        return {
+            "ok": True,
+            "step": self.step,
+            "steps": self.steps,
+            "part": self.part,
+            "widths": list(self.widths),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fetched:
-        _only(data, {"ok", "step", "steps", "part"}, "fetch reply")
+        _only(data, {"ok", "step", "steps", "part", "widths"}, "fetch reply")
         part = data.get("part")
         if part not in ("input", "output"):
             raise ProtocolError('part must be "input" or "output"')
-        return cls(_int(data, "step", high=2**32 - 1), _int(data, "steps", low=1, high=2**32 - 1), str(part))
+        step = _int(data, "step", high=2**32 - 1)
+        steps = _int(data, "steps", low=1, high=2**32 - 1)
+        widths = data.get("widths")
+        if (
+            not isinstance(widths, list)
+            or not 1 <= len(widths) <= steps - step
+            or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w < 2**32 for w in widths)
+        ):
+            raise ProtocolError(f"widths must be 1 to {max(steps - step, 0)} positive integers")
+        return cls(step, steps, str(part), tuple(widths))
 
 
 def refusal(code: str, message: str) -> dict[str, Any]:

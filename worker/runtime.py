@@ -1,11 +1,11 @@
-"""Sessions on one shard: a KV cache each, steps in order, a retention buffer, and limits that say "busy"
-instead of running out of memory.
+"""Sessions on one shard: a KV cache each, steps in order, their inputs and outputs retained, and limits that
+say "busy" instead of running out of memory or disk.
 
 A session's step 0 is the prefill (the whole prompt, or a replayed prefix); every later step adds positions,
 normally one token. The first span takes token ids (1, seq) int64; every other span takes hidden states
-(1, seq, hidden). Each step's input and output are kept, with their sha256 (the same digests the wire format
-puts in frame headers), for ``retention_s`` after the session ends, so a validator can fetch them and a
-coordinator can recover from a failure downstream.
+(1, seq, hidden). Each step's input and output are written to disk with their sha256 (the same digests the wire
+format puts in frame headers) and kept for ``retention_s`` after the session ends, so a validator can fetch
+them (:mod:`worker.retention`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from worker.errors import BadStepInput, ProviderBusy, SessionExists, StepOutOfOrder, UnknownSession
+from worker.retention import KeptStep, RetainedSession, RetentionStore
 from worker.shard import Shard
-from worker.wire import payload_sha256
+from worker.wire import HEADER_SIZE, payload_sha256
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class RuntimeLimits:
     max_session_tokens: int = 8_192  # positions in one session (prompt and generated)
     session_idle_s: float = 300.0  # an open session unused this long is closed
     retention_s: float = 900.0  # how long a session's steps are kept after it closes
-    max_retained_bytes: int = 1 << 30  # inputs and outputs kept, summed over sessions; oldest dropped first
+    max_retained_bytes: int = 64 << 30  # on disk, with what open sessions may still write: past it, busy
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_cached_tokens", "max_session_tokens", "max_retained_bytes"):
@@ -48,25 +50,26 @@ class StepRecord:
     input_hash: bytes
     output_hash: bytes
 
-    @property
-    def nbytes(self) -> int:
-        return (
-            self.input.numel() * self.input.element_size() + self.output.numel() * self.output.element_size()
-        )
-
 
 @dataclass
 class Session:
     id: bytes
     cache: DynamicCache
-    job: bytes  # the job ticket's id: whoever fetches the retained steps must name the same job
+    retained: RetainedSession  # its steps on disk
     opened_at: float
     last_used: float
     next_step: int = 0
     positions: int = 0
-    records: list[StepRecord] = field(default_factory=list)
     closed_at: float | None = None
     spoiled: str | None = None  # why no further step can run: its cache holds a step that was refused
+
+    @property
+    def job(self) -> bytes:
+        return self.retained.job
+
+    @property
+    def records(self) -> list[KeptStep]:
+        return self.retained.steps
 
     @property
     def tokens(self) -> int:
@@ -75,33 +78,59 @@ class Session:
 
 
 class SpanRuntime:
-    """Runs steps for many sessions on one shard. Thread-safe; steps of one shard run one at a time."""
+    """Runs steps for many sessions on one shard. Thread-safe; steps of one shard run one at a time.
+
+    ``retained`` is the directory its steps are kept in, read back on start (a provider that restarts keeps
+    what validators may still ask for); None keeps them in a temporary directory removed with the runtime.
+    """
 
     def __init__(
-        self, shard: Shard, limits: RuntimeLimits | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        shard: Shard,
+        limits: RuntimeLimits | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        retained: Path | None = None,
     ) -> None:
         self.shard = shard
         self.limits = limits or RuntimeLimits()
         self.clock = clock
+        self.store = RetentionStore(
+            retained,
+            budget_bytes=self.limits.max_retained_bytes,
+            retention_s=self.limits.retention_s,
+            clock=clock,
+        )
         self._open: dict[bytes, Session] = {}
-        self._closed: dict[bytes, Session] = {}
         self._lock = threading.RLock()
 
     # -- sessions -------------------------------------------------------------------------------------------
 
-    def open(self, session_id: bytes, job: bytes = b"") -> Session:
+    def open(self, session_id: bytes, job: bytes = b"", *, max_positions: int | None = None) -> Session:
+        """Opens a session of at most ``max_positions`` positions (default: the session limit), reserving the
+        disk its steps may take."""
         with self._lock:
             self.expire()
-            if session_id in self._open or session_id in self._closed:
+            if session_id in self._open or session_id in self.store:
                 raise SessionExists(f"session {session_id.hex()} already exists")
             if len(self._open) >= self.limits.max_sessions:
                 raise ProviderBusy(
                     f"{len(self._open)} sessions open, the limit is {self.limits.max_sessions}"
                 )
+            positions = min(max_positions or self.limits.max_session_tokens, self.limits.max_session_tokens)
+            retained = self.store.begin(session_id, job, self.retained_bytes(positions))
             now = self.clock()
-            session = Session(session_id, self.shard.new_cache(), job, opened_at=now, last_used=now)
+            session = Session(session_id, self.shard.new_cache(), retained, opened_at=now, last_used=now)
             self._open[session_id] = session
             return session
+
+    def retained_bytes(self, positions: int) -> int:
+        """The most ``positions`` positions' steps can take on disk: every step one position, its input as wide
+        as the span accepts, its output a row of logits (last span) or hidden states in float32."""
+        shard = self.shard
+        widest_input = 8 if shard.span.first else shard.hidden_size * 4
+        widest_output = (shard.vocab_size if shard.span.last else shard.hidden_size) * 4
+        return positions * (2 * HEADER_SIZE + widest_input + widest_output)
 
     def close(self, session_id: bytes) -> Session:
         """Ends a session: its KV cache is freed, its steps are retained for ``retention_s``."""
@@ -110,23 +139,32 @@ class SpanRuntime:
             if session is None:
                 raise UnknownSession(f"no open session {session_id.hex()}")
             session.cache = self.shard.new_cache()
-            session.closed_at = self.clock()
-            self._closed[session_id] = session
-            self._trim_retention()
+            session.closed_at = self.store.close(session_id).closed_at
             return session
 
     def retained(self, session_id: bytes) -> list[StepRecord]:
-        """The steps of a session, open or closed within the retention window."""
-        return list(self.retained_session(session_id).records)
+        """The steps of a session, open or closed within the retention window, read back from disk."""
+        with self._lock:
+            session = self.retained_session(session_id)
+            records = []
+            for kept in session.steps:
+                inputs = self.store.read(session_id, kept.step, "input")
+                outputs = self.store.read(session_id, kept.step, "output")
+                records.append(
+                    StepRecord(kept.step, inputs.tensor, outputs.tensor, inputs.sha256, outputs.sha256)
+                )
+            return records
 
-    def retained_session(self, session_id: bytes) -> Session:
-        """A session open, or closed within the retention window, with its steps."""
+    def retained_session(self, session_id: bytes) -> RetainedSession:
+        """A session open, or closed within the retention window: its job and where its steps lie."""
         with self._lock:
             self.expire()
-            session = self._open.get(session_id) or self._closed.get(session_id)
-            if session is None:
-                raise UnknownSession(f"no data kept for session {session_id.hex()}")
-            return session
+            return self.store.get(session_id)
+
+    def read(self, session_id: bytes, step: int, part: str) -> torch.Tensor:
+        """One retained step's ``input`` or ``output``."""
+        with self._lock:
+            return self.store.read(session_id, step, part).tensor
 
     def expire(self) -> None:
         """Closes idle sessions and forgets retained steps past the window."""
@@ -136,33 +174,18 @@ class SpanRuntime:
                 s.id for s in self._open.values() if now - s.last_used > self.limits.session_idle_s
             ]:
                 self.close(session_id)
-            for session_id in [
-                s.id
-                for s in self._closed.values()
-                if s.closed_at is not None and now - s.closed_at > self.limits.retention_s
-            ]:
-                del self._closed[session_id]
+            self.store.expire()
 
     def is_open(self, session_id: bytes) -> bool:
         return session_id in self._open
 
     def knows(self, session_id: bytes) -> bool:
         """Whether the session is open, or closed and its steps still retained."""
-        return session_id in self._open or session_id in self._closed
+        return session_id in self._open or session_id in self.store
 
     @property
     def cached_tokens(self) -> int:
         return sum(session.positions for session in self._open.values())
-
-    def _trim_retention(self) -> None:
-        total = sum(
-            record.nbytes for s in (*self._open.values(), *self._closed.values()) for record in s.records
-        )
-        for session in sorted(self._closed.values(), key=lambda s: s.closed_at or 0.0):
-            if total <= self.limits.max_retained_bytes:
-                return
-            total -= sum(record.nbytes for record in session.records)
-            del self._closed[session.id]
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -206,7 +229,9 @@ class SpanRuntime:
             record = StepRecord(
                 step, inputs, output, input_hash or payload_sha256(inputs), payload_sha256(output)
             )
-            session.records.append(record)
+            self.store.append(
+                session_id, step, ((record.input, record.input_hash), (record.output, record.output_hash))
+            )
             session.positions += seq
             session.next_step += 1
             session.last_used = self.clock()

@@ -12,7 +12,8 @@ Requests then run in order, one at a time per connection:
             peer, and the reply carries this hop's signed report over the next hop's, checked
     close   the gateway that opened the session ends it and gets this provider's signed receipt (again, if it
             asks again)
-    fetch   a trusted validator, with a ticket naming this provider and the session, reads one retained step
+    fetch   a trusted validator, with a ticket naming this provider and the session, reads its retained steps'
+            inputs or outputs, many steps to a reply
     prove   a gateway checking this provider's ask gets the endpoint signed with the staked key
 
 Defences against peers that do not follow the protocol: nothing but the handshake is read before the client is
@@ -97,6 +98,9 @@ class ServerLimits:
     # A job's attempts at this provider (its failovers), while their sessions are remembered.
     max_sessions_per_job: int = 8
     max_ticket_lifetime_s: int = 600  # a ticket expiring later than this is refused: tickets are short-lived
+    max_fetch_bytes: int = (
+        64 << 20
+    )  # retained steps sent in one fetch reply (one step at least, whatever its size)
 
 
 @dataclass
@@ -377,7 +381,8 @@ class HopServer:
             sampler = Sampler(SamplingParams.from_dict(request.sampling or {}))
         elif request.sampling is not None:
             raise ProtocolError("only the last span samples")
-        self.runtime.open(ticket.session, ticket.job_id)  # a session id is opened once: SessionExists again
+        # A session id is opened once (SessionExists again), and only with room to keep its steps (ProviderBusy).
+        self.runtime.open(ticket.session, ticket.job_id, max_positions=ticket.max_positions)
         self._sessions_per_job[ticket.job_id] += 1
         self._sessions[ticket.session] = _Session(ticket, peer, sampler, request.sampling)
         self._previous_of_unclosed[ticket.previous] += 1
@@ -539,7 +544,8 @@ class HopServer:
     async def _fetch(
         self, request: Fetch, peer: str, verified: dict[FetchTicket, str]
     ) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """One retained step's input or output, for the validator whose ticket names this provider and session."""
+        """Retained steps' inputs or outputs from ``request.step`` on, up to ``max_fetch_bytes`` in one frame, for
+        the validator whose ticket names this provider and session. The ticket is verified once a connection."""
         if peer not in self.validators:
             raise NotAuthorised(f"{peer} is not a validator this provider lets read its data")
         ticket = request.ticket
@@ -557,12 +563,34 @@ class HopServer:
         if retained.job != ticket.job_id:
             # The same answer as for a session never seen: a ticket for one job learns nothing of another.
             raise UnknownSession(f"no data kept for session {ticket.session.hex()}")
-        records = retained.records
-        if request.step >= len(records):
-            raise ProtocolError(f"session {ticket.session.hex()} has {len(records)} steps")
-        record = records[request.step]
-        tensor = record.input if request.part == "input" else record.output
-        return Fetched(record.step, len(records), request.part).to_json(), tensor
+        steps = len(retained.steps)
+        if request.step >= steps:
+            raise ProtocolError(f"session {ticket.session.hex()} has {steps} steps")
+        tensors = await asyncio.to_thread(self._read_run, ticket.session, request.step, steps, request.part)
+        widths = tuple(int(t.shape[1]) for t in tensors)
+        joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+        return Fetched(request.step, steps, request.part, widths).to_json(), joined
+
+    def _read_run(self, session: bytes, first: int, steps: int, part: str) -> list[torch.Tensor]:
+        """Consecutive steps' ``part`` from ``first`` on, alike in dtype and trailing dims (so they join), within
+        ``max_fetch_bytes``. Read off the event loop: steps keep running while a validator reads."""
+        run: list[torch.Tensor] = []
+        size = 0
+        try:
+            for step in range(first, steps):
+                tensor = self.runtime.read(session, step, part)
+                nbytes = tensor.numel() * tensor.element_size()
+                if run and (
+                    tensor.dtype != run[0].dtype
+                    or tensor.shape[:1] + tensor.shape[2:] != run[0].shape[:1] + run[0].shape[2:]
+                    or size + nbytes > self.limits.max_fetch_bytes
+                ):
+                    break
+                run.append(tensor)
+                size += nbytes
+        except FileNotFoundError as exc:  # expired while it was read
+            raise UnknownSession(f"no data kept for session {session.hex()}") from exc
+        return run
 
     def _prove(self, request: Prove, peer: str) -> dict[str, Any]:
         if peer not in self.gateways:

@@ -38,7 +38,7 @@ from marketplace.cli.staking import (
     ProviderSession,
     RpcOption,
 )
-from marketplace.provider.announce import NOT_STAKED, AnnounceError, Announcer, Offer
+from marketplace.provider.announce import DEFAULT_RETENTION_S, NOT_STAKED, AnnounceError, Announcer, Offer
 from marketplace.provider.settings import ProviderSettings
 from settlement.deploy import Deployment
 from settlement.eip712 import Domain, protocol_domain
@@ -88,6 +88,16 @@ def serve_command(
             "[default: PROVIDER_TLS_DIR, else .strata/provider-tls/ADDRESS]"
         ),
     ] = None,
+    retained_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where steps are kept for validators, read back on restart "
+            "[default: PROVIDER_RETAINED_DIR, else .strata/retained/ADDRESS/START-END]"
+        ),
+    ] = None,
+    retained_bytes: Annotated[
+        int, typer.Option(min=1 << 20, help="disk kept steps may take; past it, new sessions are refused")
+    ] = 64 << 30,
     plaintext: Annotated[
         bool,
         typer.Option(
@@ -113,8 +123,13 @@ def serve_command(
         int | None, typer.Option(min=1, help="sessions offered [default: max-sessions]")
     ] = None,
     retention_s: Annotated[
-        float, typer.Option(min=1, help="seconds a session's steps are kept for validators after it ends")
-    ] = 900.0,
+        int,
+        typer.Option(
+            min=1,
+            help="seconds a session's steps are kept for validators after it ends; the ask says so, and gateways "
+            "refuse asks under their validation window and margin",
+        ),
+    ] = DEFAULT_RETENTION_S,
     cheat: Annotated[
         str | None,
         typer.Option(hidden=True, help="serve dishonestly (worker.testing.cheats): demonstrations only"),
@@ -185,8 +200,14 @@ def serve_command(
         domain=protocol_domain(record.chain_id, record.addresses["StakeManager"]),
         tls=tls,
         limits=RuntimeLimits(
-            max_sessions=max_sessions, max_cached_tokens=max_cached_tokens, retention_s=retention_s
+            max_sessions=max_sessions,
+            max_cached_tokens=max_cached_tokens,
+            retention_s=retention_s,
+            max_retained_bytes=retained_bytes,
         ),
+        retained=retained_dir
+        or settings.provider_retained_dir
+        or Path(".strata") / "retained" / account.address / layers.replace(":", "-"),
         advertise=advertise,
         device=None if device == "auto" else torch.device(device),
         dtype=None if dtype == "auto" else getattr(torch, DTYPES[dtype]),
@@ -298,6 +319,9 @@ def ask_command(
         int | None, typer.Option(min=1, help="token base units per million token-layers")
     ] = None,
     capacity: Annotated[int, typer.Option(min=1, help="sessions offered at once")] = 64,
+    retention_s: Annotated[
+        int, typer.Option(min=1, help="seconds your hop server keeps a session's steps (its --retention-s)")
+    ] = DEFAULT_RETENTION_S,
     endpoint: Annotated[
         str | None, typer.Option(help="host:port the gateway and other providers reach your hop server at")
     ] = None,
@@ -329,7 +353,11 @@ def ask_command(
     span = parse_layers(layers) if layers is not None else None
     endpoint = parse_endpoint_option(endpoint) if endpoint is not None else None
     fingerprint = parse_fingerprint(tls_fingerprint) if tls_fingerprint is not None else None
-    offer = None if withdraw else _offer_of_options(root, span, price, capacity, endpoint, fingerprint)
+    offer = (
+        None
+        if withdraw
+        else _offer_of_options(root, span, price, capacity, endpoint, fingerprint, retention_s)
+    )
     session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
     account = session.signer()
     with reported(as_json=as_json):
@@ -377,6 +405,7 @@ def _offer_of_options(
     capacity: int,
     endpoint: str | None,
     fingerprint: bytes | None,
+    retention_s: int,
 ) -> Offer:
     if root is None:
         raise typer.BadParameter("posting an ask needs the model's root", param_hint="--model-root")
@@ -390,7 +419,7 @@ def _offer_of_options(
         raise typer.BadParameter(
             "posting an ask needs your hop server's certificate fingerprint", param_hint="--tls-fingerprint"
         )
-    return Offer(root, span[0], span[1], price, capacity, endpoint, fingerprint)
+    return Offer(root, span[0], span[1], price, capacity, endpoint, fingerprint, retention_s)
 
 
 def _withdraw_asks(
@@ -417,6 +446,7 @@ def _withdraw_asks(
             int(ask["capacity"]),
             str(ask["endpoint"]),
             bytes.fromhex(str(ask["tlsFingerprint"]).removeprefix("0x")),
+            int(ask["retentionS"]),
         )
         for ask in live
     ]

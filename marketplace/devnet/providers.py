@@ -36,6 +36,7 @@ class ProviderLaunch:
     trust_gateway: str  # the address whose job tickets it honours
     deployment: Path  # the deployment file: its chain and StakeManager name the protocol's signing domain
     tls_dir: Path | None  # where its TLS key and certificate are made and kept; None serves plain TCP
+    retained_dir: Path | None = None  # where it keeps steps for validators [default: the node's]
     host: str = "127.0.0.1"
     gateway_url: str | None = None  # announce to this gateway at ``price``
     price: int | None = None
@@ -56,6 +57,8 @@ class ProviderLaunch:
             "--deployment", str(self.deployment),
         ]  # fmt: skip
         command += ["--tls-dir", str(self.tls_dir)] if self.tls_dir is not None else ["--plaintext"]
+        if self.retained_dir is not None:
+            command += ["--retained-dir", str(self.retained_dir)]
         if self.gateway_url is not None:
             command += ["--gateway", self.gateway_url]
         if self.price is not None:

@@ -151,6 +151,7 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
             trust_gateway=devnet.accounts["gateway"].address,
             deployment=devnet.deployment_file,
             tls_dir=state / "tls" / offer.role,
+            retained_dir=state / "retained" / offer.role,
             gateway_url=gateway_url,
             price=offer.price,
             extra=("--cheat", options.cheat) if offer.cheats else (),

@@ -17,6 +17,7 @@ one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from worker.messages import Prove, checked
 from worker.tls import NO_FINGERPRINT
 from worker.trust import Checks, Keys
 
+log = logging.getLogger(__name__)
+
 MAX_PRICE_PER_MILLION = 10**12  # a million dollars of a 6-decimal token per million token-layers
 MAX_CAPACITY = 4096
 MAX_ASK_LIFETIME_S = 30 * 24 * 3600
@@ -64,6 +67,7 @@ class AskInput:
     layer_end: int
     price_per_million: int
     capacity: int
+    retention_s: int
     endpoint: str
     nonce: int
     expires_at: int
@@ -156,6 +160,7 @@ class Market:
         prove_endpoint: EndpointProver,
         allow_plaintext: bool,
         heartbeat_skew_s: int,
+        min_retention_s: int,  # the validation window and a margin: what an ask must keep steps for
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -168,6 +173,7 @@ class Market:
         self.prove_endpoint = prove_endpoint
         self.allow_plaintext = allow_plaintext
         self.heartbeat_skew_s = heartbeat_skew_s
+        self.min_retention_s = min_retention_s
         self.on_change = on_change
         self.clock = clock
         self._lock = asyncio.Lock()  # one ask or heartbeat of a provider at a time: nonces must not race
@@ -186,6 +192,14 @@ class Market:
             if provider.last_heartbeat_at is not None:
                 self.book.heartbeat(provider.address, provider.last_heartbeat_at.timestamp())
         for ask in asks:
+            if ask.retention_s < self.min_retention_s:  # posted under a shorter window, or before asks said
+                log.info(
+                    "ask %d keeps steps %d s, under %d s: not booked",
+                    ask.id,
+                    ask.retention_s,
+                    self.min_retention_s,
+                )
+                continue
             self.book.post(_book_ask(ask))
         for address in {ask.provider for ask in asks}:
             await self.watcher.is_active(address)
@@ -215,6 +229,14 @@ class Market:
             )
         if not 0 <= data.capacity <= MAX_CAPACITY:
             raise InvalidRequest("bad_capacity", f"capacity must be in 0..{MAX_CAPACITY}")
+        if data.capacity > 0 and data.retention_s < self.min_retention_s:
+            # Data gone before the validator may ask for it is the provider's fault, and costs it its stake:
+            # better refused here, where it costs nothing.
+            raise InvalidRequest(
+                "short_retention",
+                f"the ask keeps steps {data.retention_s} s; this gateway's validators may fetch them up to "
+                f"{self.min_retention_s} s after a session ends",
+            )
         try:
             parse_endpoint(data.endpoint)
         except ProtocolError as exc:
@@ -232,6 +254,7 @@ class Market:
             data.layer_end,
             data.price_per_million,
             data.capacity,
+            data.retention_s,
             data.endpoint,
             fingerprint,
             data.nonce,
@@ -272,6 +295,7 @@ class Market:
                     layer_end=data.layer_end,
                     price_per_million=data.price_per_million,
                     capacity=data.capacity,
+                    retention_s=data.retention_s,
                     endpoint=data.endpoint,
                     tls_fingerprint="0x" + fingerprint.hex(),
                     nonce=data.nonce,
@@ -342,4 +366,5 @@ def _book_ask(ask: Ask) -> BookAsk:
         endpoint=ask.endpoint,
         tls_fingerprint=bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")),
         expires_at=float(ask.expires_at),
+        retention_s=ask.retention_s,
     )

@@ -40,6 +40,7 @@ class BookAsk:
     endpoint: str
     tls_fingerprint: bytes  # of the certificate the endpoint proved it holds; pinned by whoever connects
     expires_at: float  # unix s
+    retention_s: int = 0  # how long its provider keeps a session's steps for validators, as the ask signs
     in_use: int = 0
     live: bool = True  # false once replaced, withdrawn or expired; jobs holding it still release into it
 

@@ -144,6 +144,7 @@ class Gateway:
             prove_endpoint=LinkProver(keys, checks),
             allow_plaintext=settings.allow_plaintext_hops,
             heartbeat_skew_s=settings.heartbeat_skew_s,
+            min_retention_s=settings.min_retention_s,
             on_change=runner.wake,
         )
         gateway = cls(

@@ -34,6 +34,11 @@ class AnnounceError(Exception):
         self.code = code
 
 
+# How long a provider keeps a session's steps for validators unless told otherwise: above the default validation
+# window and its margin (settlement.config: 600 s and 60 s), which gateways require of an ask.
+DEFAULT_RETENTION_S = 900
+
+
 @dataclass(frozen=True)
 class Offer:
     model_root: str  # 0x-prefixed
@@ -43,6 +48,7 @@ class Offer:
     capacity: int  # sessions at once
     endpoint: str  # host:port the gateway and other providers reach this provider at
     tls_fingerprint: bytes  # sha256 of the certificate the endpoint presents (zero: plain TCP, development)
+    retention_s: int  # how long a session's steps are kept for validators after it ends
 
 
 class Announcer:
@@ -106,6 +112,7 @@ class Announcer:
             offer.layer_end,
             offer.price_per_million,
             offer.capacity if capacity is None else capacity,
+            offer.retention_s,
             offer.endpoint,
             offer.tls_fingerprint,
             self._nonce(),
@@ -120,6 +127,7 @@ class Announcer:
             "layerEnd": ask.layer_end,
             "pricePerMillion": str(ask.price_per_million),
             "capacity": ask.capacity,
+            "retentionS": ask.retention_s,
             "endpoint": ask.endpoint,
             "nonce": ask.nonce,
             "expiresAt": ask.expires_at,

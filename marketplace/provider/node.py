@@ -59,6 +59,7 @@ class NodeConfig:
     domain: Domain  # the protocol domain: the chain and the deployment's StakeManager
     tls: TlsIdentity | None  # the node's certificate and key; None serves plain TCP (development only)
     limits: RuntimeLimits
+    retained: Path  # where steps are kept for validators; read back on restart
     advertise: str | None = None  # host:port others reach the node at [default: host:port]
     device: torch.device | None = None  # None: CUDA when there is one, else the CPU
     dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on a GPU
@@ -75,7 +76,7 @@ class ProviderNode:
     ) -> None:
         self.config = config
         self.shard = shard
-        self.runtime = SpanRuntime(shard, config.limits)
+        self.runtime = SpanRuntime(shard, config.limits, retained=config.retained)
         self.server = server(
             self.runtime,
             keys=KeyRing(config.account, config.domain),
@@ -97,6 +98,7 @@ class ProviderNode:
                     config.announce.capacity,
                     config.endpoint,
                     config.tls.fingerprint if config.tls is not None else NO_FINGERPRINT,
+                    int(config.limits.retention_s),
                 ),
                 domain=config.domain,
                 trusted=config.gateways,

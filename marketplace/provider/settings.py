@@ -26,4 +26,7 @@ class ProviderSettings(ChainSettings):
     provider_tls_dir: Path | None = Field(
         default=None, description="where the node keeps its TLS key and certificate, made on first start"
     )
+    provider_retained_dir: Path | None = Field(
+        default=None, description="where the node keeps steps for validators, read back on restart"
+    )
     gateway_url: str | None = Field(default=None, description="gateway to post asks and heartbeats to")

@@ -37,7 +37,7 @@ from marketplace.devnet.anvil import Anvil
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
 from marketplace.gateway.orderbook import BookAsk, OrderBook
-from marketplace.provider.announce import Announcer, Offer
+from marketplace.provider.announce import DEFAULT_RETENTION_S, Announcer, Offer
 from marketplace.provider.staking import bond
 from marketplace.testing.gateway import GatewayServer
 from marketplace.testing.hops import Served, launch, plan, running
@@ -666,7 +666,7 @@ def ask_with_someone_elses_endpoint(arena: Arena) -> Verdict:
     victim, attacker = arena.honest["b"], arena.rogues["blame-next"]
     codes = []
     for fingerprint in (victim.node.fingerprint, attacker.node.fingerprint):
-        offer = Offer(arena.root, 2, 4, 1, 8, victim.endpoint, fingerprint)
+        offer = Offer(arena.root, 2, 4, 1, 8, victim.endpoint, fingerprint, DEFAULT_RETENTION_S)
         announcer = Announcer(
             arena.gateway.url, attacker.account, offer, domain=arena.contracts.protocol_domain(), trusted=None
         )
@@ -682,7 +682,9 @@ def replay_across_deployments(arena: Arena) -> Verdict:
     is refused by a gateway of the other, and a ticket signed under the other is refused by a provider of this
     one."""
     honest = arena.honest["b"]
-    offer = Offer(arena.root, 2, 4, 1_000_000, 8, honest.endpoint, honest.node.fingerprint)
+    offer = Offer(
+        arena.root, 2, 4, 1_000_000, 8, honest.endpoint, honest.node.fingerprint, DEFAULT_RETENTION_S
+    )
     other_domain = arena.other.protocol_domain()
     # An ask signed under the other deployment, posted here.
     announcer = Announcer(arena.gateway.url, honest.account, offer, domain=other_domain, trusted=None)

@@ -93,6 +93,7 @@ def launch(
         trust_gateway=gateway,
         deployment=deployment,
         tls_dir=tls_dir,
+        retained_dir=workdir / f"retained-{seed}",
         extra=tuple(extra),
     )
     node = ProviderProcess.start(

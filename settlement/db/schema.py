@@ -178,6 +178,8 @@ class Ask(Base):
     layer_end: Mapped[int] = mapped_column(Integer)
     price_per_million: Mapped[int] = mapped_column(BigInteger)
     capacity: Mapped[int] = mapped_column(Integer)
+    # seconds the provider keeps a session's steps for validators after it ends, as its ask signs
+    retention_s: Mapped[int] = mapped_column(BigInteger, server_default="0")
     endpoint: Mapped[str] = mapped_column(String(255))
     # sha256 of the TLS certificate the endpoint proved it holds (zeros: plain TCP, development only)
     tls_fingerprint: Mapped[str] = mapped_column(HASH, server_default="0x" + "00" * 32)

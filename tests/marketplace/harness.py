@@ -41,7 +41,7 @@ from marketplace.gateway.payments.x402 import (
     decode_header,
     encode_header,
 )
-from marketplace.provider.announce import AnnounceError, Announcer, Offer
+from marketplace.provider.announce import DEFAULT_RETENTION_S, AnnounceError, Announcer, Offer
 from marketplace.provider.staking import bond
 from marketplace.testing.gateway import GatewayServer
 from settlement.chain import Chain
@@ -137,6 +137,7 @@ def start_provider(
         trust_gateway=market.gateway_key.address,
         deployment=market.deployment_file,
         tls_dir=log_dir / f"tls-{account.address}",
+        retained_dir=log_dir / f"retained-{account.address}-{span[0]}-{span[1]}",
         extra=tuple(extra),
     )
     log = log_dir / f"provider-{account.address[:10]}-{span[0]}-{span[1]}-{launch.port}.log"
@@ -213,7 +214,14 @@ def announce(
         url,
         provider.account,
         Offer(
-            root, provider.span[0], provider.span[1], price, capacity, provider.endpoint, provider.fingerprint
+            root,
+            provider.span[0],
+            provider.span[1],
+            price,
+            capacity,
+            provider.endpoint,
+            provider.fingerprint,
+            DEFAULT_RETENTION_S,
         ),
         domain=provider.domain,
         trusted=None,

@@ -1,4 +1,4 @@
-"""Sessions on a shard: ordering, limits that answer busy, expiry, and the retention buffer."""
+"""Sessions on a shard: ordering, limits that answer busy, expiry, and retained steps on disk."""
 
 from __future__ import annotations
 
@@ -148,17 +148,76 @@ def test_idle_sessions_expire_and_steps_are_retained_for_the_window(tiny_models:
         runtime.retained(b"a" * 16)
 
 
-def test_retention_drops_the_oldest_sessions_past_its_byte_budget(tiny_models: dict[str, Path]) -> None:
+def test_a_full_disk_budget_refuses_new_sessions_and_drops_nothing_inside_the_window(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Room for one session's steps: a second session is busy, not a reason to delete the first one's data a
+    validator may still ask for; once the first is past its window, the room is back."""
+    clock = Clock()
     shard = load_shard(tiny_models["llama"], "0:6", device=CPU)
-    one_step = PROMPT.numel() * 8 + shard.vocab_size * 4  # token ids in, the last position's logits out
-    runtime = SpanRuntime(shard, RuntimeLimits(max_retained_bytes=one_step + 1))
-    for name in (b"a" * 16, b"b" * 16):
-        runtime.open(name)
-        runtime.step(name, 0, PROMPT)
-        runtime.close(name)
+    one_session = SpanRuntime(shard).retained_bytes(PROMPT.shape[1]) + 1024  # and its file's first line
+    limits = RuntimeLimits(retention_s=600, max_retained_bytes=one_session)
+    runtime = SpanRuntime(shard, limits, clock, retained=tmp_path)
+    runtime.open(b"a" * 16, max_positions=PROMPT.shape[1])
+    runtime.step(b"a" * 16, 0, PROMPT)
+    runtime.close(b"a" * 16)
+    with pytest.raises(ProviderBusy, match="budget"):
+        runtime.open(b"b" * 16, max_positions=PROMPT.shape[1])
+    clock.now += 599
+    assert len(runtime.retained(b"a" * 16)) == 1
+    clock.now += 2
+    runtime.open(b"b" * 16, max_positions=PROMPT.shape[1])
     with pytest.raises(UnknownSession):
         runtime.retained(b"a" * 16)
-    assert len(runtime.retained(b"b" * 16)) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / ("62" * 16 + ".steps")]
+
+
+def test_retained_steps_survive_a_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A provider restarted inside the window still has every step: of sessions it closed, and of the one it
+    was serving when it stopped, whose window starts at the restart. A session id is still taken."""
+    clock = Clock()
+    shard = load_shard(tiny_models["llama"], "0:6", device=CPU)
+    limits = RuntimeLimits(retention_s=600)
+    before = SpanRuntime(shard, limits, clock, retained=tmp_path)
+    for name in (b"a" * 16, b"b" * 16):
+        before.open(name, b"j" * 32)
+        before.step(name, 0, PROMPT)
+        before.step(name, 1, torch.tensor([[BOS]]))
+    before.close(b"a" * 16)  # b is open when the process stops
+    kept = {name: before.retained(name) for name in (b"a" * 16, b"b" * 16)}
+    del before
+
+    clock.now += 500
+    after = SpanRuntime(shard, limits, clock, retained=tmp_path)
+    for name, records in kept.items():
+        again = after.retained(name)
+        assert after.retained_session(name).job == b"j" * 32
+        assert [(r.step, r.input_hash, r.output_hash) for r in again] == [
+            (r.step, r.input_hash, r.output_hash) for r in records
+        ]
+        assert all(torch.equal(x.output, y.output) for x, y in zip(again, records, strict=True))
+    with pytest.raises(SessionExists):
+        after.open(b"a" * 16)
+    clock.now += 101  # a's window ends 600 s after it closed; b's 600 s after the restart
+    with pytest.raises(UnknownSession):
+        after.retained(b"a" * 16)
+    assert len(after.retained(b"b" * 16)) == 2
+
+
+def test_a_step_torn_by_a_crash_is_cut_off_on_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    shard = load_shard(tiny_models["llama"], "0:6", device=CPU)
+    before = SpanRuntime(shard, retained=tmp_path)
+    before.open(b"a" * 16)
+    before.step(b"a" * 16, 0, PROMPT)
+    before.step(b"a" * 16, 1, torch.tensor([[BOS]]))
+    path = before.retained_session(b"a" * 16).path
+    del before
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.truncate(size - 100)  # the second step's output half written
+    after = SpanRuntime(shard, retained=tmp_path)
+    assert [r.step for r in after.retained(b"a" * 16)] == [0]
+    assert path.stat().st_size < size - 100
 
 
 def test_an_input_that_overflows_the_span_is_refused_and_spoils_only_what_comes_after(

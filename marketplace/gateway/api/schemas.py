@@ -148,6 +148,12 @@ class AskBody(BaseModel):
     layerEnd: int = Field(ge=1, le=2**32 - 1)
     pricePerMillion: int = Field(ge=1, le=2**64 - 1, description="base units per million token-layers")
     capacity: int = Field(ge=0, le=2**32 - 1, description="sessions at once; 0 withdraws the span")
+    retentionS: int = Field(
+        ge=0,
+        le=2**32 - 1,
+        description="seconds a session's steps are kept for validators after it ends; at least the gateway's "
+        "validation window and a margin",
+    )
     endpoint: str = Field(min_length=3, max_length=255, description="host:port of the provider's hop server")
     nonce: int = Field(ge=1, le=2**64 - 1)
     expiresAt: int = Field(ge=1, le=2**64 - 1, description="unix seconds")

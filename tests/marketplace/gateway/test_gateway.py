@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
 from marketplace.gateway.catalog import load_model
 from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
-from marketplace.provider.announce import Announcer, Offer
+from marketplace.provider.announce import DEFAULT_RETENTION_S, Announcer, Offer
 from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
 from settlement.eip712 import Heartbeat, JobRead
@@ -484,16 +485,27 @@ def test_asks_and_heartbeats_are_checked(
         ({"pricePerMillion": "0"}, 400, "invalid_request"),
         ({"capacity": -1}, 400, "invalid_request"),
     ]
+    # Signed as it is, but keeping steps for less than the validators may ask for them.
+    short = Announcer(
+        gateway.url,
+        backup.account,
+        replace(announcer.offer, retention_s=60),
+        domain=backup.domain,
+        trusted=None,
+    )
+    short.gateway = announcer.gateway
+    short_ask = short.signed_ask()
+    cases.append((short_ask, 400, "short_retention"))
     posted({})  # uses the nonce once, so the case above is a replay
     before = httpx.get(gateway.url + "/v1/asks", params={"model": "tiny"}).json()
     for changes, status, code in cases:
-        body = changes if changes is forged else {**ask, **changes}
+        body = changes if changes is forged or changes is short_ask else {**ask, **changes}
         response = httpx.post(gateway.url + "/v1/asks", json=body)
         assert (response.status_code, error_code(response)) == (status, code), (code, response.text)
     assert httpx.get(gateway.url + "/v1/asks", params={"model": "tiny"}).json() == before
 
     # A well-signed ask from a key with no stake is refused.
-    offer = Offer(root, 0, 2, PRICE, 1, "127.0.0.1:1", backup.fingerprint)
+    offer = Offer(root, 0, 2, PRICE, 1, "127.0.0.1:1", backup.fingerprint, DEFAULT_RETENTION_S)
     stranger = Announcer(gateway.url, unstaked, offer, domain=backup.domain, trusted=None)
     stranger.gateway = market.gateway_key.address
     response = httpx.post(gateway.url + "/v1/asks", json=stranger.signed_ask())

@@ -1,0 +1,27 @@
+"""asks say how long their provider keeps a session's steps for validators
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-30 12:40:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # Asks posted before said nothing: 0, under any window, so the gateway books them no more.
+    with op.batch_alter_table("asks") as batch:
+        batch.add_column(sa.Column("retention_s", sa.BigInteger(), server_default="0", nullable=False))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("asks") as batch:
+        batch.drop_column("retention_s")
