@@ -3,7 +3,6 @@
     SettlementError                    every error below; carries a stable ``code``
     ├── ConfigurationError             missing or malformed settings, deployment files, keys
     │   ├── BadDatabaseURL             a database URL that is not SQLite or PostgreSQL
-    │   ├── NoReferenceWeights         the validator has no checkpoint for a sampled hop's model
     │   └── ContractsNotBuilt          the contracts' build artifacts are missing: `make contracts`
     ├── CompilerError                  forge is missing, or the contracts do not compile
     ├── ChainError                     the chain could not be used as asked
@@ -41,12 +40,6 @@ class CannotJudge(SettlementError):
     Nobody is blamed."""
 
     code = "cannot_judge"
-
-
-class NoReferenceWeights(ConfigurationError):
-    """The validator holds no checkpoint for a sampled hop's model root."""
-
-    code = "no_reference_weights"
 
 
 class BadDatabaseURL(ConfigurationError):

@@ -67,7 +67,7 @@ from settlement.db.schema import (
     ValidationStatus,
 )
 from settlement.deploy import Contracts
-from settlement.errors import CannotJudge, NoReferenceWeights, TransactionReverted, UnknownJob
+from settlement.errors import CannotJudge, TransactionReverted, UnknownJob
 from settlement.outbox import send_once
 from settlement.tickets import KeyRing
 from settlement.validation import ReferenceSpan, Verdict, judge_span
@@ -167,6 +167,8 @@ MAX_FETCH_S = 540.0
 # Past the deadline, an unreachable provider is blamed only if the validator's last attempt before it began
 # within a retry interval, a whole fetch and this much of it.
 PATIENCE_SLACK_S = 30.0
+# The validator's own trouble (no reference weights, out of memory) is retried this soon.
+TROUBLE_RETRY_S = 30.0
 # Refusals that say the provider does not have the data; any other refusal is treated as no answer.
 NO_DATA = frozenset({UnknownSession.code})
 
@@ -257,15 +259,13 @@ class Validator:
             return Outcome(validation_id, hop.status)
         reference = self.references.span(hop.model_root, *hop.layers)
         if reference is None:  # the validator's own trouble: no attempt is counted against the provider
-            raise NoReferenceWeights(
-                f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
+            return self._troubled(
+                hop, f"no reference weights for model {hop.model_root}: add its checkpoint to MODELS"
             )
         try:
             plan = self._plan(hop, reference.shard())
-        except OSError as exc:
-            raise NoReferenceWeights(
-                f"the reference weights for {hop.model_root} do not load: {exc}"
-            ) from exc
+        except (OSError, torch.OutOfMemoryError) as exc:
+            return self._troubled(hop, f"the reference weights for {hop.model_root} do not load: {exc}")
         now = self.clock()
         deadline = hop.finished_at.timestamp() + self.window_s
         previous = hop.last_attempt_at.timestamp() if hop.last_attempt_at else None
@@ -302,12 +302,26 @@ class Validator:
             self._unreachable(hop, None)  # it answered: an earlier streak of silence is over
         try:
             verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            return self._troubled(hop, f"out of memory re-executing the hop: {exc}"[:400])
         except CannotJudge as exc:
             log.warning("validation %d missed: %s", validation_id, exc)
             with self.sessions.begin() as session:
                 self._record(session, hop, ValidationStatus.MISSED, None, str(exc), None)
             return Outcome(validation_id, ValidationStatus.MISSED)
         return self._decide(hop, verdict)
+
+    def _troubled(self, hop: _Hop, trouble: str) -> Outcome:
+        """The validator cannot judge the hop now, through no fault of the provider's: recorded (``/health``
+        shows it) and tried again soon, ahead of the next epoch's re-queue. Nothing is counted against the
+        provider; if the trouble outlasts the window, the next attempt after it finds the data gone and the hop
+        is missed (see :func:`unavailable`)."""
+        log.error("validation %d cannot be judged yet: %s", hop.validation, trouble)
+        with self.sessions.begin() as session:
+            session.execute(update(Validation).where(Validation.id == hop.validation).values(trouble=trouble))
+        return Outcome(
+            hop.validation, ValidationStatus.PENDING, reason="validator_trouble", retry_in_s=TROUBLE_RETRY_S
+        )
 
     def _attempting(self, hop: _Hop, now: float) -> None:
         at = datetime.fromtimestamp(now, UTC)
@@ -317,6 +331,7 @@ class Validator:
                 .where(Validation.id == hop.validation)
                 .values(
                     attempts=Validation.attempts + 1,
+                    trouble=None,
                     first_attempt_at=func.coalesce(Validation.first_attempt_at, at),
                     last_attempt_at=at,
                 )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from settlement.db.validations import Backlog
 
 
 class Metrics:
@@ -29,3 +34,14 @@ class Metrics:
         self.request_seconds = Histogram(
             "strata_request_seconds", "time to answer a request", ["route"], registry=self.registry
         )
+        self.validations = Gauge(
+            "strata_validations",
+            "drawn hops: pending, troubled (the validator's own trouble), overdue (past the window), "
+            "missed_recently (in the last hour)",
+            ["state"],
+            registry=self.registry,
+        )
+
+    def observe_validation(self, backlog: Backlog) -> None:
+        for state in ("pending", "troubled", "overdue", "missed_recently"):
+            self.validations.labels(state).set(getattr(backlog, state))

@@ -409,6 +409,9 @@ class Validation(Base):
     # Since when every attempt found the provider unreachable (None once it answers): past the window, that is
     # its fault only if the validator was still trying as the window closed.
     unreachable_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why the validator could not judge it at its last try, through no fault of the provider's (no reference
+    # weights, out of memory); None once an attempt got under way.
+    trouble: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -8,10 +8,11 @@ still pending: at metering when it drew nothing, else when its last validation i
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from settlement.db.schema import Job, SlashStatus, Validation, ValidationStatus
@@ -70,3 +71,39 @@ def decide(
 def clear(session: Session, job_id: str, now: datetime) -> None:
     """Nothing the job drew is pending any more: an epoch may settle it. Clearing happens once."""
     session.execute(update(Job).where(Job.id == job_id, Job.cleared_at.is_(None)).values(cleared_at=now))
+
+
+MISSED_RECENTLY_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Whether the validator keeps up, for ``/health`` and metrics."""
+
+    pending: int  # drawn, not decided yet
+    troubled: int  # of those, ones the validator could not judge at its last try (its own trouble)
+    overdue: int  # of those, ones whose job finished more than the window ago: the validator fell behind
+    missed_recently: int  # decided missed in the last hour: drawn, never judged
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.troubled or self.overdue or self.missed_recently)
+
+
+def backlog_query(now: datetime, window_s: float) -> Select[int, int, int, int]:
+    """One row of :class:`Backlog`'s counts, as of ``now``."""
+    pending = Validation.status == ValidationStatus.PENDING
+    recently = now - timedelta(seconds=MISSED_RECENTLY_S)
+    return (
+        select(
+            func.count().filter(pending),
+            func.count().filter(and_(pending, Validation.trouble.is_not(None))),
+            func.count().filter(and_(pending, Job.finished_at < now - timedelta(seconds=window_s))),
+            func.count().filter(Validation.status == ValidationStatus.MISSED),
+        )
+        .select_from(Validation)
+        .join(Job, Job.id == Validation.job_id)
+        .where(
+            or_(pending, and_(Validation.status == ValidationStatus.MISSED, Validation.decided_at > recently))
+        )
+    )

@@ -1,8 +1,16 @@
-"""Liveness and Prometheus metrics."""
+"""Liveness and Prometheus metrics.
+
+``/health`` also says whether validation keeps up (``settlement.db.validations.Backlog``): hops the validator
+could not judge through its own trouble, hops still pending past the window, hops missed in the last hour. That
+is the operator's to fix (weights, memory, workers), never a provider's fault, so it does not turn the answer
+503: the gateway serves on.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,6 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.service import Gateway
+from settlement.db.schema import utcnow
+from settlement.db.validations import Backlog, backlog_query
 from settlement.errors import ChainError
 
 router = APIRouter(tags=["health"])
@@ -34,6 +45,11 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
         checks["chain"] = {"id": gateway.terms.chain_id, "block": block}
     except ChainError as exc:
         checks["chain"] = f"down: {exc}"
+    try:
+        backlog = await _validation_backlog(gateway)
+        checks["validation"] = {"status": "behind" if backlog.behind else "ok", **asdict(backlog)}
+    except Exception as exc:  # the database being down is said above
+        checks["validation"] = f"unknown: {type(exc).__name__}"
     healthy = checks["database"] == "ok" and isinstance(checks["chain"], dict)
     body = {
         "status": "ok" if healthy else "degraded",
@@ -49,4 +65,14 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
 
 @router.get("/metrics", operation_id="getMetrics", response_class=Response)
 async def get_metrics(gateway: GatewayDep) -> Response:
+    with contextlib.suppress(Exception):  # the gauges keep their last values while the database is down
+        await _validation_backlog(gateway)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _validation_backlog(gateway: Gateway) -> Backlog:
+    async with gateway.sessions() as session:
+        row = (await session.execute(backlog_query(utcnow(), gateway.settings.validation_window_s))).one()
+    backlog = Backlog(*(int(count) for count in row))
+    gateway.metrics.observe_validation(backlog)
+    return backlog

@@ -1,4 +1,5 @@
-"""asks say how long their provider keeps a session's steps for validators
+"""asks say how long their provider keeps a session's steps for validators; validations say what kept the
+validator from judging them
 
 Revision ID: 0006
 Revises: 0005
@@ -20,8 +21,12 @@ def upgrade() -> None:
     # Asks posted before said nothing: 0, under any window, so the gateway books them no more.
     with op.batch_alter_table("asks") as batch:
         batch.add_column(sa.Column("retention_s", sa.BigInteger(), server_default="0", nullable=False))
+    with op.batch_alter_table("validations") as batch:
+        batch.add_column(sa.Column("trouble", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("validations") as batch:
+        batch.drop_column("trouble")
     with op.batch_alter_table("asks") as batch:
         batch.drop_column("retention_s")

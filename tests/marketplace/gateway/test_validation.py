@@ -1,0 +1,99 @@
+"""Validation of honest providers through trouble, against real provider processes: the validator without the
+model's weights, a provider restarted inside the window, 50 ms on every fetch. Nobody honest is failed, and
+the validator's own trouble shows in ``/health`` until it is over."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from sqlalchemy import select, update
+
+from marketplace.devnet.providers import ProviderProcess as NodeProcess
+from marketplace.testing.latency import DelayProxy
+from settlement.db.engine import blocking_sessions, create_blocking_engine
+from settlement.db.schema import Ask, Hop, Validation, ValidationStatus
+from settlement.deploy import ONE_TOKEN
+from settlement.ledger import meter_job
+from settlement.validator import ReferenceModels, Validator
+from tests.marketplace.harness import (
+    GatewayServer,
+    Market,
+    ProviderProcess,
+    chat_body,
+    open_channel,
+    post,
+    requirement,
+    voucher_header,
+    wait_ready,
+)
+
+CHAT = "/v1/chat/completions"
+
+
+def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_link(
+    gateway: GatewayServer,
+    market: Market,
+    model_dir: Path,
+    providers: dict[str, ProviderProcess],
+    tmp_path: Path,
+) -> None:
+    client = market.clients[1]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    body = chat_body("validate me", max_tokens=16)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    paid = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+    assert paid.status_code == 200, paid.text
+    job_id = "0x" + paid.json()["id"].removeprefix("chatcmpl-")
+
+    sessions = blocking_sessions(create_blocking_engine(gateway.gateway.settings.database_url))
+    with sessions.begin() as session:
+        metered = meter_job(session, job_id, domain=market.contracts.protocol_domain(), sample_rate=1.0)
+    assert metered is not None and len(metered.sampled) == 3  # every hop drawn
+
+    def validator(references: ReferenceModels) -> Validator:
+        # The deployment's slasher: providers trust it to fetch their steps unless told otherwise.
+        return Validator(sessions, market.contracts, market.anvil.accounts[3], references, retry_s=1.0)
+
+    # The validator's own trouble: no weights for the model. Nothing counts against the providers; /health says
+    # so, and the hops are tried again soon.
+    outcomes = [validator(ReferenceModels([])).validate(v) for v in metered.sampled]
+    assert {(o.status, o.reason) for o in outcomes} == {(ValidationStatus.PENDING, "validator_trouble")}
+    assert all(o.retry_in_s is not None and o.retry_in_s <= 30 for o in outcomes)
+    health = httpx.get(gateway.url + "/health").json()["validation"]
+    assert (health["status"], health["troubled"], health["pending"]) == ("behind", 3, 3)
+    assert 'strata_validations{state="troubled"} 3.0' in httpx.get(gateway.url + "/metrics").text
+
+    # The middle provider restarts (killed, as a crash would) inside the window, and every fetch crosses 50 ms.
+    middle = providers["b"]
+    middle.node.kill()
+    middle.node.process.wait(timeout=30)
+    middle.node = NodeProcess.start(
+        middle.node.launch, key=middle.account.key.hex(), log=tmp_path / "b-again.log"
+    )
+    wait_ready(middle)
+    with sessions() as session:
+        asks = {
+            hop.ask_id: session.get(Ask, hop.ask_id).endpoint  # type: ignore[union-attr]
+            for hop in session.scalars(select(Hop).where(Hop.job_id == job_id))
+        }
+    try:
+        with ExitStack() as stack:
+            for ask_id, endpoint in asks.items():
+                proxy = stack.enter_context(DelayProxy(endpoint, 0.05))
+                with sessions.begin() as session:
+                    session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=proxy.endpoint))
+            references = ReferenceModels([str(model_dir)])
+            outcomes = [validator(references).validate(v) for v in metered.sampled]
+    finally:
+        with sessions.begin() as session:
+            for ask_id, endpoint in asks.items():
+                session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=endpoint))
+
+    assert [o.status for o in outcomes] == [ValidationStatus.PASSED] * 3, outcomes
+    with sessions() as session:
+        decided = session.scalars(select(Validation).where(Validation.job_id == job_id)).all()
+    assert all(v.trouble is None and v.slash_status is None for v in decided)
+    health = httpx.get(gateway.url + "/health").json()["validation"]
+    assert (health["status"], health["troubled"], health["pending"]) == ("ok", 0, 0)
