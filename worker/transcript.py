@@ -125,3 +125,15 @@ def receipt_bills(receipt: SignedReceipt, expected: ReceiptFields, signer_of: Re
     if signer != expected.provider:
         return f"the receipt is signed by {signer}, not by {expected.provider}"
     return None
+
+
+def receipt_is_false(receipt: SignedReceipt, expected: ReceiptFields, signer_of: ReceiptChecker) -> bool:
+    """Whether a receipt that does not bill its hop (``receipt_bills``) is its provider's own false word: signed
+    by the provider, for this job, session and gateway, yet saying other than what the gateway recorded of the
+    hop. Unlike a missing receipt, an unsigned one or someone else's, that is evidence against the provider."""
+    try:
+        signer = signer_of(receipt)
+    except ValueError:
+        return False
+    about = (receipt.job_id, receipt.session, receipt.gateway)
+    return signer == expected.provider and about == (expected.job_id, expected.session, expected.gateway)

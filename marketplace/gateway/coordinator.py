@@ -9,6 +9,13 @@ in the vocabulary. At the end the gateway closes every session directly and bill
 signed receipt, checked against what that provider reported as the route ran (worker.transcript): a provider
 that gives no receipt, or a wrong one, goes unpaid, and the others are paid all the same.
 
+False receipts. A receipt its provider signed for this very session that says other than what the gateway
+recorded (more positions than it served, another transcript, other sampling parameters) is its own false word:
+besides going unpaid, the provider is suspended from matching for ``FALSE_RECEIPT_SUSPEND_S``, and the receipt
+and the gateway's record of the hop are kept as evidence (``marketplace.gateway.jobs``), served with the slashes'.
+It is not slashed: the positions the gateway sent are the gateway's record, not something the provider signed
+step by step, so a third party could not tell a false receipt from a gateway that under-records.
+
 Failover: when a step does not come back whole (a provider unreachable, an error it reports, a report that
 does not verify, a broken link, a step that times out) the route is abandoned and the job moves to the cheapest
 fresh route that leaves out the providers at fault and whose cost for the whole request still fits what the
@@ -46,12 +53,15 @@ from worker.transcript import (
     ReceiptChecker,
     StepHashes,
     receipt_bills,
+    receipt_is_false,
     sampling_hash,
     transcript_root,
 )
 from worker.trust import ReceiptFields
 
 log = logging.getLogger(__name__)
+
+FALSE_RECEIPT_SUSPEND_S = 24 * 3600.0
 
 Finish = Literal["stop", "length", "halted"]
 
@@ -85,6 +95,7 @@ class HopRecord:
     tokens: int = 0  # positions sent through this hop
     receipt: SignedReceipt | None = None
     verified: bool = False
+    refusal: str | None = None  # why a false receipt does not bill it
     amount: int = 0  # what it bills; 0 unless its receipt verified
     status: str = HopStatus.RUNNING
 
@@ -305,8 +316,12 @@ class Coordinator:
             record.status = HopStatus.BILLED if record.verified else HopStatus.UNVERIFIED
             if record.verified:
                 record.amount = hop_charge(record.tokens, record.ask.layers, record.ask.price_per_million)
-            else:
-                log.warning("job 0x%s: %s not billed: %s", spec.job_id.hex(), record.ask.provider, refused)
+                continue
+            log.warning("job 0x%s: %s not billed: %s", spec.job_id.hex(), record.ask.provider, refused)
+            if receipt is not None and receipt_is_false(receipt, expected, self.check_receipt):
+                record.status = HopStatus.FALSE_RECEIPT
+                record.refusal = refused
+                self.book.suspend(record.ask.provider, FALSE_RECEIPT_SUSPEND_S)
 
     def _close_quietly(self, plans: list[HopPlan], vocab_size: int) -> None:
         """Frees the abandoned sessions' KV caches where the providers still answer; receipts are not wanted."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -42,7 +43,16 @@ from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.gateway.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
 from marketplace.gateway.text import TextStream
-from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Job, JobStatus
+from settlement.db import validations
+from settlement.db.schema import (
+    Authorization,
+    AuthorizationStatus,
+    Channel,
+    HopStatus,
+    Job,
+    JobStatus,
+    Validation,
+)
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
 
@@ -427,6 +437,8 @@ class JobRunner:
                         if hop.receipt is not None:
                             await session.flush()
                             session.add(_receipt_row(run.job_id, row.id, hop))
+                        if hop.status == HopStatus.FALSE_RECEIPT:
+                            session.add(self._false_receipt(run.job_id, row.id, hop, job.finished_at))
                     settled = await self.gate.settle(session, run.reservation, run.job_id, charged)
                 break
             except Exception:
@@ -548,6 +560,38 @@ class JobRunner:
         )
         record.status = AuthorizationStatus.SETTLED if used else AuthorizationStatus.FAILED
         return used
+
+    def _false_receipt(self, job_id: str, hop_id: int, hop: HopRecord, now: datetime) -> Validation:
+        """The evidence of a false receipt: the receipt as signed, beside the gateway's record of the hop."""
+        assert hop.receipt is not None and hop.refusal is not None
+        document = {
+            "kind": validations.FALSE_RECEIPT_EVIDENCE_KIND,
+            "chainId": self.terms.chain_id,
+            "gateway": self.coordinator.keys.address,
+            "job": job_id,
+            "receipt": hop.receipt.to_json(),
+            "recorded": {
+                "provider": hop.ask.provider,
+                "layers": [hop.ask.start, hop.ask.end],
+                "attempt": hop.attempt,
+                "position": hop.position,
+                "session": hex0x(hop.session),
+                "positions": hop.tokens,
+                "transcriptRoot": hex0x(hop.transcript_root),
+                "transcript": [step.to_row() for step in hop.steps],
+            },
+            "reason": hop.refusal,
+            "decidedAt": int(now.timestamp()),
+        }
+        evidence = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return validations.false_receipt(
+            job_id=job_id,
+            hop_id=hop_id,
+            provider=hop.ask.provider,
+            evidence=evidence,
+            detail=hop.refusal,
+            now=now,
+        )
 
     # -- reading -------------------------------------------------------------------------------------------
 

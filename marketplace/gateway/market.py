@@ -26,14 +26,16 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from eth_utils.address import is_address, to_checksum_address
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog
 from marketplace.gateway.chainwatch import ChainWatcher
+from marketplace.gateway.coordinator import FALSE_RECEIPT_SUSPEND_S
 from marketplace.gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from marketplace.gateway.orderbook import BookAsk, OrderBook
-from settlement.db.schema import Ask, Provider, utcnow
+from settlement.db import validations
+from settlement.db.schema import Ask, Provider, Validation, utcnow
 from settlement.eip712 import Ask as SignedAsk
 from settlement.eip712 import Domain, Heartbeat
 from worker.client import PeerLink, parse_endpoint
@@ -188,9 +190,20 @@ class Market:
                     select(Ask).where(Ask.withdrawn_at.is_(None), Ask.expires_at > now).order_by(Ask.id)
                 )
             ).all()
+            since = datetime.fromtimestamp(now - FALSE_RECEIPT_SUSPEND_S, UTC)
+            false_receipts = (
+                await session.execute(
+                    select(Validation.provider, func.max(Validation.decided_at))
+                    .where(Validation.reason == validations.FALSE_RECEIPT, Validation.decided_at > since)
+                    .group_by(Validation.provider)
+                )
+            ).all()
         for provider in providers:
             if provider.last_heartbeat_at is not None:
                 self.book.heartbeat(provider.address, provider.last_heartbeat_at.timestamp())
+        for address, decided_at in false_receipts:  # suspensions outlive a restart
+            assert decided_at is not None  # the query takes only decided ones
+            self.book.suspend(address, FALSE_RECEIPT_SUSPEND_S - (now - decided_at.timestamp()))
         for ask in asks:
             if ask.retention_s < self.min_retention_s:  # posted under a shorter window, or before asks said
                 log.info(

@@ -74,6 +74,7 @@ ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so t
     "garbage-report": (4, 6),
     "stall": (4, 6),
     "silent-close": (0, 2),
+    "inflate-receipt": (2, 4),
 }
 
 
@@ -311,6 +312,27 @@ def never_answer_the_close(arena: Arena) -> Verdict:
     """The first provider of a route that completed never answers its close: the others' receipts do not wait
     for it, the job ends in bounded time, and it alone is unpaid."""
     return _route_attack(arena, "silent-close")
+
+
+def inflate_a_receipt(arena: Arena) -> Verdict:
+    """The middle provider serves honestly, then signs a receipt for half as many positions again as it served.
+    The job is the client's all the same; the false receipt bills nothing, its provider is suspended, and the
+    gateway keeps the receipt as evidence."""
+    rogue = arena.rogues["inflate-receipt"]
+    asks = [served.ask for served in (*arena.honest.values(), rogue)]
+    outcome, book = asyncio.run(_coordinated(arena, asks))
+    (hop,) = [hop for hop in outcome.hops if hop.ask.provider == rogue.account.address]
+    succeeded = (
+        outcome.tokens != arena.reference
+        or hop.status != HopStatus.FALSE_RECEIPT
+        or hop.amount != 0
+        or book.matchable(rogue.account.address)
+    )
+    honest = [h for h in outcome.hops if h is not hop]
+    harmed = any(h.status != HopStatus.BILLED for h in honest) or not all(
+        book.matchable(served.account.address) for served in arena.honest.values()
+    )
+    return Verdict("inflate-receipt", succeeded, harmed, f"{hop.status}: {hop.refusal}")
 
 
 def _interference(arena: Arena, kind: str) -> Verdict:
@@ -782,6 +804,7 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "inject-a-step": inject_a_step,
     "substitute-the-emitted-token": substitute_the_emitted_token,
     "withhold-downstream-receipts": withhold_downstream_receipts,
+    "inflate-a-receipt": inflate_a_receipt,
     "replay-tickets": replay_tickets,
     "route-to-an-unnamed-address": route_to_an_unnamed_address,
     "oversized-frame-without-a-ticket": oversized_frame_without_a_ticket,

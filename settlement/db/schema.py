@@ -80,6 +80,8 @@ class HopStatus(StrEnum):
     RUNNING = "running"
     BILLED = "billed"  # its receipt verified: it bills its token-layers
     UNVERIFIED = "unverified"  # it finished, but its receipt did not check out: it bills nothing
+    # It finished and signed a receipt that contradicts what it served: it bills nothing and is suspended.
+    FALSE_RECEIPT = "false_receipt"
     ABANDONED = "abandoned"  # its route failed over: nobody on it bills that attempt
     FAILED = "failed"  # the provider that failed its route: suspended from matching for a while
     # Left out of its job's later attempts, not suspended: its word against another hop's, or a silent route.
@@ -103,6 +105,9 @@ class SlashStatus(StrEnum):
     PENDING = "pending"
     SLASHED = "slashed"
     NOTHING = "nothing"  # no stake was left to take
+    SUSPENDED = (
+        "suspended"  # no slash: a false receipt suspends its provider (see marketplace.gateway.coordinator)
+    )
 
 
 class EpochStatus(StrEnum):

@@ -12,16 +12,40 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from eth_utils.crypto import keccak
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from settlement.db.schema import Job, SlashStatus, Validation, ValidationStatus
+
+FALSE_RECEIPT = "false_receipt"  # a validation's reason, decided by the gateway when the receipt came in
+FALSE_RECEIPT_EVIDENCE_KIND = "strata.false-receipt/1"
 
 
 def record(*, job_id: str, hop_id: int, provider: str) -> Validation:
     """A hop drawn for validation, pending."""
     return Validation(
         hop_id=hop_id, job_id=job_id, provider=provider, status=ValidationStatus.PENDING, attempts=0
+    )
+
+
+def false_receipt(
+    *, job_id: str, hop_id: int, provider: str, evidence: str, detail: str, now: datetime
+) -> Validation:
+    """A hop whose provider signed a false receipt (marketplace.gateway.coordinator): decided at once, failed,
+    with the evidence; its provider is suspended, not slashed."""
+    return Validation(
+        hop_id=hop_id,
+        job_id=job_id,
+        provider=provider,
+        status=ValidationStatus.FAILED,
+        reason=FALSE_RECEIPT,
+        detail=detail,
+        evidence=evidence,
+        evidence_hash="0x" + keccak(evidence.encode()).hex(),
+        slash_status=SlashStatus.SUSPENDED,
+        attempts=0,
+        decided_at=now,
     )
 
 

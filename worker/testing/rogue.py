@@ -12,6 +12,7 @@ paid and unblamed. ``strata provider serve --misbehave KIND`` (a hidden option) 
     garbage-report     answers every step with a report whose signature is nobody's
     stall              never answers a step
     silent-close       never answers a close: it hopes the route's receipts wait for it
+    inflate-receipt    signs a receipt for half as many positions again as it served
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import torch
 
 from worker.client import PeerLink
 from worker.errors import WorkerError
-from worker.messages import Close, HopEntry, HopError, Report, Step
+from worker.messages import Close, HopEntry, HopError, Report, SignedReceipt, Step
 from worker.server import HopServer
+from worker.trust import ReceiptFields
 
 log = logging.getLogger(__name__)
 
 MISBEHAVIOURS = (
     "alter-downstream", "forge-error", "blame-next", "substitute-token", "close-others", "inject-step",
-    "replay-step", "garbage-report", "stall", "silent-close",
+    "replay-step", "garbage-report", "stall", "silent-close", "inflate-receipt",
 )  # fmt: skip
 
 
@@ -77,7 +79,13 @@ class RogueServer(HopServer):
     def _close(self, request: Close, peer: str) -> dict[str, Any]:
         if self.misbehave == "silent-close":
             raise _Silent
-        return super()._close(request, peer)
+        reply = super()._close(request, peer)
+        if self.misbehave == "inflate-receipt":
+            said = SignedReceipt.from_json(reply["receipt"])
+            fields = {name: getattr(said, name) for name in ReceiptFields.__dataclass_fields__}
+            inflated = ReceiptFields(**{**fields, "positions": said.positions * 3 // 2})
+            reply = {**reply, "receipt": self.keys.receipt(inflated).to_json()}
+        return reply
 
     async def _handle(self, request: Any, reader: asyncio.StreamReader, peer: str, verified: Any) -> Any:
         try:

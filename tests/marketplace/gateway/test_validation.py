@@ -1,30 +1,37 @@
-"""Validation of honest providers through trouble, against real provider processes: the validator without the
-model's weights, a provider restarted inside the window, 50 ms on every fetch. Nobody honest is failed, and
-the validator's own trouble shows in ``/health`` until it is over."""
+"""Checking providers against real provider processes: validation of honest providers through trouble (the
+validator without the model's weights, a provider restarted inside the window, 50 ms on every fetch), where
+nobody honest is failed and the validator's own trouble shows in ``/health`` until it is over; and a provider
+that signs a false receipt."""
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+from eth_utils.crypto import keccak
 from sqlalchemy import select, update
 
 from marketplace.devnet.providers import ProviderProcess as NodeProcess
 from marketplace.testing.latency import DelayProxy
 from settlement.db.engine import blocking_sessions, create_blocking_engine
-from settlement.db.schema import Ask, Hop, Validation, ValidationStatus
+from settlement.db.schema import Ask, Hop, HopStatus, Job, Receipt, Validation, ValidationStatus
 from settlement.deploy import ONE_TOKEN
 from settlement.ledger import meter_job
 from settlement.validator import ReferenceModels, Validator
 from tests.marketplace.harness import (
+    PRICE,
     GatewayServer,
     Market,
     ProviderProcess,
+    announce,
     chat_body,
     open_channel,
     post,
     requirement,
+    rows,
+    start_provider,
     voucher_header,
     wait_ready,
 )
@@ -97,3 +104,46 @@ def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_li
     assert all(v.trouble is None and v.slash_status is None for v in decided)
     health = httpx.get(gateway.url + "/health").json()["validation"]
     assert (health["status"], health["troubled"], health["pending"]) == ("ok", 0, 0)
+
+
+def test_a_false_receipt_bills_nothing_suspends_its_provider_and_is_kept_as_evidence(
+    gateway: GatewayServer, market: Market, model_dir: Path, tmp_path: Path
+) -> None:
+    """A provider serves the middle span honestly, then signs a receipt for half as many positions again. The
+    client is charged only the honest hops; the liar is out of matching, and its receipt is served as evidence."""
+    liar = start_provider(
+        model_dir, market.providers[4], (2, 4), market, ("--misbehave", "inflate-receipt"), log_dir=tmp_path
+    )
+    try:
+        wait_ready(liar)
+        root = gateway.gateway.catalog.get("tiny").root
+        announce(gateway.url, liar, root, price=PRICE // 2)  # cheaper than B: routing picks it
+        client = market.clients[1]
+        channel = open_channel(market, client, 10 * ONE_TOKEN)
+        body = chat_body("lie to me", max_tokens=8)
+        offer = requirement(post(gateway.url, CHAT, body), "voucher")
+        paid = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+        assert paid.status_code == 200, paid.text
+        job_id = "0x" + paid.json()["id"].removeprefix("chatcmpl-")
+        hops = rows(gateway, select(Hop).where(Hop.job_id == job_id).order_by(Hop.position))
+        assert [h.status for h in hops] == [HopStatus.BILLED, HopStatus.FALSE_RECEIPT, HopStatus.BILLED]
+        assert hops[1].provider == liar.account.address
+        receipts = {r.provider: r for r in rows(gateway, select(Receipt).where(Receipt.job_id == job_id))}
+        assert receipts[liar.account.address].amount == 0
+        (job,) = rows(gateway, select(Job).where(Job.id == job_id))
+        assert job.charged == sum(r.amount for r in receipts.values()) > 0
+
+        (listed,) = httpx.get(gateway.url + "/v1/slashes", params={"provider": liar.account.address}).json()[
+            "data"
+        ]
+        assert (listed["reason"], listed["status"], listed["job"]) == ("false_receipt", "suspended", job_id)
+        served = httpx.get(gateway.url + f"/v1/slashes/{listed['id']}").json()
+        assert "0x" + keccak(served["evidence"].encode()).hex() == listed["id"]
+        evidence = json.loads(served["evidence"])
+        assert evidence["receipt"]["positions"] == hops[1].tokens * 3 // 2
+        assert evidence["recorded"]["positions"] == hops[1].tokens
+        assert not gateway.gateway.book.matchable(liar.account.address)
+        # The next request is routed around it, through B at the full price.
+        assert int(requirement(post(gateway.url, CHAT, body), "voucher")["amount"]) > int(offer["amount"])
+    finally:
+        liar.node.stop()

@@ -3,6 +3,9 @@
 Anyone who sees a ``Slashed`` event can fetch its evidence here and check it: ``evidence`` is the exact JSON
 document whose keccak256 is the event's evidence hash, naming the job, the hop (provider, layers, session, the
 transcript its receipt signs) and the validator's metrics against the reference weights.
+
+False receipts are listed here too, with status ``suspended``: the provider was suspended, not slashed, and the
+evidence is the receipt it signed beside the gateway's record of the hop (``reason`` ``false_receipt``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def slash_view(validation: Validation, *, evidence: bool) -> dict[str, Any]:
         "job": validation.job_id,
         "reason": validation.reason,
         "detail": validation.detail,
-        "status": validation.slash_status,  # pending, slashed, or nothing (no stake was left)
+        # pending, slashed, nothing (no stake was left), or suspended (a false receipt: no slash)
+        "status": validation.slash_status,
         "slashed": str(validation.slashed) if validation.slashed is not None else None,
         "transaction": validation.slash_tx,
         "decidedAt": validation.decided_at.isoformat() if validation.decided_at else None,
