@@ -68,7 +68,21 @@ class SettlementSettings(ChainSettings):
         default=10_000,
         gt=0,
         le=10_000,
-        description="share of a cheating provider's stake a failed validation slashes",
+        description="basis points of a provider's stake a validation slashes when the provider's output or tokens "
+        "are proven wrong",
+    )
+    unavailable_slash_bps: int = Field(
+        default=1_000,
+        gt=0,
+        le=10_000,
+        description="basis points slashed when a provider cannot produce a sampled hop's data within the window",
+    )
+    excess_slash_bps: int = Field(
+        default=1_000,
+        gt=0,
+        le=10_000,
+        description="basis points slashed when a bf16/fp16 hop's mean error is past its calibrated bound but within "
+        "1.4 times the validator's own noise",
     )
 
     @property

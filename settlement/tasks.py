@@ -135,6 +135,8 @@ def context() -> Context:
             ReferenceModels(settings.models),
             window_s=settings.validation_window_s,
             slash_bps=settings.slash_bps,
+            unavailable_slash_bps=settings.unavailable_slash_bps,
+            excess_slash_bps=settings.excess_slash_bps,
             send_lock=lambda: redis.lock(_SLASH_LOCK, timeout=10 * 60, blocking_timeout=5 * 60),
         )
     elif settings.sample_rate > 0:

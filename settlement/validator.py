@@ -11,16 +11,23 @@ one (the ``settlement.validate_hop`` task):
               (settlement.validation)
     decide    passed: the job clears once all its drawn hops are decided.
               failed: the evidence is stored, the job is voided (see below), the provider's asks are pulled,
-              and StakeManager.slash takes ``slash_bps`` of its stake, bonded and unbonding, under the
-              evidence's keccak256. The challenger's share of a slash goes to this validator's account.
+              and StakeManager.slash takes a share of its stake, bonded and unbonding, under the evidence's
+              keccak256, graded by what the evidence shows: ``slash_bps`` for a proven wrong output, token or
+              transcript; ``unavailable_slash_bps`` for data not produced and ``excess_slash_bps`` for a
+              hop mean just past its calibrated bound, which may have causes short of cheating. The
+              challenger's share of a slash goes to this validator's account.
 
 Data the provider cannot produce. A provider must keep a session's steps for ``window_s`` after the job
-finished (its ``retention_s`` should be longer). A provider that answers without them (or refuses this
-validator's ticket) inside the window fails the validation, as one that cannot be reached fails once the window
-has passed with every attempt unanswered while the validator kept trying (see :func:`unavailable`). Trouble
-on the validator's side (no reference weights, a crash, a backlog) is never the provider's: an attempt after
-the window that finds no data blames nobody, the hop is ``missed``, and the job clears as if it had not been
-drawn.
+finished; gateways book only asks that say they keep them longer (``SettlementSettings.min_retention_s``). A
+provider that answers without them (or refuses this validator's ticket) inside the window fails the validation,
+as one that cannot be reached fails once the window has passed with every attempt unanswered while the
+validator kept trying (see :func:`unavailable`). Trouble
+on the validator's side (no reference weights, out of memory, a crash, a backlog) is never the provider's: it is
+recorded on the validation (``trouble``, shown in the gateway's ``/health``) and retried within
+``TROUBLE_RETRY_S``; an attempt after the window that finds no data blames nobody, the hop is ``missed``, and
+the job clears as if it had not been drawn. A validator that falls behind therefore lets a hop go unjudged only
+once its provider, keeping its data as long as its ask says, has deleted it: ``missed`` hops show in ``/health``
+for the operator, who must keep the validator within the window.
 
 Voiding. Because a job enters an epoch only once cleared, a voided job's earnings were never in any root:
 voiding takes nothing back from anyone. Its ledger entries are marked voided and its charge's metered amount
@@ -70,7 +77,7 @@ from settlement.deploy import Contracts
 from settlement.errors import CannotJudge, TransactionReverted, UnknownJob
 from settlement.outbox import send_once
 from settlement.tickets import KeyRing
-from settlement.validation import ReferenceSpan, Verdict, judge_span
+from settlement.validation import EXCESS_ERROR, ReferenceSpan, Verdict, judge_span
 from worker.client import PeerLink, RetainedStep, fetch_retained
 from worker.errors import HopRefused, UnknownSession, WorkerError
 from worker.server import ServerLimits
@@ -127,6 +134,7 @@ class _Hop:
 
     validation: int
     status: str
+    reason: str | None  # why it failed, once decided
     slash_status: str | None
     evidence_hash: str | None
     last_attempt_at: datetime | None
@@ -231,18 +239,25 @@ class Validator:
         *,
         window_s: float = 600.0,
         slash_bps: int = BPS,
+        unavailable_slash_bps: int = BPS // 10,
+        excess_slash_bps: int = BPS // 10,
         fetch_timeout_s: float = 30.0,  # per request: one part of one step
         retry_s: float = 10.0,
         send_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not 0 < slash_bps <= BPS:
-            raise ValueError(f"slash_bps must be in (0, {BPS}], got {slash_bps}")
+        for bps in (slash_bps, unavailable_slash_bps, excess_slash_bps):
+            if not 0 < bps <= BPS:
+                raise ValueError(f"slash shares must be in (0, {BPS}] basis points, got {bps}")
         self.sessions = sessions
         self.contracts = contracts
         self.account = account
         self.references = references
         self.window_s = window_s
+        # Graded by what the evidence shows: a wrong output, a wrong token, a broken transcript prove a cheat and
+        # take slash_bps; data not produced, or a hop mean just past its calibrated bound (excess_error), show
+        # less (a disk lost, hardware noisier than any calibrated) and take less.
+        self.penalties = {DATA_UNAVAILABLE: unavailable_slash_bps, EXCESS_ERROR: excess_slash_bps}
         self.slash_bps = slash_bps
         self.fetch_timeout_s = fetch_timeout_s
         self.retry_s = retry_s
@@ -358,6 +373,7 @@ class Validator:
             return _Hop(
                 validation_id,
                 validation.status,
+                validation.reason,
                 validation.slash_status,
                 validation.evidence_hash,
                 validation.last_attempt_at,
@@ -554,7 +570,9 @@ class Validator:
                 )  # slashed under this evidence by another run or by hand
                 return
             held = stake.stake_of(hop.provider)
-            amount = (held.staked + held.unbonding) * self.slash_bps // BPS
+            amount = (
+                (held.staked + held.unbonding) * self.penalties.get(hop.reason or "", self.slash_bps) // BPS
+            )
             if amount == 0 and not self._sent(key):
                 log.warning("validation %d: %s has no stake left to slash", hop.validation, hop.provider)
                 self._slashed(hop, SlashStatus.NOTHING, 0, None)

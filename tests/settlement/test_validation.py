@@ -5,6 +5,7 @@ that emitted a token other than the one its own logits and committed sampling gi
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from settlement.errors import CannotJudge
 from settlement.validation import (
     BAD_TENSORS,
+    EXCESS_ERROR,
     OUTPUT_MISMATCH,
     TOKEN_MISMATCH,
     TRANSCRIPT_MISMATCH,
@@ -27,7 +29,7 @@ from worker.client import RetainedStep
 from worker.runtime import SpanRuntime
 from worker.sampling import Sampler, SamplingParams
 from worker.shard import Shard, load_shard
-from worker.testing.cheats import CHEATS, make_cheater
+from worker.testing.cheats import CHEATS, WITHIN_BF16_ROUNDING, make_cheater
 from worker.testing.tiny import write_tiny_checkpoint
 from worker.transcript import StepHashes
 from worker.wire import payload_sha256
@@ -108,22 +110,52 @@ def test_honest_providers_pass(model: Path, references: dict[str, ReferenceSpan]
             assert verdict.metrics["dtype"] == str(dtype).removeprefix("torch.")
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_honest_mixtures_of_experts_pass_with_either_attention_kernel(
+    tmp_path: Path, arch: str, dtype: torch.dtype
+) -> None:
+    """Below fp32 a router's choice flips at single positions, differently in each kernel's run; honest hops
+    pass all the same, whichever kernel the provider ran."""
+    checkpoint = write_tiny_checkpoint(tmp_path / arch, arch=arch, layers=6, hidden=256, seed=7)
+    references = {
+        span: ReferenceSpan(lambda dtype, span=span: load_shard(checkpoint, span, device=CPU, dtype=dtype))
+        for span in SPANS
+    }
+    worst = 0.0
+    for kernel in ("sdpa", "eager"):
+        shards = [load_shard(checkpoint, span, device=CPU, dtype=dtype) for span in SPANS]
+        for shard in shards:
+            shard.model.set_attn_implementation(kernel)
+        for trial in range(4):
+            prompt = [random.Random(trial).randrange(256) for _ in range(4 + 11 * trial)]
+            runtimes, tokens = serve(shards, prompt, decode_steps=10)
+            for span, runtime in zip(SPANS, runtimes, strict=True):
+                verdict = judged(references[span], runtime, tokens)
+                assert verdict.passed, (kernel, span, verdict.reason, verdict.detail)
+                assert verdict.metrics["moe"] is True
+                worst = max(worst, verdict.metrics["meanRelErr"] / verdict.metrics["meanBound"])
+    assert worst > 0
+
+
 @pytest.mark.parametrize("kind", CHEATS)
 def test_every_cheat_fails_on_every_span(
     model: Path, references: dict[str, ReferenceSpan], kind: str
 ) -> None:
+    """In fp32 and bf16, except the cheats within bf16's own rounding, which only fp32 shows."""
+    dtypes = (torch.float32,) if kind in WITHIN_BF16_ROUNDING else (torch.float32, torch.bfloat16)
     for position, span in enumerate(SPANS):
         if kind == "copy-input" and position != 1:
             continue
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             shards = [load_shard(model, s, device=CPU, dtype=torch.float32) for s in SPANS]
             shards[position] = make_cheater(
                 load_shard(model, span, device=CPU, dtype=dtype), kind, seed=position
             )
-            runtimes, tokens = serve(shards, list(os.urandom(12)), decode_steps=6)
+            runtimes, tokens = serve(shards, list(os.urandom(12)), decode_steps=12)  # late-garbage: 11 and 12
             verdict = judged(references[span], runtimes[position], tokens)
             assert not verdict.passed, (kind, span, dtype, verdict.metrics.get("meanRelErr"))
-            assert verdict.reason in (OUTPUT_MISMATCH, TOKEN_MISMATCH)
+            assert verdict.reason in (OUTPUT_MISMATCH, TOKEN_MISMATCH, EXCESS_ERROR)
 
 
 def test_tensors_that_are_not_the_signed_ones_fail(model: Path, references: dict[str, ReferenceSpan]) -> None:

@@ -8,10 +8,14 @@ the hashes always match what it sent, so only re-executing the span can tell. ``
     skip-layer     the span's last layer is not run
     other-weights  another model's weights of the same shapes (drawn under another seed, same scale per tensor)
     int8           every weight matrix quantized to int8 per output row, served as if it were the original
+    kv-int8        the KV cache quantized to int8 per head and position after every step (saves memory)
     noise          Gaussian noise of 2% of each position's RMS added to the outputs
+    noise-0.5      the same at 0.5%, about bf16's own rounding error on a span's outputs
+    noise-0.2      the same at 0.2%: in bf16, below what re-execution can tell from rounding
     copy-input     the input handed on as the output (spans between the first and the last only)
     replay         every decode step answers with the previous step's output
     partial        honest, except that every third decode step's output is random
+    late-garbage   honest for ten decode steps, random from then on
 """
 
 from __future__ import annotations
@@ -24,9 +28,14 @@ import torch
 from worker.shard import Shard
 
 CHEATS = (
-    "random", "skip-layer", "other-weights", "int8", "noise", "copy-input", "replay", "partial",
+    "random", "skip-layer", "other-weights", "int8", "kv-int8", "noise", "noise-0.5", "noise-0.2", "copy-input",
+    "replay", "partial", "late-garbage",
 )  # fmt: skip
-NOISE = 0.02  # of each position's RMS
+# Cheats whose error, served in bf16, is within bf16's own rounding on the tiny test models: re-execution cannot
+# tell them from an honest bf16 hop (settlement.validation). In fp32 they are caught like any other.
+WITHIN_BF16_ROUNDING = frozenset({"kv-int8", "noise-0.2"})
+NOISE = {"noise": 0.02, "noise-0.5": 0.005, "noise-0.2": 0.002}  # of each position's RMS
+HONEST_STEPS = 10  # late-garbage's honest decode steps
 
 
 def make_cheater(shard: Shard, kind: str, *, seed: int = 0) -> Shard:
@@ -111,13 +120,19 @@ class _OutputCheat(Shard):
         previous = self.previous.get(cache)
         self.previous[cache] = output
         kind = self.kind
-        if kind == "random" or (kind == "partial" and step % 3 == 2):
+        if (
+            kind == "random"
+            or (kind == "partial" and step % 3 == 2)
+            or (kind == "late-garbage" and step > HONEST_STEPS)
+        ):
             return self._random_like(output)
-        if kind == "noise":
-            noise = (
-                torch.randn(output.shape, generator=self.generator).to(output.device) * NOISE * _rms(output)
-            )
-            return (output.float() + noise).to(output.dtype)
+        if kind in NOISE:
+            drawn = torch.randn(output.shape, generator=self.generator).to(output.device)
+            return (output.float() + drawn * NOISE[kind] * _rms(output)).to(output.dtype)
+        if kind == "kv-int8":
+            for layer in cache.layers:
+                layer.keys = _fake_int8(layer.keys)
+                layer.values = _fake_int8(layer.values)
         if kind == "copy-input":
             assert hidden is not None
             return hidden.to(output.dtype)
@@ -132,3 +147,9 @@ class _OutputCheat(Shard):
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+
+
+def _fake_int8(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` quantized to int8 per row of its last dim and back, in its own dtype."""
+    scale = tensor.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    return (torch.round(tensor.float() / scale).clamp(-127, 127) * scale).to(tensor.dtype)
