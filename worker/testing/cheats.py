@@ -38,8 +38,9 @@ NOISE = {"noise": 0.02, "noise-0.5": 0.005, "noise-0.2": 0.002}  # of each posit
 HONEST_STEPS = 10  # late-garbage's honest decode steps
 
 
-def make_cheater(shard: Shard, kind: str, *, seed: int = 0) -> Shard:
-    """``shard`` turned into a cheat of ``kind``; weight cheats change it in place."""
+def make_cheater(shard: Shard, kind: str, *, seed: int = 0, noise: float | None = None) -> Shard:
+    """``shard`` turned into a cheat of ``kind``; weight cheats change it in place. ``noise`` sets a noise cheat's
+    level (of each position's RMS) other than its kind's."""
     if kind not in CHEATS:
         raise ValueError(f"unknown cheat {kind!r}; choose one of {', '.join(CHEATS)}")
     if kind == "copy-input" and (shard.span.first or shard.span.last):
@@ -53,7 +54,7 @@ def make_cheater(shard: Shard, kind: str, *, seed: int = 0) -> Shard:
     if kind == "int8":
         _quantize_int8(shard)
         return shard
-    return _OutputCheat(shard, kind, seed)
+    return _OutputCheat(shard, kind, seed, noise if noise is not None else NOISE.get(kind, 0.0))
 
 
 class _Skipped(torch.nn.Module):
@@ -89,7 +90,7 @@ def _quantize_int8(shard: Shard) -> None:
 class _OutputCheat(Shard):
     """Runs the honest span (so the KV cache stays usable) and then changes what it hands on."""
 
-    def __init__(self, honest: Shard, kind: str, seed: int) -> None:
+    def __init__(self, honest: Shard, kind: str, seed: int, noise: float) -> None:
         super().__init__(
             honest.model,
             honest.config,
@@ -101,6 +102,7 @@ class _OutputCheat(Shard):
             honest.dtype,
         )
         self.kind = kind
+        self.noise = noise
         self.generator = torch.Generator().manual_seed(seed)
         # Per session, keyed by its KV cache: steps run so far and the last output.
         self.steps: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -128,7 +130,7 @@ class _OutputCheat(Shard):
             return self._random_like(output)
         if kind in NOISE:
             drawn = torch.randn(output.shape, generator=self.generator).to(output.device)
-            return (output.float() + drawn * NOISE[kind] * _rms(output)).to(output.dtype)
+            return (output.float() + drawn * self.noise * _rms(output)).to(output.dtype)
         if kind == "kv-int8":
             for layer in cache.layers:
                 layer.keys = _fake_int8(layer.keys)

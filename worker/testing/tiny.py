@@ -46,16 +46,18 @@ def _byte_of(char: str) -> int:
     return missing[ord(char) - 256]
 
 
-def tiny_config(arch: str, *, layers: int, hidden: int) -> Any:
+def tiny_config(arch: str, *, layers: int, hidden: int, vocab: int = VOCAB_SIZE) -> Any:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if hidden % 64 != 0 or hidden <= 0:
         raise ValueError(f"hidden size must be a positive multiple of 64, got {hidden}")
     if layers <= 0:
         raise ValueError(f"a model needs at least one layer, got {layers}")
+    if vocab < VOCAB_SIZE:
+        raise ValueError(f"the byte tokenizer needs a vocabulary of at least {VOCAB_SIZE}, got {vocab}")
     heads = hidden // 64
     common: dict[str, Any] = {
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab,
         "bos_token_id": BOS,
         "eos_token_id": EOS,
         "pad_token_id": PAD,
@@ -91,9 +93,17 @@ def tiny_config(arch: str, *, layers: int, hidden: int) -> Any:
 
 
 def write_tiny_checkpoint(
-    out: Path, *, arch: str = "llama", layers: int = 8, hidden: int = 256, seed: int = 0
+    out: Path,
+    *,
+    arch: str = "llama",
+    layers: int = 8,
+    hidden: int = 256,
+    seed: int = 0,
+    vocab: int = VOCAB_SIZE,
 ) -> Path:
-    config = tiny_config(arch, layers=layers, hidden=hidden)
+    """A randomly initialised checkpoint with the byte tokenizer; ``vocab`` above its 259 tokens sizes the
+    embeddings and logits like a real model's, the extra ids having no text."""
+    config = tiny_config(arch, layers=layers, hidden=hidden, vocab=vocab)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
