@@ -32,6 +32,9 @@ Mixtures of experts. Below fp32 a router's choice can flip at single positions i
 validator's own included, moving that position's output by 10% to 35% (tiny Mixtral and Qwen2-MoE, bf16). On
 such a span up to ``MOE_OUTLIERS`` of positions (at least one) may be off, if none by ``GROSS_ERROR`` or more,
 and the hop mean leaves out its worst ``MOE_TRIM`` of positions, for the provider's error and the noise alike.
+On a last span such a position's top token may be up to ``MOE_FLIP_TIE`` behind, no further: the allowance is
+not a licence to choose tokens. What it does leave a cheater is up to ``MOE_OUTLIERS`` of a hop's positions
+computed some other way within ``GROSS_ERROR``: a saving of a few percent, on mixtures of experts only.
 
 A second opinion. A hop that fails on output, mean or top token is judged again against the exact outputs
 computed in float64, and fails only if it fails both, by the milder verdict: so an fp32 hop is never blamed for
@@ -112,6 +115,9 @@ FULL_RATIO = 1.4  # below fp32, a hop mean past this many times the noise is an 
 MOE_TRIM = 0.1  # of a mixture of experts' positions, the worst left out of its hop mean
 MOE_OUTLIERS = 0.05  # of a mixture of experts' positions, how many may be off (at least one)
 GROSS_ERROR = 0.5  # a position off by this much is no router flip: made up, replayed or garbage
+# The top token of a flipped last-span position may be this many reference standard deviations behind (honest
+# flips measured at most 0.07 on tiny Mixtral and Qwen2-MoE in bf16; a chosen token is typically several).
+MOE_FLIP_TIE = 0.5
 # How bad each failure is, for picking the milder of two opinions.
 SEVERITY = {EXCESS_ERROR: 1, TOKEN_MISMATCH: 2, OUTPUT_MISMATCH: 3}
 
@@ -181,7 +187,11 @@ def judge_span(
         return verdict
     # A second opinion before anyone is blamed: the exact outputs again in float64, which no kernel's float32
     # rounding (another ISA's, another library's) can sway. The hop fails only if it fails both, and by the milder.
-    exact64 = _per_step(shard, steps, reexecute(reference.shard(torch.float64), steps))
+    try:
+        exact64 = _per_step(shard, steps, reexecute(reference.shard(torch.float64), steps))
+    except (RuntimeError, NotImplementedError, ValueError) as exc:  # kernels without float64 (grouped experts)
+        metrics = {**verdict.metrics, "secondOpinion": f"float64 unavailable: {exc}"[:200]}
+        return Verdict(False, verdict.reason, verdict.detail, metrics)
     second = compare(shard, steps, exact64, tolerance, noise, moe=moe)
     metrics = {**verdict.metrics, "secondOpinion": {"reference": "float64", **second.metrics}}
     if second.passed:
@@ -331,11 +341,20 @@ class Noise:
 
 
 @contextmanager
-def _attention(shard: Shard, implementation: str) -> Iterator[None]:
+def _attention(shard: Shard, implementation: str) -> Iterator[bool]:
+    """Runs ``shard`` with another attention implementation for a while; yields whether the model takes it
+    (some families support only their own)."""
     before = shard.model.config._attn_implementation
-    shard.model.set_attn_implementation(implementation)
+    if implementation == before:
+        yield True
+        return
     try:
-        yield
+        shard.model.set_attn_implementation(implementation)
+    except (ValueError, ImportError):
+        yield False
+        return
+    try:
+        yield True
     finally:
         shard.model.set_attn_implementation(before)
 
@@ -353,9 +372,15 @@ def measure_noise(
     low = reference.shard(dtype)
     runs = []
     for implementation in NOISE_KERNELS:
-        with _attention(low, implementation):
-            rounded = _per_step(low, steps, reexecute(low, steps))
-        runs.append([_relative_error(r, w) for r, w in zip(rounded, exact, strict=True)])
+        with _attention(low, implementation) as supported:
+            if supported:
+                rounded = _per_step(low, steps, reexecute(low, steps))
+                # A position where the validator's own run overflowed says nothing of the noise: it is held to
+                # the fixed bounds alone, and left out of the level (else one crafted input would lift every bound).
+                errors = [_relative_error(r, w) for r, w in zip(rounded, exact, strict=True)]
+                runs.append([torch.where(torch.isfinite(e), e, torch.zeros_like(e)) for e in errors])
+    if not runs:
+        raise CannotJudge(f"the model runs with none of the attention kernels {NOISE_KERNELS}")
     per_step = [torch.stack(errors).amax(dim=0) for errors in zip(*runs, strict=True)]
     level = max(hop_mean(torch.cat([e.flatten() for e in run]), moe=moe) for run in runs)
     return Noise(per_step, level)
@@ -411,7 +436,9 @@ def compare(
             entry.update(
                 {"token": top, "referenceToken": int(wanted.flatten().argmax()), "tieGap": _round(gap)}
             )
-            if gap > tolerance.tie and not bool(off.any()):  # a flipped position's top token may be off too
+            # A router flip moves its position's logits too: its top token may be a little further behind.
+            tie = MOE_FLIP_TIE if moe and bool(off.any()) else tolerance.tie
+            if gap > tie:
                 tokens_off.append(kept.step)
         per_step.append(entry)
     every = torch.cat(errors)

@@ -317,13 +317,14 @@ class Validator:
             self._unreachable(hop, None)  # it answered: an earlier streak of silence is over
         try:
             verdict = judge_span(reference, steps, hop.steps(), sampling=hop.sampling)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            return self._troubled(hop, f"out of memory re-executing the hop: {exc}"[:400])
         except CannotJudge as exc:
             log.warning("validation %d missed: %s", validation_id, exc)
             with self.sessions.begin() as session:
                 self._record(session, hop, ValidationStatus.MISSED, None, str(exc), None)
             return Outcome(validation_id, ValidationStatus.MISSED)
+        except Exception as exc:  # out of memory, a kernel that fails: the validator's own trouble
+            log.exception("validation %d: re-executing the hop failed", validation_id)
+            return self._troubled(hop, f"re-executing the hop failed: {exc!r}"[:400])
         return self._decide(hop, verdict)
 
     def _troubled(self, hop: _Hop, trouble: str) -> Outcome:

@@ -12,8 +12,10 @@ and what other open sessions may still write. Otherwise the provider is busy: it
 than drop data a validator may still ask for, which would cost it its stake.
 
 On start the directory is read back. A session without a ``.closed`` mark was open when the process stopped: it
-counts as closed at the restart. A frame cut short by a crash is cut off, with the steps after it (the gateway
-saw that step fail, so no receipt signs it).
+counts as closed at the restart. Whatever follows the last whole step (a frame cut short, the zeros a power loss
+leaves) is cut off: the gateway saw that step fail, so no receipt signs it. Writes are flushed to the operating
+system at every step, which a crash of the process does not lose, and synced to the disk when the session
+closes: a power loss may take an open session's steps with it, which no receipt has signed yet.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
 
@@ -194,12 +197,20 @@ class RetentionStore:
     def _recover(self) -> None:
         now = self.clock()
         for path in sorted(self.directory.glob("*" + STEPS)):
-            try:
-                session = _read_back(path)
-            except (OSError, ValueError, WireError) as exc:
-                log.warning("retained file %s is unreadable, left aside: %s", path, exc)
-                continue
             mark = _closed_mark(path)
+            try:
+                # A session closed was synced to disk then; one open at the stop may hold anything past its
+                # last flush (a power loss), so its payloads are checked too.
+                session = _read_back(path, check_payloads=not mark.exists())
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+            ) as exc:  # not even the job it belongs to: nobody can use it
+                log.warning("retained file %s does not say its job, deleted: %s", path, exc)
+                path.unlink(missing_ok=True)
+                _closed_mark(path).unlink(missing_ok=True)
+                continue
             try:
                 session.closed_at = float(json.loads(mark.read_text())["closedAt"])
             except (OSError, ValueError, KeyError, TypeError):
@@ -209,7 +220,7 @@ class RetentionStore:
         self.expire()
 
 
-def _read_back(path: Path) -> RetainedSession:
+def _read_back(path: Path, *, check_payloads: bool) -> RetainedSession:
     session_id = bytes.fromhex(path.name.removesuffix(STEPS))
     with path.open("r+b") as handle:
         head = handle.readline()
@@ -217,10 +228,23 @@ def _read_back(path: Path) -> RetainedSession:
         session = RetainedSession(session_id, job, path, reserved=0, size=len(head))
         for step, pair in enumerate(_frames_in_pairs(handle, session.size)):
             (input_offset, input_hash), (output_offset, output_hash), end = pair
+            if check_payloads and not _whole(handle, input_offset, output_offset, end):
+                break
             session.steps.append(KeptStep(step, input_offset, input_hash, output_offset, output_hash))
             session.size = end
         handle.truncate(session.size)  # whatever follows the last whole step was never answered
     return session
+
+
+def _whole(handle: BinaryIO, *offsets: int) -> bool:
+    """Whether the frames between consecutive ``offsets`` decode, their payloads hashing to their headers."""
+    for start, end in pairwise(offsets):
+        handle.seek(start)
+        try:
+            decode_frame(bytearray(handle.read(end - start)), limits=_NO_LIMITS)
+        except WireError:
+            return False
+    return True
 
 
 def _frames_in_pairs(
@@ -235,7 +259,10 @@ def _frames_in_pairs(
             raw = handle.read(HEADER_SIZE)
             if len(raw) < HEADER_SIZE:
                 return
-            header = read_header(raw, limits=_NO_LIMITS)
+            try:
+                header = read_header(raw, limits=_NO_LIMITS)
+            except WireError:  # what a crash left past the last whole write (zeros, a torn header)
+                return
             end = offset + header.frame_bytes
             handle.seek(0, os.SEEK_END)
             if handle.tell() < end:

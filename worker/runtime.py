@@ -62,6 +62,9 @@ class Session:
     positions: int = 0
     closed_at: float | None = None
     spoiled: str | None = None  # why no further step can run: its cache holds a step that was refused
+    # Every step's input in one dtype, the first's: steps alike join into one fetch reply (worker.server), and
+    # a previous hop alternating dtypes could otherwise make the provider's data too slow to fetch.
+    input_dtype: torch.dtype | None = None
 
     @property
     def job(self) -> bytes:
@@ -82,24 +85,26 @@ class SpanRuntime:
 
     ``retained`` is the directory its steps are kept in, read back on start (a provider that restarts keeps
     what validators may still ask for); None keeps them in a temporary directory removed with the runtime.
+    ``clock`` stands in for both the wall clock that retention is kept by (it outlives the process) and the
+    monotonic one that idle sessions are timed by (a clock stepped forward must not close them).
     """
 
     def __init__(
         self,
         shard: Shard,
         limits: RuntimeLimits | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         *,
         retained: Path | None = None,
     ) -> None:
         self.shard = shard
         self.limits = limits or RuntimeLimits()
-        self.clock = clock
+        self.clock = clock or time.monotonic
         self.store = RetentionStore(
             retained,
             budget_bytes=self.limits.max_retained_bytes,
             retention_s=self.limits.retention_s,
-            clock=clock,
+            clock=clock or time.time,
         )
         self._open: dict[bytes, Session] = {}
         self._lock = threading.RLock()
@@ -162,9 +167,10 @@ class SpanRuntime:
             return self.store.get(session_id)
 
     def read(self, session_id: bytes, step: int, part: str) -> torch.Tensor:
-        """One retained step's ``input`` or ``output``."""
-        with self._lock:
-            return self.store.read(session_id, step, part).tensor
+        """One retained step's ``input`` or ``output``. Without the runtime's lock: a kept step's bytes never
+        change, and a fetch reading them in a thread must not hold up steps (a session expired meanwhile raises
+        UnknownSession, or FileNotFoundError if its file went between the lookup and the read)."""
+        return self.store.read(session_id, step, part).tensor
 
     def expire(self) -> None:
         """Closes idle sessions and forgets retained steps past the window."""
@@ -206,6 +212,10 @@ class SpanRuntime:
             if step != session.next_step:
                 raise StepOutOfOrder(session_id.hex(), session.next_step, step)
             seq = self._check_input(inputs)
+            if session.input_dtype not in (None, inputs.dtype):
+                raise BadStepInput(
+                    f"the session's steps are {session.input_dtype}, this one is {inputs.dtype}"
+                )
             if session.positions + seq > self.limits.max_session_tokens:
                 raise ProviderBusy(
                     f"session {session_id.hex()} would hold {session.positions + seq} positions, "
@@ -233,6 +243,7 @@ class SpanRuntime:
                 session_id, step, ((record.input, record.input_hash), (record.output, record.output_hash))
             )
             session.positions += seq
+            session.input_dtype = inputs.dtype
             session.next_step += 1
             session.last_used = self.clock()
             return output, record

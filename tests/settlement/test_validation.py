@@ -257,3 +257,43 @@ def test_sampling_parameters_the_validator_does_not_take_blame_nobody(
     runtimes, tokens = serve(shards, [1, 2, 3], decode_steps=2)
     with pytest.raises(CannotJudge):
         judged(references["4:6"], runtimes[2], tokens, sampling={"temperature": 0.5, "mirostat": 2})
+
+
+def test_a_mixture_of_experts_router_allowance_is_no_licence_to_cheat(tmp_path: Path) -> None:
+    """On tiny Mixtral in bf16: a last span that raises a token of its choosing to the top at one step, within
+    the outlier allowance's error, fails; so does a middle span whose every output is 1% off, though the float64
+    second opinion cannot run on grouped experts."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "mixtral", arch="mixtral", layers=6, hidden=256, seed=7)
+    references = {
+        span: ReferenceSpan(lambda dtype, span=span: load_shard(checkpoint, span, device=CPU, dtype=dtype))
+        for span in SPANS
+    }
+    shards = [load_shard(checkpoint, span, device=CPU, dtype=torch.bfloat16) for span in SPANS]
+    runtimes, tokens = serve(shards, [random.Random(5).randrange(256) for _ in range(20)], decode_steps=10)
+
+    records = runtimes[2].retained(b"s" * 16)
+    steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
+    logits = steps[-1].output.clone()
+    chosen = int(logits.flatten().float().argsort(descending=True)[50])
+    logits.view(-1)[chosen] = logits.max() + 0.25
+    steps[-1] = RetainedStep(
+        steps[-1].step, steps[-1].input, logits, steps[-1].input_hash, payload_sha256(logits)
+    )
+    forged = [*tokens[:-1], chosen]
+    transcript = [
+        StepHashes(s.step, s.input_hash, s.output_hash, t) for s, t in zip(steps, forged, strict=True)
+    ]
+    verdict = judge_span(references[SPANS[2]], steps, transcript, sampling={})
+    assert not verdict.passed and verdict.reason in (TOKEN_MISMATCH, OUTPUT_MISMATCH), verdict.detail
+
+    records = runtimes[1].retained(b"s" * 16)
+    steps = [
+        RetainedStep(r.step, r.input, (r.output.float() * 1.01).to(r.output.dtype), b"", b"") for r in records
+    ]
+    steps = [
+        RetainedStep(s.step, s.input, s.output, payload_sha256(s.input), payload_sha256(s.output))
+        for s in steps
+    ]
+    transcript = [StepHashes(s.step, s.input_hash, s.output_hash, None) for s in steps]
+    verdict = judge_span(references[SPANS[1]], steps, transcript)
+    assert not verdict.passed and verdict.reason in (OUTPUT_MISMATCH, EXCESS_ERROR), verdict.detail

@@ -214,10 +214,25 @@ def test_a_step_torn_by_a_crash_is_cut_off_on_restart(tiny_models: dict[str, Pat
     del before
     size = path.stat().st_size
     with path.open("r+b") as handle:
-        handle.truncate(size - 100)  # the second step's output half written
+        handle.truncate(
+            size - 100
+        )  # the second step's output half written, then the zeros a power loss leaves
+        handle.seek(0, 2)
+        handle.write(bytes(300))
     after = SpanRuntime(shard, retained=tmp_path)
     assert [r.step for r in after.retained(b"a" * 16)] == [0]
     assert path.stat().st_size < size - 100
+
+
+def test_a_session_takes_its_inputs_in_one_dtype(tiny_models: dict[str, Path]) -> None:
+    """A previous hop alternating dtypes would split every fetch reply at every step."""
+    runtime = SpanRuntime(load_shard(tiny_models["llama"], "3:6", device=CPU))
+    runtime.open(b"a" * 16)
+    hidden = torch.randn(1, 3, runtime.shard.hidden_size)
+    runtime.step(b"a" * 16, 0, hidden)
+    with pytest.raises(BadStepInput, match="float32"):
+        runtime.step(b"a" * 16, 1, hidden[:, :1].half())
+    runtime.step(b"a" * 16, 1, hidden[:, :1])
 
 
 def test_an_input_that_overflows_the_span_is_refused_and_spoils_only_what_comes_after(
