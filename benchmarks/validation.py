@@ -115,7 +115,9 @@ def run_job(
 
 def transcript_of(steps: list[RetainedStep], tokens: list[int], last: bool) -> list[StepHashes]:
     return [
-        StepHashes(s.step, s.input_hash, s.output_hash, token if last else None)
+        StepHashes(
+            s.step, s.input_hash, s.output_hash, token if last else None, positions=int(s.input.shape[1])
+        )
         for s, token in zip(steps, tokens, strict=True)
     ]
 

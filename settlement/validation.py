@@ -189,7 +189,11 @@ def judge_span(
     # rounding (another ISA's, another library's) can sway. The hop fails only if it fails both, and by the milder.
     try:
         exact64 = _per_step(shard, steps, reexecute(reference.shard(torch.float64), steps))
-    except (RuntimeError, NotImplementedError, ValueError) as exc:  # kernels without float64 (grouped experts)
+    except (
+        RuntimeError,
+        NotImplementedError,
+        ValueError,
+    ) as exc:  # kernels without float64 (grouped experts)
         metrics = {**verdict.metrics, "secondOpinion": f"float64 unavailable: {exc}"[:200]}
         return Verdict(False, verdict.reason, verdict.detail, metrics)
     second = compare(shard, steps, exact64, tolerance, noise, moe=moe)
@@ -244,6 +248,8 @@ def _transcript_problem(steps: Sequence[RetainedStep], transcript: Sequence[Step
             return f"step {step}'s input does not hash to the transcript's"
         if payload_sha256(kept.output) != output_hash:
             return f"step {step}'s output does not hash to the transcript's"
+        if kept.input.dim() < 2 or int(kept.input.shape[1]) != entry.positions:
+            return f"step {step}'s input does not hold the {entry.positions} positions the transcript says"
     return None
 
 

@@ -363,11 +363,13 @@ class RouteClient:
             raise StepFailed(f"the first hop failed: {exc}", blame([0])) from exc
         if "report" not in reply:
             raise StepFailed(f"the first hop refused the step: {reply.get('error')}", blame([0]))
-        hops, compute_ms = await self._verified(reply["report"], step, payload_sha256(inputs))
+        hops, compute_ms = await self._verified(
+            reply["report"], step, payload_sha256(inputs), int(inputs.shape[1])
+        )
         return StepResult(hops[-1].token or 0, hops, compute_ms, frame.tensor if frame is not None else None)
 
     async def _verified(
-        self, report: Any, step: int, sent: bytes
+        self, report: Any, step: int, sent: bytes, positions: int
     ) -> tuple[list[StepHashes], list[float | None]]:
         """Each hop's authenticated account of the step, first hop first (and its compute telemetry); raises
         StepFailed with the blame."""
@@ -410,14 +412,22 @@ class RouteClient:
                     raise StepFailed("the last hop reported a hop after it", blame([position]))
             elif entry.token is not None:
                 raise StepFailed(f"hop {position} is not the last, yet emitted a token", blame([position]))
-            hops.append(StepHashes(step, entry.input, entry.output, entry.token))
+            if entry.positions != positions:
+                # Not what this client sent. The first hop took it from this client: its own word is wrong.
+                # Any other took it from the hop before: its word against that hop's, who signed for the step.
+                culprits = [position] if position == 0 else [position - 1, position]
+                raise StepFailed(
+                    f"hop {position} says its input held {entry.positions} positions; {positions} were sent",
+                    blame(culprits, suspend=position == 0),
+                )
+            hops.append(StepHashes(step, entry.input, entry.output, entry.token, positions=entry.positions))
             compute_ms.append(current.compute_ms)
             raw = current.downstream
         broken = links(sent, hops)
         if broken is not None:
             # Two authenticated accounts disagree about the bytes between them: either hop may be lying.
-            positions = [broken] if broken == 0 else [broken - 1, broken]
-            raise StepFailed(f"hop {broken}'s input is not what reached it", blame(positions, suspend=False))
+            culprits = [broken] if broken == 0 else [broken - 1, broken]
+            raise StepFailed(f"hop {broken}'s input is not what reached it", blame(culprits, suspend=False))
         return hops, compute_ms
 
     async def _blame_error(self, position: int, code: str) -> Blame:

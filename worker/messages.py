@@ -421,9 +421,9 @@ class HopError:
 
 @dataclass(frozen=True)
 class HopEntry:
-    """One hop's account of one step: what it received and sent on (sha256 of the frames' payloads), on the
-    last span the token it emitted, and the error it stopped at (with the hashes, when it got as far as
-    computing and then could not send the step on)."""
+    """One hop's account of one step: how many positions it received, what it received and sent on (sha256 of
+    the frames' payloads), on the last span the token it emitted, and the error it stopped at (with the hashes,
+    when it got as far as computing and then could not send the step on)."""
 
     provider: str
     session: bytes
@@ -432,9 +432,12 @@ class HopEntry:
     output: bytes | None = None
     token: int | None = None
     error: HopError | None = None
+    positions: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"provider": self.provider, "session": hex0x(self.session), "step": self.step}
+        if self.positions is not None:
+            data["positions"] = self.positions
         if self.input is not None:
             data["in"] = hex0x(self.input)
         if self.output is not None:
@@ -448,7 +451,7 @@ class HopEntry:
     @classmethod
     def from_json(cls, data: Any) -> HopEntry:
         data = _object(data, "entry")
-        _only(data, {"provider", "session", "step", "in", "out", "token", "error"}, "entry")
+        _only(data, {"provider", "session", "step", "positions", "in", "out", "token", "error"}, "entry")
         entry = cls(
             _address(data, "provider"),
             _bytes(data, "session", SESSION_BYTES),
@@ -457,9 +460,10 @@ class HopEntry:
             _bytes(data, "out", 32) if "out" in data else None,
             _int(data, "token", high=2**32 - 1) if "token" in data else None,
             HopError.from_json(data["error"]) if "error" in data else None,
+            _int(data, "positions", low=1, high=2**32 - 1) if "positions" in data else None,
         )
-        if entry.error is None and (entry.input is None or entry.output is None):
-            raise ProtocolError("an entry without an error carries both hashes")
+        if entry.error is None and (entry.input is None or entry.output is None or entry.positions is None):
+            raise ProtocolError("an entry without an error carries its positions and both hashes")
         return entry
 
 

@@ -49,6 +49,7 @@ class KeptStep:
     """Where one step's frames lie in its session's file, and their digests."""
 
     step: int
+    positions: int  # the input's (its dim 1)
     input_offset: int
     input_hash: bytes
     output_offset: int
@@ -133,7 +134,7 @@ class RetentionStore:
             handle.write(payload)
             session.size += len(header) + payload.nbytes
         handle.flush()
-        kept_step = KeptStep(step, offsets[0], kept[0][1], offsets[1], kept[1][1])
+        kept_step = KeptStep(step, int(kept[0][0].shape[1]), offsets[0], kept[0][1], offsets[1], kept[1][1])
         session.steps.append(kept_step)
         return kept_step
 
@@ -227,10 +228,12 @@ def _read_back(path: Path, *, check_payloads: bool) -> RetainedSession:
         job = bytes.fromhex(json.loads(head)["job"])
         session = RetainedSession(session_id, job, path, reserved=0, size=len(head))
         for step, pair in enumerate(_frames_in_pairs(handle, session.size)):
-            (input_offset, input_hash), (output_offset, output_hash), end = pair
+            (input_offset, input_hash, positions), (output_offset, output_hash, _), end = pair
             if check_payloads and not _whole(handle, input_offset, output_offset, end):
                 break
-            session.steps.append(KeptStep(step, input_offset, input_hash, output_offset, output_hash))
+            session.steps.append(
+                KeptStep(step, positions, input_offset, input_hash, output_offset, output_hash)
+            )
             session.size = end
         handle.truncate(session.size)  # whatever follows the last whole step was never answered
     return session
@@ -249,9 +252,9 @@ def _whole(handle: BinaryIO, *offsets: int) -> bool:
 
 def _frames_in_pairs(
     handle: BinaryIO, offset: int
-) -> Iterator[tuple[tuple[int, bytes], tuple[int, bytes], int]]:
-    """(input offset and digest, output offset and digest, end) of each whole step from ``offset`` on. Digests
-    are taken from the headers: the payloads are hashed again whenever they are read."""
+) -> Iterator[tuple[tuple[int, bytes, int], tuple[int, bytes, int], int]]:
+    """(input offset, digest and positions, the same of the output, end) of each whole step from ``offset`` on.
+    Digests are taken from the headers: the payloads are hashed again whenever they are read."""
     while True:
         found = []
         for _ in range(2):
@@ -267,7 +270,7 @@ def _frames_in_pairs(
             handle.seek(0, os.SEEK_END)
             if handle.tell() < end:
                 return
-            found.append((offset, header.sha256))
+            found.append((offset, header.sha256, header.shape[1] if len(header.shape) > 1 else 0))
             offset = end
         yield found[0], found[1], offset
 

@@ -424,7 +424,7 @@ class HopServer:
                 f"the frame holds {frame.tensor.shape[1]} positions, the step says {request.positions}"
             )
 
-        entry = HopEntry(self.address, request.session, request.step)
+        entry = HopEntry(self.address, request.session, request.step, positions=request.positions)
         started = time.perf_counter()
         try:
             output, record = self.runtime.step(
@@ -435,7 +435,14 @@ class HopServer:
             return {"report": Report.signed(self.keys.hop_report, failed).to_json()}, None, None
         compute_ms = round((time.perf_counter() - started) * 1e3, 3)
         session.positions += request.positions
-        entry = HopEntry(self.address, request.session, request.step, record.input_hash, record.output_hash)
+        entry = HopEntry(
+            self.address,
+            request.session,
+            request.step,
+            record.input_hash,
+            record.output_hash,
+            positions=request.positions,
+        )
 
         if ticket.last:
             assert session.sampler is not None
@@ -521,7 +528,7 @@ class HopServer:
             shard = self.runtime.shard
             tokens = session.tokens if ticket.last else [None] * len(closed.records)
             steps = [
-                StepHashes(r.step, r.input_hash, r.output_hash, token)
+                StepHashes(r.step, r.input_hash, r.output_hash, token, positions=r.positions)
                 for r, token in zip(closed.records, tokens, strict=True)
             ]
             session.receipt = self.keys.receipt(

@@ -2,11 +2,13 @@
 bills. The hop server builds receipts with it; the gateway's coordinator and settlement's metering check them
 with the same rules.
 
-A hop's transcript is its steps, each ``(step, input hash, output hash)`` (sha256 of the frames' payloads);
-the last span's steps also carry the token it emitted. Its root is sha256 over the steps in order, each as
-``step (uint32 BE) ‖ input ‖ output`` and, on the last span, ``‖ token (uint32 BE)``: the last span's receipt
-therefore commits to every token the client was sent. A route's transcripts link when each hop's input is the
-previous hop's output, step by step, and the first hop's input is what the gateway sent.
+A hop's transcript is its steps, each ``(step, positions, input hash, output hash)`` (the positions it
+received, sha256 of the frames' payloads); the last span's steps also carry the token it emitted. Its root is
+sha256 over the steps in order, each as ``step (uint32 BE) ‖ positions (uint32 BE) ‖ input ‖ output`` and, on the
+last span, ``‖ token (uint32 BE)``: a receipt therefore commits to the positions of every step, which its
+``positions`` must add up to, and the last span's to every token the client was sent. A route's transcripts
+link when each hop's input is the previous hop's output, step by step, and the first hop's input is what the
+gateway sent.
 
 A receipt bills when it is signed by the provider it names, for the gateway, job, session, model and span the
 gateway asked for, over exactly the positions the gateway sent, its transcript root is the root of the entries
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worker.messages import SignedReceipt
@@ -34,27 +36,30 @@ class StepHashes:
     input: bytes
     output: bytes
     token: int | None = None  # the last span's emitted token
+    positions: int = field(kw_only=True)  # the positions the step's input held
 
     def leaf(self) -> bytes:
-        leaf = self.step.to_bytes(4, "big") + self.input + self.output
+        leaf = self.step.to_bytes(4, "big") + self.positions.to_bytes(4, "big") + self.input + self.output
         return leaf if self.token is None else leaf + self.token.to_bytes(4, "big")
 
     def to_row(self) -> list[Any]:
-        """The step as the hops table keeps it: [step, "0x…input", "0x…output"], and the token on the last span."""
-        row: list[Any] = [self.step, "0x" + self.input.hex(), "0x" + self.output.hex()]
+        """The step as the hops table keeps it: [step, positions, "0x…input", "0x…output"], and the token on the
+        last span."""
+        row: list[Any] = [self.step, self.positions, "0x" + self.input.hex(), "0x" + self.output.hex()]
         return row if self.token is None else [*row, self.token]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> StepHashes:
         """Raises ValueError or TypeError on a row that is not one."""
-        step, input_hash, output_hash, *token = row
+        step, positions, input_hash, output_hash, *token = row
         if len(token) > 1:
-            raise ValueError(f"a transcript row has 3 or 4 fields, not {len(row)}")
+            raise ValueError(f"a transcript row has 4 or 5 fields, not {len(row)}")
         return cls(
             int(step),
             bytes.fromhex(str(input_hash).removeprefix("0x")),
             bytes.fromhex(str(output_hash).removeprefix("0x")),
             int(token[0]) if token else None,
+            positions=int(positions),
         )
 
 

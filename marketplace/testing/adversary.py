@@ -75,6 +75,7 @@ ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so t
     "stall": (4, 6),
     "silent-close": (0, 2),
     "inflate-receipt": (2, 4),
+    "inflate-positions": (0, 2),
 }
 
 
@@ -118,7 +119,7 @@ class Arena:
 def arena(workdir: Path) -> Iterator[Arena]:
     """Starts everything the attacks need and stops it afterwards."""
     with ExitStack() as stack:
-        anvil = stack.enter_context(Anvil(accounts=20))
+        anvil = stack.enter_context(Anvil(accounts=24))
         accounts = anvil.accounts
         chain = Chain(anvil.url, receipt_timeout_s=30)
         admin, operator, treasury, validator = accounts[:4]
@@ -306,6 +307,14 @@ def stall_a_step(arena: Arena) -> Verdict:
     """The last provider never answers: the hop before it gives up within the budget its step carried, while
     the gateway and the first hop still wait, and says whom it waited for."""
     return _route_attack(arena, "stall", suspended=False)
+
+
+def inflate_positions_to_frame_the_next_hops(arena: Arena) -> Verdict:
+    """The first provider sends each decode step on with twice the positions, signing for what it sent, so that
+    the hops after it would sign receipts for more positions than the gateway sent, and be taken for liars. Every
+    hop signs the positions it received at every step: the next hop's word against the first's, both are left
+    out of the job at once, neither suspended, and no receipt is ever asked of that route."""
+    return _route_attack(arena, "inflate-positions", suspended=False)
 
 
 def never_answer_the_close(arena: Arena) -> Verdict:
@@ -805,6 +814,7 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "substitute-the-emitted-token": substitute_the_emitted_token,
     "withhold-downstream-receipts": withhold_downstream_receipts,
     "inflate-a-receipt": inflate_a_receipt,
+    "inflate-positions-to-frame-the-next-hops": inflate_positions_to_frame_the_next_hops,
     "replay-tickets": replay_tickets,
     "route-to-an-unnamed-address": route_to_an_unnamed_address,
     "oversized-frame-without-a-ticket": oversized_frame_without_a_ticket,

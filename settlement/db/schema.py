@@ -269,8 +269,8 @@ class Hop(Base):
     price_per_million: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(Integer)  # positions the gateway sent through this hop
     transcript_root: Mapped[str] = mapped_column(HASH)  # computed by the gateway from the steps' hashes
-    # [[step, input hash, output hash], ...] as the route reported them: metering re-checks the links and the
-    # root from these, and a validator compares a provider's retained tensors with them.
+    # [[step, positions, input hash, output hash(, token)], ...] as the route reported them: metering re-checks
+    # the links and the root from these, and a validator compares a provider's retained tensors with them.
     # None on hops recorded before settlement existed.
     transcript: Mapped[list[list[Any]] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))  # HopStatus

@@ -152,7 +152,13 @@ class Recorder:
                 # The last span's steps carry the tokens it emitted; any will do here.
                 transcript = [
                     StepHashes(
-                        s, hashes[position][s], hashes[position + 1][s], 65 if position == last else None
+                        s,
+                        hashes[position][s],
+                        hashes[position + 1][s],
+                        65 if position == last else None,
+                        positions=tokens - len(steps) + 1
+                        if s == 0
+                        else 1,  # the prefill, then a token a step
                     )
                     for s in steps
                 ]

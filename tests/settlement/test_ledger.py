@@ -163,7 +163,7 @@ def test_receipts_that_do_not_check_out_bill_nothing(
             # Hop 1 claims another input than hop 0's output, with a root and signature to match its story:
             # the receipt alone is fine, the chain of hops is not.
             steps = [list(step) for step in hop.transcript]
-            steps[0][1] = "0x" + "ee" * 32
+            steps[0][2] = "0x" + "ee" * 32  # [step, positions, input, output]
             root = transcript_root([StepHashes.from_row(step) for step in steps])
             assert hop.session is not None
             signed = KeyRing(actors.providers[1], recorder.contracts.protocol_domain()).receipt(

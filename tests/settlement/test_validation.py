@@ -88,7 +88,9 @@ def judged(
     steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
     last = runtime.shard.span.last
     transcript = [
-        StepHashes(r.step, r.input_hash, r.output_hash, token if last else None)
+        StepHashes(
+            r.step, r.input_hash, r.output_hash, token if last else None, positions=int(r.input.shape[1])
+        )
         for r, token in zip(records, tokens, strict=True)
     ]
     if tamper:
@@ -224,7 +226,9 @@ def test_a_last_span_transcript_without_tokens_fails(
     runtimes, _ = serve(shards, [1, 2, 3], decode_steps=2)
     records = runtimes[2].retained(b"s" * 16)
     steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
-    transcript = [StepHashes(r.step, r.input_hash, r.output_hash) for r in records]
+    transcript = [
+        StepHashes(r.step, r.input_hash, r.output_hash, positions=int(r.input.shape[1])) for r in records
+    ]
     verdict = judge_span(references["4:6"], steps, transcript)
     assert (verdict.passed, verdict.reason) == (False, TRANSCRIPT_MISMATCH)
 
@@ -245,7 +249,9 @@ def test_last_span_outputs_no_sampler_takes_are_bad_tensors(
             output.view(-1)[3] = float("nan") if change == "nan" else float("inf")
         digest = payload_sha256(output)
         steps.append(RetainedStep(record.step, record.input, output, record.input_hash, digest))
-        transcript.append(StepHashes(record.step, record.input_hash, digest, token))
+        transcript.append(
+            StepHashes(record.step, record.input_hash, digest, token, positions=int(record.input.shape[1]))
+        )
     verdict = judge_span(references["4:6"], steps, transcript)
     assert (verdict.passed, verdict.reason) == (False, BAD_TENSORS), verdict.detail
 
@@ -281,7 +287,8 @@ def test_a_mixture_of_experts_router_allowance_is_no_licence_to_cheat(tmp_path: 
     )
     forged = [*tokens[:-1], chosen]
     transcript = [
-        StepHashes(s.step, s.input_hash, s.output_hash, t) for s, t in zip(steps, forged, strict=True)
+        StepHashes(s.step, s.input_hash, s.output_hash, t, positions=int(s.input.shape[1]))
+        for s, t in zip(steps, forged, strict=True)
     ]
     verdict = judge_span(references[SPANS[2]], steps, transcript, sampling={})
     assert not verdict.passed and verdict.reason in (TOKEN_MISMATCH, OUTPUT_MISMATCH), verdict.detail
@@ -294,6 +301,8 @@ def test_a_mixture_of_experts_router_allowance_is_no_licence_to_cheat(tmp_path: 
         RetainedStep(s.step, s.input, s.output, payload_sha256(s.input), payload_sha256(s.output))
         for s in steps
     ]
-    transcript = [StepHashes(s.step, s.input_hash, s.output_hash, None) for s in steps]
+    transcript = [
+        StepHashes(s.step, s.input_hash, s.output_hash, positions=int(s.input.shape[1])) for s in steps
+    ]
     verdict = judge_span(references[SPANS[1]], steps, transcript)
     assert not verdict.passed and verdict.reason in (OUTPUT_MISMATCH, EXCESS_ERROR), verdict.detail

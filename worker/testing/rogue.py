@@ -13,6 +13,8 @@ paid and unblamed. ``strata provider serve --misbehave KIND`` (a hidden option) 
     stall              never answers a step
     silent-close       never answers a close: it hopes the route's receipts wait for it
     inflate-receipt    signs a receipt for half as many positions again as it served
+    inflate-positions  sends every decode step on with its position doubled, signing for what it sent: the hops
+                       after it would sign receipts for more positions than the gateway sent
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from worker.errors import WorkerError
 from worker.messages import Close, HopEntry, HopError, Report, SignedReceipt, Step
 from worker.server import HopServer
 from worker.trust import ReceiptFields
+from worker.wire import payload_sha256
 
 log = logging.getLogger(__name__)
 
 MISBEHAVIOURS = (
     "alter-downstream", "forge-error", "blame-next", "substitute-token", "close-others", "inject-step",
-    "replay-step", "garbage-report", "stall", "silent-close", "inflate-receipt",
+    "replay-step", "garbage-report", "stall", "silent-close", "inflate-receipt", "inflate-positions",
 )  # fmt: skip
 
 
@@ -51,6 +54,7 @@ class RogueServer(HopServer):
         super().__init__(*args, **kwargs)
         self.misbehave = misbehave
         self.target = target
+        self._inflated: dict[bytes, bytes] = {}  # inflate-positions: the session's last step as sent, hashed
         self.attempts: list[str] = []  # what the target answered each time it was attacked
 
     async def _forward(
@@ -65,6 +69,11 @@ class RogueServer(HopServer):
                 ticket.next, request.session, request.step, error=HopError("provider_busy", "full")
             )
             return Report(forged, os.urandom(65)).to_json(), None, None
+        if self.misbehave == "inflate-positions" and request.positions == 1:
+            output = torch.cat([output, output], dim=1)
+            output_hash = payload_sha256(output)
+            request = replace(request, positions=2)
+            self._inflated[request.session] = output_hash
         downstream, logits, failure = await super()._forward(ticket, request, output, output_hash, left_s)
         if self.misbehave == "replay-step" and downstream is not None:
             # The same step again: the next hop refuses it as out of order, in an entry it signs.
@@ -119,6 +128,14 @@ class RogueServer(HopServer):
         reply, logits, sha = await super()._step(request, reader, peer)
         if self.misbehave == "stall":
             await asyncio.Event().wait()
+        inflated = self._inflated.pop(request.session, None)
+        if (
+            inflated is not None and "report" in reply
+        ):  # it signs for the step it sent on, as an honest hop does
+            report = Report.from_json(reply["report"])
+            entry = replace(report.entry, output=inflated)
+            signed = Report.signed(self.keys.hop_report, entry, report.downstream, report.compute_ms)
+            return {"report": signed.to_json()}, logits, sha
         if self.misbehave == "garbage-report" and "report" in reply:
             report = Report.from_json(reply["report"])
             return {"report": replace(report, signature=os.urandom(65)).to_json()}, logits, sha

@@ -183,7 +183,7 @@ class FakeRoute:
         for position, endpoint in enumerate(self.endpoints):
             output = hashlib.sha256(hashed + endpoint.encode()).digest()
             last = position == len(self.endpoints) - 1
-            hops.append(StepHashes(step, hashed, output, token if last else None))
+            hops.append(StepHashes(step, hashed, output, token if last else None, positions=len(ids)))
             self.steps[position].append(hops[-1])
             hashed = output
         return StepResult(token, hops, [None] * len(hops))
