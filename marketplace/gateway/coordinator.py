@@ -11,10 +11,11 @@ that gives no receipt, or a wrong one, goes unpaid, and the others are paid all 
 
 False receipts. A receipt its provider signed for this very session that says other than what the gateway
 recorded (more positions than it served, another transcript, other sampling parameters) is its own false word:
-besides going unpaid, the provider is suspended from matching for ``FALSE_RECEIPT_SUSPEND_S``, and the receipt
-and the gateway's record of the hop are kept as evidence (``marketplace.gateway.jobs``), served with the slashes'.
-It is not slashed: the positions the gateway sent are the gateway's record, not something the provider signed
-step by step, so a third party could not tell a false receipt from a gateway that under-records.
+the gateway records only what every hop signed at every step (its positions, hashes and token), and checked
+then, so the receipt contradicts the provider's own reports. Besides going unpaid, the provider is suspended
+from matching for ``FALSE_RECEIPT_SUSPEND_S``, and the receipt and the gateway's record of the hop are kept as
+evidence (``marketplace.gateway.jobs``), served with the slashes'. It is not slashed: the gateway holds no
+slasher key, and its record is not the signed step reports themselves.
 
 Failover: when a step does not come back whole (a provider unreachable, an error it reports, a report that
 does not verify, a broken link, a step that times out) the route is abandoned and the job moves to the cheapest

@@ -62,6 +62,10 @@ class DelayProxy:
             return
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            # Cancelled by _stop. Ended here rather than cancelled: asyncio's server reads a handler task's
+            # exception when it is done, and a cancelled task's raises, which it logs as an error.
+            pass
         finally:
             for end in (writer, up_writer):
                 end.close()
