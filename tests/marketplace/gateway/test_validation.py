@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 from eth_utils.crypto import keccak
@@ -39,6 +40,16 @@ from tests.marketplace.harness import (
 CHAT = "/v1/chat/completions"
 
 
+def paid_chat(gateway: GatewayServer, market: Market, body: dict[str, Any]) -> tuple[str, int]:
+    """A chat request paid from a fresh channel: its job id, and the quote it paid against."""
+    client = market.clients[1]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    offer = requirement(post(gateway.url, CHAT, body), "voucher")
+    paid = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+    assert paid.status_code == 200, paid.text
+    return "0x" + paid.json()["id"].removeprefix("chatcmpl-"), int(offer["amount"])
+
+
 def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_link(
     gateway: GatewayServer,
     market: Market,
@@ -46,13 +57,7 @@ def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_li
     providers: dict[str, ProviderProcess],
     tmp_path: Path,
 ) -> None:
-    client = market.clients[1]
-    channel = open_channel(market, client, 10 * ONE_TOKEN)
-    body = chat_body("validate me", max_tokens=16)
-    offer = requirement(post(gateway.url, CHAT, body), "voucher")
-    paid = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
-    assert paid.status_code == 200, paid.text
-    job_id = "0x" + paid.json()["id"].removeprefix("chatcmpl-")
+    job_id, _ = paid_chat(gateway, market, chat_body("validate me", max_tokens=16))
 
     sessions = blocking_sessions(create_blocking_engine(gateway.gateway.settings.database_url))
     with sessions.begin() as session:
@@ -118,13 +123,8 @@ def test_a_false_receipt_bills_nothing_suspends_its_provider_and_is_kept_as_evid
         wait_ready(liar)
         root = gateway.gateway.catalog.get("tiny").root
         announce(gateway.url, liar, root, price=PRICE // 2)  # cheaper than B: routing picks it
-        client = market.clients[1]
-        channel = open_channel(market, client, 10 * ONE_TOKEN)
         body = chat_body("lie to me", max_tokens=8)
-        offer = requirement(post(gateway.url, CHAT, body), "voucher")
-        paid = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
-        assert paid.status_code == 200, paid.text
-        job_id = "0x" + paid.json()["id"].removeprefix("chatcmpl-")
+        job_id, quote = paid_chat(gateway, market, body)
         hops = rows(gateway, select(Hop).where(Hop.job_id == job_id).order_by(Hop.position))
         assert [h.status for h in hops] == [HopStatus.BILLED, HopStatus.FALSE_RECEIPT, HopStatus.BILLED]
         assert hops[1].provider == liar.account.address
@@ -144,6 +144,6 @@ def test_a_false_receipt_bills_nothing_suspends_its_provider_and_is_kept_as_evid
         assert evidence["recorded"]["positions"] == hops[1].tokens
         assert not gateway.gateway.book.matchable(liar.account.address)
         # The next request is routed around it, through B at the full price.
-        assert int(requirement(post(gateway.url, CHAT, body), "voucher")["amount"]) > int(offer["amount"])
+        assert int(requirement(post(gateway.url, CHAT, body), "voucher")["amount"]) > quote
     finally:
         liar.node.stop()
