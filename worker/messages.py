@@ -13,11 +13,12 @@ the others do:
   and sends them on only to the peer the ticket names as ``next``, whose certificate it pins.
 - Only the gateway that opened a session may close it, and each provider hands its signed receipt to the
   gateway directly: no other provider can drop, alter or forge it, or end the session early.
-- Every hop's account of a step (:class:`HopEntry`: its input and output hashes; on the last span the token it
-  emitted) and every error it reports is signed by that hop's staked key (:class:`Report`): a relay cannot
-  alter or forge a downstream hop's entry, or blame it falsely. Each relay checks the report it passes on and
-  signs over it, so a report that does not verify blames the hop that relayed it; and since a hop signs only
-  for its own input, an error its input caused is the word of one hop against the one before.
+- Every hop's account of a step (:class:`HopEntry`: the positions it received, its input and output hashes; on
+  the last span the token it emitted) and every error it reports is signed by that hop's staked key
+  (:class:`Report`): a relay cannot alter or forge a downstream hop's entry, or blame it falsely. Each relay
+  checks the report it passes on and signs over it, so a report that does not verify blames the hop that
+  relayed it; and since a hop signs only for its own input, an error its input caused is the word of one hop
+  against the one before.
 - A validator reads a provider's retained data only with a ticket naming that provider and that session
   (:class:`FetchTicket`), signed by a validator the provider trusts, sent over a connection that validator
   authenticated.
