@@ -212,6 +212,8 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: Receipt
         return f"unreadable receipt or transcript: {exc}"
     if "0x" + root.hex() != hop.transcript_root:
         return "the transcript root does not match the recorded steps"
+    if sum(step.positions for step in steps) != hop.tokens:
+        return f"the recorded steps hold {sum(step.positions for step in steps)} positions, not {hop.tokens}"
     expected = ReceiptFields(
         job_id=signed.job_id,
         session=signed.session,
@@ -237,9 +239,9 @@ def _broken_link(route: list[Hop]) -> str | None:
         transcripts = [_steps(hop) for hop in route]
     except (ValueError, TypeError) as exc:
         return f"unreadable transcript: {exc}"
-    steps = [entry.step for entry in transcripts[0]]
-    if any([entry.step for entry in t] != steps for t in transcripts):
-        return "the hops recorded different steps"
+    steps = [(entry.step, entry.positions) for entry in transcripts[0]]
+    if any([(entry.step, entry.positions) for entry in t] != steps for t in transcripts):
+        return "the hops recorded different steps, or different positions in a step"
     for upstream, downstream in pairwise(transcripts):
         for sent, received in zip(upstream, downstream, strict=True):
             if sent.output != received.input:

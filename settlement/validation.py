@@ -189,11 +189,9 @@ def judge_span(
     # rounding (another ISA's, another library's) can sway. The hop fails only if it fails both, and by the milder.
     try:
         exact64 = _per_step(shard, steps, reexecute(reference.shard(torch.float64), steps))
-    except (
-        RuntimeError,
-        NotImplementedError,
-        ValueError,
-    ) as exc:  # kernels without float64 (grouped experts)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # the validator's own trouble (settlement.validator): not a reason to let the first opinion stand
+    except (RuntimeError, NotImplementedError, ValueError) as exc:  # no float64 kernels (grouped experts)
         metrics = {**verdict.metrics, "secondOpinion": f"float64 unavailable: {exc}"[:200]}
         return Verdict(False, verdict.reason, verdict.detail, metrics)
     second = compare(shard, steps, exact64, tolerance, noise, moe=moe)

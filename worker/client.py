@@ -396,6 +396,15 @@ class RouteClient:
             )
             if not honest_entry:
                 raise StepFailed(f"hop {position}'s report does not verify", blame([relayer]))
+            if entry.positions is not None and entry.positions != positions:
+                # Not what this client sent. The first hop took it from this client: its own word is wrong.
+                # Any other took it from the hop before: its word against that hop's, who signed for the step.
+                # Checked before any error the entry reports: an inflated step may well be refused downstream.
+                culprits = [position] if position == 0 else [position - 1, position]
+                raise StepFailed(
+                    f"hop {position} says its input held {entry.positions} positions; {positions} were sent",
+                    blame(culprits, suspend=position == 0),
+                )
             if entry.error is not None:
                 raise StepFailed(
                     f"hop {position} ({hop.provider}) failed: {entry.error.code}: {entry.error.message}",
@@ -412,14 +421,7 @@ class RouteClient:
                     raise StepFailed("the last hop reported a hop after it", blame([position]))
             elif entry.token is not None:
                 raise StepFailed(f"hop {position} is not the last, yet emitted a token", blame([position]))
-            if entry.positions != positions:
-                # Not what this client sent. The first hop took it from this client: its own word is wrong.
-                # Any other took it from the hop before: its word against that hop's, who signed for the step.
-                culprits = [position] if position == 0 else [position - 1, position]
-                raise StepFailed(
-                    f"hop {position} says its input held {entry.positions} positions; {positions} were sent",
-                    blame(culprits, suspend=position == 0),
-                )
+            assert entry.positions == positions  # an entry without an error carries them, checked above
             hops.append(StepHashes(step, entry.input, entry.output, entry.token, positions=entry.positions))
             compute_ms.append(current.compute_ms)
             raw = current.downstream

@@ -203,11 +203,10 @@ class RetentionStore:
                 # A session closed was synced to disk then; one open at the stop may hold anything past its
                 # last flush (a power loss), so its payloads are checked too.
                 session = _read_back(path, check_payloads=not mark.exists())
-            except (
-                OSError,
-                ValueError,
-                KeyError,
-            ) as exc:  # not even the job it belongs to: nobody can use it
+            except OSError as exc:  # unreadable now: left for the next start
+                log.error("retained file %s cannot be read, left aside: %s", path, exc)
+                continue
+            except (ValueError, KeyError) as exc:  # not even the job it belongs to: nobody can use it
                 log.warning("retained file %s does not say its job, deleted: %s", path, exc)
                 path.unlink(missing_ok=True)
                 _closed_mark(path).unlink(missing_ok=True)

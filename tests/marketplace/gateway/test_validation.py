@@ -59,56 +59,61 @@ def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_li
 ) -> None:
     job_id, _ = paid_chat(gateway, market, chat_body("validate me", max_tokens=16))
 
-    sessions = blocking_sessions(create_blocking_engine(gateway.gateway.settings.database_url))
-    with sessions.begin() as session:
-        metered = meter_job(session, job_id, domain=market.contracts.protocol_domain(), sample_rate=1.0)
-    assert metered is not None and len(metered.sampled) == 3  # every hop drawn
-
-    def validator(references: ReferenceModels) -> Validator:
-        # The deployment's slasher: providers trust it to fetch their steps unless told otherwise.
-        return Validator(sessions, market.contracts, market.anvil.accounts[3], references, retry_s=1.0)
-
-    # The validator's own trouble: no weights for the model. Nothing counts against the providers; /health says
-    # so, and the hops are tried again soon.
-    outcomes = [validator(ReferenceModels([])).validate(v) for v in metered.sampled]
-    assert {(o.status, o.reason) for o in outcomes} == {(ValidationStatus.PENDING, "validator_trouble")}
-    assert all(o.retry_in_s is not None and o.retry_in_s <= 30 for o in outcomes)
-    health = httpx.get(gateway.url + "/health").json()["validation"]
-    assert (health["status"], health["troubled"], health["pending"]) == ("behind", 3, 3)
-    assert 'strata_validations{state="troubled"} 3.0' in httpx.get(gateway.url + "/metrics").text
-
-    # The middle provider restarts (killed, as a crash would) inside the window, and every fetch crosses 50 ms.
-    middle = providers["b"]
-    middle.node.kill()
-    middle.node.process.wait(timeout=30)
-    middle.node = NodeProcess.start(
-        middle.node.launch, key=middle.account.key.hex(), log=tmp_path / "b-again.log"
-    )
-    wait_ready(middle)
-    with sessions() as session:
-        asks = {
-            hop.ask_id: session.get(Ask, hop.ask_id).endpoint  # type: ignore[union-attr]
-            for hop in session.scalars(select(Hop).where(Hop.job_id == job_id))
-        }
+    engine = create_blocking_engine(gateway.gateway.settings.database_url)
+    sessions = blocking_sessions(engine)
     try:
-        with ExitStack() as stack:
-            for ask_id, endpoint in asks.items():
-                proxy = stack.enter_context(DelayProxy(endpoint, 0.05))
-                with sessions.begin() as session:
-                    session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=proxy.endpoint))
-            references = ReferenceModels([str(model_dir)])
-            outcomes = [validator(references).validate(v) for v in metered.sampled]
-    finally:
         with sessions.begin() as session:
-            for ask_id, endpoint in asks.items():
-                session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=endpoint))
+            metered = meter_job(session, job_id, domain=market.contracts.protocol_domain(), sample_rate=1.0)
+        assert metered is not None and len(metered.sampled) == 3  # every hop drawn
 
-    assert [o.status for o in outcomes] == [ValidationStatus.PASSED] * 3, outcomes
-    with sessions() as session:
-        decided = session.scalars(select(Validation).where(Validation.job_id == job_id)).all()
-    assert all(v.trouble is None and v.slash_status is None for v in decided)
-    health = httpx.get(gateway.url + "/health").json()["validation"]
-    assert (health["status"], health["troubled"], health["pending"]) == ("ok", 0, 0)
+        def validator(references: ReferenceModels) -> Validator:
+            # The deployment's slasher: providers trust it to fetch their steps unless told otherwise.
+            return Validator(sessions, market.contracts, market.anvil.accounts[3], references, retry_s=1.0)
+
+        # The validator's own trouble: no weights for the model. Nothing counts against the providers; /health says
+        # so, and the hops are tried again soon.
+        outcomes = [validator(ReferenceModels([])).validate(v) for v in metered.sampled]
+        assert {(o.status, o.reason) for o in outcomes} == {(ValidationStatus.PENDING, "validator_trouble")}
+        assert all(o.retry_in_s is not None and o.retry_in_s <= 30 for o in outcomes)
+        health = httpx.get(gateway.url + "/health").json()["validation"]
+        assert (health["status"], health["troubled"], health["pending"]) == ("behind", 3, 3)
+        assert 'strata_validations{state="troubled"} 3.0' in httpx.get(gateway.url + "/metrics").text
+
+        # The middle provider restarts (killed, as a crash would) inside the window, and every fetch crosses 50 ms.
+        middle = providers["b"]
+        middle.node.kill()
+        middle.node.process.wait(timeout=30)
+        middle.node = NodeProcess.start(
+            middle.node.launch, key=middle.account.key.hex(), log=tmp_path / "b-again.log"
+        )
+        wait_ready(middle)
+        with sessions() as session:
+            asks = {
+                hop.ask_id: session.get(Ask, hop.ask_id).endpoint  # type: ignore[union-attr]
+                for hop in session.scalars(select(Hop).where(Hop.job_id == job_id))
+            }
+        try:
+            with ExitStack() as stack:
+                for ask_id, endpoint in asks.items():
+                    proxy = stack.enter_context(DelayProxy(endpoint, 0.05))
+                    with sessions.begin() as session:
+                        session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=proxy.endpoint))
+                references = ReferenceModels([str(model_dir)])
+                outcomes = [validator(references).validate(v) for v in metered.sampled]
+        finally:
+            with sessions.begin() as session:
+                for ask_id, endpoint in asks.items():
+                    session.execute(update(Ask).where(Ask.id == ask_id).values(endpoint=endpoint))
+
+        assert [o.status for o in outcomes] == [ValidationStatus.PASSED] * 3, outcomes
+        with sessions() as session:
+            decided = session.scalars(select(Validation).where(Validation.job_id == job_id)).all()
+        assert all(v.trouble is None and v.slash_status is None for v in decided)
+        health = httpx.get(gateway.url + "/health").json()["validation"]
+        assert (health["status"], health["troubled"], health["pending"]) == ("ok", 0, 0)
+
+    finally:
+        engine.dispose()  # its pooled connections, on PostgreSQL
 
 
 def test_a_false_receipt_bills_nothing_suspends_its_provider_and_is_kept_as_evidence(
