@@ -7,6 +7,12 @@ each event's delta, so a value read at block N and an event from block N or earl
 
 What it costs to be a poll behind: a payer who starts to leave its channel is seen at most ``poll_s`` late,
 and the operator still has the escrow's whole withdraw delay to redeem what was charged before that.
+
+It never stops following. Any error a round meets (an endpoint down, an HTTP 429, a JSON-RPC error, a reply
+that does not decode) is logged and the round retried after a backoff that doubles up to ``MAX_BACKOFF_S``.
+Logs are read ``MAX_LOG_BLOCKS`` blocks at a time, the cursor advancing after each page, and a page the
+endpoint refuses (too many results, too wide a range) is read again in halves down to single blocks. How far
+behind it is (blocks, and seconds since the last round that reached the head) is in ``/health`` and metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -29,6 +36,8 @@ from settlement.errors import ChainError
 log = logging.getLogger(__name__)
 
 BIGINT_MAX = 2**63 - 1  # the largest amount the gateway's tables account in
+MAX_LOG_BLOCKS = 2_000  # blocks of logs asked for at once: what public endpoints commonly allow
+MAX_BACKOFF_S = 30.0
 
 _CHANNEL_EVENTS = {"ChannelFunded", "WithdrawInitiated", "WithdrawFinalized"}
 _STAKE_EVENTS = {"Staked", "UnstakeRequested", "Withdrawn", "Slashed"}
@@ -123,6 +132,9 @@ class ChainWatcher:
         self._channels: dict[bytes, ChannelView] = {}
         self._active: dict[str, bool] = {}
         self._cursor: int | None = None
+        self._head: int | None = None  # the latest block the endpoint reported
+        self._synced_at: float | None = None  # monotonic time the cursor last reached the head
+        self.failures = 0  # rounds failed in a row
         self._task: asyncio.Task[None] | None = None
 
     # -- reads ---------------------------------------------------------------------------------------------
@@ -145,8 +157,21 @@ class ChainWatcher:
 
     # -- following events ------------------------------------------------------------------------------------
 
+    @property
+    def lag_blocks(self) -> int | None:
+        """Blocks between the head the endpoint last reported and the last one read; None before the first."""
+        if self._head is None or self._cursor is None:
+            return None
+        return max(0, self._head - self._cursor)
+
+    @property
+    def seconds_since_sync(self) -> float | None:
+        """Since the cursor last reached the head; None before it first did."""
+        return None if self._synced_at is None else time.monotonic() - self._synced_at
+
     async def start(self) -> None:
-        self._cursor = await asyncio.to_thread(self.reader.block_number)
+        self._cursor = self._head = await asyncio.to_thread(self.reader.block_number)
+        self._synced_at = time.monotonic()
         self._task = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
@@ -158,21 +183,44 @@ class ChainWatcher:
 
     async def _follow(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_s)
+            await asyncio.sleep(min(self.poll_s * 2**self.failures, max(MAX_BACKOFF_S, self.poll_s)))
             try:
                 await self.sync()
-            except ChainError as exc:
-                log.warning("chain events not read this round: %s", exc)
+            except Exception as exc:  # whatever the endpoint does, the watcher goes on
+                self.failures += 1
+                level = logging.WARNING if isinstance(exc, ChainError) else logging.ERROR
+                log.log(level, "chain events not read (%d rounds in a row): %r", self.failures, exc)
+            else:
+                self.failures = 0
 
     async def sync(self) -> None:
         """Reads the events since the last sync and refreshes what they touched."""
         latest = await asyncio.to_thread(self.reader.block_number)
+        self._head = latest
         if self._cursor is None:
             self._cursor = latest
-            return
-        if latest <= self._cursor:
-            return
-        events = await asyncio.to_thread(self.reader.events, self._cursor + 1, latest)
+        while self._cursor < latest:
+            last = min(latest, self._cursor + MAX_LOG_BLOCKS)
+            await self._apply(await self._events(self._cursor + 1, last))
+            self._cursor = last
+        self._synced_at = time.monotonic()
+
+    async def _events(self, first: int, last: int) -> list[ChainEvent]:
+        """The events of blocks ``first`` to ``last``, in halves when the endpoint refuses the whole range."""
+        try:
+            return await asyncio.to_thread(self.reader.events, first, last)
+        except ChainError:
+            raise  # unreachable, or refusing us: a smaller range would not help
+        except Exception:
+            # An error of the endpoint's about this request (too many results, too wide a range). Halving ends
+            # at one block: a failure there is raised, after about log2(MAX_LOG_BLOCKS) tries.
+            if first == last:
+                raise
+            middle = (first + last) // 2
+            return [*await self._events(first, middle), *await self._events(middle + 1, last)]
+
+    async def _apply(self, events: list[ChainEvent]) -> None:
+        """Refreshes what ``events`` touched."""
         channels: set[bytes] = set()
         providers: set[str] = set()
         slashed: set[str] = set()
@@ -192,4 +240,3 @@ class ChainWatcher:
             await self.is_active(provider, fresh=True)
         for provider in slashed:
             self.on_slashed(provider)
-        self._cursor = latest

@@ -42,6 +42,23 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.watcher_lag_blocks = Gauge(
+            "strata_chain_watcher_lag_blocks",
+            "blocks the chain watcher is behind the head",
+            registry=self.registry,
+        )
+        self.watcher_seconds_since_sync = Gauge(
+            "strata_chain_watcher_seconds_since_sync",
+            "seconds since the chain watcher last reached the head",
+            registry=self.registry,
+        )
+
+    def observe_watcher(self, lag_blocks: int | None, seconds_since_sync: float | None) -> None:
+        if lag_blocks is not None:
+            self.watcher_lag_blocks.set(lag_blocks)
+        if seconds_since_sync is not None:
+            self.watcher_seconds_since_sync.set(seconds_since_sync)
+
     def observe_validation(self, backlog: Backlog) -> None:
         for state in ("pending", "troubled", "overdue", "missed_recently"):
             self.validations.labels(state).set(getattr(backlog, state))

@@ -100,6 +100,10 @@ class FakeChainReader:
     active: dict[str, bool] = field(default_factory=dict)
     logged: list[tuple[int, ChainEvent]] = field(default_factory=list)  # (block, event)
     failures: int = 0  # the next reads of the block number that fail as an unreachable endpoint would
+    errors: list[Exception] = field(
+        default_factory=list
+    )  # raised, one a read of the block number, before those
+    max_range: int | None = None  # logs of more blocks than this at once are refused, as endpoints cap them
     reads: list[str] = field(default_factory=list)  # what was read, in order
 
     def emit(self, name: str, **args: Any) -> None:
@@ -107,6 +111,8 @@ class FakeChainReader:
         self.logged.append((self.block, ChainEvent(name, args)))
 
     def block_number(self) -> int:
+        if self.errors:
+            raise self.errors.pop(0)
         if self.failures:
             self.failures -= 1
             raise ChainUnavailable("the endpoint does not answer")
@@ -114,6 +120,8 @@ class FakeChainReader:
 
     def events(self, first: int, last: int) -> list[ChainEvent]:
         self.reads.append(f"events {first}-{last}")
+        if self.max_range is not None and last - first + 1 > self.max_range:
+            raise ValueError(f"query exceeds max block range {self.max_range}")  # as web3 raises an RPC error
         return [event for block, event in self.logged if first <= block <= last]
 
     def channel(self, channel_id: bytes) -> ChannelView:

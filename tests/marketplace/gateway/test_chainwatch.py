@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from marketplace.gateway import chainwatch
 from marketplace.gateway.chainwatch import ChainWatcher, ChannelView
 from settlement.contracts import CHANNEL_CLOSED
 from tests.marketplace.gateway.fakes import FakeChainReader, provider
@@ -114,3 +117,51 @@ def test_it_keeps_following_after_the_endpoint_fails() -> None:
         return await watcher.channel(CHANNEL)
 
     assert asyncio.run(follow()).closed
+
+
+def test_an_error_of_any_kind_leaves_it_following() -> None:
+    """A JSON-RPC error or an HTTP 429 is no ChainError: the watcher used to die on one, silently."""
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    watcher = watcher_on(reader)
+
+    async def follow() -> tuple[bool, int]:
+        await watcher.start()
+        await watcher.channel(CHANNEL)
+        reader.errors = [RuntimeError("429 Too Many Requests"), ValueError("invalid JSON-RPC response")]
+        reader.channels[CHANNEL] = ChannelView(500, CHANNEL_CLOSED)
+        reader.emit("WithdrawFinalized", channelId=CHANNEL)
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if (await watcher.channel(CHANNEL)).closed:
+                break
+        await watcher.stop()
+        return (await watcher.channel(CHANNEL)).closed, watcher.failures
+
+    assert asyncio.run(follow()) == (True, 0)
+
+
+def test_logs_are_read_a_page_at_a_time_and_in_halves_when_a_page_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chainwatch, "MAX_LOG_BLOCKS", 40)
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)}, max_range=15)
+    watcher = watcher_on(reader)
+
+    async def follow() -> ChannelView:
+        await watcher.start()
+        await watcher.channel(CHANNEL)
+        reader.block += 100  # a hundred quiet blocks, then the exit
+        reader.channels[CHANNEL] = ChannelView(500, CHANNEL_CLOSED)
+        reader.emit("WithdrawFinalized", channelId=CHANNEL)
+        await watcher.sync()
+        return await watcher.channel(CHANNEL)
+
+    assert asyncio.run(follow()).closed
+    ranges = [read.split()[1] for read in reader.reads if read.startswith("events")]
+    spans = [(int(a), int(b)) for a, b in (r.split("-") for r in ranges)]
+    assert all(last - first < 40 for first, last in spans)  # never more than a page
+    answered = [(first, last) for first, last in spans if last - first < 15]
+    assert (
+        sorted(answered)[0][0] == 101 and max(last for _, last in answered) == 201
+    )  # every block, in the end
+    assert watcher.lag_blocks == 0

@@ -424,7 +424,11 @@ def test_order_book_models_providers_and_health(
 
     health = httpx.get(gateway.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert "strata_http_requests_total" in httpx.get(gateway.url + "/metrics").text
+    watching = health.json()["chainWatcher"]
+    assert watching["lagBlocks"] is not None and watching["failedRounds"] == 0
+    assert health.json()["validation"]["status"] == "ok"
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert "strata_http_requests_total" in metrics and "strata_chain_watcher_lag_blocks" in metrics
     operations = {
         op["operationId"] for path in gateway.app.openapi()["paths"].values() for op in path.values()
     }

@@ -55,6 +55,15 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
         }
     except Exception as exc:  # the database being down is said above
         checks["validation"] = f"unknown: {type(exc).__name__}"
+    watcher = gateway.watcher
+    checks["chainWatcher"] = {
+        "lagBlocks": watcher.lag_blocks,
+        "secondsSinceSync": None
+        if watcher.seconds_since_sync is None
+        else round(watcher.seconds_since_sync, 1),
+        "failedRounds": watcher.failures,
+    }
+    gateway.metrics.observe_watcher(watcher.lag_blocks, watcher.seconds_since_sync)
     healthy = checks["database"] == "ok" and isinstance(checks["chain"], dict)
     body = {
         "status": "ok" if healthy else "degraded",
@@ -72,6 +81,7 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
 async def get_metrics(gateway: GatewayDep) -> Response:
     with contextlib.suppress(Exception):  # the gauges keep their last values while the database is down
         await _validation_backlog(gateway)
+    gateway.metrics.observe_watcher(gateway.watcher.lag_blocks, gateway.watcher.seconds_since_sync)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
