@@ -21,7 +21,6 @@ from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.orderbook import BookAsk, OrderBook
 from marketplace.gateway.payments.gate import Terms
 from settlement.eip712 import Domain, protocol_domain, voucher_domain
-from settlement.errors import ChainUnavailable
 from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, StepResult, blame
 from worker.errors import StepFailed
@@ -99,10 +98,7 @@ class FakeChainReader:
     channels: dict[bytes, ChannelView] = field(default_factory=dict)
     active: dict[str, bool] = field(default_factory=dict)
     logged: list[tuple[int, ChainEvent]] = field(default_factory=list)  # (block, event)
-    failures: int = 0  # the next reads of the block number that fail as an unreachable endpoint would
-    errors: list[Exception] = field(
-        default_factory=list
-    )  # raised, one a read of the block number, before those
+    errors: list[Exception] = field(default_factory=list)  # raised by the next reads of the block number
     max_range: int | None = None  # logs of more blocks than this at once are refused, as endpoints cap them
     reads: list[str] = field(default_factory=list)  # what was read, in order
 
@@ -113,9 +109,6 @@ class FakeChainReader:
     def block_number(self) -> int:
         if self.errors:
             raise self.errors.pop(0)
-        if self.failures:
-            self.failures -= 1
-            raise ChainUnavailable("the endpoint does not answer")
         return self.block
 
     def events(self, first: int, last: int) -> list[ChainEvent]:

@@ -10,6 +10,7 @@ import pytest
 from marketplace.gateway import chainwatch
 from marketplace.gateway.chainwatch import ChainWatcher, ChannelView
 from settlement.contracts import CHANNEL_CLOSED
+from settlement.errors import ChainUnavailable
 from tests.marketplace.gateway.fakes import FakeChainReader, provider
 
 CHANNEL = bytes(range(32))
@@ -99,35 +100,23 @@ def test_a_new_minimum_stake_rereads_every_known_provider() -> None:
     assert asyncio.run(follow()) == [False, False, False]
 
 
-def test_it_keeps_following_after_the_endpoint_fails() -> None:
-    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
-    watcher = watcher_on(reader)
-
-    async def follow() -> ChannelView:
-        await watcher.start()
-        await watcher.channel(CHANNEL)
-        reader.failures = 3  # the next three polls find the endpoint down
-        reader.channels[CHANNEL] = ChannelView(500, CHANNEL_CLOSED)
-        reader.emit("WithdrawFinalized", channelId=CHANNEL)
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if (await watcher.channel(CHANNEL)).closed:
-                break
-        await watcher.stop()
-        return await watcher.channel(CHANNEL)
-
-    assert asyncio.run(follow()).closed
-
-
-def test_an_error_of_any_kind_leaves_it_following() -> None:
-    """A JSON-RPC error or an HTTP 429 is no ChainError: the watcher used to die on one, silently."""
+@pytest.mark.parametrize(
+    "errors",
+    [
+        [ChainUnavailable("the endpoint does not answer")] * 3,
+        # No ChainError: the watcher used to die on one, silently.
+        [RuntimeError("429 Too Many Requests"), ValueError("invalid JSON-RPC response")],
+    ],
+    ids=["endpoint-down", "rpc-errors"],
+)
+def test_it_keeps_following_after_the_endpoint_fails(errors: list[Exception]) -> None:
     reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
     watcher = watcher_on(reader)
 
     async def follow() -> tuple[bool, int]:
         await watcher.start()
         await watcher.channel(CHANNEL)
-        reader.errors = [RuntimeError("429 Too Many Requests"), ValueError("invalid JSON-RPC response")]
+        reader.errors = list(errors)  # what the next polls meet
         reader.channels[CHANNEL] = ChannelView(500, CHANNEL_CLOSED)
         reader.emit("WithdrawFinalized", channelId=CHANNEL)
         for _ in range(300):
