@@ -16,18 +16,24 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
     using SafeCast for uint256;
 
     bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
+    /// @notice How long a replaced root still proves claims.
+    uint256 public constant PREVIOUS_ROOT_GRACE = 1 days;
 
     IERC20 public immutable token;
     /// @inheritdoc IPayoutDistributor
     address public immutable treasury;
     /// @inheritdoc IPayoutDistributor
     bytes32 public merkleRoot;
+    /// @inheritdoc IPayoutDistributor
+    bytes32 public previousRoot;
 
-    // A root post reads and writes this one slot (besides the root). 96 bits hold 7.9e28 base units: 7.9e22
-    // dollars of a 6-decimal token, 7.9e10 tokens of an 18-decimal one. SafeCast reverts beyond that.
+    // A root post reads and writes this one slot (besides the roots). 96 bits hold 7.9e28 base units: 7.9e22
+    // dollars of a 6-decimal token, 7.9e10 tokens of an 18-decimal one. SafeCast reverts beyond that. 32 bits
+    // of seconds last until 2106.
     uint96 internal _providerTotal;
     uint96 internal _feesPaid;
-    uint64 internal _epoch;
+    uint32 internal _epoch;
+    uint32 internal _previousRootUntil;
     uint256 internal _totalClaimed;
 
     mapping(address provider => uint256 amount) public claimed;
@@ -51,8 +57,11 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
         if (providerTotal_ > pool) revert ProviderTotalExceedsPool(providerTotal_, pool);
 
         uint256 fees = funded_ - pool;
+        previousRoot = merkleRoot;
         merkleRoot = root;
-        (_providerTotal, _feesPaid, _epoch) = (providerTotal_.toUint96(), fees.toUint96(), epoch_.toUint64());
+        uint32 graceUntil = (block.timestamp + PREVIOUS_ROOT_GRACE).toUint32();
+        (_providerTotal, _feesPaid, _epoch, _previousRootUntil) =
+        (providerTotal_.toUint96(), fees.toUint96(), epoch_.toUint32(), graceUntil);
         // fees only grow: funded never shrinks (payouts count in it), and the pool is a fixed share of it.
         uint256 feeDue = fees - feesPaid_;
         if (feeDue != 0) token.safeTransfer(treasury, feeDue);
@@ -65,7 +74,13 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
         returns (uint256 amount)
     {
         bytes32 root = merkleRoot;
-        if (expectedRoot != root) revert StaleRoot(expectedRoot, root);
+        if (expectedRoot != root) {
+            // The replaced root, within its grace: zero (no root before) proves nothing and is refused by name.
+            if (expectedRoot != previousRoot || expectedRoot == bytes32(0) || block.timestamp >= _previousRootUntil) {
+                revert StaleRoot(expectedRoot, root);
+            }
+            root = expectedRoot;
+        }
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(provider, cumulativeAmount))));
         if (!MerkleProof.verifyCalldata(proof, root, leaf)) revert InvalidProof(provider, cumulativeAmount);
         uint256 already = claimed[provider];
@@ -91,6 +106,11 @@ contract PayoutDistributor is IPayoutDistributor, AccessControl {
     /// @inheritdoc IPayoutDistributor
     function funded() external view returns (uint256) {
         return token.balanceOf(address(this)) + _feesPaid + _totalClaimed;
+    }
+
+    /// @inheritdoc IPayoutDistributor
+    function previousRootValidUntil() external view returns (uint256) {
+        return _previousRootUntil;
     }
 
     /// @inheritdoc IPayoutDistributor

@@ -58,28 +58,39 @@ contract VoucherEscrow is IVoucherEscrow, AccessControl, EIP712 {
 
     /// @inheritdoc IVoucherEscrow
     function redeem(Redemption[] calldata redemptions) external onlyRole(OPERATOR_ROLE) returns (uint256 total) {
+        uint256 paid;
         for (uint256 i; i < redemptions.length; ++i) {
-            total += _redeemOne(redemptions[i]);
+            (uint256 amount, Skip skip) = _redeemOne(redemptions[i]);
+            if (skip == Skip.None) {
+                total += amount;
+                ++paid;
+            } else {
+                emit RedemptionSkipped(redemptions[i].channelId, skip);
+            }
         }
         uint256 redeemed = totalRedeemed + total;
-        totalRedeemed = redeemed;
-        token.safeTransfer(distributor, total);
-        emit VouchersRedeemed(msg.sender, redemptions.length, total, redeemed);
+        if (total != 0) {
+            totalRedeemed = redeemed;
+            token.safeTransfer(distributor, total);
+        }
+        emit VouchersRedeemed(msg.sender, paid, total, redeemed);
     }
 
-    function _redeemOne(Redemption calldata r) internal returns (uint256 amount) {
+    function _redeemOne(Redemption calldata r) internal returns (uint256 amount, Skip skip) {
         // Each calldata field is read once: repeated struct reads cost a bounds check each, on the hot path.
         (bytes32 channelId, uint128 maxClaimable, uint128 claimTo) = (r.channelId, r.maxClaimableAmount, r.claimTo);
-        if (claimTo > maxClaimable) revert ClaimAboveVoucher(channelId, claimTo, maxClaimable);
+        if (claimTo > maxClaimable) return (0, Skip.ClaimAboveVoucher);
         bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, maxClaimable)));
-        address signer = ECDSA.recover(digest, r.r, r.vs);
-        if (signer != ChannelId.payer(channelId)) revert InvalidVoucherSignature(channelId, signer);
+        (address signer, ECDSA.RecoverError error,) = ECDSA.tryRecover(digest, r.r, r.vs);
+        if (error != ECDSA.RecoverError.NoError || signer != ChannelId.payer(channelId)) {
+            return (0, Skip.InvalidVoucherSignature);
+        }
 
         Channel storage c = _channels[channelId];
         (uint128 deposited, uint128 claimed) = (c.deposit, c.claimed);
         // A voucher may promise more than was deposited; the operator takes what is there.
         uint128 claimable = claimTo < deposited ? claimTo : deposited;
-        if (claimable <= claimed) revert NothingToRedeem(channelId, claimable, claimed);
+        if (claimable <= claimed) return (0, Skip.NothingToRedeem);
         c.claimed = claimable;
         // claimable > claimed was checked above.
         unchecked {

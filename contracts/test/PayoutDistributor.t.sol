@@ -492,17 +492,54 @@ contract PayoutDistributorTest is Base {
         distributor.claim(providerA, 1, proof, bytes32(0));
     }
 
-    function test_RevertWhen_ClaimAgainstStaleRoot() public {
+    /// @dev Two posts: leaves (300, 200, 100) then (500, 300, 100), with the second funded by a further redemption.
+    function _twoRoots() internal returns (Tree memory one, Tree memory two) {
         bytes32 channelId = _fundDistributor(1, 2_000 * USDC, 1_000 * USDC);
-        Tree memory one = _tree3(300 * USDC, 200 * USDC, 100 * USDC);
+        one = _tree3(300 * USDC, 200 * USDC, 100 * USDC);
         _post(one);
         _redeem(_one(_redemption(ALICE_PK, channelId, 1_500 * USDC, 1_500 * USDC)));
-        Tree memory two = _tree3(500 * USDC, 300 * USDC, 100 * USDC);
+        two = _tree3(500 * USDC, 300 * USDC, 100 * USDC);
         _post(two);
+    }
 
+    /// @dev A claim proven against the root that a post replaced while the claim was in flight still pays, what
+    /// that older leaf says; the newer leaf then pays the rest.
+    function test_claim_AgainstThePreviousRootWithinItsGrace() public {
+        (Tree memory one, Tree memory two) = _twoRoots();
+        assertEq(distributor.previousRoot(), one.root, "previous root");
+        assertEq(distributor.previousRootValidUntil(), block.timestamp + distributor.PREVIOUS_ROOT_GRACE(), "grace");
+        vm.warp(block.timestamp + distributor.PREVIOUS_ROOT_GRACE() - 1);
+
+        assertEq(distributor.claim(providerA, 300 * USDC, Merkle.proof(one.leaves, 0), one.root), 300 * USDC, "old");
+        assertEq(_claim(two, 0), 200 * USDC, "the rest, from the new root");
+        assertEq(token.balanceOf(providerA), 500 * USDC, "paid once in all");
+    }
+
+    function test_RevertWhen_ClaimAgainstThePreviousRootAfterItsGrace() public {
+        (Tree memory one, Tree memory two) = _twoRoots();
+        vm.warp(block.timestamp + distributor.PREVIOUS_ROOT_GRACE());
         bytes32[] memory proof = Merkle.proof(one.leaves, 0);
         vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.StaleRoot.selector, one.root, two.root));
         distributor.claim(providerA, 300 * USDC, proof, one.root);
+    }
+
+    function test_RevertWhen_ClaimAgainstARootTwoPostsOld() public {
+        (Tree memory one,) = _twoRoots();
+        _transferIn(1_000 * USDC);
+        Tree memory three = _tree3(600 * USDC, 400 * USDC, 200 * USDC);
+        _post(three);
+        bytes32[] memory proof = Merkle.proof(one.leaves, 0);
+        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.StaleRoot.selector, one.root, three.root));
+        distributor.claim(providerA, 300 * USDC, proof, one.root);
+    }
+
+    function test_RevertWhen_ClaimNamesTheZeroRootAfterTheFirstPost() public {
+        _fundDistributor(1, 2_000 * USDC, 1_000 * USDC);
+        Tree memory t = _tree3(300 * USDC, 200 * USDC, 100 * USDC);
+        _post(t);
+        bytes32[] memory proof = Merkle.proof(t.leaves, 0);
+        vm.expectRevert(abi.encodeWithSelector(IPayoutDistributor.StaleRoot.selector, bytes32(0), t.root));
+        distributor.claim(providerA, 300 * USDC, proof, bytes32(0));
     }
 
     function test_RevertWhen_ClaimTwice() public {

@@ -12,6 +12,10 @@ pragma solidity ^0.8.26;
 /// reference to each other beyond the escrow's payee, and a root post makes no cross-contract call. A token
 /// transfer straight to this contract counts as funding like a redemption does.
 ///
+/// A claim names the root it was proven against. The root before the current one stays good for
+/// `PREVIOUS_ROOT_GRACE` after it is replaced, so a claim sent just before a post still lands. That is safe because
+/// leaves are cumulative and only grow: an older leaf pays at most what a newer one would.
+///
 /// Rounding: the providers' pool is `funded * 8000 / 10000` rounded down, and the platform's cumulative fee is
 /// `funded - pool`, so the platform's share is 20% rounded up, by less than one base unit in aggregate.
 interface IPayoutDistributor {
@@ -35,8 +39,8 @@ interface IPayoutDistributor {
     /// @param providerTotal The sum of the tree's cumulative amounts; never decreases; at most the pool.
     function postRoot(uint256 epoch, bytes32 root, uint256 providerTotal) external;
 
-    /// @notice Pays `provider` its `cumulativeAmount` minus what it already claimed, proven against the current
-    /// root, which must equal `expectedRoot`.
+    /// @notice Pays `provider` its `cumulativeAmount` minus what it already claimed, proven against `expectedRoot`:
+    /// the current root, or the one before it until `previousRootValidUntil()`.
     function claim(address provider, uint256 cumulativeAmount, bytes32[] calldata proof, bytes32 expectedRoot)
         external
         returns (uint256 amount);
@@ -48,6 +52,12 @@ interface IPayoutDistributor {
     function funded() external view returns (uint256);
 
     function merkleRoot() external view returns (bytes32);
+
+    /// @notice The root the current one replaced; zero before the second post.
+    function previousRoot() external view returns (bytes32);
+
+    /// @notice Until when (exclusive) claims against `previousRoot()` are accepted.
+    function previousRootValidUntil() external view returns (uint256);
 
     function epoch() external view returns (uint256);
 

@@ -14,6 +14,10 @@ pragma solidity ^0.8.26;
 ///
 /// Redemption logs one event per batch, not per channel: a log would add about 1.6k gas to each channel's ~11k.
 /// A channel's claimed total is in `channel(id)`, and each redeemed voucher in the batch transaction's calldata.
+///
+/// An entry that cannot pay is skipped, with a `RedemptionSkipped` naming why, and never reverts the batch: a
+/// payer can finalize its exit in the block before the operator's batch lands, and one such entry must not stop
+/// every other channel, and with them every provider's payout, from settling.
 interface IVoucherEscrow {
     /// @notice One channel's state. `deposit - claimed` is what the payer can still be charged or withdraw.
     struct Channel {
@@ -45,12 +49,22 @@ interface IVoucherEscrow {
     error ChannelNotExiting(bytes32 channelId);
     error ChannelClosed(bytes32 channelId);
     error WithdrawDelayNotElapsed(bytes32 channelId, uint256 withdrawableAt, uint256 timestamp);
-    error ClaimAboveVoucher(bytes32 channelId, uint256 claimTo, uint256 maxClaimableAmount);
-    error InvalidVoucherSignature(bytes32 channelId, address signer);
-    error NothingToRedeem(bytes32 channelId, uint256 claimable, uint256 claimed);
+
+    /// @notice Why a redemption entry paid nothing: its `claimTo` exceeds the voucher's amount
+    /// (ClaimAboveVoucher); its signature is malformed or not the channel payer's (InvalidVoucherSignature); or the
+    /// channel already gave what the voucher and deposit allow, having been redeemed before or closed by its payer's
+    /// exit (NothingToRedeem).
+    enum Skip {
+        None,
+        ClaimAboveVoucher,
+        InvalidVoucherSignature,
+        NothingToRedeem
+    }
 
     event ChannelFunded(bytes32 indexed channelId, address indexed payer, address indexed funder, uint256 amount);
+    /// @param channels The entries that paid; the skipped ones are logged apart.
     event VouchersRedeemed(address indexed operator, uint256 channels, uint256 amount, uint256 totalRedeemed);
+    event RedemptionSkipped(bytes32 indexed channelId, Skip reason);
     event WithdrawInitiated(bytes32 indexed channelId, address indexed payer, uint256 withdrawableAt);
     event WithdrawFinalized(bytes32 indexed channelId, address indexed payer, uint256 amount);
 
@@ -58,7 +72,8 @@ interface IVoucherEscrow {
     /// @dev Reverts once the payer has started to leave (ChannelExiting) or has left (ChannelClosed).
     function deposit(bytes32 channelId, uint128 amount) external;
 
-    /// @notice Redeems a batch of vouchers. Only OPERATOR_ROLE. Reverts as a whole on any bad entry.
+    /// @notice Redeems a batch of vouchers. Only OPERATOR_ROLE. Each entry pays on its own: one that cannot pay is
+    /// skipped and logged (`RedemptionSkipped`), and the rest still pay.
     /// @return total What was moved to the PayoutDistributor.
     function redeem(Redemption[] calldata redemptions) external returns (uint256 total);
 
