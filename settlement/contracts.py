@@ -10,6 +10,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from settlement.chain import Chain
@@ -80,8 +82,11 @@ class PaymentToken(_Wrapper):
     def approve(self, sender: LocalAccount, *, spender: str, amount: int) -> TxReceipt:
         return self._send(sender, "approve", to_checksum_address(spender), amount)
 
+    def transfer_call(self, *, to: str, amount: int) -> ContractFunction:
+        return self.contract.functions.transfer(to_checksum_address(to), amount)
+
     def transfer(self, sender: LocalAccount, *, to: str, amount: int) -> TxReceipt:
-        return self._send(sender, "transfer", to_checksum_address(to), amount)
+        return self.chain.transact(sender, self.transfer_call(to=to, amount=amount), "PaymentToken.transfer")
 
     def authorization_used(self, authorizer: str, nonce: bytes) -> bool:
         return bool(self._call("authorizationState", to_checksum_address(authorizer), nonce))
@@ -194,15 +199,27 @@ class Redemption:
         return (self.channel_id, self.max_claimable_amount, self.claim_to, r, vs)
 
 
+# VoucherEscrow.Skip, by ordinal: why a redemption entry paid nothing.
+REDEMPTION_SKIPS = ("none", "claim_above_voucher", "invalid_voucher_signature", "nothing_to_redeem")
+
+
 class VoucherEscrow(_Wrapper):
     def domain(self) -> Domain:
         return _voucher_domain(self.chain.chain_id, self.address)
+
+    def redeem_call(self, redemptions: list[Redemption]) -> ContractFunction:
+        return self.contract.functions.redeem([r.as_abi() for r in redemptions])
+
+    def skipped(self, receipt: TxReceipt) -> dict[bytes, str]:
+        """The entries of a mined redemption batch that paid nothing, each with why."""
+        events = self.contract.events.RedemptionSkipped().process_receipt(receipt, errors=DISCARD)
+        return {bytes(e["args"]["channelId"]): REDEMPTION_SKIPS[e["args"]["reason"]] for e in events}
 
     def deposit(self, sender: LocalAccount, *, channel: bytes, amount: int) -> TxReceipt:
         return self._send(sender, "deposit", channel, amount)
 
     def redeem(self, sender: LocalAccount, redemptions: list[Redemption]) -> TxReceipt:
-        return self._send(sender, "redeem", [r.as_abi() for r in redemptions])
+        return self.chain.transact(sender, self.redeem_call(redemptions), "VoucherEscrow.redeem")
 
     def initiate_withdraw(self, sender: LocalAccount, *, channel: bytes) -> TxReceipt:
         return self._send(sender, "initiateWithdraw", channel)
@@ -225,6 +242,9 @@ class VoucherEscrow(_Wrapper):
 
 
 class PayoutDistributor(_Wrapper):
+    def post_root_call(self, *, epoch: int, root: bytes, provider_total: int) -> ContractFunction:
+        return self.contract.functions.postRoot(epoch, root, provider_total)
+
     def post_root(self, sender: LocalAccount, *, epoch: int, root: bytes, provider_total: int) -> TxReceipt:
         return self._send(sender, "postRoot", epoch, root, provider_total)
 
@@ -243,6 +263,12 @@ class PayoutDistributor(_Wrapper):
 
     def merkle_root(self) -> bytes:
         return bytes(self._call("merkleRoot"))
+
+    def previous_root(self) -> bytes:
+        return bytes(self._call("previousRoot"))
+
+    def previous_root_valid_until(self) -> int:
+        return int(self._call("previousRootValidUntil"))
 
     def epoch(self) -> int:
         return int(self._call("epoch"))

@@ -3,16 +3,25 @@
 An epoch is a persisted state machine, one row in ``epochs`` whose ``status`` names the next step:
 
     open      (one database transaction) meter finished jobs that no task metered yet; take every metered
-              charge not yet settled whose job is cleared (its sampled hops validated, see settlement.ledger);
-              work out each channel's new claim (what it had claimed plus its newly metered charges, under
-              its newest voucher), the exact payments to pass on and the refunds exact payers are owed; give
-              the charges and their ledger entries this epoch; build the Merkle tree of cumulative earnings.
-              Nothing to settle: no epoch.
-    redeem    one VoucherEscrow.redeem for every channel whose claim the chain does not show yet
+              charge not yet settled whose job is cleared (its sampled hops validated, see settlement.ledger)
+              and whose channel is not known closed; work out each channel's new claim (what it had claimed
+              plus its newly metered charges, under its newest voucher), the exact payments to pass on and the
+              refunds exact payers are owed; give the charges and their ledger entries this epoch; build the
+              Merkle tree of cumulative earnings. Nothing to settle: no epoch.
+    redeem    VoucherEscrow.redeem in batches of at most ``batch_size`` channels (a gas budget), exiting
+              channels first, each batch without the channels whose claim the chain already shows or that
+              closed meanwhile; then drop from the epoch every channel whose claim did not land (its payer
+              finalized an exit before the batch did) and rebuild the tree over what was collected
     forward   one token transfer of the epoch's exact payments from the operator to the distributor
-    refund    one token transfer per exact payer owed a refund
+    refund    one token transfer per exact payer owed a refund; one that reverts stays owed, is retried at
+              every later close, and does not hold the epoch up
     post      PayoutDistributor.postRoot(number, root, total), unless the chain already shows it
     posted    done
+
+Redemption never stalls. The escrow skips (and logs) an entry that cannot pay rather than reverting its batch,
+because the one race that matters cannot be excluded from here: a payer may finalize its exit in the block
+before a batch lands. Reading the chain before each batch only keeps entries known to be dead out of it. A
+resumed epoch rereads the chain, so what became unredeemable while it was stopped is dropped, not replayed.
 
 Each step is done when its transaction is mined, and each on-chain step goes through
 :func:`settlement.outbox.send_once` under a key naming the epoch and step, after reading the chain's state. A
@@ -43,19 +52,32 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.contracts import BPS, CHANNEL_CLOSED, PROVIDER_BPS, Redemption
+from settlement.contracts import BPS, CHANNEL_CLOSED, PROVIDER_BPS, ChannelState, Redemption
 from settlement.db import channels
-from settlement.db.schema import FINISHED_JOBS, Channel, Charge, Epoch, EpochStatus, Job, LedgerEntry
+from settlement.db.schema import FINISHED_JOBS, Channel, Charge, Epoch, EpochStatus, Job, LedgerEntry, Refund
 from settlement.deploy import Contracts
-from settlement.errors import LedgerMismatch
+from settlement.errors import LedgerMismatch, TransactionReverted
 from settlement.ledger import meter_job
 from settlement.merkle import PayoutTree
 from settlement.outbox import reconcile, send_once
 
 log = logging.getLogger(__name__)
+
+# Gas of one redemption entry, paid or skipped, with room to spare (the Forge gas snapshot measures ~11k paid),
+# and of a batch around its entries: the transaction, the role check, the transfer to the distributor, the log.
+REDEEM_GAS_PER_ENTRY = 16_000
+REDEEM_GAS_PER_BATCH = 100_000
+# Half of a 16.7M per-transaction cap (EIP-7825) and of today's 30M+ blocks: a batch is mined even when the
+# block is busy. ~490 channels a batch.
+DEFAULT_REDEEM_GAS_BUDGET = 8_000_000
+
+
+def redeem_batch_size(gas_budget: int) -> int:
+    """Channels per redemption batch that fit ``gas_budget``."""
+    return max(1, (gas_budget - REDEEM_GAS_PER_BATCH) // REDEEM_GAS_PER_ENTRY)
 
 
 @dataclass(frozen=True)
@@ -102,6 +124,7 @@ class EpochCloser:
         checkpoint: Callable[[str], None] = _no_checkpoint,
         clock: Callable[[], float] = time.time,
         sample_rate: float = 0.0,
+        redeem_gas_budget: int = DEFAULT_REDEEM_GAS_BUDGET,
     ) -> None:
         self.sessions = sessions
         self.contracts = contracts
@@ -110,12 +133,14 @@ class EpochCloser:
         self.checkpoint = checkpoint
         self.clock = clock
         self.sample_rate = sample_rate  # for the jobs metered here, see meter_finished
+        self.batch_size = redeem_batch_size(redeem_gas_budget)
         self.treasury = to_checksum_address(contracts.deployment.roles["treasury"])
 
     def close(self) -> EpochReport:
         self.meter_finished()
         epoch = self._unfinished() or self._open()
         if epoch is None:
+            self.pay_refunds()
             return EpochReport(None, "idle")
         steps = {
             EpochStatus.REDEEM: self._redeem,
@@ -129,11 +154,18 @@ class EpochCloser:
             with self.sessions.begin() as session:
                 values: dict[str, Any] = {"status": following}
                 if following == EpochStatus.POSTED:
-                    values["posted_at"] = datetime.fromtimestamp(self.clock(), UTC)
+                    values["posted_at"] = self._now()
                 session.execute(update(Epoch).where(Epoch.number == epoch.number).values(**values))
             epoch.status = following
             self.checkpoint(step)
         log.info("epoch %d posted: root %s, %d settled", epoch.number, epoch.root, epoch.settled)
+        self.pay_refunds()
+        with self.sessions() as session:
+            refunded = session.scalar(
+                select(func.coalesce(func.sum(Refund.amount), 0)).where(
+                    Refund.epoch == epoch.number, Refund.paid_at.is_not(None)
+                )
+            )
         return EpochReport(
             epoch.number,
             EpochStatus.POSTED,
@@ -142,8 +174,11 @@ class EpochCloser:
             epoch.provider_total,
             len(epoch.redemptions),
             epoch.forward,
-            sum(int(v) for v in epoch.refunds.values()),
+            int(refunded or 0),
         )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
 
     # -- metering ----------------------------------------------------------------------------------------
 
@@ -169,24 +204,28 @@ class EpochCloser:
 
     def _open(self) -> Epoch | None:
         on_chain = self.contracts.distributor.epoch()
-        with self.sessions.begin() as session:
+        with self.sessions() as session:
             last = session.scalar(select(func.max(Epoch.number))) or 0
             if last != on_chain:
                 raise LedgerMismatch(
                     f"the distributor is at epoch {on_chain} but this database last posted epoch {last}"
                 )
-            number = last + 1
-            charges = session.scalars(
-                select(Charge)
-                .where(
-                    Charge.epoch.is_(None),
-                    Charge.metered.is_not(None),
-                    Charge.job_id.in_(select(Job.id).where(Job.cleared_at.is_not(None))),
+            waiting = session.scalars(select(Charge.channel_id).where(*self._unsettled()).distinct()).all()
+        # The chain is read before the transaction that takes the charges, so no lock is held across RPCs.
+        states = {channel: self._channel_state(channel) for channel in waiting if channel is not None}
+        number = last + 1
+        with self.sessions.begin() as session:
+            closed = [channel for channel, state in states.items() if state.withdrawable_at == CHANNEL_CLOSED]
+            if closed:
+                session.execute(
+                    update(Channel)
+                    .where(Channel.id.in_(closed), Channel.closed_at.is_(None))
+                    .values(closed_at=self._now())
                 )
-                .order_by(Charge.id)
-                .with_for_update()
+            charges = session.scalars(
+                select(Charge).where(*self._unsettled()).order_by(Charge.id).with_for_update()
             ).all()
-            redemptions, forward, refunds, taken = self._collect(session, charges)
+            redemptions, forward, refunds, taken = self._collect(session, charges, states)
             if not taken:
                 return None
             for charge in taken:
@@ -202,30 +241,43 @@ class EpochCloser:
                 )
                 .values(epoch=number)
             )
-            settled = sum(charge.metered or 0 for charge in taken)
-            leaves = self._leaves(session)
-            tree = PayoutTree.build(leaves) if leaves else None
+            session.add_all(
+                Refund(epoch=number, payer=payer, amount=amount) for payer, amount in sorted(refunds.items())
+            )
             epoch = Epoch(
                 number=number,
                 status=EpochStatus.REDEEM,
-                settled=settled,
                 redemptions=redemptions,
                 forward=forward,
-                refunds={payer: str(amount) for payer, amount in refunds.items()},
-                leaves={account: str(amount) for account, amount in leaves.items()},
-                root="0x" + (tree.root if tree else bytes(32)).hex(),
-                provider_total=sum(leaves.values()),
-                created_at=datetime.fromtimestamp(self.clock(), UTC),
+                created_at=self._now(),
+                **self._payouts(session, number),
             )
             session.add(epoch)
         self.checkpoint("open")
-        log.info("epoch %d opened: %d charges, %d settled", number, len(taken), settled)
+        log.info("epoch %d opened: %d charges, %d settled", number, len(taken), epoch.settled)
         return epoch
 
+    @staticmethod
+    def _unsettled() -> tuple[Any, ...]:
+        """Metered charges in no epoch yet, whose job is cleared, on no channel known closed."""
+        return (
+            Charge.epoch.is_(None),
+            Charge.metered.is_not(None),
+            Charge.job_id.in_(select(Job.id).where(Job.cleared_at.is_not(None))),
+            or_(
+                Charge.channel_id.is_(None),
+                Charge.channel_id.in_(select(Channel.id).where(Channel.closed_at.is_(None))),
+            ),
+        )
+
+    def _channel_state(self, channel_id: str) -> ChannelState:
+        return self.contracts.escrow.channel(bytes.fromhex(channel_id[2:]))
+
     def _collect(
-        self, session: Session, charges: Sequence[Charge]
+        self, session: Session, charges: Sequence[Charge], states: dict[str, ChannelState]
     ) -> tuple[list[dict[str, Any]], int, dict[str, int], list[Charge]]:
-        """The redemptions, exact forward, refunds and the charges they settle."""
+        """The redemptions (exiting channels first, soonest exit first), exact forward, refunds and the charges
+        they settle."""
         by_channel: dict[str, list[Charge]] = defaultdict(list)
         forward = 0
         refunds: dict[str, int] = defaultdict(int)
@@ -240,21 +292,21 @@ class EpochCloser:
             if charge.quote > metered:
                 refunds[to_checksum_address(charge.payer)] += charge.quote - metered
             taken.append(charge)
-        redemptions: list[dict[str, Any]] = []
-        for channel_id, pending in sorted(by_channel.items()):
-            due = sum(charge.metered or 0 for charge in pending)
+        due: list[tuple[int, str, dict[str, Any]]] = []
+        for channel_id, pending in by_channel.items():
+            amount = sum(charge.metered or 0 for charge in pending)
             channel = session.get(Channel, channel_id)
             assert channel is not None
-            if due == 0:
+            if amount == 0:
                 taken += pending
                 continue
-            claim_to = channel.claimed + due
-            state = self.contracts.escrow.channel(bytes.fromhex(channel_id[2:]))
+            claim_to = channel.claimed + amount
+            state = states.get(channel_id) or self._channel_state(channel_id)
             if state.withdrawable_at == CHANNEL_CLOSED:
                 log.error(
                     "channel %s closed with %d charged and never redeemed: it cannot be collected",
                     channel_id,
-                    due,
+                    amount,
                 )
                 continue
             if (
@@ -267,16 +319,33 @@ class EpochCloser:
                     channel_id, claim_to, channel.voucher_amount, state.deposit,
                 )  # fmt: skip
                 continue
-            redemptions.append(
-                {
-                    "channel": channel_id,
-                    "voucher": str(channel.voucher_amount),
-                    "signature": channel.voucher_signature,
-                    "claimTo": str(claim_to),
-                }
-            )
+            # An exiting channel can close at its withdrawableAt: it goes in the first batch.
+            exit_at = state.withdrawable_at or CHANNEL_CLOSED
+            redemption = {
+                "channel": channel_id,
+                "voucher": str(channel.voucher_amount),
+                "signature": channel.voucher_signature,
+                "claimTo": str(claim_to),
+            }
+            due.append((exit_at, channel_id, redemption))
             taken += pending
+        redemptions = [redemption for _, _, redemption in sorted(due, key=lambda item: item[:2])]
         return redemptions, forward, dict(refunds), taken
+
+    def _payouts(self, session: Session, number: int) -> dict[str, Any]:
+        """Epoch ``number``'s settled total and the tree over every settled entry: the Epoch columns they fill.
+        An epoch left with nothing of its own (every channel's payer left first) posts the tree it found."""
+        settled = session.scalar(
+            select(func.coalesce(func.sum(Charge.metered), 0)).where(Charge.epoch == number)
+        )
+        leaves = self._leaves(session)
+        tree = PayoutTree.build(leaves) if leaves else None
+        return {
+            "settled": int(settled or 0),
+            "leaves": {account: str(amount) for account, amount in leaves.items()},
+            "root": "0x" + (tree.root if tree else bytes(32)).hex(),
+            "provider_total": sum(leaves.values()),
+        }
 
     def _leaves(self, session: Session) -> dict[str, int]:
         """Cumulative earnings over every settled entry, with the treasury's rounding residue."""
@@ -314,13 +383,9 @@ class EpochCloser:
 
     def _redeem(self, epoch: Epoch) -> str:
         escrow = self.contracts.escrow
-        due = [
-            r for r in epoch.redemptions
-            if escrow.channel(bytes.fromhex(r["channel"][2:])).claimed < int(r["claimTo"])
-        ]  # fmt: skip
-        if not due:
-            reconcile(self.sessions, self.chain, self._key(epoch, EpochStatus.REDEEM))
-        else:
+        # Batches are cut from the stored list, so a rerun gives each key the same channels it had.
+        for index, start in enumerate(range(0, len(epoch.redemptions), self.batch_size)):
+            key = self._key(epoch, f"{EpochStatus.REDEEM}:{index}")
             batch = [
                 Redemption(
                     bytes.fromhex(r["channel"][2:]),
@@ -328,37 +393,102 @@ class EpochCloser:
                     int(r["claimTo"]),
                     bytes.fromhex(r["signature"][2:]),
                 )
-                for r in due
+                for r in epoch.redemptions[start : start + self.batch_size]
+                if self._redeemable(self._channel_state(r["channel"]), int(r["claimTo"]))
             ]
-            self._send(
-                self._key(epoch, EpochStatus.REDEEM),
-                lambda: escrow.contract.functions.redeem([r.as_abi() for r in batch]),
-                "VoucherEscrow.redeem",
-            )
-        with self.sessions.begin() as session:
-            for r in epoch.redemptions:
-                session.execute(channels.claim(r["channel"], int(r["claimTo"])))
+            if batch:
+                self._send(key, partial(escrow.redeem_call, batch), "VoucherEscrow.redeem")
+            else:
+                reconcile(self.sessions, self.chain, key)
+        self._keep_what_landed(epoch)
         return EpochStatus.FORWARD
+
+    @staticmethod
+    def _redeemable(state: ChannelState, claim_to: int) -> bool:
+        return state.claimed < claim_to and state.withdrawable_at != CHANNEL_CLOSED
+
+    def _keep_what_landed(self, epoch: Epoch) -> None:
+        """Records each channel's claim where the chain shows it; drops from the epoch the channels where it
+        does not (the payer left first, or the entry was skipped) and rebuilds the tree over the rest."""
+        states = {r["channel"]: self._channel_state(r["channel"]) for r in epoch.redemptions}
+        landed = [r for r in epoch.redemptions if states[r["channel"]].claimed >= int(r["claimTo"])]
+        lost = [r["channel"] for r in epoch.redemptions if states[r["channel"]].claimed < int(r["claimTo"])]
+        with self.sessions.begin() as session:
+            for r in landed:
+                session.execute(channels.claim(r["channel"], int(r["claimTo"])))
+            if not lost:
+                return
+            for channel in lost:
+                closed = states[channel].withdrawable_at == CHANNEL_CLOSED
+                log.error(
+                    "epoch %d: channel %s's redemption did not land (%s); its charges leave the epoch",
+                    epoch.number, channel, "its payer left first" if closed else "skipped by the escrow",
+                )  # fmt: skip
+                if closed:
+                    session.execute(
+                        update(Channel).where(Channel.id == channel).values(closed_at=self._now())
+                    )
+            dropped = select(Charge.job_id).where(Charge.epoch == epoch.number, Charge.channel_id.in_(lost))
+            session.execute(
+                update(LedgerEntry)
+                .where(LedgerEntry.job_id.in_(dropped), LedgerEntry.epoch == epoch.number)
+                .values(epoch=None)
+            )
+            session.execute(
+                update(Charge)
+                .where(Charge.epoch == epoch.number, Charge.channel_id.in_(lost))
+                .values(epoch=None)
+            )
+            session.flush()
+            payouts = self._payouts(session, epoch.number)
+            session.execute(
+                update(Epoch).where(Epoch.number == epoch.number).values(redemptions=landed, **payouts)
+            )
+        epoch.redemptions = landed
+        for name, value in payouts.items():
+            setattr(epoch, name, value)
 
     def _forward(self, epoch: Epoch) -> str:
         if epoch.forward:
             token, distributor = self.contracts.token, self.contracts.distributor.address
             self._send(
                 self._key(epoch, EpochStatus.FORWARD),
-                lambda: token.contract.functions.transfer(distributor, epoch.forward),
+                partial(token.transfer_call, to=distributor, amount=epoch.forward),
                 "PaymentToken.transfer",
             )
         return EpochStatus.REFUND
 
     def _refund(self, epoch: Epoch) -> str:
-        token = self.contracts.token
-        for payer, amount in sorted(epoch.refunds.items()):
-            self._send(
-                self._key(epoch, f"{EpochStatus.REFUND}:{payer}"),
-                partial(token.contract.functions.transfer, payer, int(amount)),
-                "PaymentToken.transfer",
-            )
+        self.pay_refunds(epoch.number)
         return EpochStatus.POST
+
+    def pay_refunds(self, epoch: int | None = None) -> int:
+        """Pays the refunds still owed (of ``epoch``, or of every epoch); returns how many are still owed. One
+        that reverts keeps its error and waits for the next close: it never holds an epoch or the others up."""
+        token = self.contracts.token
+        with self.sessions() as session:
+            query = select(Refund).where(Refund.paid_at.is_(None)).order_by(Refund.epoch, Refund.payer)
+            owed = session.scalars(query if epoch is None else query.where(Refund.epoch == epoch)).all()
+        unpaid = 0
+        for refund in owed:
+            error: str | None = None
+            try:
+                self._send(
+                    f"epoch:{refund.epoch}:{EpochStatus.REFUND}:{refund.payer}",
+                    partial(token.transfer_call, to=refund.payer, amount=refund.amount),
+                    "PaymentToken.transfer",
+                )
+            except TransactionReverted as exc:
+                error = str(exc)
+                unpaid += 1
+                log.error("epoch %d: refund of %d to %s failed, to be retried: %s", refund.epoch,
+                          refund.amount, refund.payer, error)  # fmt: skip
+            with self.sessions.begin() as session:
+                values: dict[str, Any] = (
+                    {"error": error} if error else {"paid_at": self._now(), "error": None}
+                )
+                session.execute(update(Refund).where(Refund.id == refund.id).values(**values))
+        return unpaid
 
     def _post(self, epoch: Epoch) -> str:
         distributor = self.contracts.distributor
@@ -371,7 +501,9 @@ class EpochCloser:
             return EpochStatus.POSTED
         self._send(
             self._key(epoch, EpochStatus.POST),
-            lambda: distributor.contract.functions.postRoot(epoch.number, root, epoch.provider_total),
+            partial(
+                distributor.post_root_call, epoch=epoch.number, root=root, provider_total=epoch.provider_total
+            ),
             "PayoutDistributor.postRoot",
         )
         return EpochStatus.POSTED

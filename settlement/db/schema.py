@@ -210,6 +210,8 @@ class Channel(Base):
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # quotes of requests in flight
     # Cumulative, redeemed on chain by settlement. The server default fills rows older than settlement.
     claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When settlement saw the escrow close it: charges on it that were never redeemed can never be collected.
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
@@ -424,8 +426,10 @@ class Validation(Base):
 class Epoch(Base):
     """One settlement: the charges it collects and the root it posts. ``number`` is the distributor's epoch.
 
-    ``status`` walks redeem → forward → refund → post → posted; each step is done when its transaction is
-    mined (or the chain shows its effect), so a rerun resumes where the last run stopped.
+    ``status`` walks redeem → forward → refund → post → posted; each step is done when its transactions are
+    mined (or the chain shows their effect), so a rerun resumes where the last run stopped. Redemption may drop
+    channels whose payer left before their batch landed: their charges go back out of the epoch, and
+    ``settled``, ``leaves``, ``root`` and ``provider_total`` are what the rest collected.
     """
 
     __tablename__ = "epochs"
@@ -435,12 +439,27 @@ class Epoch(Base):
     settled: Mapped[int] = mapped_column(BigInteger)  # Σ metered charges this epoch collects
     redemptions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # channel, voucher, signature, claimTo
     forward: Mapped[int] = mapped_column(BigInteger)  # exact payments passed on to the distributor
-    refunds: Mapped[dict[str, str]] = mapped_column(JSON)  # payer -> base units owed back (exact)
     leaves: Mapped[dict[str, str]] = mapped_column(JSON)  # account -> cumulative amount in the root
     root: Mapped[str] = mapped_column(HASH)
     provider_total: Mapped[int] = mapped_column(BigInteger)  # Σ leaves
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Refund(Base):
+    """What an epoch owes one exact payer back: the part of its quotes that metering did not charge. Paid by its
+    own transfer, after the epoch's other steps; one that cannot be paid yet (``error`` says why) is tried again
+    at every close and never holds an epoch up."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (CheckConstraint("amount > 0", name="positive"), UniqueConstraint("epoch", "payer"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    epoch: Mapped[int] = mapped_column(Integer, index=True)
+    payer: Mapped[str] = mapped_column(ADDRESS)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class ChainSend(Base):

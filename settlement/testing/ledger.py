@@ -79,11 +79,45 @@ class Recorder:
         self.channels[payer.address] = channel
         return channel
 
+    def open_channels(self, payer: LocalAccount, count: int, deposit: int) -> list[bytes]:
+        """``count`` more channels of ``payer``, funded on chain without waiting for each deposit to be mined."""
+        escrow, chain = self.contracts.escrow, self.contracts.chain
+        self.contracts.token.approve(payer, spender=escrow.address, amount=count * deposit)
+        ids = [random_channel_id(payer.address) for _ in range(count)]
+        nonce = chain.nonce(payer.address, pending=True)
+        base = {"from": payer.address, "chainId": chain.chain_id, "gas": 120_000, "maxFeePerGas": 10**11,
+                "maxPriorityFeePerGas": 10**9}  # fmt: skip
+        hashes = [
+            chain.w3.eth.send_raw_transaction(
+                payer.sign_transaction(
+                    escrow.contract.functions.deposit(channel, deposit).build_transaction(
+                        {**base, "nonce": nonce + i}
+                    )
+                ).raw_transaction
+            )
+            for i, channel in enumerate(ids)
+        ]
+        for tx_hash in hashes:
+            assert (
+                chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.01)["status"]
+                == 1
+            )
+        with self.sessions.begin() as session:
+            session.add_all(Channel(id="0x" + channel.hex(), payer=payer.address) for channel in ids)
+        return ids
+
     def voucher_job(
-        self, payer: LocalAccount, tokens: int, *, headroom: int = 0, status: str = JobStatus.COMPLETED
+        self,
+        payer: LocalAccount,
+        tokens: int,
+        *,
+        headroom: int = 0,
+        status: str = JobStatus.COMPLETED,
+        channel: bytes | None = None,
     ) -> str:
-        """A job paid from ``payer``'s channel: the voucher raises the channel by the quote (charge + headroom)."""
-        channel = self.channels[payer.address]
+        """A job paid from ``channel`` (``payer``'s first one by default): the voucher raises the channel by the
+        quote (charge + headroom)."""
+        channel = channel or self.channels[payer.address]
         channel_hex = "0x" + channel.hex()
         job_id, charge = self._job(payer, tokens, status, scheme="voucher", channel_id=channel_hex)
         quote = charge + headroom

@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from settlement.chain import Chain
-from settlement.db.schema import ChainSend, Channel, Charge, Epoch, LedgerEntry
+from settlement.db.schema import ChainSend, Channel, Charge, Epoch, LedgerEntry, Refund
 from settlement.deploy import Contracts
-from settlement.epochs import EpochCloser
+from settlement.epochs import REDEEM_GAS_PER_BATCH, REDEEM_GAS_PER_ENTRY, EpochCloser
 from settlement.errors import ChainUnavailable, LedgerMismatch
 from settlement.merkle import PayoutTree
 from settlement.report import ledger_and_chain
@@ -334,7 +334,7 @@ from eth_account import Account
 from settlement.chain import Chain
 from settlement.db.engine import blocking_sessions, create_blocking_engine
 from settlement.deploy import Contracts, Deployment
-from settlement.epochs import EpochCloser
+from settlement.epochs import REDEEM_GAS_PER_BATCH, REDEEM_GAS_PER_ENTRY, EpochCloser
 
 def checkpoint(event):
     if event.startswith({point!r}):
@@ -414,3 +414,130 @@ def test_a_transaction_whose_answer_is_lost_is_not_sent_again(recorder: Recorder
     assert after.redeemed - before.redeemed == voucher_charges
     assert after.refunded - before.refunded == 123
     assert_chain_matches_ledger(recorder, actors)
+
+
+# -- redemption never stalls -------------------------------------------------------------------------------
+
+
+def settled_epochs(sessions: sessionmaker[Session]) -> dict[str, int | None]:
+    with sessions() as session:
+        return {c.job_id: c.epoch for c in session.scalars(select(Charge))}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_an_exit_finalized_in_the_block_before_the_redemption_drops_only_that_channel(
+    recorder: Recorder, actors: Actors
+) -> None:
+    """The race no reading of the chain can exclude: the payer's finalizeWithdraw is mined in the same block as the
+    operator's batch, ahead of it. The batch still lands for every other channel and the epoch closes."""
+    escaped, honest = actors.payers[:2]
+    lost = recorder.voucher_job(escaped, tokens=50_000)
+    kept = recorder.voucher_job(honest, tokens=60_000)
+    chain, escrow = recorder.contracts.chain, recorder.contracts.escrow
+    channel = recorder.channels[escaped.address]
+    escrow.initiate_withdraw(escaped, channel=channel)
+    advance_time(chain, escrow.withdraw_delay())
+
+    def race(event: str) -> None:
+        # The batch is signed and about to be broadcast: the payer's exit goes first, into the same block.
+        if event.startswith("recorded:epoch:1:redeem"):
+            chain.w3.provider.make_request("evm_setAutomine", [False])
+            finalize = escrow.contract.functions.finalizeWithdraw(channel).build_transaction(
+                {"from": escaped.address, "nonce": chain.nonce(escaped.address, pending=True),
+                 "gas": 200_000, "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 5 * 10**10}
+            )  # fmt: skip
+            chain.w3.eth.send_raw_transaction(escaped.sign_transaction(finalize).raw_transaction)
+            chain.w3.provider.make_request("evm_setIntervalMining", [1])
+
+    try:
+        report = closer(recorder, actors, checkpoint=race).close()
+    finally:
+        chain.w3.provider.make_request("evm_setIntervalMining", [0])
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+
+    assert escrow.channel(channel).withdrawable_at == 2**256 - 1  # the payer did leave first
+    assert (report.status, report.epoch, report.channels) == ("posted", 1, 1)
+    assert settled_epochs(recorder.sessions) == {lost: None, kept: 1}
+    with recorder.sessions() as session:
+        closed = session.get(Channel, "0x" + channel.hex())
+        assert closed is not None and closed.closed_at is not None and closed.claimed == 0
+    assert_chain_matches_ledger(recorder, actors)
+    # The lost charges are never tried again; the next epoch settles the honest payer's new work.
+    later = recorder.voucher_job(honest, tokens=10_000)
+    assert closer(recorder, actors).close().epoch == 2
+    assert settled_epochs(recorder.sessions) == {lost: None, kept: 1, later: 2}
+    assert_chain_matches_ledger(recorder, actors)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_redemption_is_split_into_batches_that_fit_the_gas_budget(recorder: Recorder, actors: Actors) -> None:
+    payer = actors.payers[0]
+    channels = recorder.open_channels(payer, 20, ONE)
+    jobs = [recorder.voucher_job(payer, tokens=5_000, channel=channel) for channel in channels]
+    budget = REDEEM_GAS_PER_BATCH + 6 * REDEEM_GAS_PER_ENTRY  # six channels a batch: four batches
+    report = closer(recorder, actors, redeem_gas_budget=budget).close()
+
+    assert (report.status, report.channels) == ("posted", 20)
+    with recorder.sessions() as session:
+        sends = session.scalars(select(ChainSend.key).where(ChainSend.key.like("epoch:1:redeem:%"))).all()
+        receipts = [
+            recorder.contracts.chain.receipt(tx)
+            for tx in session.scalars(select(ChainSend.tx_hash).where(ChainSend.key.like("epoch:1:redeem:%")))
+        ]
+    assert sorted(sends) == [f"epoch:1:redeem:{i}" for i in range(4)]
+    assert all(receipt is not None and receipt["gasUsed"] < budget for receipt in receipts)
+    assert all(epoch == 1 for job, epoch in settled_epochs(recorder.sessions).items() if job in jobs)
+    assert_chain_matches_ledger(recorder, actors)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_resumed_epoch_drops_a_channel_that_closed_while_it_was_stopped(
+    recorder: Recorder, actors: Actors
+) -> None:
+    escaped, honest = actors.payers[:2]
+    lost = recorder.voucher_job(escaped, tokens=50_000)
+    kept = recorder.voucher_job(honest, tokens=60_000)
+    escrow, channel = recorder.contracts.escrow, recorder.channels[escaped.address]
+    escrow.initiate_withdraw(escaped, channel=channel)
+    with pytest.raises(Killed):
+        closer(recorder, actors, checkpoint=_crash_at("open")).close()
+    advance_time(recorder.contracts.chain, escrow.withdraw_delay())
+    escrow.finalize_withdraw(escaped, channel=channel)
+
+    report = closer(recorder, actors).close()
+    assert (report.status, report.channels) == ("posted", 1)
+    assert settled_epochs(recorder.sessions) == {lost: None, kept: 1}
+    assert_chain_matches_ledger(recorder, actors)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_refund_that_reverts_stays_owed_and_does_not_hold_the_epoch(
+    recorder: Recorder, actors: Actors
+) -> None:
+    one_off = actors.payers[2]
+    recorder.voucher_job(actors.payers[0], tokens=50_000)
+    recorder.exact_job(one_off, tokens=41_000, headroom=123)
+    token, operator = recorder.contracts.token, actors.operator
+    # The operator's balance is gone when the refund is due: the transfer reverts.
+    drained: list[int] = []
+
+    def drain(event: str) -> None:
+        if event == "forward":
+            drained.append(token.balance_of(operator.address))
+            token.transfer(operator, to=actors.admin.address, amount=drained[0])
+
+    refunded_before = token.balance_of(one_off.address)
+    report = closer(recorder, actors, checkpoint=drain).close()
+    assert (report.status, report.refunded) == ("posted", 0)
+    assert_chain_matches_ledger(recorder, actors)
+    with recorder.sessions() as session:
+        owed = session.scalars(select(Refund)).one()
+    assert owed.paid_at is None and owed.error is not None and "ERC20InsufficientBalance" in owed.error
+
+    # Funds are back; the next close pays it, once, even with nothing new to settle.
+    token.transfer(actors.admin, to=operator.address, amount=drained[0])
+    assert closer(recorder, actors).close().status == "idle"
+    assert closer(recorder, actors).close().status == "idle"
+    assert token.balance_of(one_off.address) - refunded_before == 123
+    with recorder.sessions() as session:
+        assert session.scalars(select(Refund)).one().paid_at is not None

@@ -161,7 +161,7 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
     contracts.token.approve(payer_a, spender=contracts.escrow.address, amount=ONE_TOKEN)
     expect_revert("ChannelClosed", contracts.escrow.deposit, payer_a, channel=channel_a, amount=ONE_TOKEN)
     old = voucher(contracts, payer_a, channel_a, 90 * ONE_TOKEN, 90 * ONE_TOKEN)
-    expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [old])
+    expect_skip("nothing_to_redeem", contracts, actors, [old])
 
     # Conservation: everything the payers put in is with the escrow, the distributor, providers or the treasury.
     end = balances(contracts, actors)
@@ -174,36 +174,51 @@ def test_two_epochs_end_to_end(contracts: Contracts, actors: Actors, chain: Chai
     assert contracts.distributor.total_claimed() == 28 * ONE_TOKEN
 
 
-def test_bad_signature_is_refused_and_moves_nothing(contracts: Contracts, actors: Actors) -> None:
-    channel = open_channel(contracts, actors.payers[0], 10 * ONE_TOKEN)
+def expect_skip(reason: str, contracts: Contracts, actors: Actors, entries: list[Redemption]) -> None:
+    """The batch lands, moves nothing, and reports every entry skipped for ``reason``."""
     before = balances(contracts, actors)
-    forged = voucher(contracts, actors.outsider, channel, 5 * ONE_TOKEN, 5 * ONE_TOKEN)
-    error = expect_revert("InvalidVoucherSignature", contracts.escrow.redeem, actors.operator, [forged])
-    assert error.error is not None and error.error.args["signer"] == actors.outsider.address
-    # A genuine signature over another amount recovers to someone else as well.
-    genuine = voucher(contracts, actors.payers[0], channel, 5 * ONE_TOKEN, 5 * ONE_TOKEN)
-    tampered = Redemption(channel, 9 * ONE_TOKEN, 9 * ONE_TOKEN, genuine.signature)
-    expect_revert("InvalidVoucherSignature", contracts.escrow.redeem, actors.operator, [tampered])
+    receipt = contracts.escrow.redeem(actors.operator, entries)
+    assert contracts.escrow.skipped(receipt) == {entry.channel_id: reason for entry in entries}
     assert balances(contracts, actors) == before
 
 
-def test_decreasing_and_replayed_vouchers_are_refused(contracts: Contracts, actors: Actors) -> None:
+def test_bad_signature_pays_nothing(contracts: Contracts, actors: Actors) -> None:
+    channel = open_channel(contracts, actors.payers[0], 10 * ONE_TOKEN)
+    forged = voucher(contracts, actors.outsider, channel, 5 * ONE_TOKEN, 5 * ONE_TOKEN)
+    expect_skip("invalid_voucher_signature", contracts, actors, [forged])
+    # A genuine signature over another amount recovers to someone else as well.
+    genuine = voucher(contracts, actors.payers[0], channel, 5 * ONE_TOKEN, 5 * ONE_TOKEN)
+    tampered = Redemption(channel, 9 * ONE_TOKEN, 9 * ONE_TOKEN, genuine.signature)
+    expect_skip("invalid_voucher_signature", contracts, actors, [tampered])
+
+
+def test_decreasing_and_replayed_vouchers_pay_nothing(contracts: Contracts, actors: Actors) -> None:
     payer = actors.payers[0]
     channel = open_channel(contracts, payer, 10 * ONE_TOKEN)
     first = voucher(contracts, payer, channel, 6 * ONE_TOKEN, 6 * ONE_TOKEN)
     contracts.escrow.redeem(actors.operator, [first])
-    before = balances(contracts, actors)
-    expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [first])
+    expect_skip("nothing_to_redeem", contracts, actors, [first])
     lower = voucher(contracts, payer, channel, 4 * ONE_TOKEN, 4 * ONE_TOKEN)
-    expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [lower])
-    assert balances(contracts, actors) == before
+    expect_skip("nothing_to_redeem", contracts, actors, [lower])
     assert contracts.escrow.channel(channel).claimed == 6 * ONE_TOKEN
 
 
-def test_claim_above_the_voucher_is_refused(contracts: Contracts, actors: Actors) -> None:
+def test_claim_above_the_voucher_pays_nothing(contracts: Contracts, actors: Actors) -> None:
     channel = open_channel(contracts, actors.payers[0], 10 * ONE_TOKEN)
     greedy = voucher(contracts, actors.payers[0], channel, 3 * ONE_TOKEN, 4 * ONE_TOKEN)
-    expect_revert("ClaimAboveVoucher", contracts.escrow.redeem, actors.operator, [greedy])
+    expect_skip("claim_above_voucher", contracts, actors, [greedy])
+
+
+def test_a_skipped_entry_does_not_stop_the_rest_of_its_batch(contracts: Contracts, actors: Actors) -> None:
+    good = open_channel(contracts, actors.payers[0], 10 * ONE_TOKEN)
+    bad = open_channel(contracts, actors.payers[1], 10 * ONE_TOKEN)
+    entries = [
+        voucher(contracts, actors.outsider, bad, 5 * ONE_TOKEN, 5 * ONE_TOKEN),
+        voucher(contracts, actors.payers[0], good, 3 * ONE_TOKEN, 3 * ONE_TOKEN),
+    ]
+    receipt = contracts.escrow.redeem(actors.operator, entries)
+    assert contracts.escrow.skipped(receipt) == {bad: "invalid_voucher_signature"}
+    assert contracts.escrow.channel(good).claimed == 3 * ONE_TOKEN
 
 
 def test_redemption_never_exceeds_the_deposit(contracts: Contracts, actors: Actors) -> None:
@@ -218,7 +233,7 @@ def test_redemption_never_exceeds_the_deposit(contracts: Contracts, actors: Acto
         "distributor": 10 * ONE_TOKEN,
     }
     again = voucher(contracts, payer, channel, 25 * ONE_TOKEN, 25 * ONE_TOKEN)
-    expect_revert("NothingToRedeem", contracts.escrow.redeem, actors.operator, [again])
+    expect_skip("nothing_to_redeem", contracts, actors, [again])
 
 
 def test_only_the_operator_redeems(contracts: Contracts, actors: Actors) -> None:
