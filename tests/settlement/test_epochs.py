@@ -541,3 +541,26 @@ def test_a_refund_that_reverts_stays_owed_and_does_not_hold_the_epoch(
     assert token.balance_of(one_off.address) - refunded_before == 123
     with recorder.sessions() as session:
         assert session.scalars(select(Refund)).one().paid_at is not None
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_more_channels_than_one_batch_holds_all_settle_and_the_next_epoch_too(
+    recorder: Recorder, actors: Actors
+) -> None:
+    """More channels than one transaction may redeem: every one is collected, over several batches, and the epoch
+    after settles as well. Scaled down from the 3,000 of benchmarks/settlement.py (which takes minutes here) by
+    the same factor as the gas budget."""
+    payer = actors.payers[0]
+    channels = recorder.open_channels(payer, 300, ONE)
+    for channel in channels:
+        recorder.voucher_job(payer, tokens=1_000, channel=channel)
+    budget = REDEEM_GAS_PER_BATCH + 80 * REDEEM_GAS_PER_ENTRY  # four batches
+    report = closer(recorder, actors, redeem_gas_budget=budget).close()
+    assert (report.status, report.epoch, report.channels) == ("posted", 1, 300)
+    assert all(epoch == 1 for epoch in settled_epochs(recorder.sessions).values())
+    assert_chain_matches_ledger(recorder, actors)
+
+    for channel in channels[:10]:
+        recorder.voucher_job(payer, tokens=1_000, channel=channel)
+    assert closer(recorder, actors).close().channels == 10
+    assert_chain_matches_ledger(recorder, actors)
