@@ -11,7 +11,7 @@ FORGE = $(firstword $(wildcard node_modules/@foundry-rs/forge-*/bin/forge))
 LOCK := requirements.lock
 
 .PHONY: install contracts check-lock lock lock-upgrade test test-python test-contracts up lint gas pipeline gateway \
-	settlement validation adversary clean
+	settlement validation adversary clean gas-snapshot
 
 install: $(PY_STAMP) $(NODE_STAMP) $(CONTRACTS_STAMP)
 
@@ -57,8 +57,14 @@ test: install check-lock test-python test-contracts
 test-python: install
 	$(BIN)/pytest
 
+# The settlement path's gas, pinned: a change in what redeem, postRoot, claim or slash cost fails the build until
+# `make gas-snapshot` records it (and the change says why).
 test-contracts: install
 	$(FORGE) test
+	$(FORGE) snapshot --match-contract GasSnapshotTest --check contracts/.gas-snapshot
+
+gas-snapshot: install
+	$(FORGE) snapshot --match-contract GasSnapshotTest --snap contracts/.gas-snapshot
 
 up: install
 	$(BIN)/strata up
