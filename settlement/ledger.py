@@ -8,7 +8,7 @@ rules the gateway billed with (worker.transcript):
     the transcript root is the root of the hop's recorded steps (on the last span, with the tokens it emitted);
     the transcript links: at every step each hop's input hash is the previous hop's output hash.
 
-Its charge is ``tokens × span layers × price`` (settlement.pricing, rounded down per hop), split
+Its charge is ``tokens × span layers × price`` (settlement.pricing, rounded up per hop), split
 
     provider_share = charge × 8000 // 10000      (80%, rounded down, exactly as FeeSplit.providerShare on chain)
     platform_fee   = charge − provider_share     (20%, rounded up)

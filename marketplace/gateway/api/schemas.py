@@ -73,7 +73,8 @@ class GenerationBody(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_price: int | None = Field(default=None, ge=0, le=MAX_PRICE, description="base units")
+    # A request costs at least a base unit a hop (settlement.pricing): a max_price of 0 could never be paid.
+    max_price: int | None = Field(default=None, ge=1, le=MAX_PRICE, description="base units")
 
     @field_validator("max_price", mode="before")
     @classmethod

@@ -345,6 +345,7 @@ def test_bad_requests_are_refused_before_any_payment(gateway: GatewayServer, mar
         (chat_body("x" * 3000), 400, "prompt_too_long"),
         (chat_body(max_tokens=4000), 400, "prompt_too_long"),
         (chat_body(max_price=1), 409, "max_price_exceeded"),
+        (chat_body(max_price=0), 400, "invalid_request"),  # no request is free, so none could ever be paid
         (chat_body(n=2), 400, "unsupported_parameter"),
         (chat_body(logprobs=True), 400, "unsupported_parameter"),
         (chat_body(temperature=3), 400, "invalid_request"),

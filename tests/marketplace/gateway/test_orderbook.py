@@ -166,9 +166,17 @@ def test_depth_groups_matchable_asks_by_span_and_price() -> None:
     ]
 
 
-def test_a_quote_prices_each_hop_rounded_down() -> None:
+def test_a_quote_prices_each_hop_rounded_up() -> None:
     route = Route("m", (ask(1, 0, 3, 333_333), ask(2, 3, 4, 1_500_001)))
-    assert route.quote(7) == hop_charge(7, 3, 333_333) + hop_charge(7, 1, 1_500_001) == 6 + 10
+    # 6.99999 and 10.500007 base units.
+    assert route.quote(7) == hop_charge(7, 3, 333_333) + hop_charge(7, 1, 1_500_001) == 7 + 11
     assert route.quote(0) == 0
+
+
+def test_no_request_is_free() -> None:
+    """One token through one layer at the lowest price an ask may have still costs a base unit a hop."""
+    cheapest = Route("m", (ask(1, 0, 1, 1), ask(2, 1, 2, 1)))
+    assert cheapest.quote(1) == 2
+    assert hop_charge(1, 1, 1) == 1 and hop_charge(1_000_000, 1, 1) == 1 and hop_charge(1_000_001, 1, 1) == 2
     with pytest.raises(ValueError):
         hop_charge(-1, 1, 1)
