@@ -8,6 +8,11 @@ each event's delta, so a value read at block N and an event from block N or earl
 What it costs to be a poll behind: a payer who starts to leave its channel is seen at most ``poll_s`` late,
 and the operator still has the escrow's whole withdraw delay to redeem what was charged before that.
 
+A cached channel is used only while it is current: read less than ``max_age_s`` ago, or kept so by a round of
+events that reached the head less than ``max_age_s`` ago. Otherwise it is read again, and with the chain
+unreachable that read raises ChainUnavailable, which the payment path answers with 503 ``chain_unavailable``:
+no request is served against a deposit that may have been withdrawn since.
+
 It never stops following. Any error a round meets (an endpoint down, an HTTP 429, a JSON-RPC error, a reply
 that does not decode) is logged and the round retried after a backoff that doubles up to ``MAX_BACKOFF_S``.
 Logs are read ``MAX_LOG_BLOCKS`` blocks at a time, the cursor advancing after each page, and a page the
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 BIGINT_MAX = 2**63 - 1  # the largest amount the gateway's tables account in
 MAX_LOG_BLOCKS = 2_000  # blocks of logs asked for at once: what public endpoints commonly allow
 MAX_BACKOFF_S = 30.0
+CHANNEL_MAX_AGE_S = 30.0  # the oldest cached channel state a payment may be accepted against
 
 _CHANNEL_EVENTS = {"ChannelFunded", "WithdrawInitiated", "WithdrawFinalized"}
 _STAKE_EVENTS = {"Staked", "UnstakeRequested", "Withdrawn", "Slashed"}
@@ -124,12 +130,14 @@ class ChainWatcher:
         poll_s: float = 1.0,
         on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
         on_slashed: Callable[[str], object] = lambda _address: None,
+        max_age_s: float = CHANNEL_MAX_AGE_S,
     ) -> None:
         self.reader = reader
         self.poll_s = poll_s
+        self.max_age_s = max_age_s
         self.on_stake_change = on_stake_change
         self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
-        self._channels: dict[bytes, ChannelView] = {}
+        self._channels: dict[bytes, tuple[ChannelView, float]] = {}  # the view, and when it was read
         self._active: dict[str, bool] = {}
         self._cursor: int | None = None
         self._head: int | None = None  # the latest block the endpoint reported
@@ -140,10 +148,21 @@ class ChainWatcher:
     # -- reads ---------------------------------------------------------------------------------------------
 
     async def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelView:
-        view = None if fresh else self._channels.get(channel_id)
-        if view is None:
-            view = await asyncio.to_thread(self.reader.channel, channel_id)
-            self._channels[channel_id] = view
+        """The channel's state, read again when ``fresh`` or when the cached copy is no longer current; raises
+        ChainUnavailable when that read cannot be made."""
+        cached = None if fresh else self._channels.get(channel_id)
+        if cached is not None and self._current(cached[1]):
+            return cached[0]
+        return await self._read_channel(channel_id)
+
+    def _current(self, read_at: float) -> bool:
+        now = time.monotonic()
+        followed = self._synced_at is not None and now - self._synced_at < self.max_age_s
+        return followed or now - read_at < self.max_age_s
+
+    async def _read_channel(self, channel_id: bytes) -> ChannelView:
+        view = await asyncio.to_thread(self.reader.channel, channel_id)
+        self._channels[channel_id] = (view, time.monotonic())
         return view
 
     async def is_active(self, provider: str, *, fresh: bool = False) -> bool:
@@ -235,7 +254,7 @@ class ChainWatcher:
             elif event.name == "MinStakeChanged":
                 everyone = True
         for channel_id in channels & self._channels.keys():
-            self._channels[channel_id] = await asyncio.to_thread(self.reader.channel, channel_id)
+            await self._read_channel(channel_id)
         for provider in self._active.keys() if everyone else providers:
             await self.is_active(provider, fresh=True)
         for provider in slashed:

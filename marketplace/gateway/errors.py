@@ -70,10 +70,15 @@ class ServiceFailed(GatewayError):
 
 
 class Unavailable(GatewayError):
-    """Something the gateway depends on (the chain) does not answer; the client may retry."""
+    """Something the gateway depends on (the chain) does not answer; the client may retry after
+    ``retry_after_s`` (sent as Retry-After)."""
 
     status = 503
     kind = "service_unavailable"
+
+    def __init__(self, code: str, message: str, *, retry_after_s: int = 5, **details: Any) -> None:
+        super().__init__(code, message, **details)
+        self.retry_after_s = retry_after_s
 
 
 PAYMENT_CODES = frozenset(

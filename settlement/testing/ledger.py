@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
 from sqlalchemy.orm import Session, sessionmaker
+from web3.types import TxParams, Wei
 
 from settlement.contracts import random_channel_id
 from settlement.db.engine import blocking_sessions, create_blocking_engine, migrate
@@ -85,18 +87,13 @@ class Recorder:
         self.contracts.token.approve(payer, spender=escrow.address, amount=count * deposit)
         ids = [random_channel_id(payer.address) for _ in range(count)]
         nonce = chain.nonce(payer.address, pending=True)
-        base = {"from": payer.address, "chainId": chain.chain_id, "gas": 120_000, "maxFeePerGas": 10**11,
-                "maxPriorityFeePerGas": 10**9}  # fmt: skip
-        hashes = [
-            chain.w3.eth.send_raw_transaction(
-                payer.sign_transaction(
-                    escrow.contract.functions.deposit(channel, deposit).build_transaction(
-                        {**base, "nonce": nonce + i}
-                    )
-                ).raw_transaction
-            )
-            for i, channel in enumerate(ids)
-        ]
+        fees = {"gas": 120_000, "maxFeePerGas": Wei(10**11), "maxPriorityFeePerGas": Wei(10**9)}
+        hashes = []
+        for i, channel in enumerate(ids):
+            params = {"from": payer.address, "chainId": chain.chain_id, "nonce": nonce + i, **fees}
+            tx = escrow.contract.functions.deposit(channel, deposit).build_transaction(cast(TxParams, params))
+            signed = payer.sign_transaction(cast(dict[str, Any], tx))
+            hashes.append(chain.w3.eth.send_raw_transaction(signed.raw_transaction))
         for tx_hash in hashes:
             assert (
                 chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.01)["status"]

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketplace.gateway.api.routes import health, inference, jobs, market, payouts, slashes
 from marketplace.gateway.config import GatewaySettings
-from marketplace.gateway.errors import GatewayError, PaymentRejected
+from marketplace.gateway.errors import GatewayError, PaymentRejected, Unavailable
 from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, encode_header
 from marketplace.gateway.service import Gateway
 
@@ -42,6 +42,8 @@ async def _gateway_error(_request: Request, exc: Exception) -> JSONResponse:
     if required is not None:
         response.headers[PAYMENT_REQUIRED] = encode_header(required)
         response.headers["Access-Control-Expose-Headers"] = PAYMENT_REQUIRED
+    if isinstance(exc, Unavailable):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
 
 

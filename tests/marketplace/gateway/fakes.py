@@ -21,6 +21,7 @@ from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.orderbook import BookAsk, OrderBook
 from marketplace.gateway.payments.gate import Terms
 from settlement.eip712 import Domain, protocol_domain, voucher_domain
+from settlement.errors import ChainUnavailable
 from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, StepResult, blame
 from worker.errors import StepFailed
@@ -101,6 +102,7 @@ class FakeChainReader:
     errors: list[Exception] = field(default_factory=list)  # raised by the next reads of the block number
     max_range: int | None = None  # logs of more blocks than this at once are refused, as endpoints cap them
     reads: list[str] = field(default_factory=list)  # what was read, in order
+    down: bool = False  # every channel read fails as an unreachable endpoint's does
 
     def emit(self, name: str, **args: Any) -> None:
         self.block += 1
@@ -119,6 +121,8 @@ class FakeChainReader:
 
     def channel(self, channel_id: bytes) -> ChannelView:
         self.reads.append(f"channel {channel_id.hex()[:8]}")
+        if self.down:
+            raise ChainUnavailable("the endpoint does not answer")
         return self.channels.get(channel_id, ChannelView(0, 0))
 
     def is_active(self, provider: str) -> bool:

@@ -15,7 +15,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
 from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
-from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected
+from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected, Unavailable
 from marketplace.gateway.jobs import JobRunner, Request
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.payments.gate import PaymentGate
@@ -121,6 +121,30 @@ def test_a_deposit_newer_than_the_cache_is_read_before_refusing() -> None:
         return await gate.check_voucher(voucher(4_000))
 
     assert asyncio.run(pay()).deposit == 5_000
+
+
+def test_a_voucher_near_the_cached_deposit_is_checked_against_the_chain() -> None:
+    """Within 10% of the deposit as cached: the channel is read again, and an exit the cache missed is seen."""
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(1_000, 0)})
+    gate = gate_on(reader)
+
+    async def pay(amount: int) -> ChannelView:
+        await gate.watcher.channel(CHANNEL)
+        reader.channels[CHANNEL] = ChannelView(1_000, 2_000)  # the payer started to leave since
+        return await gate.check_voucher(voucher(amount))
+
+    assert not asyncio.run(pay(899)).exiting  # far from the deposit: the cache (current) is used
+    with pytest.raises(PaymentRejected) as refused:
+        asyncio.run(pay(901))
+    assert refused.value.code == "channel_exiting"
+
+
+def test_an_unreachable_chain_is_a_503_to_retry_not_a_blind_acceptance() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(1_000, 0)}, down=True)
+    with pytest.raises(Unavailable) as unavailable:
+        check(reader, voucher(500))
+    assert (unavailable.value.status, unavailable.value.code) == (503, "chain_unavailable")
+    assert unavailable.value.retry_after_s > 0
 
 
 # -- the job runner's admission ----------------------------------------------------------------------------

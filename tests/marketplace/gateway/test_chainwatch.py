@@ -37,6 +37,30 @@ def test_a_channel_is_read_once_then_served_from_the_cache() -> None:
     assert reader.reads.count(f"channel {CHANNEL.hex()[:8]}") == 2
 
 
+def test_a_cached_channel_is_trusted_only_while_it_is_current() -> None:
+    """Younger than max_age, or kept current by a round of events that reached the head: served from the cache.
+    Older, with the watcher not following: read again, and with the chain unreachable that read fails instead of
+    serving a deposit that may have been withdrawn since."""
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    watcher = ChainWatcher(reader, poll_s=0.01, max_age_s=0.05)
+
+    async def reads() -> list[object]:
+        seen: list[object] = [(await watcher.channel(CHANNEL)).deposit]
+        reader.channels[CHANNEL] = ChannelView(500, 2_000)  # an exit the watcher has not followed
+        seen.append((await watcher.channel(CHANNEL)).exiting)  # current enough: cached
+        await asyncio.sleep(0.06)
+        seen.append((await watcher.channel(CHANNEL)).exiting)  # too old: read again
+        await asyncio.sleep(0.06)
+        reader.down = True
+        try:
+            await watcher.channel(CHANNEL)
+        except ChainUnavailable as exc:
+            seen.append(type(exc).__name__)
+        return seen
+
+    assert asyncio.run(reads()) == [500, False, True, "ChainUnavailable"]
+
+
 def test_an_event_refreshes_the_channels_it_names_and_only_those_already_cached() -> None:
     reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
     watcher = watcher_on(reader)
