@@ -6,17 +6,30 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from eth_abi.abi import decode
+from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
+from eth_utils.abi import function_signature_to_4byte_selector
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.logs import DISCARD
-from web3.types import TxReceipt
+from web3.types import TxParams, TxReceipt
 
 from settlement.chain import Chain
-from settlement.eip712 import Domain, TransferAuthorization, compact_signature, split_signature, token_domain
+from settlement.eip712 import (
+    DOMAIN_VERSION,
+    Domain,
+    TransferAuthorization,
+    compact_signature,
+    split_signature,
+    token_domain,
+)
 from settlement.eip712 import voucher_domain as _voucher_domain
+from settlement.errors import ChainMismatch, TransactionReverted
 
 OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
 SLASHER_ROLE = keccak(text="SLASHER_ROLE")
@@ -65,7 +78,28 @@ class PaymentToken(_Wrapper):
         return int(self._call("decimals"))
 
     def domain(self) -> Domain:
-        return token_domain(self.name(), self.chain.chain_id, self.address)
+        """The token's EIP-712 domain as the token states it (EIP-5267 ``eip712Domain()``), checked against the
+        chain and address it was read from; a token without it is asked its ``version()``, and failing that
+        signs with version "1"."""
+        try:
+            _, name, version, chain_id, contract, _, _ = self._call("eip712Domain")
+        except TransactionReverted:
+            return token_domain(self.name(), self.chain.chain_id, self.address, self._version())
+        if int(chain_id) != self.chain.chain_id or to_checksum_address(contract) != self.address:
+            raise ChainMismatch(
+                f"token {self.address} states its domain as chain {chain_id}, contract {contract}"
+            )
+        return token_domain(str(name), self.chain.chain_id, self.address, str(version))
+
+    def _version(self) -> str:
+        """``version()``, which USDC has and this ABI does not: called by its selector."""
+        selector = function_signature_to_4byte_selector("version()")
+        call: TxParams = {"to": self.address, "data": HexStr("0x" + selector.hex())}
+        try:
+            answer = self.chain.read(lambda: self.chain.w3.eth.call(call))
+            return str(decode(["string"], bytes(answer))[0])
+        except (ContractLogicError, Web3RPCError, DecodingError):
+            return DOMAIN_VERSION
 
     def balance_of(self, account: str) -> int:
         return int(self._call("balanceOf", to_checksum_address(account)))
@@ -89,12 +123,43 @@ class PaymentToken(_Wrapper):
         return self.chain.transact(sender, self.transfer_call(to=to, amount=amount), "PaymentToken.transfer")
 
     def authorization_used(self, authorizer: str, nonce: bytes) -> bool:
+        """Whether the nonce is spent: by a transfer, or by the authorizer cancelling it."""
         return bool(self._call("authorizationState", to_checksum_address(authorizer), nonce))
+
+    def authorization_transfer(self, authorizer: str, nonce: bytes, *, blocks: int) -> str | None:
+        """The transaction that spent the authorization on a transfer (its ``AuthorizationUsed`` log) within the
+        last ``blocks`` blocks, whoever sent it; None when there is none (a cancel spends a nonce without one)."""
+        event = self.contract.events.AuthorizationUsed()
+        head = self.chain.read(lambda: int(self.chain.w3.eth.block_number))
+        topics = [
+            event.topic,
+            "0x" + bytes(12).hex() + to_checksum_address(authorizer)[2:].lower(),
+            "0x" + nonce.hex(),
+        ]
+        logs = self.chain.read(
+            lambda: self.chain.w3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": max(0, head - blocks),
+                    "toBlock": head,
+                    "topics": topics,
+                }
+            )
+        )
+        return logs[0]["transactionHash"].to_0x_hex() if logs else None
+
+    def transfer_with_authorization_call(
+        self, *, authorization: TransferAuthorization, signature: bytes
+    ) -> ContractFunction:
+        return self.contract.functions.transferWithAuthorization(
+            *_authorization_args(authorization, signature)
+        )
 
     def transfer_with_authorization(
         self, sender: LocalAccount, *, authorization: TransferAuthorization, signature: bytes
     ) -> TxReceipt:
-        return self._send(sender, "transferWithAuthorization", *_authorization_args(authorization, signature))
+        call = self.transfer_with_authorization_call(authorization=authorization, signature=signature)
+        return self.chain.transact(sender, call, "PaymentToken.transferWithAuthorization")
 
     def simulate_transfer_with_authorization(
         self, caller: str, *, authorization: TransferAuthorization, signature: bytes

@@ -191,8 +191,10 @@ def voucher_domain(chain_id: int, escrow: str) -> Domain:
     return Domain(VOUCHER_ESCROW_DOMAIN_NAME, DOMAIN_VERSION, chain_id, escrow)
 
 
-def token_domain(token_name: str, chain_id: int, token: str) -> Domain:
-    return Domain(token_name, DOMAIN_VERSION, chain_id, token)
+def token_domain(token_name: str, chain_id: int, token: str, version: str = DOMAIN_VERSION) -> Domain:
+    """A token's EIP-3009 domain. Tokens choose their version (USDC signs with "2"): read it from the token
+    (PaymentToken.domain) rather than assume it."""
+    return Domain(token_name, version, chain_id, token)
 
 
 def typed_message(

@@ -16,6 +16,12 @@ below it appears (bids by highest max price, then oldest first), or expire, rele
 
 After a crash, jobs that were running have their reservations released uncharged, and exact payments that
 were settled for them are recorded as refunds owed; resting jobs go back in the book.
+
+An ``exact`` transfer is the gateway's to send, but anyone holding the authorization may send it first, and a
+send may end without an answer. What the chain shows decides, never the send's own outcome: a transfer found
+on chain (its AuthorizationUsed log) pays for the job; one whose outcome is unknown leaves the job ``paying``
+until :meth:`JobRunner.reconcile_payments` (at start-up and every ``RECONCILE_S``) finds it landed (a refund
+owed in full) or unable to land (expired, or cancelled by its payer: nothing owed).
 """
 
 from __future__ import annotations
@@ -55,8 +61,12 @@ from settlement.db.schema import (
 )
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
+from settlement.errors import ChainError
 
 log = logging.getLogger(__name__)
+
+# Seconds between passes over exact payments whose outcome is unknown (see JobRunner.reconcile_payments).
+RECONCILE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,8 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._paying: set[str] = set()  # jobs whose exact transfer is being sent by this process
+        self._reconciled_at = 0.0
 
     # -- quoting -------------------------------------------------------------------------------------------
 
@@ -284,21 +296,11 @@ class JobRunner:
             session.add(self._job_row(job_id, request, reservation, JobStatus.PAYING))
             await session.flush()
             record = self.gate.record_exact(session, payment, job_id)
+        self._paying.add(job_id)
         try:
-            tx_hash = await self.gate.send_exact(payment)
-        except PaymentRejected:
-            async with self.sessions() as session, session.begin():
-                await session.execute(
-                    update(Authorization)
-                    .where(Authorization.id == record.id)
-                    .values(status=AuthorizationStatus.FAILED)
-                )
-                await session.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(status=JobStatus.FAILED, error_code="settlement_failed")
-                )
-            raise
+            tx_hash = await self._send_exact(payment, record.id, job_id)
+        finally:
+            self._paying.discard(job_id)
         async with self.sessions() as session, session.begin():
             await session.execute(
                 update(Authorization)
@@ -307,6 +309,39 @@ class JobRunner:
             )
             await session.execute(update(Job).where(Job.id == job_id).values(status=status))
         return Reservation(EXACT, auth.sender, auth.value, tx_hash=tx_hash)
+
+    async def _send_exact(self, payment: ExactPayment, record_id: int, job_id: str) -> str:
+        """Sends the transfer; returns the hash of the transfer that paid, which may be someone else's.
+
+        Anyone holding the signed authorization may submit it, and the tokens still go to the gateway's payee: a
+        send refused as ``authorization_used``, or any refusal, is checked against the chain, and a transfer
+        found there pays for the job. A send whose outcome is unknown leaves the authorization pending and the job
+        paying, for :meth:`reconcile_payments`; the client gets 503 ``settlement_pending``."""
+        auth = payment.authorization
+        try:
+            return await self.gate.send_exact(payment)
+        except PaymentRejected as refused:
+            try:
+                landed = await self.gate.exact_transfer(auth.sender, auth.nonce)
+            except ChainError:
+                landed = None
+            if landed is not None:
+                log.info(
+                    "job %s: its authorization was sent by someone else first (%s); it pays", job_id, landed
+                )
+                return landed
+            async with self.sessions() as session, session.begin():
+                await session.execute(
+                    update(Authorization)
+                    .where(Authorization.id == record_id)
+                    .values(status=AuthorizationStatus.FAILED)
+                )
+                await session.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(status=JobStatus.FAILED, error_code="settlement_failed")
+                )
+            raise refused
 
     def _job_row(self, job_id: str, request: Request, reservation: Reservation, status: str) -> Job:
         now = datetime.fromtimestamp(self.clock(), UTC)
@@ -485,6 +520,12 @@ class JobRunner:
                 await self.sweep()
             except Exception:
                 log.exception("matching resting jobs failed")
+            if self.clock() >= self._reconciled_at + RECONCILE_S:
+                self._reconciled_at = self.clock()
+                try:
+                    await self.reconcile_payments()
+                except Exception:
+                    log.exception("reconciling exact payments failed")
 
     async def sweep(self) -> None:
         """Starts resting jobs that a route now serves within their price; expires those past their time."""
@@ -512,19 +553,14 @@ class JobRunner:
             self._spawn(run, route)
 
     async def recover(self) -> None:
-        """Releases what jobs interrupted by a crash held, and puts resting jobs back in the book."""
+        """Releases what jobs interrupted by a crash held, settles payments left unknown, and puts resting jobs
+        back in the book."""
+        await self.reconcile_payments()
         async with self.sessions() as session, session.begin():
-            stale = (
-                await session.scalars(
-                    select(Job).where(Job.status.in_((JobStatus.RUNNING, JobStatus.PAYING)))
-                )
-            ).all()
+            stale = (await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING))).all()
             for job in stale:
+                # A running exact job's transfer landed: the job went to running with its authorization settled.
                 reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
-                if job.scheme == EXACT:
-                    paid = await self._exact_landed(session, job.id)
-                    if not paid:
-                        reservation = Reservation(NONE, None, 0)
                 job.status, job.error_code = JobStatus.FAILED, "gateway_restarted"
                 job.error_message = "the gateway restarted while this job ran; nothing was charged"
                 job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
@@ -548,18 +584,60 @@ class JobRunner:
             expires = job.expires_at.timestamp() if job.expires_at else self.clock()
             self._resting[job.id] = Resting(run, job.created_at.timestamp(), expires)
 
-    async def _exact_landed(self, session: AsyncSession, job_id: str) -> bool:
-        """Whether the exact payment of an interrupted job reached the chain (then it is owed back)."""
-        record = (await session.scalars(select(Authorization).where(Authorization.job_id == job_id))).first()
-        if record is None or record.status == AuthorizationStatus.FAILED:
-            return False
-        if record.status == AuthorizationStatus.SETTLED:
-            return True
-        used = await asyncio.to_thread(
-            self.gate.contracts.token.authorization_used, record.payer, bytes.fromhex(record.nonce[2:])
-        )
-        record.status = AuthorizationStatus.SETTLED if used else AuthorizationStatus.FAILED
-        return used
+    async def reconcile_payments(self) -> int:
+        """Settles exact payments whose transfer's outcome was unknown (no receipt in time, the chain down, the
+        gateway killed while sending); returns how many are still unknown. A transfer that landed, whoever sent
+        it, is owed back in full (the job never ran); an authorization that can no longer land (expired, or
+        cancelled by its payer) fails with nothing owed; one that still may land is left for the next pass."""
+        async with self.sessions() as session:
+            paying = (await session.scalars(select(Job).where(Job.status == JobStatus.PAYING))).all()
+            records = {
+                record.job_id: record
+                for record in await session.scalars(
+                    select(Authorization).where(Authorization.job_id.in_([job.id for job in paying]))
+                )
+            }
+        unknown = 0
+        for job in paying:
+            record = records.get(job.id)
+            if job.id in self._paying or record is None:
+                continue
+            nonce = bytes.fromhex(record.nonce[2:])
+            token = self.gate.contracts.token
+            try:
+                landed = await self.gate.exact_transfer(record.payer, nonce)
+                spent = landed is not None or await asyncio.to_thread(
+                    token.authorization_used, record.payer, nonce
+                )
+            except ChainError:
+                unknown += 1
+                continue
+            if landed is None and not spent and record.valid_before > self.clock():
+                unknown += 1
+                continue
+            async with self.sessions() as session, session.begin():
+                await session.execute(
+                    update(Authorization)
+                    .where(Authorization.id == record.id)
+                    .values(
+                        status=AuthorizationStatus.SETTLED if landed else AuthorizationStatus.FAILED,
+                        tx_hash=landed,
+                    )
+                )
+                row = await session.get(Job, job.id)
+                assert row is not None
+                row.status, row.error_code = JobStatus.FAILED, "payment_unconfirmed"
+                row.error_message = (
+                    "the payment landed after the gateway gave up waiting for it; it is refunded in full"
+                    if landed
+                    else "the payment never landed; nothing was charged"
+                )
+                row.finished_at = datetime.fromtimestamp(self.clock(), UTC)
+                reservation = (
+                    Reservation(EXACT, job.payer, job.quote) if landed else Reservation(NONE, None, 0)
+                )
+                await self.gate.settle(session, reservation, job.id, 0)
+        return unknown
 
     def _false_receipt(self, job_id: str, hop_id: int, hop: HopRecord, now: datetime) -> Validation:
         """The evidence of a false receipt: the receipt as signed, beside the gateway's record of the hop."""

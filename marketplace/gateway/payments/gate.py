@@ -60,6 +60,9 @@ T = TypeVar("T")
 NONE = "none"  # the scheme of jobs served with payments off
 
 # Reverts of transferWithAuthorization, as the client should read them.
+# How far back the transfer that spent an authorization is looked for: its validity window is minutes long.
+EXACT_LOOKBACK_BLOCKS = 2_000
+
 _EXACT_REVERTS = {
     "ERC20InsufficientBalance": "insufficient_balance",
     "ERC3009InvalidSignature": "invalid_signature",
@@ -335,7 +338,9 @@ class PaymentGate:
         return row
 
     async def send_exact(self, payment: ExactPayment) -> str:
-        """Sends the transfer and waits for its receipt; returns the transaction hash."""
+        """Sends the transfer and waits for its receipt; returns the transaction hash. A revert is the payment's
+        PaymentRejected; a send whose outcome is unknown (no receipt in time, the chain unreachable) is
+        Unavailable ``settlement_pending``: the transfer may still land, see :meth:`exact_transfer`."""
         try:
             receipt = await asyncio.to_thread(
                 self.contracts.token.transfer_with_authorization,
@@ -347,8 +352,21 @@ class PaymentGate:
             code = _EXACT_REVERTS.get(exc.error_name or "", "settlement_failed")
             raise PaymentRejected(code, f"the transfer reverted: {exc.error or exc}") from exc
         except ChainError as exc:
-            raise PaymentRejected("settlement_failed", f"the transfer could not be settled: {exc}") from exc
+            raise Unavailable(
+                "settlement_pending",
+                f"the transfer's outcome is not known yet ({exc}); if it lands it is refunded in full",
+            ) from exc
         return str(receipt["transactionHash"].to_0x_hex())
+
+    async def exact_transfer(self, payer: str, nonce: bytes) -> str | None:
+        """The hash of the transfer that spent an authorization the gateway tried to send, whoever sent it; None
+        when no transfer did (not spent, or cancelled by its payer). Raises ChainError when the chain cannot say.
+        A spent nonce is not enough: a payer who cancels its own authorization spends it too, and must not be
+        served for it."""
+        token = self.contracts.token
+        return await asyncio.to_thread(
+            token.authorization_transfer, payer, nonce, blocks=EXACT_LOOKBACK_BLOCKS
+        )
 
     # -- the end of a job ------------------------------------------------------------------------------------
 

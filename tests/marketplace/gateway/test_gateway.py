@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from marketplace.provider.announce import DEFAULT_RETENTION_S, Announcer, Offer
 from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
-from settlement.eip712 import Heartbeat, JobRead
+from settlement.eip712 import Heartbeat, JobRead, TransferAuthorization
 from tests.marketplace.harness import (
     PRICE,
     GatewayServer,
@@ -211,6 +212,65 @@ def test_x402_exact_client_pays_the_quote_and_is_owed_the_rest(
     assert (charge.scheme, charge.amount, charge.refund) == ("exact", charged, quote - charged)
     (authorization,) = rows(gateway, select(Authorization).where(Authorization.job_id == job_id))
     assert authorization.status == "settled" and authorization.tx_hash == payment["transaction"]
+
+
+def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
+    gateway: GatewayServer, market: Market
+) -> None:
+    """Anyone holding an authorization may submit it. A third party who sees the gateway's transfer pending and
+    sends the same authorization first, with a higher tip, makes the gateway's own transfer revert as used; the
+    tokens still reached the payee, so the job runs, paid by the transfer that landed, and nothing is lost."""
+    client = market.clients[1]
+    body = chat_body("front-run", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "exact")
+    domain = market.contracts.token.domain()
+    authorization = TransferAuthorization(
+        client.address, offer["payTo"], int(offer["amount"]), 0, int(time.time()) + 300, os.urandom(32)
+    )
+    header = exact_header(
+        client, offer, domain, valid_before=authorization.valid_before, nonce=authorization.nonce
+    )
+    chain, sender = market.contracts.chain, market.gateway_key.address
+    before = balances(market, client.address, market.operator.address)
+    sent = chain.nonce(sender, pending=True)
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post, gateway.url, CHAT, body, header)
+            deadline = time.monotonic() + 60
+            while chain.nonce(sender, pending=True) == sent:  # the gateway's transfer is in the mempool
+                assert time.monotonic() < deadline and not answer.done(), (
+                    "the gateway never sent its transfer"
+                )
+                time.sleep(0.02)
+            call = market.contracts.token.transfer_with_authorization_call(
+                authorization=authorization, signature=authorization.sign(client, domain)
+            )
+            front = call.build_transaction(
+                {"from": market.admin.address, "nonce": chain.nonce(market.admin.address, pending=True),
+                 "gas": 200_000, "maxFeePerGas": 10**12, "maxPriorityFeePerGas": 10**11}
+            )  # fmt: skip
+            front_hash = chain.w3.eth.send_raw_transaction(
+                market.admin.sign_transaction(front).raw_transaction
+            )
+            chain.w3.provider.make_request("evm_mine", [])
+            chain.w3.provider.make_request("evm_setAutomine", [True])
+            response = answer.result(timeout=120)
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+
+    assert response.status_code == 200, response.text
+    payment = settled(response)
+    assert payment["transaction"] == front_hash.to_0x_hex()
+    (authorization_row,) = rows(
+        gateway, select(Authorization).where(Authorization.job_id == payment["extra"]["jobId"])
+    )
+    assert (authorization_row.status, authorization_row.tx_hash) == ("settled", front_hash.to_0x_hex())
+    after = balances(market, client.address, market.operator.address)
+    quote = int(payment["extra"]["quote"])
+    assert after[client.address] == before[client.address] - quote  # paid once
+    assert after[market.operator.address] == before[market.operator.address] + quote
+    assert int(payment["extra"]["refund"]) == quote - int(payment["amount"])
 
 
 # -- refusals ----------------------------------------------------------------------------------------------
