@@ -55,6 +55,11 @@ class GatewaySettings(SettlementSettings):
     job_sweep_s: float = Field(
         default=1.0, gt=0, description="seconds between matching passes over jobs resting in the book"
     )
+    payment_reconcile_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds between passes over exact payments whose transfer's outcome was not known in time",
+    )
     max_job_ttl_s: int = Field(
         default=86_400, gt=0, description="longest a job may rest in the book, seconds"
     )

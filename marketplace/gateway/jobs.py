@@ -20,7 +20,7 @@ were settled for them are recorded as refunds owed; resting jobs go back in the 
 An ``exact`` transfer is the gateway's to send, but anyone holding the authorization may send it first, and a
 send may end without an answer. What the chain shows decides, never the send's own outcome: a transfer found
 on chain (its AuthorizationUsed log) pays for the job; one whose outcome is unknown leaves the job ``paying``
-until :meth:`JobRunner.reconcile_payments` (at start-up and every ``RECONCILE_S``) finds it landed (a refund
+until :meth:`JobRunner.reconcile_payments` (at start-up and every ``reconcile_s``) finds it landed (a refund
 owed in full) or unable to land (expired, or cancelled by its payer: nothing owed).
 """
 
@@ -64,9 +64,6 @@ from settlement.db.schema import Receipt as ReceiptRow
 from settlement.errors import ChainError
 
 log = logging.getLogger(__name__)
-
-# Seconds between passes over exact payments whose outcome is unknown (see JobRunner.reconcile_payments).
-RECONCILE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +161,7 @@ class JobRunner:
         payments_enabled: bool,
         metrics: Metrics,
         sweep_s: float = 1.0,
+        reconcile_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         on_finished: Callable[[str], None] | None = None,
     ) -> None:
@@ -176,6 +174,7 @@ class JobRunner:
         self.payments_enabled = payments_enabled
         self.metrics = metrics
         self.sweep_s = sweep_s
+        self.reconcile_s = reconcile_s  # between passes of reconcile_payments
         self.clock = clock
         self.on_finished = on_finished  # hands the recorded job to metering
         self._resting: dict[str, Resting] = {}
@@ -520,7 +519,7 @@ class JobRunner:
                 await self.sweep()
             except Exception:
                 log.exception("matching resting jobs failed")
-            if self.clock() >= self._reconciled_at + RECONCILE_S:
+            if self.clock() >= self._reconciled_at + self.reconcile_s:
                 self._reconciled_at = self.clock()
                 try:
                     await self.reconcile_payments()

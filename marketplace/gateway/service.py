@@ -132,6 +132,7 @@ class Gateway:
             payments_enabled=settings.payments_enabled,
             metrics=metrics,
             sweep_s=settings.job_sweep_s,
+            reconcile_s=settings.payment_reconcile_s,
             on_finished=metering.submit if metering else None,
         )
         market = Market(

@@ -37,7 +37,9 @@ from tests.marketplace.harness import (
     announce,
     channel_state,
     chat_body,
+    database,
     exact_header,
+    gateway_settings,
     open_channel,
     post,
     requirement,
@@ -271,6 +273,54 @@ def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
     assert after[client.address] == before[client.address] - quote  # paid once
     assert after[market.operator.address] == before[market.operator.address] + quote
     assert int(payment["extra"]["refund"]) == quote - int(payment["amount"])
+
+
+def test_an_exact_transfer_that_lands_after_the_gateway_gave_up_is_refunded_in_full(
+    backend: str,
+    migrated: str,
+    market: Market,
+    models: dict[str, Path],
+    providers: dict[str, ProviderProcess],
+    tmp_path: Path,
+) -> None:
+    """No block for longer than the gateway waits for a receipt: the client gets 503 ``settlement_pending`` and no
+    job runs. The transfer lands later; the gateway's next pass over unknown payments finds it on chain and owes
+    the whole amount back, which the next epoch pays."""
+    client = market.clients[2]
+    chain = market.contracts.chain
+    with database(backend, tmp_path, template=migrated) as url:
+        settings = gateway_settings(market, url, models, receipt_timeout_s=2, payment_reconcile_s=0.3)
+        server = GatewayServer(settings).start()
+        try:
+            root = server.gateway.catalog.get("tiny").root
+            for provider in providers.values():
+                announce(server.url, provider, root)
+            body = chat_body("late", max_tokens=4)
+            offer = requirement(post(server.url, CHAT, body), "exact")
+            header = exact_header(client, offer, market.contracts.token.domain())
+            before = balances(market, client.address, market.operator.address)
+            chain.w3.provider.make_request("evm_setAutomine", [False])
+            try:
+                response = post(server.url, CHAT, body, header)
+            finally:
+                chain.w3.provider.make_request("evm_setAutomine", [True])
+            assert (response.status_code, error_code(response)) == (503, "settlement_pending"), response.text
+            assert int(response.headers["Retry-After"]) > 0
+            (job,) = rows(server, select(Job).where(Job.payer == client.address, Job.scheme == "exact"))
+            assert job.status == "paying"
+
+            chain.w3.provider.make_request("evm_mine", [])  # the transfer lands after all
+            wait_until(lambda: rows(server, select(Job).where(Job.id == job.id))[0].status == "failed", 30)
+            (late,) = rows(server, select(Job).where(Job.id == job.id))
+            (charge,) = rows(server, select(Charge).where(Charge.job_id == job.id))
+            (authorization,) = rows(server, select(Authorization).where(Authorization.job_id == job.id))
+        finally:
+            server.stop()
+    after = balances(market, client.address, market.operator.address)
+    assert after[client.address] == before[client.address] - charge.quote  # it did pay
+    assert late.error_code == "payment_unconfirmed"
+    assert (charge.amount, charge.refund) == (0, charge.quote)  # and is owed all of it back
+    assert authorization.status == "settled" and authorization.tx_hash is not None
 
 
 # -- refusals ----------------------------------------------------------------------------------------------
