@@ -61,5 +61,8 @@ class GatewaySettings(SettlementSettings):
         description="seconds between passes over exact payments whose transfer's outcome was not known in time",
     )
     max_job_ttl_s: int = Field(
-        default=86_400, gt=0, description="longest a job may rest in the book, seconds"
+        default=21_600,
+        gt=0,
+        description="longest a job may rest in the book, seconds; with VALIDATION_WINDOW_S and EPOCH_S it must fit "
+        "in the escrow's withdraw delay (checked at start-up)",
     )

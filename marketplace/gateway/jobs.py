@@ -541,6 +541,17 @@ class JobRunner:
             route = self.book.route(model.root, model.num_layers)
             if route is None or route.quote(run.request.quote_tokens) > run.reservation.quote:
                 continue
+            # Paid from a channel its payer has since started to leave: it would run on money that may be gone
+            # before the work is redeemed. It ends uncharged; an unreachable chain leaves it for the next pass.
+            try:
+                leaving = await self._channel_leaving(run.reservation)
+            except ChainError:
+                continue
+            if leaving:
+                del self._resting[run.job_id]
+                refused = Outcome([], None, [], 0, "channel_exiting", "its payer started to leave the channel")
+                await self._finish(run, JobStatus.FAILED, None, "", refused, 0)
+                continue
             self.book.reserve(route)
             del self._resting[run.job_id]
             async with self.sessions() as session, session.begin():
@@ -550,6 +561,12 @@ class JobRunner:
                     .values(status=JobStatus.RUNNING, started_at=datetime.fromtimestamp(now, UTC))
                 )
             self._spawn(run, route)
+
+    async def _channel_leaving(self, reservation: Reservation) -> bool:
+        if reservation.scheme != VOUCHER or reservation.channel_id is None:
+            return False
+        view = await self.gate.watcher.channel(bytes.fromhex(reservation.channel_id[2:]))
+        return view.exiting or view.closed
 
     async def recover(self) -> None:
         """Releases what jobs interrupted by a crash held, settles payments left unknown, and puts resting jobs

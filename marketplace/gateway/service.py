@@ -58,6 +58,20 @@ class MeteringQueue:
         await asyncio.gather(*self._sending, return_exceptions=True)
 
 
+def check_job_lifetime(settings: GatewaySettings, withdraw_delay_s: int) -> None:
+    """A payer who starts leaving its channel as a job is paid has the escrow's withdraw delay before it can take
+    its deposit back. The job may rest and run for up to max_job_ttl_s, its hops are validated within
+    validation_window_s of its end, and the epoch that redeems it closes up to epoch_s later: all of that must
+    fit in the delay, or work paid from the channel may never be collected."""
+    needed = settings.max_job_ttl_s + settings.validation_window_s + settings.epoch_s
+    if needed >= withdraw_delay_s:
+        raise ConfigurationError(
+            f"the escrow's withdraw delay ({withdraw_delay_s} s) must exceed MAX_JOB_TTL_S + VALIDATION_WINDOW_S + "
+            f"EPOCH_S ({settings.max_job_ttl_s} + {settings.validation_window_s:g} + {settings.epoch_s:g} s): a "
+            "payer could leave with the deposit before the work it paid for is redeemed"
+        )
+
+
 @dataclass
 class Gateway:
     settings: GatewaySettings
@@ -94,6 +108,8 @@ class Gateway:
         )
         deployment = Deployment.load(settings.deployment_file)
         contracts = await asyncio.to_thread(Contracts.load, chain, deployment)
+        if settings.payments_enabled:
+            check_job_lifetime(settings, await asyncio.to_thread(contracts.escrow.withdraw_delay))
         catalog = await asyncio.to_thread(Catalog.load, settings.models)
         terms = await asyncio.to_thread(
             Terms.of, contracts, timeout_s=settings.quote_timeout_s, settle_margin_s=settings.settle_margin_s

@@ -125,7 +125,7 @@ def arena(workdir: Path) -> Iterator[Arena]:
         admin, operator, treasury, validator = accounts[:4]
         gateway_account = Account.from_key(b"\x42" * 32)
         chain.w3.provider.make_request("anvil_setBalance", [gateway_account.address, hex(10**21)])  # type: ignore[arg-type]
-        params = DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600, withdraw_delay_s=0)
+        params = DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600)
         contracts, other = (
             deploy(
                 chain, admin, operator=operator.address, treasury=treasury.address, slasher=validator.address,

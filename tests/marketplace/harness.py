@@ -69,6 +69,23 @@ class Market:
     clients: list[LocalAccount]
 
 
+WITHDRAW_DELAY_S = 3_600
+
+
+@contextmanager
+def chain_clock_moved(market: Market, seconds: int) -> Iterator[None]:
+    """The chain's clock ``seconds`` ahead for the body; then the chain goes back to where it was (an anvil
+    snapshot), since later tests sign authorizations against the wall clock."""
+    provider = market.contracts.chain.w3.provider
+    snapshot = provider.make_request("evm_snapshot", [])["result"]  # type: ignore[arg-type]
+    provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+    provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        provider.make_request("evm_revert", [snapshot])  # type: ignore[arg-type]
+
+
 def start_market(tmp: Path) -> Market:
     anvil = Anvil(accounts=12).start()
     a = anvil.accounts
@@ -79,8 +96,9 @@ def start_market(tmp: Path) -> Market:
         operator=a[1].address,
         treasury=a[2].address,
         slasher=a[3].address,
-        # No withdraw delay: tests take channels through exiting to closed without moving the chain's clock.
-        params=DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600, withdraw_delay_s=0),
+        # A withdraw delay longer than a test gateway's job lifetime (see gateway_settings); tests that close a
+        # channel move the chain's clock inside chain_clock_moved.
+        params=DeployParams(min_stake=MIN_STAKE, unbonding_period_s=3600, withdraw_delay_s=WITHDRAW_DELAY_S),
     )
     providers, clients = a[4:9], a[9:12]
     for account in [*providers, *clients]:
@@ -188,6 +206,7 @@ def database(backend: str, tmp: Path, *, template: str | None = None) -> Iterato
 def gateway_settings(
     market: Market, database_url: str, models: dict[str, Path], **overrides: object
 ) -> GatewaySettings:
+    overrides.setdefault("max_job_ttl_s", 1_800)  # with the default window and epoch: within WITHDRAW_DELAY_S
     return GatewaySettings(
         rpc_url=market.anvil.url,
         deployment_file=market.deployment_file,

@@ -26,7 +26,15 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from settlement.contracts import Redemption
 from settlement.db.schema import Channel
 from settlement.deploy import ONE_TOKEN
-from tests.marketplace.harness import GatewayServer, Market, channel_state, rows, wait_until
+from tests.marketplace.harness import (
+    WITHDRAW_DELAY_S,
+    GatewayServer,
+    Market,
+    chain_clock_moved,
+    channel_state,
+    rows,
+    wait_until,
+)
 
 # The CLI does not depend on the gateway's database: one backend is enough.
 on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -158,23 +166,25 @@ def test_deposit_ask_balance_and_withdraw(
     voucher = Redemption(channel, row.voucher_amount, charged, bytes.fromhex(row.voucher_signature[2:]))
     escrow.redeem(market.operator, [voucher])
 
-    closed = printed(strata("withdraw", "--json", key=payer))
-    assert closed == {
-        "channelId": "0x" + channel.hex(),
-        "status": "closed",
-        "withdrawn": str(total - charged),
-    }
-    assert token.balance_of(payer.address) == FUNDED - charged
-    assert escrow.channel(channel).withdrawable_at == CLOSED
-    assert error_code(strata("withdraw", "--json", key=payer)) == "channel_closed"
+    # The delay passes: the payer takes back what was never charged.
+    with chain_clock_moved(market, WITHDRAW_DELAY_S):
+        closed = printed(strata("withdraw", "--json", key=payer))
+        assert closed == {
+            "channelId": "0x" + channel.hex(),
+            "status": "closed",
+            "withdrawn": str(total - charged),
+        }
+        assert token.balance_of(payer.address) == FUNDED - charged
+        assert escrow.channel(channel).withdrawable_at == CLOSED
+        assert error_code(strata("withdraw", "--json", key=payer)) == "channel_closed"
 
-    # A closed channel takes no deposits: the next one opens a fresh channel, found from CLIENT_KEY this time.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CLIENT_KEY", payer.key.to_0x_hex())
-        reopened = printed(strata("deposit", "1", "--json"))
-    assert reopened["channelId"] != "0x" + channel.hex() and reopened["deposit"] == str(ONE_TOKEN)
-    assert saved_channel(clean_environment).hex() == reopened["channelId"][2:]
-    assert token.balance_of(payer.address) == FUNDED - charged - ONE_TOKEN
+        # A closed channel takes no deposits: the next one opens a fresh channel, found from CLIENT_KEY this time.
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("CLIENT_KEY", payer.key.to_0x_hex())
+            reopened = printed(strata("deposit", "1", "--json"))
+        assert reopened["channelId"] != "0x" + channel.hex() and reopened["deposit"] == str(ONE_TOKEN)
+        assert saved_channel(clean_environment).hex() == reopened["channelId"][2:]
+        assert token.balance_of(payer.address) == FUNDED - charged - ONE_TOKEN
 
 
 @on_sqlite

@@ -18,6 +18,7 @@ from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
 from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected, Unavailable
 from marketplace.gateway.jobs import JobRunner, Request
 from marketplace.gateway.metrics import Metrics
+from marketplace.gateway.orderbook import BookAsk
 from marketplace.gateway.payments.gate import PaymentGate
 from marketplace.gateway.payments.x402 import VoucherPayment, encode_header
 from settlement.contracts import CHANNEL_CLOSED, channel_id
@@ -32,6 +33,7 @@ from tests.marketplace.gateway.fakes import (
     book_with,
     coordinator,
     model,
+    provider,
     terms,
 )
 
@@ -301,3 +303,29 @@ def test_a_chat_above_its_max_price_is_refused_and_a_job_rests(database: str) ->
     assert run.reservation.quote == 40  # a resting job reserves its whole max price
     assert [(job.status, job.model_root) for job in jobs] == [(JobStatus.RESTING, MODEL_ROOT)]
     assert held == 0
+
+
+def test_a_resting_job_whose_payer_starts_leaving_its_channel_never_runs(database: str) -> None:
+    """Paid, resting, and then the payer starts its exit: when a route within the job's price appears, the job
+    ends uncharged instead of running on a deposit that may be gone before the work is redeemed."""
+
+    async def body(admission: Admission) -> tuple[list[Job], Channel | None, int, int]:
+        run = await admission.admit(admission.request(kind="job", max_price=40), header(voucher(40)))
+        admission.reader.channels[CHANNEL] = ChannelView(10**9, 2_000)  # withdrawable at 2,000: exiting
+        admission.runner.gate.watcher.max_age_s = 0  # as once the cached state is older than the bound
+        for number, (index, start, end) in enumerate([(4, 0, 2), (5, 2, 4), (6, 4, 6)], start=10):
+            cheap = BookAsk(number, provider(index).address, MODEL_ROOT, start, end, 500_000, 4,
+                            f"10.0.0.{index}:7000", bytes(32), 1_000.0 + 3600)  # fmt: skip
+            admission.book.post(cheap)
+            admission.book.set_active(cheap.provider, True)
+        assert admission.book.route(MODEL_ROOT, 6) is not None  # within its 40: it would start now
+        await admission.runner.sweep()
+        jobs, channel = await admission.rows()
+        return jobs, channel, admission.held(), run.reservation.quote
+
+    jobs, channel, held, quote = scenario(database, ROUTE, body)
+    assert quote == 40
+    (job,) = jobs
+    assert (job.status, job.error_code, job.charged) == (JobStatus.FAILED, "channel_exiting", 0)
+    assert channel is not None and (channel.reserved, channel.charged) == (0, 0)
+    assert held == 0 and job.started_at is None

@@ -31,10 +31,12 @@ from settlement.deploy import ONE_TOKEN
 from settlement.eip712 import Heartbeat, JobRead, TransferAuthorization
 from tests.marketplace.harness import (
     PRICE,
+    WITHDRAW_DELAY_S,
     GatewayServer,
     Market,
     ProviderProcess,
     announce,
+    chain_clock_moved,
     channel_state,
     chat_body,
     database,
@@ -404,11 +406,12 @@ def test_exiting_and_closed_channels_are_refused(gateway: GatewayServer, market:
     wait_until(lambda: channel_state(gateway.url, channel)["exiting"])
     response = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
     assert (response.status_code, error_code(response)) == (402, "channel_exiting")
-    market.contracts.escrow.finalize_withdraw(client, channel=channel)
-    wait_until(lambda: channel_state(gateway.url, channel)["closed"])
-    response = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
-    assert (response.status_code, error_code(response)) == (402, "channel_closed")
-    assert channel_state(gateway.url, channel)["charged"] == "0"
+    with chain_clock_moved(market, WITHDRAW_DELAY_S):
+        market.contracts.escrow.finalize_withdraw(client, channel=channel)
+        wait_until(lambda: channel_state(gateway.url, channel)["closed"])
+        response = post(gateway.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+        assert (response.status_code, error_code(response)) == (402, "channel_closed")
+        assert channel_state(gateway.url, channel)["charged"] == "0"
 
 
 def test_bad_exact_authorizations_are_refused_and_move_no_money(
