@@ -366,7 +366,8 @@ class HopServer:
                 f"the ticket expires at {ticket.expires_at}: expired, or further off than allowed"
             )
         if ticket.max_positions > self.runtime.limits.max_session_tokens:
-            raise TicketRefused(
+            # Out of this provider's room, like a full KV cache: the gateway routes around it and blames no one.
+            raise ProviderBusy(
                 f"the ticket allows {ticket.max_positions} positions; this provider takes at most "
                 f"{self.runtime.limits.max_session_tokens} in a session"
             )

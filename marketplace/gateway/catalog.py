@@ -30,11 +30,14 @@ class ServedModel:
     name: str
     root: str  # 0x-prefixed model root
     num_layers: int
-    context_length: int  # positions: prompt and generated tokens together
+    context_length: (
+        int  # positions a request may use, prompt and generated: the model's, within the session limit
+    )
     vocab_size: int
     directory: Path
     tokenizer: PreTrainedTokenizerBase
     stop_token_ids: frozenset[int]
+    model_context_length: int = 0  # the checkpoint's own (max_position_embeddings)
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -68,6 +71,7 @@ class ServedModel:
             "root": self.root,
             "layers": self.num_layers,
             "context_length": self.context_length,
+            "model_context_length": self.model_context_length,
         }
 
 
@@ -79,7 +83,11 @@ def _ids(value: Any) -> set[int]:
     return set()
 
 
-def load_model(directory: Path, name: str | None = None) -> ServedModel:
+def load_model(
+    directory: Path, name: str | None = None, *, max_session_positions: int | None = None
+) -> ServedModel:
+    """The checkpoint at ``directory``. Requests get at most ``max_session_positions`` positions, the providers'
+    session limit, when that is below the model's own context."""
     directory = Path(directory)
     with Checkpoint(directory) as checkpoint:
         config = checkpoint.config()
@@ -89,12 +97,17 @@ def load_model(directory: Path, name: str | None = None) -> ServedModel:
     stops = _ids(getattr(config, "eos_token_id", None)) | _ids(tokenizer.eos_token_id)
     if (directory / "generation_config.json").is_file():
         stops |= _ids(GenerationConfig.from_pretrained(str(directory)).eos_token_id)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = int(
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or DEFAULT_CONTEXT
+    )
     return ServedModel(
         name=name or directory.name,
         root=manifest.root,
         num_layers=structure.num_layers,
-        context_length=int(context or DEFAULT_CONTEXT),
+        context_length=min(context, max_session_positions or context),
+        model_context_length=context,
         vocab_size=int(config.vocab_size),
         directory=directory,
         tokenizer=tokenizer,
@@ -121,12 +134,12 @@ class Catalog:
             self._by_root[model.root.lower()] = model
 
     @classmethod
-    def load(cls, entries: Iterable[str]) -> Catalog:
+    def load(cls, entries: Iterable[str], *, max_session_positions: int | None = None) -> Catalog:
         models = []
         for entry in entries:
             name, path = parse_entry(entry)
             try:
-                models.append(load_model(path, name))
+                models.append(load_model(path, name, max_session_positions=max_session_positions))
             except (WorkerError, OSError, ValueError) as exc:
                 raise InvalidRequest("bad_model", f"cannot serve {path}: {exc}") from exc
         return cls(models)

@@ -55,6 +55,12 @@ class GatewaySettings(SettlementSettings):
     job_sweep_s: float = Field(
         default=1.0, gt=0, description="seconds between matching passes over jobs resting in the book"
     )
+    max_session_positions: int = Field(
+        default=8_192,
+        gt=0,
+        description="positions (prompt + max_tokens) a request may ask for, below a model's own context: the "
+        "providers' session limit (a provider's default); /v1/models shows it as context_length",
+    )
     payment_reconcile_s: float = Field(
         default=30.0,
         gt=0,

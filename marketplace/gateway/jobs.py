@@ -549,7 +549,9 @@ class JobRunner:
                 continue
             if leaving:
                 del self._resting[run.job_id]
-                refused = Outcome([], None, [], 0, "channel_exiting", "its payer started to leave the channel")
+                refused = Outcome(
+                    [], None, [], 0, "channel_exiting", "its payer started to leave the channel"
+                )
                 await self._finish(run, JobStatus.FAILED, None, "", refused, 0)
                 continue
             self.book.reserve(route)

@@ -110,7 +110,9 @@ class Gateway:
         contracts = await asyncio.to_thread(Contracts.load, chain, deployment)
         if settings.payments_enabled:
             check_job_lifetime(settings, await asyncio.to_thread(contracts.escrow.withdraw_delay))
-        catalog = await asyncio.to_thread(Catalog.load, settings.models)
+        catalog = await asyncio.to_thread(
+            Catalog.load, settings.models, max_session_positions=settings.max_session_positions
+        )
         terms = await asyncio.to_thread(
             Terms.of, contracts, timeout_s=settings.quote_timeout_s, settle_margin_s=settings.settle_margin_s
         )

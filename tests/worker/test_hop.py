@@ -162,7 +162,9 @@ def test_expired_and_overlong_tickets_and_other_models_are_refused(
     assert open_error(route, model, expires_in_s=-1).code == "ticket_refused"
     assert open_error(route, model, expires_in_s=10_000).code == "ticket_refused"
     assert open_error(route, model, root=model_root(tiny_models["qwen2"])).code == "ticket_refused"
-    assert open_error(route, model, max_positions=1_000_000).code == "ticket_refused"
+    # More positions than this provider takes in a session: out of room, as a full cache is, so the gateway
+    # routes around it without blaming it.
+    assert open_error(route, model, max_positions=1_000_000).code == "provider_busy"
 
 
 def test_steps_out_of_order_and_beyond_the_tickets_positions_are_refused(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from marketplace.gateway.catalog import load_model
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.service import check_job_lifetime
 from settlement.errors import ConfigurationError
@@ -16,3 +19,14 @@ def test_a_job_must_be_redeemable_before_its_payer_can_leave() -> None:
         check_job_lifetime(settings, withdraw_delay_s=2_700)
     # The defaults fit the default escrow's day-long delay.
     check_job_lifetime(GatewaySettings(_env_file=None), withdraw_delay_s=24 * 3600)  # type: ignore[call-arg]
+
+
+def test_requests_are_held_to_the_providers_session_limit_and_it_is_advertised(model_dir: Path) -> None:
+    """A request above what a provider takes in one session would be refused by every provider on its route:
+    the gateway refuses it itself, up front, and says the limit in /v1/models."""
+    own = load_model(model_dir)
+    assert own.context_length == own.model_context_length == 2_048  # the tiny checkpoint's
+    capped = load_model(model_dir, max_session_positions=512)
+    assert (capped.context_length, capped.model_context_length) == (512, 2_048)
+    assert capped.describe()["context_length"] == 512
+    assert load_model(model_dir, max_session_positions=100_000).context_length == 2_048
