@@ -55,6 +55,14 @@ class GatewaySettings(SettlementSettings):
     job_sweep_s: float = Field(
         default=1.0, gt=0, description="seconds between matching passes over jobs resting in the book"
     )
+    failover_margin_bps: int = Field(
+        default=1_000,
+        ge=0,
+        le=10_000,
+        description="basis points added to a route's cost in every quote (shown in the 402 as routeCost and "
+        "failoverMarginBps): what lets a job whose provider fails finish on a dearer spare; only what is metered "
+        "is charged",
+    )
     max_session_positions: int = Field(
         default=8_192,
         gt=0,

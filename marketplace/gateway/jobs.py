@@ -88,7 +88,8 @@ class Request:
 @dataclass(frozen=True)
 class Quote:
     route: Route | None  # None only for a job that will rest until a route appears
-    amount: int
+    amount: int  # what the client authorizes: the route's cost and the failover margin, or its max_price
+    cost: int | None = None  # what the route costs
 
     def describe(self) -> list[dict[str, Any]]:
         if self.route is None:
@@ -197,19 +198,22 @@ class JobRunner:
             if request.kind == "job" and request.max_price is not None:
                 return Quote(None, request.max_price)
             raise Conflict("no_route", f"no live, staked providers cover every layer of {request.model.name}")
-        amount = route.quote(request.quote_tokens)
-        if request.max_price is not None and amount > request.max_price:
+        cost = route.quote(request.quote_tokens)
+        if request.max_price is not None and cost > request.max_price:
             if request.kind == "job":
                 return Quote(None, request.max_price)  # rest until a cheaper route appears
             raise Conflict(
                 "max_price_exceeded",
-                f"the cheapest route costs {amount}, above max_price {request.max_price}",
-                quote=str(amount),
+                f"the cheapest route costs {cost}, above max_price {request.max_price}",
+                quote=str(cost),
             )
         # A job that may rest reserves its whole max price, so any route up to it can take it later.
         if request.kind == "job" and request.max_price is not None:
-            return Quote(route, request.max_price)
-        return Quote(route, amount)
+            return Quote(route, request.max_price, cost)
+        # The margin lets a failover finish on a dearer spare (routing always picks the cheapest route, so a
+        # spare usually is dearer); max_price caps it.
+        amount = self.terms.with_margin(cost)
+        return Quote(route, amount if request.max_price is None else min(amount, request.max_price), cost)
 
     def payment_required(
         self, request: Request, quote: Quote, url: str, error: str | None = None
@@ -217,7 +221,9 @@ class JobRunner:
         return payment_required(
             url=url,
             description=f"{request.kind} on {request.model.name}: up to {request.quote_tokens} tokens",
-            accepts=self.terms.accepts(quote.amount, route=quote.describe(), tokens=request.quote_tokens),
+            accepts=self.terms.accepts(
+                quote.amount, route=quote.describe(), tokens=request.quote_tokens, cost=quote.cost
+            ),
             error=error,
         )
 

@@ -114,7 +114,11 @@ class Gateway:
             Catalog.load, settings.models, max_session_positions=settings.max_session_positions
         )
         terms = await asyncio.to_thread(
-            Terms.of, contracts, timeout_s=settings.quote_timeout_s, settle_margin_s=settings.settle_margin_s
+            Terms.of,
+            contracts,
+            timeout_s=settings.quote_timeout_s,
+            settle_margin_s=settings.settle_margin_s,
+            failover_margin_bps=settings.failover_margin_bps,
         )
 
         metrics = Metrics()

@@ -46,6 +46,7 @@ from marketplace.gateway.payments.x402 import (
     network_of,
     requirement,
 )
+from settlement.contracts import BPS
 from settlement.db import channels
 from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Charge, Job, Voucher, utcnow
 from settlement.deploy import Contracts
@@ -87,9 +88,14 @@ class Terms:
     pay_to: str  # receives exact payments: the operator, who passes them on at settlement
     timeout_s: int
     settle_margin_s: int
+    failover_margin_bps: int = (
+        0  # added to a route's cost in every quote, so a dearer spare can finish the job
+    )
 
     @classmethod
-    def of(cls, contracts: Contracts, *, timeout_s: int, settle_margin_s: int) -> Terms:
+    def of(
+        cls, contracts: Contracts, *, timeout_s: int, settle_margin_s: int, failover_margin_bps: int = 0
+    ) -> Terms:
         return cls(
             chain_id=contracts.chain.chain_id,
             token=contracts.token.address,
@@ -99,14 +105,23 @@ class Terms:
             pay_to=to_checksum_address(contracts.deployment.roles["operator"]),
             timeout_s=timeout_s,
             settle_margin_s=settle_margin_s,
+            failover_margin_bps=failover_margin_bps,
         )
 
     @property
     def network(self) -> str:
         return network_of(self.chain_id)
 
-    def accepts(self, quote: int, *, route: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
-        """The requirements a 402 offers: a voucher on the escrow, or an exact transfer of the quote."""
+    def with_margin(self, cost: int) -> int:
+        """What a route costing ``cost`` is quoted: the cost and the failover margin, rounded up."""
+        return cost + -(-cost * self.failover_margin_bps // BPS)
+
+    def accepts(
+        self, quote: int, *, route: list[dict[str, Any]], tokens: int, cost: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The requirements a 402 offers: a voucher on the escrow, or an exact transfer of the quote. Both say
+        what the route costs (``routeCost``) and the failover margin in the quote above it (``failoverMarginBps``):
+        the client authorizes the margin, and pays only what is metered."""
 
         def offer(scheme: str, pay_to: str, extra: dict[str, Any]) -> dict[str, Any]:
             return requirement(
@@ -126,7 +141,10 @@ class Terms:
             "tokens": tokens,
             "route": route,
         }
-        exact_extra = {"name": self.token_domain.name, "version": self.token_domain.version}
+        exact_extra: dict[str, Any] = {"name": self.token_domain.name, "version": self.token_domain.version}
+        if cost is not None:
+            for extra in (voucher_extra, exact_extra):
+                extra.update(routeCost=str(cost), failoverMarginBps=self.failover_margin_bps)
         return [offer(VOUCHER, self.escrow, voucher_extra), offer(EXACT, self.pay_to, exact_extra)]
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from settlement.db.schema import Hop
 from settlement.deploy import ONE_TOKEN
+from settlement.pricing import hop_charge
 from tests.marketplace.harness import (
     PRICE,
     GatewayServer,
@@ -41,10 +42,16 @@ MAX_TOKENS = 800
 
 @pytest.fixture
 def failing_market(
-    market: Market, model_dir: Path, providers: dict[str, ProviderProcess], tmp_path: Path
+    request: pytest.FixtureRequest,
+    market: Market,
+    model_dir: Path,
+    providers: dict[str, ProviderProcess],
+    tmp_path: Path,
 ) -> Iterator[tuple[GatewayServer, ProviderProcess]]:
     """A gateway of its own whose best route runs through X, a provider that announces itself with
-    `provider serve --gateway`; the backup serves X's span at X's price but was posted after it."""
+    `provider serve --gateway`; the backup serves X's span, posted after it, at X's price or at the price the
+    test asks for (``indirect`` parametrization)."""
+    spare_price = getattr(request, "param", PRICE)
     with database("sqlite", tmp_path) as url:
         server = GatewayServer(
             gateway_settings(market, url, {"tiny": model_dir}, failure_suspend_s=600)
@@ -64,18 +71,25 @@ def failing_market(
                     for ask in httpx.get(server.url + "/v1/asks", params={"model": "tiny"}).json()["data"]
                 )
             )
-            announce(server.url, providers["backup"], root)
+            announce(server.url, providers["backup"], root, price=spare_price)
             yield server, x
         finally:
             stop_providers([x])
             server.stop()
 
 
+DEARER = PRICE * 105 // 100  # within the default failover margin of 10%
+
+
+@pytest.mark.parametrize("failing_market", [PRICE, DEARER], ids=["spare-at-the-same-price", "dearer-spare"],
+                         indirect=True)  # fmt: skip
 def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
     failing_market: tuple[GatewayServer, ProviderProcess],
     market: Market,
     providers: dict[str, ProviderProcess],
 ) -> None:
+    """Routing picks the cheapest route, so the spare left when a provider dies is usually dearer: the quote's
+    failover margin pays for it, and the job finishes there instead of failing."""
     server, x = failing_market
     client = market.clients[1]
     channel = open_channel(market, client, 10 * ONE_TOKEN)
@@ -115,9 +129,7 @@ def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
     assert "".join(pieces) == expected["choices"][0]["message"]["content"]
     final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])  # type: ignore[index]
     assert final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
-    payment = final["payment"]
-    # Billed as a run on the final route alone: the same tokens through the same layers at the same prices.
-    assert int(payment["amount"]) == baseline_charge  # type: ignore[index]
+    amount = int(final["payment"]["amount"])  # type: ignore[index]
 
     job_id = "0x" + str(chunks[0]["id"]).removeprefix("chatcmpl-")
     hops = rows(server, select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt, Hop.position))
@@ -127,9 +139,16 @@ def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
     assert first == [(a, "abandoned"), (x.account.address, "failed"), (c, "abandoned")]
     assert second == [(a, "billed"), (backup, "billed"), (c, "billed")]
     assert max(h.attempt for h in hops) == 1
+    # Billed as a run on the final route alone: the same tokens through the same layers, at its prices.
+    final_route = [h for h in hops if h.attempt == 1]
+    assert amount == sum(
+        hop_charge(h.tokens, h.layer_end - h.layer_start, h.price_per_million) for h in final_route
+    )
+    spare_price = final_route[1].price_per_million
+    assert amount == baseline_charge if spare_price == PRICE else baseline_charge < amount <= quote
 
     state = channel_state(server.url, channel)
-    assert (state["charged"], state["reserved"]) == (str(2 * baseline_charge), "0")
+    assert (state["charged"], state["reserved"]) == (str(baseline_charge + amount), "0")
     # The provider at fault is out of matching, and the next request goes around it.
     assert not httpx.get(f"{server.url}/v1/providers/{x.account.address}").json()["matchable"]
     again = requirement(post(server.url, CHAT, body), "voucher")

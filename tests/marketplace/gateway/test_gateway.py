@@ -83,16 +83,18 @@ def test_unpaid_request_gets_a_quote_for_the_cheapest_route(
     required = decode_header(response.headers[PAYMENT_REQUIRED])
     assert required["x402Version"] == 2
     assert required["resource"]["url"] == gateway.url + CHAT
-    quote = (prompt_tokens(model_dir, "quote me") + 10) * PER_TOKEN
+    cost = (prompt_tokens(model_dir, "quote me") + 10) * PER_TOKEN
+    quote = cost + -(-cost // 10)  # and the default failover margin of 10%, rounded up
     voucher, exact = required["accepts"]
     assert voucher["scheme"] == "voucher" and exact["scheme"] == "exact"
     for offer in (voucher, exact):
         assert offer["network"] == "eip155:31337"
         assert offer["asset"] == market.contracts.token.address
         assert offer["amount"] == str(quote)
+        assert (offer["extra"]["routeCost"], offer["extra"]["failoverMarginBps"]) == (str(cost), 1_000)
     assert voucher["payTo"] == voucher["extra"]["escrow"] == market.contracts.escrow.address
     assert exact["payTo"] == market.operator.address
-    assert exact["extra"] == {"name": "Strata USD", "version": "1"}
+    assert (exact["extra"]["name"], exact["extra"]["version"]) == ("Strata USD", "1")
     # Price-time priority: the backup serves B's span at B's price but was posted later.
     route = [hop["provider"] for hop in voucher["extra"]["route"]]
     assert route == [providers[name].account.address for name in ("a", "b", "c")]
