@@ -200,8 +200,17 @@ class StakeManager(_Wrapper):
     def withdraw(self, sender: LocalAccount) -> TxReceipt:
         return self._send(sender, "withdraw")
 
+    def slash_call(self, *, provider: str, amount: int, evidence_hash: bytes) -> ContractFunction:
+        return self.contract.functions.slash(to_checksum_address(provider), amount, evidence_hash)
+
     def slash(self, sender: LocalAccount, *, provider: str, amount: int, evidence_hash: bytes) -> TxReceipt:
-        return self._send(sender, "slash", to_checksum_address(provider), amount, evidence_hash)
+        call = self.slash_call(provider=provider, amount=amount, evidence_hash=evidence_hash)
+        return self.chain.transact(sender, call, "StakeManager.slash")
+
+    def slashed_amount(self, receipt: TxReceipt) -> int | None:
+        """What a mined slash took, from its Slashed log; None when the receipt has none."""
+        events = self.contract.events.Slashed().process_receipt(receipt, errors=DISCARD)
+        return int(events[0]["args"]["amount"]) if events else None
 
     def evidence_used(self, evidence_hash: bytes) -> bool:
         return bool(self._call("evidenceUsed", evidence_hash))
@@ -280,8 +289,13 @@ class VoucherEscrow(_Wrapper):
         events = self.contract.events.RedemptionSkipped().process_receipt(receipt, errors=DISCARD)
         return {bytes(e["args"]["channelId"]): REDEMPTION_SKIPS[e["args"]["reason"]] for e in events}
 
+    def deposit_call(self, *, channel: bytes, amount: int) -> ContractFunction:
+        return self.contract.functions.deposit(channel, amount)
+
     def deposit(self, sender: LocalAccount, *, channel: bytes, amount: int) -> TxReceipt:
-        return self._send(sender, "deposit", channel, amount)
+        return self.chain.transact(
+            sender, self.deposit_call(channel=channel, amount=amount), "VoucherEscrow.deposit"
+        )
 
     def redeem(self, sender: LocalAccount, redemptions: list[Redemption]) -> TxReceipt:
         return self.chain.transact(sender, self.redeem_call(redemptions), "VoucherEscrow.redeem")

@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -584,7 +585,7 @@ class Validator:
                     self.contracts.chain,
                     self.account,
                     key,
-                    lambda: stake.contract.functions.slash(hop.provider, amount, evidence),
+                    partial(stake.slash_call, provider=hop.provider, amount=amount, evidence_hash=evidence),
                     "StakeManager.slash",
                 )
             except TransactionReverted as exc:
@@ -592,8 +593,8 @@ class Validator:
                     raise
                 self._slashed(hop, SlashStatus.NOTHING, 0, None)
                 return
-        events = stake.contract.events.Slashed().process_receipt(receipt)
-        slashed = int(events[0]["args"]["amount"]) if events else amount
+        slashed = stake.slashed_amount(receipt)
+        slashed = amount if slashed is None else slashed
         self._slashed(hop, SlashStatus.SLASHED, slashed, "0x" + bytes(receipt["transactionHash"]).hex())
         log.warning("slashed %s by %d (validation %d)", hop.provider, slashed, hop.validation)
 

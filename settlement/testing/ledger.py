@@ -91,7 +91,9 @@ class Recorder:
         hashes = []
         for i, channel in enumerate(ids):
             params = {"from": payer.address, "chainId": chain.chain_id, "nonce": nonce + i, **fees}
-            tx = escrow.contract.functions.deposit(channel, deposit).build_transaction(cast(TxParams, params))
+            tx = escrow.deposit_call(channel=channel, amount=deposit).build_transaction(
+                cast(TxParams, params)
+            )
             signed = payer.sign_transaction(cast(dict[str, Any], tx))
             hashes.append(chain.w3.eth.send_raw_transaction(signed.raw_transaction))
         for tx_hash in hashes:

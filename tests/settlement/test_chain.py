@@ -10,7 +10,7 @@ import pytest
 from marketplace.devnet.process import free_port
 from settlement.artifacts import Artifact
 from settlement.chain import Chain
-from settlement.contracts import OPERATOR_ROLE, SLASHER_ROLE
+from settlement.contracts import BPS, CHANNEL_CLOSED, OPERATOR_ROLE, PROVIDER_BPS, SLASHER_ROLE
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ChainMismatch, ChainUnavailable, ConfigurationError, TransactionReverted
 from tests.conftest import Actors
@@ -74,3 +74,15 @@ def test_roles_are_wired(deployed: Contracts, actors: Actors) -> None:
     assert deployed.distributor.has_role(OPERATOR_ROLE, actors.operator.address)
     assert deployed.stake.has_role(SLASHER_ROLE, actors.validator.address)
     assert not deployed.escrow.has_role(OPERATOR_ROLE, actors.outsider.address)
+
+
+def test_the_constants_python_shares_with_the_contracts_are_theirs(deployed: Contracts) -> None:
+    """Defined once in Python (settlement.contracts) and once in Solidity: bound here to the deployed contracts."""
+    escrow, distributor, stake = deployed.escrow, deployed.distributor, deployed.stake
+    assert escrow.chain.call(escrow.contract.functions.CLOSED(), "CLOSED") == CHANNEL_CLOSED
+    assert escrow.chain.call(escrow.contract.functions.OPERATOR_ROLE(), "role") == OPERATOR_ROLE
+    assert distributor.chain.call(distributor.contract.functions.OPERATOR_ROLE(), "role") == OPERATOR_ROLE
+    assert stake.chain.call(stake.contract.functions.SLASHER_ROLE(), "role") == SLASHER_ROLE
+    # The providers' share: PROVIDER_BPS of BPS, exactly, and rounded down below a whole.
+    assert distributor.provider_pool(BPS) == PROVIDER_BPS
+    assert distributor.provider_pool(BPS - 1) == (BPS - 1) * PROVIDER_BPS // BPS
