@@ -69,6 +69,14 @@ class GatewaySettings(SettlementSettings):
         description="positions (prompt + max_tokens) a request may ask for, below a model's own context: the "
         "providers' session limit (a provider's default); /v1/models shows it as context_length",
     )
+    max_resting_jobs: int = Field(
+        default=10_000,
+        gt=0,
+        description="jobs that may rest in the book at once, waiting for a route in their price",
+    )
+    max_resting_jobs_per_payer: int = Field(
+        default=100, gt=0, description="resting jobs of one payer (a channel's, or an exact payment's sender)"
+    )
     payment_reconcile_s: float = Field(
         default=30.0,
         gt=0,

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 from eth_utils.address import to_checksum_address
@@ -48,6 +49,7 @@ from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.gateway.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
+from marketplace.gateway.resting import Resting, RestingJobs
 from marketplace.gateway.text import TextStream
 from settlement.db import validations
 from settlement.db.schema import (
@@ -62,6 +64,7 @@ from settlement.db.schema import (
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
 from settlement.errors import ChainError
+from settlement.pricing import TOKEN_LAYERS_PER_PRICE_UNIT
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +145,6 @@ class JobRun:
             self.events.put_nowait(event)
 
 
-@dataclass
-class Resting:
-    run: JobRun
-    created: float
-    expires: float
-
-
 class JobRunner:
     def __init__(
         self,
@@ -163,6 +159,8 @@ class JobRunner:
         metrics: Metrics,
         sweep_s: float = 1.0,
         reconcile_s: float = 30.0,
+        max_resting_jobs: int = 10_000,
+        max_resting_per_payer: int = 100,
         clock: Callable[[], float] = time.time,
         on_finished: Callable[[str], None] | None = None,
     ) -> None:
@@ -178,7 +176,7 @@ class JobRunner:
         self.reconcile_s = reconcile_s  # between passes of reconcile_payments
         self.clock = clock
         self.on_finished = on_finished  # hands the recorded job to metering
-        self._resting: dict[str, Resting] = {}
+        self._resting = RestingJobs(max_jobs=max_resting_jobs, max_per_payer=max_resting_per_payer)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
@@ -252,6 +250,8 @@ class JobRunner:
         job_id = hex0x(os.urandom(32))
         reservation = Reservation(NONE, None, 0)
         route = self._match(request) if quote.route is not None else None
+        if route is None:
+            self._resting.check_room(None)
         async with self.sessions() as session, session.begin():
             session.add(
                 self._job_row(job_id, request, reservation, JobStatus.RUNNING if route else JobStatus.RESTING)
@@ -271,6 +271,14 @@ class JobRunner:
         if quote.route is not None:
             route = self._match(request)
             quote = self._priced(request, route)
+        else:
+            # Before any money moves: a job that would rest must have room in the book.
+            payer = (
+                payment.authorization.sender
+                if isinstance(payment, ExactPayment)
+                else to_checksum_address(payment.channel_id[:20])
+            )
+            self._resting.check_room(payer)
         try:
             job_id = hex0x(os.urandom(32))
             status = JobStatus.RUNNING if route is not None else JobStatus.RESTING
@@ -376,7 +384,7 @@ class JobRunner:
         run = JobRun(job_id, request, reservation, listen=request.kind != "job")
         if route is None:
             now = self.clock()
-            self._resting[job_id] = Resting(run, now, now + (request.ttl_s or 0))
+            self._resting.add(Resting(run, now, now + (request.ttl_s or 0)))
             self._wake.set()
         else:
             self._spawn(run, route)
@@ -533,42 +541,50 @@ class JobRunner:
                     log.exception("reconciling exact payments failed")
 
     async def sweep(self) -> None:
-        """Starts resting jobs that a route now serves within their price; expires those past their time."""
+        """Expires resting jobs past their time, and starts those a route now serves within their price: per
+        model, the best bid the cheapest route fits, again and again until none does (see
+        marketplace.gateway.resting)."""
         self.book.expire()
         now = self.clock()
-        order = sorted(self._resting.values(), key=lambda r: (-r.run.reservation.quote, r.created))
-        for resting in order:
+        for resting in self._resting.expired(now):
+            await self._finish(resting.run, JobStatus.EXPIRED, None, "", Outcome([], None, [], 0), 0)
+        for model in self._resting.models():
+            while (started := await self._start_best(model, now)) is not None:
+                self._spawn(*started)
+
+    async def _start_best(self, model: ServedModel, now: float) -> tuple[JobRun, Route] | None:
+        """The best-bidding job of ``model`` the cheapest route serves within its price, taken out of the book
+        and marked running with the route reserved; None when there is none."""
+        route = self.book.route(model.root, model.num_layers)
+        if route is None:
+            return None
+        rate = Fraction(route.price_per_token, TOKEN_LAYERS_PER_PRICE_UNIT)  # base units per position
+        for resting in self._resting.bids(model.root, rate):
             run = resting.run
-            if now >= resting.expires:
-                del self._resting[run.job_id]
-                await self._finish(run, JobStatus.EXPIRED, None, "", Outcome([], None, [], 0), 0)
-                continue
-            model = run.request.model
-            route = self.book.route(model.root, model.num_layers)
-            if route is None or route.quote(run.request.quote_tokens) > run.reservation.quote:
-                continue
+            if route.quote(run.request.quote_tokens) > run.reservation.quote:
+                continue  # per-hop rounding puts it a unit or two over: a later, longer job may still fit
             # Paid from a channel its payer has since started to leave: it would run on money that may be gone
             # before the work is redeemed. It ends uncharged; an unreachable chain leaves it for the next pass.
             try:
                 leaving = await self._channel_leaving(run.reservation)
             except ChainError:
                 continue
+            self._resting.remove(run.job_id)
             if leaving:
-                del self._resting[run.job_id]
                 refused = Outcome(
                     [], None, [], 0, "channel_exiting", "its payer started to leave the channel"
                 )
                 await self._finish(run, JobStatus.FAILED, None, "", refused, 0)
                 continue
             self.book.reserve(route)
-            del self._resting[run.job_id]
             async with self.sessions() as session, session.begin():
                 await session.execute(
                     update(Job)
                     .where(Job.id == run.job_id)
                     .values(status=JobStatus.RUNNING, started_at=datetime.fromtimestamp(now, UTC))
                 )
-            self._spawn(run, route)
+            return run, route
+        return None
 
     async def _channel_leaving(self, reservation: Reservation) -> bool:
         if reservation.scheme != VOUCHER or reservation.channel_id is None:
@@ -606,7 +622,7 @@ class JobRunner:
             reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
             run = JobRun(job.id, request, reservation, listen=False)
             expires = job.expires_at.timestamp() if job.expires_at else self.clock()
-            self._resting[job.id] = Resting(run, job.created_at.timestamp(), expires)
+            self._resting.add(Resting(run, job.created_at.timestamp(), expires))
 
     async def reconcile_payments(self) -> int:
         """Settles exact payments whose transfer's outcome was unknown (no receipt in time, the chain down, the

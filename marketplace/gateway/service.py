@@ -155,6 +155,8 @@ class Gateway:
             metrics=metrics,
             sweep_s=settings.job_sweep_s,
             reconcile_s=settings.payment_reconcile_s,
+            max_resting_jobs=settings.max_resting_jobs,
+            max_resting_per_payer=settings.max_resting_jobs_per_payer,
             on_finished=metering.submit if metering else None,
         )
         market = Market(

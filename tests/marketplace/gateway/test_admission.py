@@ -21,6 +21,7 @@ from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import BookAsk
 from marketplace.gateway.payments.gate import PaymentGate
 from marketplace.gateway.payments.x402 import VoucherPayment, encode_header
+from marketplace.gateway.resting import TooManyResting
 from settlement.contracts import CHANNEL_CLOSED, channel_id
 from settlement.db.engine import create_engine, migrate, sessions
 from settlement.db.schema import Channel, Job, JobStatus
@@ -329,3 +330,19 @@ def test_a_resting_job_whose_payer_starts_leaving_its_channel_never_runs(databas
     assert (job.status, job.error_code, job.charged) == (JobStatus.FAILED, "channel_exiting", 0)
     assert channel is not None and (channel.reserved, channel.charged) == (0, 0)
     assert held == 0 and job.started_at is None
+
+
+def test_a_payer_with_its_share_of_resting_jobs_is_refused_before_it_pays(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Exception, list[Job], Channel | None]:
+        admission.runner._resting.max_per_payer = 1
+        await admission.admit(admission.request(kind="job", max_price=40), header(voucher(40)))
+        try:
+            await admission.admit(admission.request(kind="job", max_price=40), header(voucher(80)))
+        except TooManyResting as exc:
+            jobs, channel = await admission.rows()
+            return exc, jobs, channel
+        raise AssertionError("a second resting job was taken")
+
+    refused, jobs, channel = scenario(database, ROUTE, body)
+    assert (refused.status, refused.code) == (429, "too_many_resting_jobs")  # type: ignore[attr-defined]
+    assert len(jobs) == 1 and channel is not None and channel.reserved == 40  # the second paid nothing
