@@ -130,6 +130,7 @@ class ChainWatcher:
         poll_s: float = 1.0,
         on_stake_change: Callable[[str, bool], None] = lambda _address, _active: None,
         on_slashed: Callable[[str], object] = lambda _address: None,
+        on_exit: Callable[[bytes], object] = lambda _channel: None,
         max_age_s: float = CHANNEL_MAX_AGE_S,
     ) -> None:
         self.reader = reader
@@ -137,6 +138,7 @@ class ChainWatcher:
         self.max_age_s = max_age_s
         self.on_stake_change = on_stake_change
         self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
+        self.on_exit = on_exit  # a payer started to leave a channel: what it owes should be redeemed soon
         self._channels: dict[bytes, tuple[ChannelView, float]] = {}  # the view, and when it was read
         self._active: dict[str, bool] = {}
         self._cursor: int | None = None
@@ -244,9 +246,12 @@ class ChainWatcher:
         providers: set[str] = set()
         slashed: set[str] = set()
         everyone = False
+        exits: set[bytes] = set()
         for event in events:
             if event.name in _CHANNEL_EVENTS:
                 channels.add(bytes(event.args["channelId"]))
+                if event.name == "WithdrawInitiated":
+                    exits.add(bytes(event.args["channelId"]))
             elif event.name in _STAKE_EVENTS:
                 providers.add(to_checksum_address(event.args["provider"]))
                 if event.name == "Slashed":
@@ -259,3 +264,5 @@ class ChainWatcher:
             await self.is_active(provider, fresh=True)
         for provider in slashed:
             self.on_slashed(provider)
+        for channel_id in exits:
+            self.on_exit(channel_id)

@@ -36,6 +36,12 @@ class GatewaySettings(SettlementSettings):
         default=30.0, ge=0, description="seconds a provider that failed a job is left out of matching"
     )
     chain_poll_s: float = Field(default=1.0, gt=0, description="seconds between reads of new chain events")
+    channel_max_age_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="the oldest cached channel state a payment is accepted against (unless the watcher kept it "
+        "current); older, the chain is read, and without the chain the answer is 503 chain_unavailable",
+    )
     step_timeout_s: float = Field(
         default=60.0, gt=0, description="seconds one step may take across the whole route before it fails"
     )

@@ -7,7 +7,8 @@
     ├── Conflict          409    the market cannot serve the request now: no route, prices above the bid
     ├── PaymentRejected   402    a payment that does not secure the request; answered with a fresh quote
     ├── ServiceFailed     502    providers failed and no other route could finish the job
-    └── Unavailable       503    the chain does not answer
+    ├── Unavailable       503    the chain does not answer (with Retry-After)
+    └── TooManyResting    429    the book holds all the resting jobs it takes (marketplace.gateway.resting)
 
 Codes are part of the API: clients branch on them, so they never change meaning. The codes in use are listed
 on each raise site; :data:`PAYMENT_CODES` lists those of rejected payments. Nothing below the API edge knows
@@ -16,7 +17,12 @@ about HTTP beyond the status number carried here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from settlement.errors import ChainUnavailable
+
+T = TypeVar("T")
 
 
 class GatewayError(Exception):
@@ -103,3 +109,11 @@ PAYMENT_CODES = frozenset(
         "settlement_failed",  # the chain refused the transfer
     }
 )
+
+
+async def chain_read(read: Awaitable[T]) -> T:
+    """A chain read an answer depends on; an unreachable chain is the client's 503 to retry, not a 500."""
+    try:
+        return await read
+    except ChainUnavailable as exc:
+        raise Unavailable("chain_unavailable", f"the chain cannot be read: {exc}") from exc

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -23,9 +24,10 @@ from marketplace.gateway.payments.gate import PaymentGate, Terms
 from settlement.chain import Chain
 from settlement.config import SettlementSettings
 from settlement.db.engine import create_engine, migrate, sessions
+from settlement.db.schema import Channel
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ConfigurationError
-from settlement.tasks import METER_JOB, make_app
+from settlement.tasks import CLOSE_EPOCH, METER_JOB, make_app
 from settlement.tickets import KeyRing, SignatureChecks
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,30 @@ class MeteringQueue:
             self.app.send_task(METER_JOB, args=[job_id], retry=False)
         except Exception as exc:  # kombu raises many kinds; close_epoch meters the job instead
             log.warning("job %s not queued for metering (close_epoch will meter it): %r", job_id, exc)
+
+    def redeem_if_owed(self, sessions: async_sessionmaker[AsyncSession], channel_id: bytes) -> None:
+        """A payer started to leave ``channel_id``: if it was charged more than was redeemed, asks for an epoch
+        now rather than at the next scheduled one. The withdraw delay covers the schedule (see
+        check_job_lifetime); this only shortens how long the operator's money waits on a leaving payer."""
+        future = asyncio.ensure_future(self._redeem_if_owed(sessions, channel_id))
+        self._sending.add(future)
+        future.add_done_callback(self._sending.discard)
+
+    async def _redeem_if_owed(self, sessions: async_sessionmaker[AsyncSession], channel_id: bytes) -> None:
+        async with sessions() as session:
+            channel = await session.get(Channel, "0x" + channel_id.hex())
+        if channel is not None and channel.charged > channel.claimed:
+            owed = channel.charged - channel.claimed
+            await asyncio.to_thread(
+                self._close_epoch, f"channel {channel.id} is exiting with {owed} unredeemed"
+            )
+
+    def _close_epoch(self, reason: str) -> None:
+        try:
+            self.app.send_task(CLOSE_EPOCH, retry=False)
+            log.info("epoch asked for early: %s", reason)
+        except Exception as exc:  # as above: the scheduled epoch comes anyway
+            log.warning("early epoch not queued (%s): %r", reason, exc)
 
     async def close(self) -> None:
         await asyncio.gather(*self._sending, return_exceptions=True)
@@ -126,11 +152,14 @@ class Gateway:
         watcher = ChainWatcher(
             ContractsReader(contracts),
             poll_s=settings.chain_poll_s,
+            max_age_s=settings.channel_max_age_s,
             on_stake_change=book.set_active,
             on_slashed=book.pull,
         )
         session_factory = sessions(engine)
         metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
+        if metering is not None:
+            watcher.on_exit = partial(metering.redeem_if_owed, session_factory)
         domain = contracts.protocol_domain()
         keys, checks = KeyRing(account, domain), SignatureChecks(domain)
         coordinator = Coordinator(

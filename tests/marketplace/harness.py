@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -206,20 +208,19 @@ def database(backend: str, tmp: Path, *, template: str | None = None) -> Iterato
 def gateway_settings(
     market: Market, database_url: str, models: dict[str, Path], **overrides: object
 ) -> GatewaySettings:
-    overrides.setdefault("max_job_ttl_s", 1_800)  # with the default window and epoch: within WITHDRAW_DELAY_S
-    return GatewaySettings(
-        rpc_url=market.anvil.url,
-        deployment_file=market.deployment_file,
-        database_url=database_url,
-        gateway_key=market.gateway_key.key.hex(),
-        models=[f"{name}={path}" for name, path in models.items()],
-        chain_poll_s=0.2,
-        job_sweep_s=0.2,
-        step_timeout_s=20,
-        heartbeat_ttl_s=3600,
-        _env_file=None,
-        **overrides,
-    )  # type: ignore[call-arg]
+    settings: dict[str, object] = {
+        "rpc_url": market.anvil.url,
+        "deployment_file": market.deployment_file,
+        "database_url": database_url,
+        "gateway_key": market.gateway_key.key.hex(),
+        "models": [f"{name}={path}" for name, path in models.items()],
+        "chain_poll_s": 0.2,
+        "job_sweep_s": 0.2,
+        "step_timeout_s": 20,
+        "heartbeat_ttl_s": 3600,
+        "max_job_ttl_s": 1_800,  # with the default window and epoch: within WITHDRAW_DELAY_S
+    }
+    return GatewaySettings(**{**settings, **overrides}, _env_file=None)  # type: ignore[arg-type]
 
 
 def announce(
@@ -399,3 +400,38 @@ def wait_until(check: Any, timeout_s: float = 30.0, every_s: float = 0.1) -> Any
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(every_s)
+
+
+class RpcProxy(ThreadingHTTPServer):
+    """A JSON-RPC proxy in front of anvil that can be cut: while ``down``, every connection is closed unanswered,
+    as an endpoint that went away."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.down = upstream, False
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:
+                body = handler.rfile.read(int(handler.headers["Content-Length"]))
+                if self.down:
+                    handler.close_connection = True
+                    return
+                answer = httpx.post(self.upstream, content=body, headers={"Content-Type": "application/json"})
+                handler.send_response(answer.status_code)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(answer.content)))
+                handler.end_headers()
+                handler.wfile.write(answer.content)
+
+            def log_message(handler, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -3,9 +3,11 @@ CI) and a redis-server started here (the embedded default)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.devnet.redis_server import RedisServer
+from marketplace.gateway.service import MeteringQueue
 from settlement.config import SettlementSettings
+from settlement.db.engine import create_engine, sessions
 from settlement.db.schema import LedgerEntry
 from settlement.deploy import Contracts
 from settlement.errors import UnknownJob
@@ -150,3 +154,33 @@ def test_a_validation_on_its_way_is_not_queued_again(redis_url: str) -> None:
     assert 0 < ttl <= 30 * 60
     client.delete("strata:validate:queued:7")  # the chain ended: decided, or failed on the validator's side
     assert claim_validation(client, 7)
+
+
+def test_an_exit_on_a_channel_owing_charges_asks_for_an_epoch_now(
+    worker: Celery, recorder: Recorder, actors: Actors, url: str
+) -> None:
+    """The gateway sees a payer start to leave a channel it charged beyond what was redeemed: it queues
+    close_epoch at once rather than waiting for the schedule (an hour here), and the worker redeems it."""
+    payer = actors.payers[0]
+    recorder.voucher_job(payer, tokens=50_000)
+    channel = recorder.channels[payer.address]
+    recorder.contracts.escrow.initiate_withdraw(payer, channel=channel)
+    owing, settled = channel, bytes(32)  # the second: a channel nobody charged, which asks for nothing
+
+    async def seen() -> None:
+        engine = create_engine(url)
+        queue = MeteringQueue(worker.conf.broker_url)
+        try:
+            queue.redeem_if_owed(sessions(engine), settled)
+            queue.redeem_if_owed(sessions(engine), owing)
+            await queue.close()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seen())
+    deadline = time.monotonic() + 120
+    while recorder.contracts.distributor.epoch() == 0:
+        assert time.monotonic() < deadline, "no epoch was closed"
+        time.sleep(0.5)
+    assert recorder.contracts.escrow.channel(channel).claimed == 450
+    assert ledger_and_chain(recorder.sessions, recorder.contracts).matches

@@ -27,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
@@ -37,7 +36,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
-from marketplace.gateway.errors import PaymentRejected, Unavailable
+from marketplace.gateway.errors import PaymentRejected, Unavailable, chain_read
 from marketplace.gateway.payments.x402 import (
     EXACT,
     VOUCHER,
@@ -52,11 +51,10 @@ from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Ch
 from settlement.deploy import Contracts
 from settlement.eip712 import DOMAIN_VERSION, VOUCHER_ESCROW_DOMAIN_NAME, Domain
 from settlement.eip712 import Voucher as SignedVoucher
-from settlement.errors import ChainError, ChainUnavailable, TransactionReverted
+from settlement.errors import ChainError, TransactionReverted
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 NONE = "none"  # the scheme of jobs served with payments off
 
@@ -170,16 +168,6 @@ class Settled:
     channel_charged: int | None  # the channel's cumulative charge after this job
 
 
-async def _from_chain(read: Awaitable[T]) -> T:
-    """A chain read a payment depends on; an unreachable chain is the client's 503 to retry, not a 500."""
-    try:
-        return await read
-    except ChainUnavailable as exc:
-        raise Unavailable(
-            "chain_unavailable", f"the chain cannot be read to check this payment: {exc}"
-        ) from exc
-
-
 def _check_amount(amount: int, what: str) -> None:
     if amount > BIGINT_MAX:
         raise PaymentRejected("amount_out_of_range", f"{what} {amount} is above {BIGINT_MAX}")
@@ -222,11 +210,11 @@ class PaymentGate:
             raise PaymentRejected(
                 "invalid_signature", f"voucher signed by {signer}, but channel {hex0x(channel)} is {payer}'s"
             )
-        view = await _from_chain(self.watcher.channel(channel))
+        view = await chain_read(self.watcher.channel(channel))
         if payment.amount * 10 > view.deposit * 9 and not view.closed:
             # Near or past the deposit as last seen: a deposit newer than the last poll, or a channel about to be
             # spent, is read again rather than trusted.
-            view = await _from_chain(self.watcher.channel(channel, fresh=True))
+            view = await chain_read(self.watcher.channel(channel, fresh=True))
         if view.closed:
             raise PaymentRejected("channel_closed", f"channel {hex0x(channel)} was closed by its payer")
         if view.exiting:
@@ -326,10 +314,10 @@ class PaymentGate:
             )
         token = self.contracts.token
         try:
-            used = await _from_chain(asyncio.to_thread(token.authorization_used, auth.sender, auth.nonce))
+            used = await chain_read(asyncio.to_thread(token.authorization_used, auth.sender, auth.nonce))
             if used:
                 raise PaymentRejected("authorization_used", f"nonce {hex0x(auth.nonce)} was already used")
-            await _from_chain(
+            await chain_read(
                 asyncio.to_thread(
                     token.simulate_transfer_with_authorization,
                     self.gateway.address,

@@ -80,6 +80,22 @@ def test_an_event_refreshes_the_channels_it_names_and_only_those_already_cached(
     assert f"channel {OTHER.hex()[:8]}" not in reader.reads
 
 
+def test_an_exit_is_told_for_every_channel_it_names() -> None:
+    reader = FakeChainReader(channels={CHANNEL: ChannelView(500, 0)})
+    exits: list[bytes] = []
+    watcher = ChainWatcher(reader, poll_s=0.01, on_exit=exits.append)
+
+    async def follow() -> None:
+        await watcher.start()
+        reader.emit("WithdrawInitiated", channelId=OTHER)  # never read by the gateway: still told
+        reader.emit("ChannelFunded", channelId=CHANNEL)
+        await watcher.sync()
+        await watcher.stop()
+
+    asyncio.run(follow())
+    assert exits == [OTHER]
+
+
 def test_a_closed_channel_reads_as_closed() -> None:
     assert ChannelView(0, CHANNEL_CLOSED).closed
     assert not ChannelView(0, CHANNEL_CLOSED).exiting

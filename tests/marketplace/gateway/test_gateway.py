@@ -26,7 +26,7 @@ from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
 from marketplace.gateway.catalog import load_model
 from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from marketplace.provider.announce import DEFAULT_RETENTION_S, Announcer, Offer
-from settlement.db.schema import Authorization, Charge, Hop, Job, Receipt
+from settlement.db.schema import Authorization, Channel, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
 from settlement.eip712 import Heartbeat, JobRead, TransferAuthorization
 from tests.marketplace.harness import (
@@ -35,6 +35,7 @@ from tests.marketplace.harness import (
     GatewayServer,
     Market,
     ProviderProcess,
+    RpcProxy,
     announce,
     chain_clock_moved,
     channel_state,
@@ -325,6 +326,57 @@ def test_an_exact_transfer_that_lands_after_the_gateway_gave_up_is_refunded_in_f
     assert late.error_code == "payment_unconfirmed"
     assert (charge.amount, charge.refund) == (0, charge.quote)  # and is owed all of it back
     assert authorization.status == "settled" and authorization.tx_hash is not None
+
+
+def test_with_the_chain_gone_payments_get_503_chain_unavailable_and_nothing_is_charged(
+    backend: str,
+    migrated: str,
+    market: Market,
+    models: dict[str, Path],
+    providers: dict[str, ProviderProcess],
+    tmp_path: Path,
+) -> None:
+    """The gateway's RPC endpoint goes away mid-traffic. Once its cached view of a channel is older than the bound
+    (1 s here), a paid request is answered 503 chain_unavailable with Retry-After: not served blind against a
+    deposit that may have been withdrawn since. Exact payments, which need the chain to settle, too."""
+    client = market.clients[0]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    proxy = RpcProxy(market.anvil.url)
+    try:
+        with database(backend, tmp_path, template=migrated) as url:
+            settings = gateway_settings(market, url, models, rpc_url=proxy.url, channel_max_age_s=1)
+            server = GatewayServer(settings).start()
+            try:
+                root = server.gateway.catalog.get("tiny").root
+                for provider in providers.values():
+                    announce(server.url, provider, root)
+                body = chat_body("while it lasts", max_tokens=4)
+                offer = requirement(post(server.url, CHAT, body), "voucher")
+                paid = post(
+                    server.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer)
+                )
+                assert paid.status_code == 200, paid.text
+                charged = channel_state(server.url, channel)["charged"]
+
+                proxy.down = True
+                time.sleep(1.5)
+                cumulative = int(charged) + int(offer["amount"])
+                refused = post(server.url, CHAT, body, voucher_header(client, channel, cumulative, offer))
+                assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
+                assert int(refused.headers["Retry-After"]) > 0
+                exact = exact_header(market.clients[1], requirement(post(server.url, CHAT, body), "exact"),
+                                     market.contracts.token.domain())  # fmt: skip
+                refused = post(server.url, CHAT, body, exact)
+                assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
+                # Nothing more charged; the channel's own route says the chain is gone too.
+                (row,) = rows(server, select(Channel).where(Channel.id == "0x" + channel.hex()))
+                assert (str(row.charged), row.reserved) == (charged, 0)
+                gone = httpx.get(f"{server.url}/v1/channels/0x{channel.hex()}")
+                assert (gone.status_code, error_code(gone)) == (503, "chain_unavailable")
+            finally:
+                server.stop()
+    finally:
+        proxy.close()
 
 
 # -- refusals ----------------------------------------------------------------------------------------------

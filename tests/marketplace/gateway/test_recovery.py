@@ -53,6 +53,7 @@ class GatewayProcess:
             "HEARTBEAT_TTL_S": "3600",
             "CHAIN_POLL_S": "0.2",
             "JOB_SWEEP_S": "0.2",
+            "MAX_JOB_TTL_S": "1800",  # within the test deployment's withdraw delay, or the gateway will not start
             "OMP_NUM_THREADS": "1",
         }
         self.process: subprocess.Popen[bytes] | None = None

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from marketplace.gateway.api.deps import GatewayDep
 from marketplace.gateway.api.schemas import AskBody, HeartbeatBody
-from marketplace.gateway.errors import InvalidRequest, NotFound
+from marketplace.gateway.errors import InvalidRequest, NotFound, chain_read
 from marketplace.gateway.market import AskInput
 from marketplace.gateway.orderbook import BookAsk
 from settlement.db.schema import Channel, Hop, HopStatus, Provider
@@ -179,14 +179,17 @@ def _address(text: str) -> str:
 @router.get(
     "/channels/{channel_id}",
     operation_id="getChannel",
-    responses={404: {"description": "no deposit and no vouchers for this channel"}},
+    responses={
+        404: {"description": "no deposit and no vouchers for this channel"},
+        503: {"description": "the chain cannot be read and the cached state is too old (chain_unavailable)"},
+    },
 )
 async def get_channel(channel_id: str, gateway: GatewayDep) -> dict[str, Any]:
     """A payment channel: its deposit on chain and what this gateway accepted, charged and reserved on it."""
     if not _CHANNEL_ID.fullmatch(channel_id):
         raise InvalidRequest("invalid_request", "a channel id is 32 bytes of 0x-prefixed hex")
     channel = channel_id.lower()
-    view = await gateway.watcher.channel(bytes.fromhex(channel[2:]))
+    view = await chain_read(gateway.watcher.channel(bytes.fromhex(channel[2:])))
     async with gateway.sessions() as session:
         row = await session.get(Channel, channel)
     if row is None and view.deposit == 0 and not view.closed:
