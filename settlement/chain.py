@@ -123,6 +123,9 @@ class Chain:
         except (ContractLogicError, Web3RPCError) as exc:
             raise self._reverted(action, exc) from exc
 
+    def block_number(self) -> int:
+        return self.read(lambda: int(self.w3.eth.block_number))
+
     def timestamp(self) -> int:
         return self.read(lambda: int(self.w3.eth.get_block("latest")["timestamp"]))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from eth_abi.abi import decode
 from eth_abi.exceptions import DecodingError
@@ -17,7 +18,7 @@ from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.logs import DISCARD
-from web3.types import TxParams, TxReceipt
+from web3.types import FilterParams, TxParams, TxReceipt
 
 from settlement.chain import Chain
 from settlement.eip712 import (
@@ -68,6 +69,27 @@ class _Wrapper:
 
     def has_role(self, role: bytes, account: str) -> bool:
         return bool(self._call("hasRole", role, to_checksum_address(account)))
+
+
+# Blocks of logs asked for at once: what public endpoints commonly allow.
+LOG_PAGE_BLOCKS = 2_000
+
+
+def _topic_address(address: str) -> str:
+    return "0x" + bytes(12).hex() + to_checksum_address(address)[2:].lower()
+
+
+@dataclass(frozen=True)
+class AuthorizationFate:
+    """An EIP-3009 authorization as the chain shows it at block ``block``."""
+
+    paid_by: str | None  # the transaction whose transfer it authorized, whoever sent it
+    spent: bool  # its nonce is used: paid, cancelled, or spent on another authorization of the same nonce
+    block: int
+    chain_time: int  # that block's timestamp: once past validBefore, an unspent authorization never lands
+
+    def can_still_land(self, valid_before: int) -> bool:
+        return not self.spent and self.chain_time < valid_before
 
 
 class PaymentToken(_Wrapper):
@@ -126,27 +148,47 @@ class PaymentToken(_Wrapper):
         """Whether the nonce is spent: by a transfer, or by the authorizer cancelling it."""
         return bool(self._call("authorizationState", to_checksum_address(authorizer), nonce))
 
-    def authorization_transfer(self, authorizer: str, nonce: bytes, *, blocks: int) -> str | None:
-        """The transaction that spent the authorization on a transfer (its ``AuthorizationUsed`` log) within the
-        last ``blocks`` blocks, whoever sent it; None when there is none (a cancel spends a nonce without one)."""
-        event = self.contract.events.AuthorizationUsed()
-        head = self.chain.read(lambda: int(self.chain.w3.eth.block_number))
-        topics = [
-            event.topic,
-            "0x" + bytes(12).hex() + to_checksum_address(authorizer)[2:].lower(),
-            "0x" + nonce.hex(),
-        ]
-        logs = self.chain.read(
-            lambda: self.chain.w3.eth.get_logs(
-                {
-                    "address": self.address,
-                    "fromBlock": max(0, head - blocks),
-                    "toBlock": head,
-                    "topics": topics,
-                }
+    def authorization_fate(
+        self, authorizer: str, nonce: bytes, *, to: str, value: int, from_block: int
+    ) -> AuthorizationFate:
+        """What became of an EIP-3009 authorization of ``value`` from ``authorizer`` to ``to``, read at one block.
+
+        It paid only if a transaction holds its ``AuthorizationUsed`` log followed at once by the token's
+        ``Transfer(authorizer, to, value)``: nonces are the authorizer's, not the authorization's, so a payer can
+        spend the same nonce on another authorization (to itself, of 1) or cancel it, and either leaves the same
+        ``AuthorizationUsed`` or a spent nonce behind without paying. Logs are read from ``from_block`` (when the
+        gateway took the authorization) a page of ``LOG_PAGE_BLOCKS`` at a time."""
+        w3 = self.chain.w3
+        block = self.chain.read(lambda: w3.eth.get_block("latest"))
+        head, chain_time = int(block["number"]), int(block["timestamp"])
+        used, transfer = self.contract.events.AuthorizationUsed(), self.contract.events.Transfer()
+        topics = [used.topic, _topic_address(authorizer), "0x" + nonce.hex()]
+        paid: str | None = None
+        for first in range(max(0, from_block), head + 1, LOG_PAGE_BLOCKS):
+            last = min(head, first + LOG_PAGE_BLOCKS - 1)
+            query = cast(
+                FilterParams, {"address": self.address, "fromBlock": first, "toBlock": last, "topics": topics}
+            )
+            for entry in self.chain.read(partial(w3.eth.get_logs, query)):
+                receipt = self.chain.read(partial(w3.eth.get_transaction_receipt, entry["transactionHash"]))
+                for moved in transfer.process_receipt(receipt, errors=DISCARD):
+                    args = moved["args"]
+                    if (
+                        to_checksum_address(moved["address"]) == self.address
+                        and moved["logIndex"] == entry["logIndex"] + 1
+                        and to_checksum_address(args["from"]) == to_checksum_address(authorizer)
+                        and to_checksum_address(args["to"]) == to_checksum_address(to)
+                        and int(args["value"]) == value
+                    ):
+                        paid = entry["transactionHash"].to_0x_hex()
+        spent = paid is not None or bool(
+            self.chain.read(
+                lambda: self.contract.functions.authorizationState(
+                    to_checksum_address(authorizer), nonce
+                ).call(block_identifier=head)
             )
         )
-        return logs[0]["transactionHash"].to_0x_hex() if logs else None
+        return AuthorizationFate(paid, spent, head, chain_time)
 
     def transfer_with_authorization_call(
         self, *, authorization: TransferAuthorization, signature: bytes

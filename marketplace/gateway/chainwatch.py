@@ -140,6 +140,7 @@ class ChainWatcher:
         self.on_slashed = on_slashed  # a validator slashed the provider: its asks leave the book
         self.on_exit = on_exit  # a payer started to leave a channel: what it owes should be redeemed soon
         self._channels: dict[bytes, tuple[ChannelView, float]] = {}  # the view, and when it was read
+        self._generations: dict[bytes, int] = {}  # refreshes events made, per channel
         self._active: dict[str, bool] = {}
         self._cursor: int | None = None
         self._head: int | None = None  # the latest block the endpoint reported
@@ -163,8 +164,12 @@ class ChainWatcher:
         return followed or now - read_at < self.max_age_s
 
     async def _read_channel(self, channel_id: bytes) -> ChannelView:
+        # A read that an event's refresh overtook is older than what the refresh cached: it must not replace it
+        # (a payer's exit would be forgotten while the watcher, following, keeps the cache current).
+        generation = self._generations.get(channel_id, 0)
         view = await asyncio.to_thread(self.reader.channel, channel_id)
-        self._channels[channel_id] = (view, time.monotonic())
+        if self._generations.get(channel_id, 0) == generation:
+            self._channels[channel_id] = (view, time.monotonic())
         return view
 
     async def is_active(self, provider: str, *, fresh: bool = False) -> bool:
@@ -259,6 +264,7 @@ class ChainWatcher:
             elif event.name == "MinStakeChanged":
                 everyone = True
         for channel_id in channels & self._channels.keys():
+            self._generations[channel_id] = self._generations.get(channel_id, 0) + 1
             await self._read_channel(channel_id)
         for provider in self._active.keys() if everyone else providers:
             await self.is_active(provider, fresh=True)

@@ -29,6 +29,8 @@ from there. With greedy decoding the new route samples exactly the token the old
 What an abandoned route is paid: nothing. Its sessions are closed without collecting receipts, so nobody on it
 bills that attempt; the replay repeats their work on the new route, which bills it instead. The client
 therefore pays exactly what a run without the failure on the final route would cost, never more than its quote.
+A job that fails for good after tokens reached the client pays for them: the last attempt's hops not at fault
+are closed for their receipts and billed where the receipt is exactly the gateway's record.
 """
 
 from __future__ import annotations
@@ -222,11 +224,15 @@ class Coordinator:
                         excluded.add(route.asks[position].provider)
                         if suspend:
                             self.book.suspend(route.asks[position].provider, self.failure_suspend_s)
-                    self._close_quietly(plans, spec.vocab_size)
                     fresh = self._reroute(spec, excluded) if attempt < self.max_failovers else None
                     if fresh is None:
+                        if tokens:
+                            await self._bill_delivered(spec, plans, records, client)
+                        else:
+                            self._close_quietly(plans, spec.vocab_size)
                         message = f"providers failed and no route is left: {exc}"
                         return Outcome(tokens, None, hops, attempt, "route_failed", message)
+                    self._close_quietly(plans, spec.vocab_size)
                     route, held, attempt = fresh, fresh, attempt + 1
                     continue
                 receipts = await client.close()
@@ -298,18 +304,7 @@ class Coordinator:
         """Each hop billed on its own receipt, whatever the others' say."""
         for plan, record, receipt in zip(plans, records, receipts, strict=True):
             record.receipt = receipt
-            expected = ReceiptFields(
-                job_id=spec.job_id,
-                session=plan.ticket.session,
-                gateway=self.keys.address,
-                provider=record.ask.provider,
-                model_root=plan.ticket.model_root,
-                layer_start=record.ask.start,
-                layer_end=record.ask.end,
-                positions=record.tokens,
-                transcript_root=record.transcript_root,
-                sampling_hash=sampling_hash(spec.sampling if plan.ticket.last else None),
-            )
+            expected = self._expected(spec, plan, record)
             refused = (
                 "no receipt" if receipt is None else receipt_bills(receipt, expected, self.check_receipt)
             )
@@ -323,6 +318,38 @@ class Coordinator:
                 record.status = HopStatus.FALSE_RECEIPT
                 record.refusal = refused
                 self.book.suspend(record.ask.provider, FALSE_RECEIPT_SUSPEND_S)
+
+    def _expected(self, spec: JobSpec, plan: HopPlan, record: HopRecord) -> ReceiptFields:
+        """The receipt a hop owes for what the gateway recorded of it."""
+        return ReceiptFields(
+            job_id=spec.job_id,
+            session=plan.ticket.session,
+            gateway=self.keys.address,
+            provider=record.ask.provider,
+            model_root=plan.ticket.model_root,
+            layer_start=record.ask.start,
+            layer_end=record.ask.end,
+            positions=record.tokens,
+            transcript_root=record.transcript_root,
+            sampling_hash=sampling_hash(spec.sampling if plan.ticket.last else None),
+        )
+
+    async def _bill_delivered(
+        self, spec: JobSpec, plans: list[HopPlan], records: list[HopRecord], client: RouteSession
+    ) -> None:
+        """The job failed for good after tokens reached the client: what was delivered is paid for, on the
+        receipts of the attempt that produced it. Each hop not at fault is closed for its receipt and billed if
+        the receipt is exactly the gateway's record of it. A hop before the failure may have computed the step
+        that never came back whole, so its receipt can honestly say one step more: it goes unpaid, and is not
+        taken for a false receipt."""
+        receipts = await client.close()
+        for plan, record, receipt in zip(plans, records, receipts, strict=True):
+            if record.status == HopStatus.FAILED or receipt is None or not record.steps:
+                continue
+            refused = receipt_bills(receipt, self._expected(spec, plan, record), self.check_receipt)
+            if refused is None:
+                record.receipt, record.verified, record.status = receipt, True, HopStatus.BILLED
+                record.amount = hop_charge(record.tokens, record.ask.layers, record.ask.price_per_million)
 
     def _close_quietly(self, plans: list[HopPlan], vocab_size: int) -> None:
         """Frees the abandoned sessions' KV caches where the providers still answer; receipts are not wanted."""

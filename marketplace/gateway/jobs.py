@@ -8,8 +8,9 @@
                the hops, the receipts, the charge and the channel's new totals.
 
 What a job is charged: the metered sum of its verified receipts, at most the quote. A job that failed (no
-route left after provider failures) is charged nothing. A job whose client went away is charged for the
-positions computed before it stopped; its text is kept and can be read at ``GET /v1/jobs/{id}``.
+route left after provider failures) is charged for the tokens it delivered, on the receipts that back them,
+and nothing if it delivered none. A job whose client went away is charged for the positions computed before
+it stopped; its text is kept and can be read at ``GET /v1/jobs/{id}``.
 
 Jobs from ``POST /v1/jobs`` may rest in the book: paid up to their ``max_price``, they wait until a route at or
 below it appears (bids by highest max price, then oldest first), or expire, releasing the reservation.
@@ -44,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog, ServedModel
 from marketplace.gateway.coordinator import Coordinator, HopRecord, JobSpec, Outcome
-from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
+from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected, Unavailable
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
@@ -63,7 +64,6 @@ from settlement.db.schema import (
 )
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
-from settlement.errors import ChainError
 from settlement.pricing import TOKEN_LAYERS_PER_PRICE_UNIT
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class JobRunner:
         reservation = Reservation(NONE, None, 0)
         route = self._match(request) if quote.route is not None else None
         if route is None:
-            self._resting.check_room(None)
+            self._resting.check_room(None, Fraction(quote.amount, request.quote_tokens))
         async with self.sessions() as session, session.begin():
             session.add(
                 self._job_row(job_id, request, reservation, JobStatus.RUNNING if route else JobStatus.RESTING)
@@ -278,7 +278,7 @@ class JobRunner:
                 if isinstance(payment, ExactPayment)
                 else to_checksum_address(payment.channel_id[:20])
             )
-            self._resting.check_room(payer)
+            self._resting.check_room(payer, Fraction(quote.amount, request.quote_tokens))
         try:
             job_id = hex0x(os.urandom(32))
             status = JobStatus.RUNNING if route is not None else JobStatus.RESTING
@@ -305,53 +305,64 @@ class JobRunner:
         await self.gate.check_exact(payment, quote)
         auth = payment.authorization
         reservation = Reservation(EXACT, auth.sender, auth.value)
+        from_block = await self.gate.head_block()
         async with self.sessions() as session, session.begin():
             session.add(self._job_row(job_id, request, reservation, JobStatus.PAYING))
             await session.flush()
-            record = self.gate.record_exact(session, payment, job_id)
+            record = self.gate.record_exact(session, payment, job_id, from_block)
+        # Held until the outcome is committed, so reconcile_payments never judges a send still on its way.
         self._paying.add(job_id)
         try:
-            tx_hash = await self._send_exact(payment, record.id, job_id)
+            tx_hash = await self._send_exact(payment, record.id, job_id, from_block)
+            async with self.sessions() as session, session.begin():
+                # Conditional, as reconcile_payments' are: of two writers, one decides the payment's fate.
+                settled = await session.execute(
+                    update(Authorization)
+                    .where(Authorization.id == record.id, Authorization.status == AuthorizationStatus.PENDING)
+                    .values(status=AuthorizationStatus.SETTLED, tx_hash=tx_hash)
+                )
+                if settled.rowcount != 1:  # type: ignore[attr-defined]
+                    raise Unavailable("settlement_pending", "this payment was settled elsewhere; see the job")
+                await session.execute(
+                    update(Job).where(Job.id == job_id, Job.status == JobStatus.PAYING).values(status=status)
+                )
         finally:
             self._paying.discard(job_id)
-        async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(Authorization)
-                .where(Authorization.id == record.id)
-                .values(status=AuthorizationStatus.SETTLED, tx_hash=tx_hash)
-            )
-            await session.execute(update(Job).where(Job.id == job_id).values(status=status))
         return Reservation(EXACT, auth.sender, auth.value, tx_hash=tx_hash)
 
-    async def _send_exact(self, payment: ExactPayment, record_id: int, job_id: str) -> str:
+    async def _send_exact(self, payment: ExactPayment, record_id: int, job_id: str, from_block: int) -> str:
         """Sends the transfer; returns the hash of the transfer that paid, which may be someone else's.
 
         Anyone holding the signed authorization may submit it, and the tokens still go to the gateway's payee: a
-        send refused as ``authorization_used``, or any refusal, is checked against the chain, and a transfer
-        found there pays for the job. A send whose outcome is unknown leaves the authorization pending and the job
-        paying, for :meth:`reconcile_payments`; the client gets 503 ``settlement_pending``."""
+        send refused as ``authorization_used``, or any refusal, is checked against the chain, and the transfer
+        it authorized, found there, pays for the job. A spent nonce alone does not: a payer can cancel it, or
+        spend it on another authorization of its own. A send whose outcome is unknown, or a refusal the chain
+        cannot be asked about, leaves the authorization pending and the job paying, for
+        :meth:`reconcile_payments`; the client gets 503 ``settlement_pending``."""
         auth = payment.authorization
         try:
             return await self.gate.send_exact(payment)
         except PaymentRejected as refused:
             try:
-                landed = await self.gate.exact_transfer(auth.sender, auth.nonce)
-            except ChainError:
-                landed = None
-            if landed is not None:
+                fate = await self.gate.exact_fate(auth.sender, auth.nonce, auth.value, from_block)
+            except Exception as exc:  # whatever the endpoint answers: the payment's fate is not known
+                raise Unavailable(
+                    "settlement_pending", f"the transfer was refused and the chain cannot say why yet: {exc}"
+                ) from exc
+            if fate.paid_by is not None:
                 log.info(
-                    "job %s: its authorization was sent by someone else first (%s); it pays", job_id, landed
+                    "job %s: its authorization was sent by someone else first (%s)", job_id, fate.paid_by
                 )
-                return landed
+                return fate.paid_by
             async with self.sessions() as session, session.begin():
                 await session.execute(
                     update(Authorization)
-                    .where(Authorization.id == record_id)
+                    .where(Authorization.id == record_id, Authorization.status == AuthorizationStatus.PENDING)
                     .values(status=AuthorizationStatus.FAILED)
                 )
                 await session.execute(
                     update(Job)
-                    .where(Job.id == job_id)
+                    .where(Job.id == job_id, Job.status == JobStatus.PAYING)
                     .values(status=JobStatus.FAILED, error_code="settlement_failed")
                 )
             raise refused
@@ -437,7 +448,8 @@ class JobRunner:
             status, finish = JobStatus.COMPLETED, outcome.finish
         # Without payment checks nobody is charged; what the providers metered stays on the hops and receipts.
         paid = run.reservation.scheme != NONE
-        charged = outcome.charged if status != JobStatus.FAILED and paid else 0
+        # A failed job carries bills only for tokens it delivered (see Coordinator._bill_delivered).
+        charged = outcome.charged if paid else 0
         self.metrics.tokens.inc(len(outcome.tokens))
         self.metrics.failovers.inc(outcome.failovers)
         try:
@@ -561,13 +573,16 @@ class JobRunner:
         rate = Fraction(route.price_per_token, TOKEN_LAYERS_PER_PRICE_UNIT)  # base units per position
         for resting in self._resting.bids(model.root, rate):
             run = resting.run
+            if now >= resting.expires:
+                continue  # the next sweep expires it
             if route.quote(run.request.quote_tokens) > run.reservation.quote:
                 continue  # per-hop rounding puts it a unit or two over: a later, longer job may still fit
             # Paid from a channel its payer has since started to leave: it would run on money that may be gone
             # before the work is redeemed. It ends uncharged; an unreachable chain leaves it for the next pass.
             try:
                 leaving = await self._channel_leaving(run.reservation)
-            except ChainError:
+            except Exception as exc:  # whatever the endpoint does, this job waits and the others go on
+                log.warning("job %s: its channel cannot be read yet: %r", run.job_id, exc)
                 continue
             self._resting.remove(run.job_id)
             if leaving:
@@ -627,8 +642,9 @@ class JobRunner:
     async def reconcile_payments(self) -> int:
         """Settles exact payments whose transfer's outcome was unknown (no receipt in time, the chain down, the
         gateway killed while sending); returns how many are still unknown. A transfer that landed, whoever sent
-        it, is owed back in full (the job never ran); an authorization that can no longer land (expired, or
-        cancelled by its payer) fails with nothing owed; one that still may land is left for the next pass."""
+        it, is owed back in full (the job never ran); an authorization that can no longer land (its nonce spent
+        without paying, or past validBefore by the chain's clock) fails with nothing owed; one that still may
+        land is left for the next pass. One payment the chain cannot be asked about holds up no other."""
         async with self.sessions() as session:
             paying = (await session.scalars(select(Job).where(Job.status == JobStatus.PAYING))).all()
             records = {
@@ -642,42 +658,43 @@ class JobRunner:
             record = records.get(job.id)
             if job.id in self._paying or record is None:
                 continue
-            nonce = bytes.fromhex(record.nonce[2:])
-            token = self.gate.contracts.token
             try:
-                landed = await self.gate.exact_transfer(record.payer, nonce)
-                spent = landed is not None or await asyncio.to_thread(
-                    token.authorization_used, record.payer, nonce
+                fate = await self.gate.exact_fate(
+                    record.payer, bytes.fromhex(record.nonce[2:]), record.value, record.from_block
                 )
-            except ChainError:
+            except Exception as exc:  # an endpoint down or refusing: asked again at the next pass
+                log.warning("job %s: its exact payment cannot be looked up yet: %r", job.id, exc)
                 unknown += 1
                 continue
-            if landed is None and not spent and record.valid_before > self.clock():
+            if fate.paid_by is None and fate.can_still_land(record.valid_before):
                 unknown += 1
                 continue
-            async with self.sessions() as session, session.begin():
-                await session.execute(
-                    update(Authorization)
-                    .where(Authorization.id == record.id)
-                    .values(
-                        status=AuthorizationStatus.SETTLED if landed else AuthorizationStatus.FAILED,
-                        tx_hash=landed,
-                    )
-                )
-                row = await session.get(Job, job.id)
-                assert row is not None
-                row.status, row.error_code = JobStatus.FAILED, "payment_unconfirmed"
-                row.error_message = (
-                    "the payment landed after the gateway gave up waiting for it; it is refunded in full"
-                    if landed
-                    else "the payment never landed; nothing was charged"
-                )
-                row.finished_at = datetime.fromtimestamp(self.clock(), UTC)
-                reservation = (
-                    Reservation(EXACT, job.payer, job.quote) if landed else Reservation(NONE, None, 0)
-                )
-                await self.gate.settle(session, reservation, job.id, 0)
+            await self._settle_unknown(job, record, fate.paid_by)
         return unknown
+
+    async def _settle_unknown(self, job: Job, record: Authorization, paid_by: str | None) -> None:
+        async with self.sessions() as session, session.begin():
+            decided = await session.execute(
+                update(Authorization)
+                .where(Authorization.id == record.id, Authorization.status == AuthorizationStatus.PENDING)
+                .values(
+                    status=AuthorizationStatus.SETTLED if paid_by else AuthorizationStatus.FAILED,
+                    tx_hash=paid_by,
+                )
+            )
+            if decided.rowcount != 1:  # type: ignore[attr-defined]
+                return  # the send decided it meanwhile
+            row = await session.get(Job, job.id)
+            assert row is not None
+            row.status, row.error_code = JobStatus.FAILED, "payment_unconfirmed"
+            row.error_message = (
+                "the payment landed after the gateway gave up waiting for it; it is refunded in full"
+                if paid_by
+                else "the payment never landed; nothing was charged"
+            )
+            row.finished_at = datetime.fromtimestamp(self.clock(), UTC)
+            reservation = Reservation(EXACT, job.payer, job.quote) if paid_by else Reservation(NONE, None, 0)
+            await self.gate.settle(session, reservation, job.id, 0)
 
     def _false_receipt(self, job_id: str, hop_id: int, hop: HopRecord, now: datetime) -> Validation:
         """The evidence of a false receipt: the receipt as signed, beside the gateway's record of the hop."""

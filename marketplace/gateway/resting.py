@@ -1,7 +1,9 @@
 """Jobs resting in the book until a route within their price appears: capped, and indexed by what they bid.
 
 A resting job holds its whole max price, paid, and costs the gateway a look at every book change. So there are
-at most ``max_jobs`` of them, and at most ``max_per_payer`` of one payer, checked before any payment is taken.
+at most ``max_per_payer`` of one payer, checked before any payment is taken, and at most ``max_jobs`` in all:
+when the book is full a new job is taken only if it bids more per position than the lowest resting bid, which is
+then expired at the next sweep (uncharged). Filling the book with bids of one unit does not lock anyone out.
 
 A sweep must cost what changed, not every resting job. Each model's jobs are kept in order of their bid per
 position (max price over positions, highest first, then oldest), and a route's cost per position is its price
@@ -58,6 +60,7 @@ class RestingJobs:
         self._by_model: dict[str, list[tuple[tuple[Fraction, float, str], Resting]]] = defaultdict(list)
         self._by_payer: Counter[str] = Counter()
         self._deadlines: list[tuple[float, str]] = []
+        self._evicting: set[str] = set()  # outbid, to be expired at the next sweep
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -65,16 +68,21 @@ class RestingJobs:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
 
-    def check_room(self, payer: str | None) -> None:
-        """Raises TooManyResting when one more job of ``payer`` would not be taken."""
-        if len(self._jobs) >= self.max_jobs:
-            raise TooManyResting(
-                "too_many_resting_jobs", f"the book holds {self.max_jobs} resting jobs already"
-            )
+    def check_room(self, payer: str | None, bid: Fraction) -> None:
+        """Raises TooManyResting when one more job of ``payer``, bidding ``bid`` per position, would not be
+        taken."""
         if payer is not None and self._by_payer[payer] >= self.max_per_payer:
             raise TooManyResting(
                 "too_many_resting_jobs", f"{payer} has {self.max_per_payer} jobs resting already"
             )
+        if len(self._jobs) - len(self._evicting) >= self.max_jobs:
+            lowest = self._lowest()
+            if lowest is None or bid <= lowest.bid:
+                raise TooManyResting(
+                    "too_many_resting_jobs",
+                    f"the book holds {self.max_jobs} resting jobs; bid more per position than the lowest of "
+                    f"them ({lowest.bid if lowest else 0}) to take its place",
+                )
 
     def add(self, resting: Resting) -> None:
         job_id = resting.run.job_id
@@ -83,9 +91,24 @@ class RestingJobs:
         if resting.run.reservation.payer is not None:
             self._by_payer[resting.run.reservation.payer] += 1
         heapq.heappush(self._deadlines, (resting.expires, job_id))
+        if len(self._jobs) - len(self._evicting) > self.max_jobs:
+            lowest = self._lowest()
+            if lowest is not None:  # outbid: it leaves at the next sweep, as an expired job does
+                self._evicting.add(lowest.run.job_id)
+                heapq.heappush(self._deadlines, (float("-inf"), lowest.run.job_id))
+
+    def _lowest(self) -> Resting | None:
+        """The lowest bid in the book (the latest of equal ones), of those not already on their way out."""
+        ends = [
+            next((r for _, r in reversed(bids) if r.run.job_id not in self._evicting), None)
+            for bids in self._by_model.values()
+        ]
+        candidates = [r for r in ends if r is not None]
+        return max(candidates, key=lambda r: r.order) if candidates else None
 
     def remove(self, job_id: str) -> Resting | None:
         resting = self._jobs.pop(job_id, None)
+        self._evicting.discard(job_id)
         if resting is None:
             return None
         bids = self._by_model[resting.run.request.model.root]

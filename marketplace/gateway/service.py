@@ -84,17 +84,24 @@ class MeteringQueue:
         await asyncio.gather(*self._sending, return_exceptions=True)
 
 
+JOB_LIFETIME_SLACK_S = 600  # a job's run after it leaves the book, and the time an epoch itself takes
+
+
 def check_job_lifetime(settings: GatewaySettings, withdraw_delay_s: int) -> None:
     """A payer who starts leaving its channel as a job is paid has the escrow's withdraw delay before it can take
-    its deposit back. The job may rest and run for up to max_job_ttl_s, its hops are validated within
-    validation_window_s of its end, and the epoch that redeems it closes up to epoch_s later: all of that must
-    fit in the delay, or work paid from the channel may never be collected."""
-    needed = settings.max_job_ttl_s + settings.validation_window_s + settings.epoch_s
+    its deposit back. The exit may be seen up to channel_max_age_s late, the job may rest for up to
+    max_job_ttl_s and then run, its hops are validated within validation_window_s of its end, and the epoch that
+    redeems it closes up to epoch_s later (the settlement worker must run with the same EPOCH_S): all of that
+    must fit in the delay, or work paid from the channel may never be collected."""
+    needed = (
+        settings.max_job_ttl_s + settings.validation_window_s + settings.epoch_s + settings.channel_max_age_s
+        + JOB_LIFETIME_SLACK_S
+    )  # fmt: skip
     if needed >= withdraw_delay_s:
         raise ConfigurationError(
             f"the escrow's withdraw delay ({withdraw_delay_s} s) must exceed MAX_JOB_TTL_S + VALIDATION_WINDOW_S + "
-            f"EPOCH_S ({settings.max_job_ttl_s} + {settings.validation_window_s:g} + {settings.epoch_s:g} s): a "
-            "payer could leave with the deposit before the work it paid for is redeemed"
+            f"EPOCH_S + CHANNEL_MAX_AGE_S + {JOB_LIFETIME_SLACK_S} s for a job's run and an epoch's own time "
+            f"({needed:g} s): a payer could leave with the deposit before the work it paid for is redeemed"
         )
 
 

@@ -1,4 +1,5 @@
-"""refunds owed to exact payers get a row each, paid or not yet; channels remember that the escrow closed them
+"""refunds owed to exact payers get a row each, paid or not yet; channels remember that the escrow closed them;
+authorizations remember the block from which their transfer is looked for
 
 Revision ID: 0007
 Revises: 0006
@@ -57,9 +58,13 @@ def upgrade() -> None:
     op.drop_column("epochs", "refunds")
     with op.batch_alter_table("channels") as batch:
         batch.add_column(sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("authorizations") as batch:
+        batch.add_column(sa.Column("from_block", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("authorizations") as batch:
+        batch.drop_column("from_block")
     with op.batch_alter_table("channels") as batch:
         batch.drop_column("closed_at")
     op.add_column("epochs", sa.Column("refunds", sa.JSON(), nullable=False, server_default="{}"))

@@ -356,6 +356,8 @@ class Authorization(Base):
     status: Mapped[str] = mapped_column(String(16))  # AuthorizationStatus
     tx_hash: Mapped[str | None] = mapped_column(HASH)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    # The chain's head when the gateway took it: its transfer, whoever sent it, is in a later block.
+    from_block: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -8,6 +8,7 @@ is anvil, and the databases are a SQLite file and a fresh PostgreSQL database.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -403,11 +404,16 @@ def wait_until(check: Any, timeout_s: float = 30.0, every_s: float = 0.1) -> Any
 
 
 class RpcProxy(ThreadingHTTPServer):
-    """A JSON-RPC proxy in front of anvil that can be cut: while ``down``, every connection is closed unanswered,
-    as an endpoint that went away."""
+    """A JSON-RPC proxy in front of anvil that misbehaves on demand, as public endpoints do: while ``down`` every
+    connection is closed unanswered; each entry of ``faults`` spoils one answer ("429": HTTP 429 Too Many
+    Requests, "rpc_error": a JSON-RPC error object); and an ``eth_getLogs`` over more than ``max_log_blocks``
+    blocks is refused with a JSON-RPC error, as endpoints cap log ranges."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream, self.down = upstream, False
+        self.faults: list[str] = []
+        self.max_log_blocks: int | None = None
+        self.refused_log_ranges = 0
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(handler) -> None:
@@ -415,18 +421,44 @@ class RpcProxy(ThreadingHTTPServer):
                 if self.down:
                     handler.close_connection = True
                     return
-                answer = httpx.post(self.upstream, content=body, headers={"Content-Type": "application/json"})
-                handler.send_response(answer.status_code)
+                spoiled = self._spoiled(json.loads(body))
+                if spoiled is not None:
+                    status, content = spoiled
+                else:
+                    answer = httpx.post(
+                        self.upstream, content=body, headers={"Content-Type": "application/json"}
+                    )
+                    status, content = answer.status_code, answer.content
+                handler.send_response(status)
                 handler.send_header("Content-Type", "application/json")
-                handler.send_header("Content-Length", str(len(answer.content)))
+                handler.send_header("Content-Length", str(len(content)))
                 handler.end_headers()
-                handler.wfile.write(answer.content)
+                handler.wfile.write(content)
 
             def log_message(handler, *args: object) -> None:
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def _spoiled(self, request: Any) -> tuple[int, bytes] | None:
+        if isinstance(request, list):
+            return None
+        ident = request.get("id")
+        if self.faults:
+            fault = self.faults.pop(0)
+            if fault == "429":
+                return 429, b'{"error": "too many requests"}'
+            error = {"code": -32000, "message": "internal error, try again"}
+            return 200, json.dumps({"jsonrpc": "2.0", "id": ident, "error": error}).encode()
+        if request.get("method") == "eth_getLogs" and self.max_log_blocks is not None:
+            query = request["params"][0]
+            first, last = int(query["fromBlock"], 16), int(query["toBlock"], 16)
+            if last - first + 1 > self.max_log_blocks:
+                self.refused_log_ranges += 1
+                error = {"code": -32005, "message": f"query exceeds max block range {self.max_log_blocks}"}
+                return 200, json.dumps({"jsonrpc": "2.0", "id": ident, "error": error}).encode()
+        return None
 
     @property
     def url(self) -> str:

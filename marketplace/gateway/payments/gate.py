@@ -45,7 +45,7 @@ from marketplace.gateway.payments.x402 import (
     network_of,
     requirement,
 )
-from settlement.contracts import BPS
+from settlement.contracts import BPS, AuthorizationFate
 from settlement.db import channels
 from settlement.db.schema import Authorization, AuthorizationStatus, Channel, Charge, Job, Voucher, utcnow
 from settlement.deploy import Contracts
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 NONE = "none"  # the scheme of jobs served with payments off
 
 # Reverts of transferWithAuthorization, as the client should read them.
-# How far back the transfer that spent an authorization is looked for: its validity window is minutes long.
-EXACT_LOOKBACK_BLOCKS = 2_000
-
 _EXACT_REVERTS = {
     "ERC20InsufficientBalance": "insufficient_balance",
     "ERC3009InvalidSignature": "invalid_signature",
@@ -329,10 +326,13 @@ class PaymentGate:
             code = _EXACT_REVERTS.get(exc.error_name or "", "settlement_failed")
             raise PaymentRejected(code, f"the transfer would revert: {exc.error or exc}") from exc
 
-    def record_exact(self, session: AsyncSession, payment: ExactPayment, job_id: str) -> Authorization:
+    def record_exact(
+        self, session: AsyncSession, payment: ExactPayment, job_id: str, from_block: int
+    ) -> Authorization:
         """Records the authorization as pending, before it is sent; (payer, nonce) is unique."""
         auth = payment.authorization
         row = Authorization(
+            from_block=from_block,
             payer=auth.sender,
             nonce=hex0x(auth.nonce),
             value=auth.value,
@@ -364,14 +364,18 @@ class PaymentGate:
             ) from exc
         return str(receipt["transactionHash"].to_0x_hex())
 
-    async def exact_transfer(self, payer: str, nonce: bytes) -> str | None:
-        """The hash of the transfer that spent an authorization the gateway tried to send, whoever sent it; None
-        when no transfer did (not spent, or cancelled by its payer). Raises ChainError when the chain cannot say.
-        A spent nonce is not enough: a payer who cancels its own authorization spends it too, and must not be
-        served for it."""
+    async def head_block(self) -> int:
+        return await chain_read(asyncio.to_thread(self.contracts.chain.block_number))
+
+    async def exact_fate(
+        self, payer: str, nonce: bytes, value: int, from_block: int | None
+    ) -> AuthorizationFate:
+        """What became of an authorization the gateway took (see PaymentToken.authorization_fate): paid to the
+        payee, whoever sent it, or not. Raises ChainError when the chain cannot say."""
         token = self.contracts.token
+        start = from_block if from_block is not None else 0
         return await asyncio.to_thread(
-            token.authorization_transfer, payer, nonce, blocks=EXACT_LOOKBACK_BLOCKS
+            token.authorization_fate, payer, nonce, to=self.terms.pay_to, value=value, from_block=start
         )
 
     # -- the end of a job ------------------------------------------------------------------------------------

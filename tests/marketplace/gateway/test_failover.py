@@ -1,17 +1,19 @@
-"""A provider killed in the middle of a streamed answer: the job moves to a fresh route, replays its prefix,
-and the client gets the answer a run without the failure gives, paying for the final route only."""
+"""A provider killed in the middle of a streamed answer: the job moves to a fresh route (dearer, within the
+quote's failover margin), replays its prefix, and the client gets the answer a run without the failure gives,
+paying for the final route only; with no spare left, the job fails and pays for the tokens it delivered."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
 
-from settlement.db.schema import Hop
+from settlement.db.schema import Hop, Job
 from settlement.deploy import ONE_TOKEN
 from settlement.pricing import hop_charge
 from tests.marketplace.harness import (
@@ -50,8 +52,20 @@ def failing_market(
 ) -> Iterator[tuple[GatewayServer, ProviderProcess]]:
     """A gateway of its own whose best route runs through X, a provider that announces itself with
     `provider serve --gateway`; the backup serves X's span, posted after it, at X's price or at the price the
-    test asks for (``indirect`` parametrization)."""
+    test asks for (``indirect`` parametrization: the spare's price, or None for no spare at all)."""
     spare_price = getattr(request, "param", PRICE)
+    with market_through_x(market, model_dir, providers, tmp_path, spare_price) as made:
+        yield made
+
+
+@contextmanager
+def market_through_x(
+    market: Market,
+    model_dir: Path,
+    providers: dict[str, ProviderProcess],
+    tmp_path: Path,
+    spare_price: int | None,
+) -> Iterator[tuple[GatewayServer, ProviderProcess]]:
     with database("sqlite", tmp_path) as url:
         server = GatewayServer(
             gateway_settings(market, url, {"tiny": model_dir}, failure_suspend_s=600)
@@ -71,7 +85,8 @@ def failing_market(
                     for ask in httpx.get(server.url + "/v1/asks", params={"model": "tiny"}).json()["data"]
                 )
             )
-            announce(server.url, providers["backup"], root, price=spare_price)
+            if spare_price is not None:
+                announce(server.url, providers["backup"], root, price=spare_price)
             yield server, x
         finally:
             stop_providers([x])
@@ -153,3 +168,53 @@ def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
     assert not httpx.get(f"{server.url}/v1/providers/{x.account.address}").json()["matchable"]
     again = requirement(post(server.url, CHAT, body), "voucher")
     assert [hop["provider"] for hop in again["extra"]["route"]] == [a, backup, c]
+
+
+@pytest.mark.parametrize("failing_market", [None], ids=["no-spare"], indirect=True)
+def test_a_job_that_fails_after_streaming_is_charged_for_what_it_delivered(
+    failing_market: tuple[GatewayServer, ProviderProcess],
+    market: Market,
+    providers: dict[str, ProviderProcess],
+) -> None:
+    """X dies mid-answer and no spare serves its span: the job fails, but the tokens already streamed were
+    delivered, so they are paid for, on the receipts of the hops that back them. Nobody honest is blamed."""
+    server, x = failing_market
+    client = market.clients[2]
+    channel = open_channel(market, client, 10 * ONE_TOKEN)
+    body = chat_body("tell me everything", max_tokens=MAX_TOKENS)
+    offer = requirement(post(server.url, CHAT, body), "voucher")
+    quote = int(offer["amount"])
+    header = voucher_header(client, channel, quote, offer)
+    chunks = 0
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream(
+            "POST", server.url + CHAT, json={**body, "stream": True}, headers={"PAYMENT-SIGNATURE": header}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks += 1
+                if chunks == 3:
+                    x.kill()
+
+    (job,) = rows(server, select(Job).where(Job.channel_id == "0x" + channel.hex()))
+    assert (job.status, job.error_code) == ("failed", "route_failed")
+    assert job.completion_tokens >= 3
+    hops = {h.provider: h for h in rows(server, select(Hop).where(Hop.job_id == job.id))}
+    a, c = (providers[n].account.address for n in ("a", "c"))
+    assert hops[x.account.address].status == "failed"
+    billed = {provider for provider, hop in hops.items() if hop.status == "billed"}
+    # The hop after X never saw the step that died with it: its receipt is exactly the record, and it is paid.
+    # The hop before X computed that step too, so its receipt may say one step more: unpaid, not blamed.
+    assert c in billed and x.account.address not in billed and billed <= {a, c}
+    assert all(hop.status != "false_receipt" for hop in hops.values())
+    expected = sum(
+        hop_charge(hops[p].tokens, hops[p].layer_end - hops[p].layer_start, hops[p].price_per_million)
+        for p in billed
+    )
+    assert 0 < job.charged == expected <= quote
+    state = channel_state(server.url, channel)
+    assert (state["charged"], state["reserved"]) == (str(expected), "0")
+    assert httpx.get(f"{server.url}/v1/providers/{a}").json()["matchable"]

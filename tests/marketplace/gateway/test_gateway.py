@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
 from marketplace.client import ChannelWallet, InsufficientDeposit, fund_channel
@@ -221,24 +222,13 @@ def test_x402_exact_client_pays_the_quote_and_is_owed_the_rest(
     assert authorization.status == "settled" and authorization.tx_hash == payment["transaction"]
 
 
-def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
-    gateway: GatewayServer, market: Market
-) -> None:
-    """Anyone holding an authorization may submit it. A third party who sees the gateway's transfer pending and
-    sends the same authorization first, with a higher tip, makes the gateway's own transfer revert as used; the
-    tokens still reached the payee, so the job runs, paid by the transfer that landed, and nothing is lost."""
-    client = market.clients[1]
-    body = chat_body("front-run", max_tokens=4)
-    offer = requirement(post(gateway.url, CHAT, body), "exact")
-    domain = market.contracts.token.domain()
-    authorization = TransferAuthorization(
-        client.address, offer["payTo"], int(offer["amount"]), 0, int(time.time()) + 300, os.urandom(32)
-    )
-    header = exact_header(
-        client, offer, domain, valid_before=authorization.valid_before, nonce=authorization.nonce
-    )
+def _sent_first(
+    gateway: GatewayServer, market: Market, body: dict[str, Any], header: str, first: TransferAuthorization,
+    signer: LocalAccount,
+) -> tuple[httpx.Response, str]:  # fmt: skip
+    """Posts a paid request and, once the gateway's transfer is in the mempool, has ``first`` (signed by
+    ``signer``) mined ahead of it in the same block, as a front-runner with a higher tip would."""
     chain, sender = market.contracts.chain, market.gateway_key.address
-    before = balances(market, client.address, market.operator.address)
     sent = chain.nonce(sender, pending=True)
     chain.w3.provider.make_request("evm_setAutomine", [False])
     try:
@@ -251,7 +241,7 @@ def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
                 )
                 time.sleep(0.02)
             call = market.contracts.token.transfer_with_authorization_call(
-                authorization=authorization, signature=authorization.sign(client, domain)
+                authorization=first, signature=first.sign(signer, market.contracts.token.domain())
             )
             front = call.build_transaction(
                 {"from": market.admin.address, "nonce": chain.nonce(market.admin.address, pending=True),
@@ -262,22 +252,66 @@ def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
             )
             chain.w3.provider.make_request("evm_mine", [])
             chain.w3.provider.make_request("evm_setAutomine", [True])
-            response = answer.result(timeout=120)
+            return answer.result(timeout=120), front_hash.to_0x_hex()
     finally:
         chain.w3.provider.make_request("evm_setAutomine", [True])
 
+
+def test_an_exact_transfer_someone_else_sends_first_still_pays_for_the_job(
+    gateway: GatewayServer, market: Market
+) -> None:
+    """Anyone holding an authorization may submit it. A third party who sees the gateway's transfer pending and
+    sends the same authorization first, with a higher tip, makes the gateway's own transfer revert as used; the
+    tokens still reached the payee, so the job runs, paid by the transfer that landed, and nothing is lost."""
+    client = market.clients[1]
+    body = chat_body("front-run", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "exact")
+    authorization = TransferAuthorization(
+        client.address, offer["payTo"], int(offer["amount"]), 0, int(time.time()) + 300, os.urandom(32)
+    )
+    domain = market.contracts.token.domain()
+    header = exact_header(
+        client, offer, domain, valid_before=authorization.valid_before, nonce=authorization.nonce
+    )
+    before = balances(market, client.address, market.operator.address)
+    response, front_hash = _sent_first(gateway, market, body, header, authorization, client)
+
     assert response.status_code == 200, response.text
     payment = settled(response)
-    assert payment["transaction"] == front_hash.to_0x_hex()
+    assert payment["transaction"] == front_hash
     (authorization_row,) = rows(
         gateway, select(Authorization).where(Authorization.job_id == payment["extra"]["jobId"])
     )
-    assert (authorization_row.status, authorization_row.tx_hash) == ("settled", front_hash.to_0x_hex())
+    assert (authorization_row.status, authorization_row.tx_hash) == ("settled", front_hash)
     after = balances(market, client.address, market.operator.address)
     quote = int(payment["extra"]["quote"])
     assert after[client.address] == before[client.address] - quote  # paid once
     assert after[market.operator.address] == before[market.operator.address] + quote
     assert int(payment["extra"]["refund"]) == quote - int(payment["amount"])
+
+
+def test_a_payer_who_spends_its_own_nonce_first_is_not_served(gateway: GatewayServer, market: Market) -> None:
+    """Nonces are the payer's, not the authorization's: the payer sees the gateway's transfer pending and spends
+    the same nonce first on an authorization of one unit to itself. The gateway's transfer reverts as used, and
+    an AuthorizationUsed log for that nonce is on chain, but no transfer to the payee: nothing was paid, so
+    nothing is served and nothing is owed back."""
+    client = market.clients[1]
+    body = chat_body("free lunch", max_tokens=4)
+    offer = requirement(post(gateway.url, CHAT, body), "exact")
+    nonce, valid_before = os.urandom(32), int(time.time()) + 300
+    domain = market.contracts.token.domain()
+    header = exact_header(client, offer, domain, valid_before=valid_before, nonce=nonce)
+    to_itself = TransferAuthorization(client.address, client.address, 1, 0, valid_before, nonce)
+    before = balances(market, client.address, market.operator.address)
+    response, _ = _sent_first(gateway, market, body, header, to_itself, client)
+
+    assert (response.status_code, error_code(response)) == (402, "authorization_used"), response.text
+    assert balances(market, client.address, market.operator.address) == before
+    (job,) = rows(
+        gateway, select(Job).where(Job.payer == client.address, Job.error_code == "settlement_failed")
+    )
+    assert job.status == "failed"
+    assert rows(gateway, select(Charge).where(Charge.job_id == job.id)) == []
 
 
 def test_an_exact_transfer_that_lands_after_the_gateway_gave_up_is_refunded_in_full(
@@ -373,6 +407,34 @@ def test_with_the_chain_gone_payments_get_503_chain_unavailable_and_nothing_is_c
                 assert (str(row.charged), row.reserved) == (charged, 0)
                 gone = httpx.get(f"{server.url}/v1/channels/0x{channel.hex()}")
                 assert (gone.status_code, error_code(gone)) == (503, "chain_unavailable")
+            finally:
+                server.stop()
+    finally:
+        proxy.close()
+
+
+def test_the_watcher_outlives_a_429_an_rpc_error_and_a_capped_log_range_and_sees_the_exit(
+    backend: str, migrated: str, market: Market, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The gateway's endpoint answers 429 once, then a JSON-RPC error, and refuses log queries over 3 blocks:
+    its chain watcher keeps following (reading the range in halves) and sees the payer's exit."""
+    client = market.clients[2]
+    channel = open_channel(market, client, 1 * ONE_TOKEN)
+    proxy = RpcProxy(market.anvil.url)
+    try:
+        with database(backend, tmp_path, template=migrated) as url:
+            server = GatewayServer(gateway_settings(market, url, models, rpc_url=proxy.url)).start()
+            try:
+                assert not channel_state(server.url, channel)["exiting"]  # read, and cached
+                proxy.faults = ["429", "rpc_error"]
+                proxy.max_log_blocks = 3
+                for _ in range(10):
+                    market.contracts.chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+                market.contracts.escrow.initiate_withdraw(client, channel=channel)
+                wait_until(lambda: channel_state(server.url, channel)["exiting"], 60)
+                assert proxy.faults == [] and proxy.refused_log_ranges > 0
+                health = httpx.get(server.url + "/health").json()["chainWatcher"]
+                assert health["failedRounds"] == 0 and health["lagBlocks"] <= 1, health
             finally:
                 server.stop()
     finally:

@@ -27,14 +27,27 @@ def test_caps_in_all_and_per_payer_are_checked_before_a_job_is_taken() -> None:
     book.add(resting("1", quote=10, positions=10, payer="0xA"))
     book.add(resting("2", quote=10, positions=10, payer="0xA"))
     with pytest.raises(TooManyResting) as refused:
-        book.check_room("0xA")
+        book.check_room("0xA", Fraction(100))  # however much it bids
     assert (refused.value.status, refused.value.code) == (429, "too_many_resting_jobs")
-    book.check_room("0xB")
+    book.check_room("0xB", Fraction(1))
     book.add(resting("3", quote=10, positions=10, payer="0xB"))
     with pytest.raises(TooManyResting):
-        book.check_room("0xC")  # the book is full
+        book.check_room("0xC", Fraction(1))  # the book is full, and this bids no more than the lowest
     book.remove("1")
-    book.check_room("0xA")  # room again, for anyone
+    book.check_room("0xA", Fraction(1))  # room again, for anyone
+
+
+def test_a_full_book_takes_a_better_bid_and_the_lowest_leaves_at_the_next_sweep() -> None:
+    """Filling the book with one-unit bids locks nobody out: a better bid takes the lowest one's place."""
+    book = RestingJobs(max_jobs=2, max_per_payer=10)
+    book.add(resting("spam-1", quote=1, positions=10, payer="0xS", created=1))
+    book.add(resting("spam-2", quote=1, positions=10, payer="0xS", created=2))
+    book.check_room("0xA", Fraction(5, 10))
+    book.add(resting("real", quote=5, positions=10, payer="0xA", created=3))
+    assert [r.run.job_id for r in book.expired(now=0)] == ["spam-2"]  # the latest of the lowest
+    assert len(book) == 2 and "real" in book and "spam-1" in book
+    with pytest.raises(TooManyResting):
+        book.check_room("0xB", Fraction(1, 10))  # no better than what is left at the bottom
 
 
 def test_bids_come_best_first_and_stop_below_the_routes_rate() -> None:

@@ -13,10 +13,13 @@ from settlement.errors import ConfigurationError
 
 
 def test_a_job_must_be_redeemable_before_its_payer_can_leave() -> None:
-    settings = GatewaySettings(max_job_ttl_s=1_800, validation_window_s=600, epoch_s=300, _env_file=None)  # type: ignore[call-arg]
-    check_job_lifetime(settings, withdraw_delay_s=2_701)
-    with pytest.raises(ConfigurationError, match="withdraw delay \\(2700 s\\)"):
-        check_job_lifetime(settings, withdraw_delay_s=2_700)
+    settings = GatewaySettings(
+        max_job_ttl_s=1_800, validation_window_s=600, epoch_s=300, channel_max_age_s=30, _env_file=None
+    )  # type: ignore[call-arg]
+    # 1,800 + 600 + 300 + 30, and 600 s for the job's run and the epoch's own time.
+    check_job_lifetime(settings, withdraw_delay_s=3_331)
+    with pytest.raises(ConfigurationError, match="withdraw delay \\(3330 s\\)"):
+        check_job_lifetime(settings, withdraw_delay_s=3_330)
     # The defaults fit the default escrow's day-long delay.
     check_job_lifetime(GatewaySettings(_env_file=None), withdraw_delay_s=24 * 3600)  # type: ignore[call-arg]
 
