@@ -338,14 +338,14 @@ class Coordinator:
         self, spec: JobSpec, plans: list[HopPlan], records: list[HopRecord], client: RouteSession
     ) -> None:
         """The job failed for good after tokens reached the client: what was delivered is paid for, on the
-        receipts of the attempt that produced it. Each hop not at fault is closed for its receipt and billed if
-        the receipt is exactly the gateway's record of it. A hop before the failure may have computed the step
-        that never came back whole, so its receipt can honestly say one step more: it goes unpaid, and is not
-        taken for a false receipt."""
+        receipts of the attempt that produced it. Each hop neither at fault nor a suspect is closed for its
+        receipt and billed if the receipt is exactly the gateway's record of it. A hop before the failure may
+        have computed the step that never came back whole, so its receipt can honestly say one step more: it
+        goes unpaid, and is not taken for a false receipt."""
         receipts = await client.close()
         for plan, record, receipt in zip(plans, records, receipts, strict=True):
-            if record.status == HopStatus.FAILED or receipt is None or not record.steps:
-                continue
+            if record.status != HopStatus.ABANDONED or receipt is None or not record.steps:
+                continue  # at fault, or a suspect of it: unpaid, as on a route abandoned for a spare
             refused = receipt_bills(receipt, self._expected(spec, plan, record), self.check_receipt)
             if refused is None:
                 record.receipt, record.verified, record.status = receipt, True, HopStatus.BILLED

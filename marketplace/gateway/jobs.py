@@ -365,6 +365,10 @@ class JobRunner:
                     .where(Job.id == job_id, Job.status == JobStatus.PAYING)
                     .values(status=JobStatus.FAILED, error_code="settlement_failed")
                 )
+            if fate.spent:  # whatever the revert said (replayed on the block before, it may say nothing)
+                raise PaymentRejected(
+                    "authorization_used", f"nonce 0x{auth.nonce.hex()} was spent, but not on this payment"
+                ) from refused
             raise refused
 
     def _job_row(self, job_id: str, request: Request, reservation: Reservation, status: str) -> Job:

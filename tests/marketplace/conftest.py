@@ -3,7 +3,8 @@ one gateway per database backend."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -86,22 +87,31 @@ def migrated(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def gateway(
+def start_gateway(
     backend: str,
     migrated: str,
     market: Market,
     models: dict[str, Path],
     providers: dict[str, ProviderProcess],
     tmp_path: Path,
-) -> Iterator[GatewayServer]:
-    """A gateway of the test's own, on a database of its own on ``backend``, with A, B, C and the backup
-    announced (in that order): no test sees another's jobs, channels, asks or suspended providers."""
-    with database(backend, tmp_path, template=migrated) as url:
-        server = GatewayServer(gateway_settings(market, url, models)).start()
-        try:
+) -> Iterator[Callable[..., GatewayServer]]:
+    """Starts gateways of the test's own, each on a database of its own on ``backend`` and configured with the
+    settings given (over gateway_settings'), with A, B, C and the backup announced (in that order): no test sees
+    another's jobs, channels, asks or suspended providers. Stopped when the test ends."""
+    with ExitStack() as stack:
+
+        def start(**overrides: object) -> GatewayServer:
+            url = stack.enter_context(database(backend, tmp_path, template=migrated))
+            server = GatewayServer(gateway_settings(market, url, models, **overrides)).start()
+            stack.callback(server.stop)
             root = server.gateway.catalog.get("tiny").root
             for provider in providers.values():
                 announce(server.url, provider, root)
-            yield server
-        finally:
-            server.stop()
+            return server
+
+        yield start
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., GatewayServer]) -> GatewayServer:
+    return start_gateway()

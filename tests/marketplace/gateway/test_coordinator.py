@@ -110,6 +110,7 @@ def test_a_silent_route_is_left_whole_but_nobody_is_suspended() -> None:
     outcome, _, _, book, posted = run(ROUTE, silent, spec())
     assert outcome.finish is None and outcome.error_code == "route_failed"
     assert all(hop.status == HopStatus.SUSPECT for hop in outcome.hops)
+    assert outcome.charged == 0  # every hop a suspect: none is paid, so the tokens streamed cost nothing
     assert all(book.matchable(ask.provider) for ask in posted)  # a timeout may be anyone's: no suspension
 
 
@@ -120,9 +121,13 @@ def test_a_spare_above_the_budget_is_not_taken() -> None:
     budget = hop_charge(len(PROMPT) + 6, 6, 1_000_000)  # exactly the cheap route's quote
     outcome, emitted, _, _, posted = run([*ROUTE, DEAR_SPARE], failing, spec(budget=budget))
     assert outcome.error_code == "route_failed"
-    assert outcome.charged == 0
     assert emitted == outcome.tokens and len(emitted) == 2  # what was streamed before the failure
     assert all(ask.in_use == 0 for ask in posted)
+    # What was delivered is paid for, on the receipts of the hops not at fault; the failing hop gets nothing.
+    billed = [hop for hop in outcome.hops if hop.status == HopStatus.BILLED]
+    assert {hop.position for hop in billed} <= {0, 2} and billed
+    assert outcome.hops[1].status == HopStatus.FAILED
+    assert 0 < outcome.charged == sum(hop.amount for hop in billed) <= budget
 
 
 @pytest.mark.parametrize("max_failovers", [0, 1])

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from marketplace.provider.announce import DEFAULT_RETENTION_S, Announcer, Offer
 from settlement.db.schema import Authorization, Channel, Charge, Hop, Job, Receipt
 from settlement.deploy import ONE_TOKEN
-from settlement.eip712 import Heartbeat, JobRead, TransferAuthorization
+from settlement.eip712 import Domain, Heartbeat, JobRead, TransferAuthorization
 from tests.marketplace.harness import (
     PRICE,
     WITHDRAW_DELAY_S,
@@ -41,9 +42,7 @@ from tests.marketplace.harness import (
     chain_clock_moved,
     channel_state,
     chat_body,
-    database,
     exact_header,
-    gateway_settings,
     open_channel,
     post,
     requirement,
@@ -63,6 +62,10 @@ PER_TOKEN = LAYERS * PRICE // 1_000_000  # every hop prices a layer at one base 
 
 def prompt_tokens(model_dir: Path, content: str) -> int:
     return len(load_model(model_dir).encode_chat([("user", content)]))
+
+
+def token_domain(market: Market) -> Domain:
+    return market.contracts.token.domain()
 
 
 def balances(market: Market, *accounts: str) -> dict[str, int]:
@@ -315,46 +318,32 @@ def test_a_payer_who_spends_its_own_nonce_first_is_not_served(gateway: GatewaySe
 
 
 def test_an_exact_transfer_that_lands_after_the_gateway_gave_up_is_refunded_in_full(
-    backend: str,
-    migrated: str,
-    market: Market,
-    models: dict[str, Path],
-    providers: dict[str, ProviderProcess],
-    tmp_path: Path,
+    start_gateway: Callable[..., GatewayServer], market: Market
 ) -> None:
     """No block for longer than the gateway waits for a receipt: the client gets 503 ``settlement_pending`` and no
     job runs. The transfer lands later; the gateway's next pass over unknown payments finds it on chain and owes
     the whole amount back, which the next epoch pays."""
-    client = market.clients[2]
-    chain = market.contracts.chain
-    with database(backend, tmp_path, template=migrated) as url:
-        settings = gateway_settings(market, url, models, receipt_timeout_s=2, payment_reconcile_s=0.3)
-        server = GatewayServer(settings).start()
-        try:
-            root = server.gateway.catalog.get("tiny").root
-            for provider in providers.values():
-                announce(server.url, provider, root)
-            body = chat_body("late", max_tokens=4)
-            offer = requirement(post(server.url, CHAT, body), "exact")
-            header = exact_header(client, offer, market.contracts.token.domain())
-            before = balances(market, client.address, market.operator.address)
-            chain.w3.provider.make_request("evm_setAutomine", [False])
-            try:
-                response = post(server.url, CHAT, body, header)
-            finally:
-                chain.w3.provider.make_request("evm_setAutomine", [True])
-            assert (response.status_code, error_code(response)) == (503, "settlement_pending"), response.text
-            assert int(response.headers["Retry-After"]) > 0
-            (job,) = rows(server, select(Job).where(Job.payer == client.address, Job.scheme == "exact"))
-            assert job.status == "paying"
+    client, chain = market.clients[2], market.contracts.chain
+    server = start_gateway(receipt_timeout_s=2, payment_reconcile_s=0.3)
+    body = chat_body("late", max_tokens=4)
+    offer = requirement(post(server.url, CHAT, body), "exact")
+    header = exact_header(client, offer, market.contracts.token.domain())
+    before = balances(market, client.address, market.operator.address)
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        response = post(server.url, CHAT, body, header)
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+    assert (response.status_code, error_code(response)) == (503, "settlement_pending"), response.text
+    assert int(response.headers["Retry-After"]) > 0
+    (job,) = rows(server, select(Job).where(Job.payer == client.address, Job.scheme == "exact"))
+    assert job.status == "paying"
 
-            chain.w3.provider.make_request("evm_mine", [])  # the transfer lands after all
-            wait_until(lambda: rows(server, select(Job).where(Job.id == job.id))[0].status == "failed", 30)
-            (late,) = rows(server, select(Job).where(Job.id == job.id))
-            (charge,) = rows(server, select(Charge).where(Charge.job_id == job.id))
-            (authorization,) = rows(server, select(Authorization).where(Authorization.job_id == job.id))
-        finally:
-            server.stop()
+    chain.w3.provider.make_request("evm_mine", [])  # the transfer lands after all
+    wait_until(lambda: rows(server, select(Job).where(Job.id == job.id))[0].status == "failed", 30)
+    (late,) = rows(server, select(Job).where(Job.id == job.id))
+    (charge,) = rows(server, select(Charge).where(Charge.job_id == job.id))
+    (authorization,) = rows(server, select(Authorization).where(Authorization.job_id == job.id))
     after = balances(market, client.address, market.operator.address)
     assert after[client.address] == before[client.address] - charge.quote  # it did pay
     assert late.error_code == "payment_unconfirmed"
@@ -362,83 +351,66 @@ def test_an_exact_transfer_that_lands_after_the_gateway_gave_up_is_refunded_in_f
     assert authorization.status == "settled" and authorization.tx_hash is not None
 
 
+@pytest.fixture
+def rpc_proxy(market: Market) -> Iterator[RpcProxy]:
+    proxy = RpcProxy(market.anvil.url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 def test_with_the_chain_gone_payments_get_503_chain_unavailable_and_nothing_is_charged(
-    backend: str,
-    migrated: str,
-    market: Market,
-    models: dict[str, Path],
-    providers: dict[str, ProviderProcess],
-    tmp_path: Path,
+    start_gateway: Callable[..., GatewayServer], market: Market, rpc_proxy: RpcProxy
 ) -> None:
     """The gateway's RPC endpoint goes away mid-traffic. Once its cached view of a channel is older than the bound
     (1 s here), a paid request is answered 503 chain_unavailable with Retry-After: not served blind against a
     deposit that may have been withdrawn since. Exact payments, which need the chain to settle, too."""
     client = market.clients[0]
     channel = open_channel(market, client, 1 * ONE_TOKEN)
-    proxy = RpcProxy(market.anvil.url)
-    try:
-        with database(backend, tmp_path, template=migrated) as url:
-            settings = gateway_settings(market, url, models, rpc_url=proxy.url, channel_max_age_s=1)
-            server = GatewayServer(settings).start()
-            try:
-                root = server.gateway.catalog.get("tiny").root
-                for provider in providers.values():
-                    announce(server.url, provider, root)
-                body = chat_body("while it lasts", max_tokens=4)
-                offer = requirement(post(server.url, CHAT, body), "voucher")
-                paid = post(
-                    server.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer)
-                )
-                assert paid.status_code == 200, paid.text
-                charged = channel_state(server.url, channel)["charged"]
+    server = start_gateway(rpc_url=rpc_proxy.url, channel_max_age_s=1)
+    body = chat_body("while it lasts", max_tokens=4)
+    offer = requirement(post(server.url, CHAT, body), "voucher")
+    paid = post(server.url, CHAT, body, voucher_header(client, channel, int(offer["amount"]), offer))
+    assert paid.status_code == 200, paid.text
+    charged = channel_state(server.url, channel)["charged"]
 
-                proxy.down = True
-                time.sleep(1.5)
-                cumulative = int(charged) + int(offer["amount"])
-                refused = post(server.url, CHAT, body, voucher_header(client, channel, cumulative, offer))
-                assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
-                assert int(refused.headers["Retry-After"]) > 0
-                exact = exact_header(market.clients[1], requirement(post(server.url, CHAT, body), "exact"),
-                                     market.contracts.token.domain())  # fmt: skip
-                refused = post(server.url, CHAT, body, exact)
-                assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
-                # Nothing more charged; the channel's own route says the chain is gone too.
-                (row,) = rows(server, select(Channel).where(Channel.id == "0x" + channel.hex()))
-                assert (str(row.charged), row.reserved) == (charged, 0)
-                gone = httpx.get(f"{server.url}/v1/channels/0x{channel.hex()}")
-                assert (gone.status_code, error_code(gone)) == (503, "chain_unavailable")
-            finally:
-                server.stop()
-    finally:
-        proxy.close()
+    rpc_proxy.down = True
+    time.sleep(1.5)
+    cumulative = int(charged) + int(offer["amount"])
+    refused = post(server.url, CHAT, body, voucher_header(client, channel, cumulative, offer))
+    assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
+    assert int(refused.headers["Retry-After"]) > 0
+    exact_offer = requirement(post(server.url, CHAT, body), "exact")
+    refused = post(
+        server.url, CHAT, body, exact_header(market.clients[1], exact_offer, market.contracts.token.domain())
+    )
+    assert (refused.status_code, error_code(refused)) == (503, "chain_unavailable"), refused.text
+    # Nothing more charged; the channel's own route says the chain is gone too.
+    (row,) = rows(server, select(Channel).where(Channel.id == "0x" + channel.hex()))
+    assert (str(row.charged), row.reserved) == (charged, 0)
+    gone = httpx.get(f"{server.url}/v1/channels/0x{channel.hex()}")
+    assert (gone.status_code, error_code(gone)) == (503, "chain_unavailable")
 
 
 def test_the_watcher_outlives_a_429_an_rpc_error_and_a_capped_log_range_and_sees_the_exit(
-    backend: str, migrated: str, market: Market, models: dict[str, Path], tmp_path: Path
+    start_gateway: Callable[..., GatewayServer], market: Market, rpc_proxy: RpcProxy
 ) -> None:
     """The gateway's endpoint answers 429 once, then a JSON-RPC error, and refuses log queries over 3 blocks:
     its chain watcher keeps following (reading the range in halves) and sees the payer's exit."""
     client = market.clients[2]
     channel = open_channel(market, client, 1 * ONE_TOKEN)
-    proxy = RpcProxy(market.anvil.url)
-    try:
-        with database(backend, tmp_path, template=migrated) as url:
-            server = GatewayServer(gateway_settings(market, url, models, rpc_url=proxy.url)).start()
-            try:
-                assert not channel_state(server.url, channel)["exiting"]  # read, and cached
-                proxy.faults = ["429", "rpc_error"]
-                proxy.max_log_blocks = 3
-                for _ in range(10):
-                    market.contracts.chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-                market.contracts.escrow.initiate_withdraw(client, channel=channel)
-                wait_until(lambda: channel_state(server.url, channel)["exiting"], 60)
-                assert proxy.faults == [] and proxy.refused_log_ranges > 0
-                health = httpx.get(server.url + "/health").json()["chainWatcher"]
-                assert health["failedRounds"] == 0 and health["lagBlocks"] <= 1, health
-            finally:
-                server.stop()
-    finally:
-        proxy.close()
+    server = start_gateway(rpc_url=rpc_proxy.url)
+    assert not channel_state(server.url, channel)["exiting"]  # read, and cached
+    rpc_proxy.faults = ["429", "rpc_error"]
+    rpc_proxy.max_log_blocks = 3
+    for _ in range(10):
+        market.contracts.chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    market.contracts.escrow.initiate_withdraw(client, channel=channel)
+    wait_until(lambda: channel_state(server.url, channel)["exiting"], 60)
+    assert rpc_proxy.faults == [] and rpc_proxy.refused_log_ranges > 0
+    health = httpx.get(server.url + "/health").json()["chainWatcher"]
+    assert health["failedRounds"] == 0 and health["lagBlocks"] <= 1, health
 
 
 # -- refusals ----------------------------------------------------------------------------------------------
