@@ -93,6 +93,26 @@ def market_through_x(
             server.stop()
 
 
+def stream_killing(
+    server: GatewayServer, body: dict[str, object], header: str, x: ProviderProcess
+) -> list[dict[str, object]]:
+    """Streams a paid answer, killing X once three chunks have arrived; returns every chunk."""
+    chunks: list[dict[str, object]] = []
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream(
+            "POST", server.url + CHAT, json={**body, "stream": True}, headers={"PAYMENT-SIGNATURE": header}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks.append(json.loads(line[5:]))
+                if len(chunks) == 3:
+                    x.kill()
+    return chunks
+
+
 DEARER = PRICE * 105 // 100  # within the default failover margin of 10%
 
 
@@ -122,24 +142,8 @@ def test_a_provider_killed_mid_stream_is_replaced_and_the_answer_is_unchanged(
     baseline_charge = int(settled(baseline)["amount"])
 
     header = voucher_header(client, channel, baseline_charge + quote, offer)
-    pieces: list[str] = []
-    chunks: list[dict[str, object]] = []
-    with (
-        httpx.Client(timeout=120) as http,
-        http.stream(
-            "POST", server.url + CHAT, json={**body, "stream": True}, headers={"PAYMENT-SIGNATURE": header}
-        ) as response,
-    ):
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            chunks.append(chunk)
-            for choice in chunk["choices"]:
-                pieces.append(choice["delta"].get("content") or "")
-            if len(chunks) == 3:
-                x.kill()
+    chunks = stream_killing(server, body, header, x)
+    pieces = [choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"]]
 
     assert "".join(pieces) == expected["choices"][0]["message"]["content"]
     final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])  # type: ignore[index]
@@ -185,19 +189,7 @@ def test_a_job_that_fails_after_streaming_is_charged_for_what_it_delivered(
     offer = requirement(post(server.url, CHAT, body), "voucher")
     quote = int(offer["amount"])
     header = voucher_header(client, channel, quote, offer)
-    chunks = 0
-    with (
-        httpx.Client(timeout=120) as http,
-        http.stream(
-            "POST", server.url + CHAT, json={**body, "stream": True}, headers={"PAYMENT-SIGNATURE": header}
-        ) as response,
-    ):
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data:") and line != "data: [DONE]":
-                chunks += 1
-                if chunks == 3:
-                    x.kill()
+    stream_killing(server, body, header, x)
 
     (job,) = rows(server, select(Job).where(Job.channel_id == "0x" + channel.hex()))
     assert (job.status, job.error_code) == ("failed", "route_failed")
