@@ -69,7 +69,7 @@ import torch
 
 from settlement.errors import CannotJudge
 from worker.client import RetainedStep
-from worker.sampling import LOGITS_DTYPES, Sampler, SamplingParams, warp_logits
+from worker.sampling import LOGITS_DTYPES, Sampler, SamplingParams
 from worker.shard import Shard
 from worker.transcript import StepHashes
 from worker.wire import payload_sha256
@@ -172,7 +172,7 @@ def judge_span(
             return Verdict.failed(
                 TRANSCRIPT_MISMATCH, "the last span's transcript does not commit to its tokens"
             )
-        verdict = check_tokens(steps, [int(t) for t in tokens if t is not None], sampling)
+        verdict = check_tokens(steps, [int(t) for t in tokens if t is not None], sampling, shard)
         if verdict is not None:
             return verdict
     dtype = steps[0].output.dtype
@@ -205,29 +205,44 @@ def judge_span(
 
 
 def check_tokens(
-    steps: Sequence[RetainedStep], tokens: Sequence[int], sampling: Mapping[str, Any] | None
+    steps: Sequence[RetainedStep], tokens: Sequence[int], sampling: Mapping[str, Any] | None, shard: Shard
 ) -> Verdict | None:
     """None when every emitted token is the one the step's retained logits and ``sampling`` give (see the module
-    docstring), else the failed verdict naming the steps that are not."""
+    docstring), else the failed verdict naming the steps that are not. ``shard`` is the reference's last span,
+    whose tokenizer serves a grammar."""
     try:
         params = SamplingParams.from_dict(sampling or {})
+        vocabulary = shard.vocabulary() if params.grammar is not None else None
+        sampler = Sampler(params, vocabulary)
     except ValueError as exc:  # the gateway chose them and the provider only followed: not its fault
         raise CannotJudge(f"the job's sampling parameters are not ones this validator takes: {exc}") from exc
-    replay = Sampler(params) if params.greedy or params.seed is not None else None
+    replay = params.greedy or params.seed is not None
     off: list[int] = []
     drawn: list[int] = []
     for kept, token in zip(steps, tokens, strict=True):
         logits = kept.output[:, -1, :]
-        if replay is not None:
-            expected = replay.next_token(logits)  # every step, in order: the draws advance one generator
+        if not 0 <= token < logits.shape[-1]:
+            off.append(kept.step)
+            break
+        try:
+            scores = sampler.scores(logits)
+            # Every step, in order: the draws advance one generator. The history that penalties and the grammar
+            # depend on is the provider's own tokens, so one wrong token does not make every later one look wrong.
+            expected = sampler.draw(logits) if replay else None
+        except ValueError:  # the grammar took a token it did not allow, and allows nothing after it
+            off.append(kept.step)
+            break
+        if expected is not None:
             drawn.append(expected)
             if token != expected:
                 off.append(kept.step)
-        elif not 0 <= token < logits.shape[-1] or warp_logits(logits, params)[token] == -math.inf:
+        elif scores[token] == -math.inf:
             off.append(kept.step)
+        sampler.accept(token)
     if not off:
         return None
-    how = "drawn under its committed seed" if replay is not None and not params.greedy else "their argmax"
+    how = "drawn under its committed seed" if replay and not params.greedy else "one its parameters allow"
+    how = "their argmax" if params.greedy else how
     detail = f"steps {_few(off)} emitted a token other than {how} from the provider's own logits"
     return Verdict.failed(
         WRONG_TOKEN, detail, emitted=list(tokens), expected=drawn or None, greedy=params.greedy

@@ -76,6 +76,7 @@ from settlement.db.schema import (
 )
 from settlement.deploy import Contracts
 from settlement.errors import CannotJudge, TransactionReverted, UnknownJob
+from settlement.ledger import committed_sampling
 from settlement.outbox import send_once
 from settlement.tickets import KeyRing
 from settlement.validation import EXCESS_ERROR, ReferenceSpan, Verdict, judge_span
@@ -155,9 +156,9 @@ class _Hop:
     signature: str | None
     fingerprint: bytes  # of the certificate the provider's ask named: the link to it pins it
 
-    sampling: (
-        dict[str, Any] | None
-    )  # the job's sampling parameters: the last span's tokens are checked under them
+    # What the last span's session was opened with (settlement.ledger.committed_sampling): its tokens are checked
+    # under them.
+    sampling: dict[str, Any] | None
 
     def steps(self) -> list[StepHashes]:
         return [StepHashes.from_row(row) for row in self.transcript]
@@ -394,7 +395,9 @@ class Validator:
                 list(hop.transcript or []),
                 receipt.signature if receipt else None,
                 bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")) if ask is not None else bytes(32),
-                (job.request or {}).get("sampling"),
+                committed_sampling(
+                    job.request or {}, [StepHashes.from_row(row) for row in hop.transcript or []]
+                ),
             )
 
     def _plan(self, hop: _Hop, shard: Shard) -> _FetchPlan:

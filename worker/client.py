@@ -52,6 +52,7 @@ from worker.messages import (
     checked,
 )
 from worker.protocol import read_control, read_frame, write_message
+from worker.sampling import TokenLogprobs
 from worker.tls import NO_FINGERPRINT, check_pinned, client_context
 from worker.transcript import StepHashes, links
 from worker.trust import Checks, Keys
@@ -289,6 +290,9 @@ class StepResult:
     hops: list[StepHashes]  # each hop's signed (step, input, output), the last one's token with it
     compute_ms: list[float | None]  # each hop's own account of its compute; telemetry, never billed
     logits: torch.Tensor | None = None  # the last position's (1, vocab), when asked for
+    logprobs: TokenLogprobs | None = (
+        None  # the token's, signed by the last hop, when the sampling asks for them
+    )
 
 
 class RouteClient:
@@ -313,12 +317,15 @@ class RouteClient:
         self.vocab_size = vocab_size
         self.step_timeout_s = step_timeout_s
         self.session = hops[0].ticket.session
+        self.top_logprobs: int | None = None  # alternatives the last hop reports a token, once opened to
 
     def _link(self, hop: HopPlan) -> PeerLink:
         return self.peers.get(hop.endpoint, hop.fingerprint, expect=hop.provider)
 
     async def open(self, sampling: dict[str, Any] | None) -> None:
         """Opens the session on every hop at once; raises StepFailed naming the hops that refused."""
+        requested = (sampling or {}).get("logprobs")
+        self.top_logprobs = None if requested is None else min(int(requested), self.vocab_size)
 
         async def open_one(position: int, hop: HopPlan) -> None:
             last = position == len(self.hops) - 1
@@ -363,17 +370,19 @@ class RouteClient:
             raise StepFailed(f"the first hop failed: {exc}", blame([0])) from exc
         if "report" not in reply:
             raise StepFailed(f"the first hop refused the step: {reply.get('error')}", blame([0]))
-        hops, compute_ms = await self._verified(
+        hops, compute_ms, logprobs = await self._verified(
             reply["report"], step, payload_sha256(inputs), int(inputs.shape[1])
         )
-        return StepResult(hops[-1].token or 0, hops, compute_ms, frame.tensor if frame is not None else None)
+        tensor = frame.tensor if frame is not None else None
+        return StepResult(hops[-1].token or 0, hops, compute_ms, tensor, logprobs)
 
     async def _verified(
         self, report: Any, step: int, sent: bytes, positions: int
-    ) -> tuple[list[StepHashes], list[float | None]]:
-        """Each hop's authenticated account of the step, first hop first (and its compute telemetry); raises
-        StepFailed with the blame."""
+    ) -> tuple[list[StepHashes], list[float | None], TokenLogprobs | None]:
+        """Each hop's authenticated account of the step, first hop first (and its compute telemetry), and the
+        token's log probabilities; raises StepFailed with the blame."""
         hops: list[StepHashes] = []
+        logprobs: TokenLogprobs | None = None
         compute_ms: list[float | None] = []
         raw: Any = report
         for position, hop in enumerate(self.hops):
@@ -419,6 +428,18 @@ class RouteClient:
                     )
                 if current.downstream is not None:
                     raise StepFailed("the last hop reported a hop after it", blame([position]))
+                logprobs = entry.logprobs
+                if (logprobs is None) != (self.top_logprobs is None) or (
+                    logprobs is not None
+                    and (
+                        len(logprobs.top) != self.top_logprobs
+                        or any(not 0 <= token < self.vocab_size for token, _ in logprobs.top)
+                    )
+                ):
+                    raise StepFailed(
+                        f"the last hop's logprobs are not the {self.top_logprobs} alternatives asked for",
+                        blame([position]),
+                    )
             elif entry.token is not None:
                 raise StepFailed(f"hop {position} is not the last, yet emitted a token", blame([position]))
             assert entry.positions == positions  # an entry without an error carries them, checked above
@@ -430,7 +451,7 @@ class RouteClient:
             # Two authenticated accounts disagree about the bytes between them: either hop may be lying.
             culprits = [broken] if broken == 0 else [broken - 1, broken]
             raise StepFailed(f"hop {broken}'s input is not what reached it", blame(culprits, suspend=False))
-        return hops, compute_ms
+        return hops, compute_ms, logprobs
 
     async def _blame_error(self, position: int, code: str) -> Blame:
         """Whom an authenticated error entry of the hop at ``position`` is on."""

@@ -47,10 +47,11 @@ from typing import Any, ClassVar
 from eth_utils.address import is_checksum_address
 
 from worker.errors import ProtocolError
+from worker.sampling import MAX_TOP_LOGPROBS, TokenLogprobs
 
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 SESSION_BYTES = 16
-MAX_SAMPLING_KEYS = 16
+MAX_SAMPLING_KEYS = 32
 MAX_ERROR_MESSAGE = 500
 MAX_ENDPOINT = 255
 MAX_STEP_BUDGET_MS = 600_000
@@ -434,6 +435,7 @@ class HopEntry:
     token: int | None = None
     error: HopError | None = None
     positions: int | None = None
+    logprobs: TokenLogprobs | None = None  # the emitted token's, when the session's sampling asks for them
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"provider": self.provider, "session": hex0x(self.session), "step": self.step}
@@ -447,12 +449,26 @@ class HopEntry:
             data["token"] = self.token
         if self.error is not None:
             data["error"] = self.error.to_json()
+        if self.logprobs is not None:
+            data["logprobs"] = self.logprobs.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: Any) -> HopEntry:
         data = _object(data, "entry")
-        _only(data, {"provider", "session", "step", "positions", "in", "out", "token", "error"}, "entry")
+        _only(
+            data,
+            {"provider", "session", "step", "positions", "in", "out", "token", "error", "logprobs"},
+            "entry",
+        )
+        logprobs = None
+        if "logprobs" in data:
+            if "token" not in data:
+                raise ProtocolError("only an entry with a token carries logprobs")
+            try:
+                logprobs = TokenLogprobs.from_json(data["logprobs"], vocab_size=2**32, limit=MAX_TOP_LOGPROBS)
+            except ValueError as exc:
+                raise ProtocolError(f"entry.logprobs: {exc}") from exc
         entry = cls(
             _address(data, "provider"),
             _bytes(data, "session", SESSION_BYTES),
@@ -462,6 +478,7 @@ class HopEntry:
             _int(data, "token", high=2**32 - 1) if "token" in data else None,
             HopError.from_json(data["error"]) if "error" in data else None,
             _int(data, "positions", low=1, high=2**32 - 1) if "positions" in data else None,
+            logprobs,
         )
         if entry.error is None and (entry.input is None or entry.output is None or entry.positions is None):
             raise ProtocolError("an entry without an error carries its positions and both hashes")

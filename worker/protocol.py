@@ -20,7 +20,9 @@ import torch
 from worker.errors import ProtocolError
 from worker.wire import HEADER_SIZE, Frame, FrameLimits, decode_payload, encode_frame_parts, read_header
 
-MAX_CONTROL_BYTES = 64 * 1024  # a ticket, a report of hundreds of hops, fit many times over
+# A report of hundreds of hops fits many times over; an open's sampling may carry a grammar (64 KiB at most) and
+# a session's context of token ids.
+MAX_CONTROL_BYTES = 512 * 1024
 _CONTROL_LENGTH = struct.Struct("<I")
 _FRAME_LENGTH = struct.Struct("<Q")
 

@@ -379,7 +379,9 @@ class HopServer:
             )
         sampler = None
         if ticket.last:
-            sampler = Sampler(SamplingParams.from_dict(request.sampling or {}))
+            params = SamplingParams.from_dict(request.sampling or {})
+            vocabulary = shard.vocabulary() if params.grammar is not None else None
+            sampler = Sampler(params, vocabulary)
         elif request.sampling is not None:
             raise ProtocolError("only the last span samples")
         # A session id is opened once (SessionExists again), and only with room to keep its steps (ProviderBusy).
@@ -447,9 +449,11 @@ class HopServer:
 
         if ticket.last:
             assert session.sampler is not None
-            token = session.sampler.next_token(output[:, -1, :])
+            last = output[:, -1, :]
+            token = session.sampler.next_token(last)
             session.tokens.append(token)
-            entry = HopEntry(**{**entry.__dict__, "token": token})
+            logprobs = session.sampler.logprobs(last, token)
+            entry = HopEntry(**{**entry.__dict__, "token": token, "logprobs": logprobs})
             logits = output[:, -1, :] if request.logits else None
             report = Report.signed(self.keys.hop_report, entry, None, compute_ms)
             return {"report": report.to_json()}, logits, None

@@ -23,6 +23,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 
 from worker.checkpoint import Checkpoint
 from worker.errors import CheckpointError, ModelIdentityError, ModelStructureError
+from worker.grammar import Vocabulary, vocabulary_at
 from worker.identity import MANIFEST_FILE, Manifest, TensorNames, compute_manifest, group_hash, layer_hash
 from worker.structure import ModelStructure, build_on_meta, discover
 
@@ -123,6 +124,7 @@ class Shard:
         manifest: Manifest,
         device: torch.device,
         dtype: torch.dtype,
+        directory: Path | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -132,6 +134,7 @@ class Shard:
         self.manifest = manifest
         self.device = device
         self.dtype = dtype
+        self.directory = directory  # the checkpoint it was loaded from: its tokenizer serves grammars
         self.base: nn.Module = getattr(model, structure.base_prefix)
 
     @property
@@ -145,6 +148,15 @@ class Shard:
     @property
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
+
+    def vocabulary(self) -> Vocabulary:
+        """The checkpoint's tokenizer as grammars see it; raises ValueError when it has none that can."""
+        if self.directory is None:
+            raise ValueError("this span was not loaded from a checkpoint directory, so it has no tokenizer")
+        try:
+            return vocabulary_at(self.directory, self.vocab_size)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"the checkpoint's tokenizer cannot serve grammars: {exc}"[:500]) from exc
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span_config)
@@ -284,7 +296,7 @@ def load_shard(
         raise ModelStructureError(f"span {span} of {directory} lacks tensors: {leftover[:5]}")
     cast(Any, model).to(dtype)  # PreTrainedModel.to's stub takes no dtype
     model.eval()
-    return Shard(model, config, span_config, structure, span, manifest, device, dtype)
+    return Shard(model, config, span_config, structure, span, manifest, device, dtype, Path(directory))
 
 
 def _token_embedding(names: TensorNames) -> str:

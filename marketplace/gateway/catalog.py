@@ -7,7 +7,8 @@ once to make one, as providers do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from marketplace.gateway.errors import InvalidRequest, NotFound
 from worker.checkpoint import Checkpoint
 from worker.errors import WorkerError
+from worker.grammar import Vocabulary
 from worker.identity import TensorNames
 from worker.shard import load_manifest
 from worker.structure import discover
@@ -42,22 +44,50 @@ class ServedModel:
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        """Token ids of a conversation, ready for the assistant's turn.
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of a conversation (messages as chat templates take them), ready for the assistant's turn.
 
         Uses the tokenizer's chat template. A checkpoint without one gets a plain one: each message as
-        ``<|role|>\\ncontent\\n``, then ``<|assistant|>\\n``, after the BOS token if the tokenizer has one.
+        ``<|role|>\\ncontent\\n``, then ``<|assistant|>\\n``, after the BOS token if the tokenizer has one; it
+        takes no tools, nor tool calls and results (InvalidRequest).
         """
-        conversation = [{"role": role, "content": content} for role, content in messages]
+        if tools and not self.takes_tools:
+            raise InvalidRequest(
+                "unsupported_parameter", f"{self.name}'s chat template does not take tools", param="tools"
+            )
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
+                [dict(message) for message in messages],
+                tools=[dict(tool) for tool in tools] if tools else None,
+                add_generation_prompt=True,
+                tokenize=False,
             )
             return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
-        text = "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
+        if any(message.get("tool_calls") or message["role"] == "tool" for message in messages):
+            raise InvalidRequest(
+                "unsupported_parameter", f"{self.name} has no chat template for tool calls", param="messages"
+            )
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         bos = self.tokenizer.bos_token_id
         return [bos, *ids] if isinstance(bos, int) else ids
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders tools (it reads the ``tools`` variable)."""
+        template = self.tokenizer.chat_template
+        return isinstance(template, str) and "tools" in template
+
+    @functools.cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer as grammars see it: to check a request's grammar before it costs anything."""
+        return Vocabulary(self.tokenizer, self.vocab_size)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may be part of a character)."""
+        return self.vocabulary.token_bytes(token)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -52,6 +52,7 @@ from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
+from worker.sampling import TokenLogprobs, session_sampling
 from worker.transcript import (
     ReceiptChecker,
     StepHashes,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 FALSE_RECEIPT_SUSPEND_S = 24 * 3600.0
 
 Finish = Literal["stop", "length", "halted"]
+Emit = Callable[[int, TokenLogprobs | None], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class JobSpec:
     vocab_size: int  # the gateway refuses any token id outside it
     prompt: list[int]
     max_tokens: int
-    sampling: dict[str, Any]  # temperature, top_k, top_p, seed: what the last provider samples with
+    sampling: dict[str, Any]  # worker.sampling.SamplingParams' fields: what the last provider samples with
     stop_token_ids: frozenset[int]
     budget: int | None  # the most the final route may charge; None when unpaid
 
@@ -97,6 +99,7 @@ class HopRecord:
     steps: list[StepHashes] = field(default_factory=list)  # what this hop authenticated, step by step
     tokens: int = 0  # positions sent through this hop
     receipt: SignedReceipt | None = None
+    sampling: dict[str, Any] | None = None  # on the last span, the parameters its session was opened with
     verified: bool = False
     refusal: str | None = None  # why a false receipt does not bill it
     amount: int = 0  # what it bills; 0 unless its receipt verified
@@ -188,10 +191,11 @@ class Coordinator:
         self.clock = clock
         self._cleanup: set[asyncio.Task[None]] = set()
 
-    async def run(self, spec: JobSpec, route: Route, emit: Callable[[int], Awaitable[bool]]) -> Outcome:
+    async def run(self, spec: JobSpec, route: Route, emit: Emit) -> Outcome:
         """Generates on ``route`` (already reserved; released here) and on fresh routes after failures.
 
-        ``emit`` gets each new token except stop tokens and returns False to end the generation there.
+        ``emit`` gets each new token except stop tokens, with its log probabilities when the sampling asks for
+        them, and returns False to end the generation there.
         """
         tokens: list[int] = []
         hops: list[HopRecord] = []
@@ -206,8 +210,10 @@ class Coordinator:
                 records = [HopRecord(attempt, i, ask, session) for i, ask in enumerate(route.asks)]
                 hops += records
                 client = transport.route(plans, vocab_size=spec.vocab_size)
+                # After a failover the new last span starts from what was generated: its sampler must know it.
+                records[-1].sampling = session_sampling(spec.sampling, spec.prompt, tokens)
                 try:
-                    await asyncio.wait_for(client.open(spec.sampling), self.step_timeout_s)
+                    await asyncio.wait_for(client.open(records[-1].sampling), self.step_timeout_s)
                     finish = await self._generate(spec, client, records, tokens, emit)
                 except (StepFailed, TimeoutError) as exc:
                     for record in records:
@@ -266,7 +272,7 @@ class Coordinator:
         client: RouteSession,
         records: list[HopRecord],
         tokens: list[int],
-        emit: Callable[[int], Awaitable[bool]],
+        emit: Emit,
     ) -> Finish:
         # Step 0 is the prefill: the prompt, and after a failover every token generated so far as well.
         result = await self._step(client, records, 0, [*spec.prompt, *tokens])
@@ -276,7 +282,7 @@ class Coordinator:
             tokens.append(token)
             if token in spec.stop_token_ids:
                 return "stop"
-            if not await emit(token):
+            if not await emit(token, result.logprobs):
                 return "halted"
             if len(tokens) >= spec.max_tokens:
                 return "length"
@@ -331,7 +337,7 @@ class Coordinator:
             layer_end=record.ask.end,
             positions=record.tokens,
             transcript_root=record.transcript_root,
-            sampling_hash=sampling_hash(spec.sampling if plan.ticket.last else None),
+            sampling_hash=sampling_hash(record.sampling if plan.ticket.last else None),
         )
 
     async def _bill_delivered(

@@ -38,8 +38,11 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         """The error as OpenAI-compatible clients expect it: ``{"error": {message, type, code, ...}}``."""
         error: dict[str, Any] = {"message": self.message, "type": self.kind, "code": self.code}
-        if self.details:
-            error["details"] = self.details
+        details = dict(self.details)
+        if "param" in details:  # OpenAI's place for the field at fault
+            error["param"] = details.pop("param")
+        if details:
+            error["details"] = details
         return {"error": error}
 
 

@@ -65,6 +65,7 @@ from settlement.db.schema import (
 from settlement.db.schema import Hop as HopRow
 from settlement.db.schema import Receipt as ReceiptRow
 from settlement.pricing import TOKEN_LAYERS_PER_PRICE_UNIT
+from worker.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Request:
     model: ServedModel
     prompt: list[int]
     max_tokens: int
-    sampling: dict[str, Any]  # temperature, top_k, top_p, seed
+    sampling: dict[str, Any]  # worker.sampling.SamplingParams' fields, as the last provider takes them
     stops: tuple[str, ...] = ()
     max_price: int | None = None  # the most the client will pay, base units
     ttl_s: int | None = None  # how long a job may rest in the book
@@ -106,6 +107,9 @@ class Quote:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # The tokens behind ``text`` with their log probabilities, when the request asked for them. A token whose
+    # text is held back (an unfinished character, the start of a stop string) comes with the text that follows.
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -415,11 +419,15 @@ class JobRunner:
     async def _execute(self, run: JobRun, route: Route) -> None:
         request, model = run.request, run.request.model
         text = TextStream(model.decode, request.stops)
+        pending: list[tuple[int, TokenLogprobs]] = []
 
-        async def emit(token: int) -> bool:
+        async def emit(token: int, logprobs: TokenLogprobs | None) -> bool:
+            if logprobs is not None and not text.stopped:
+                pending.append((token, logprobs))
             delta = text.push(token)
             if delta:
-                run.publish(Delta(delta))
+                run.publish(Delta(delta, tuple(pending)))
+                pending.clear()
             return not (text.stopped or run.halted)
 
         spec = JobSpec(
@@ -442,8 +450,8 @@ class JobRunner:
         finally:
             self.metrics.jobs_running.dec()
         tail = text.flush()
-        if tail:
-            run.publish(Delta(tail))
+        if tail or pending:
+            run.publish(Delta(tail, tuple(pending)))
         if outcome.error_code is not None:
             status, finish = JobStatus.FAILED, None
         elif outcome.finish == "halted":
@@ -474,6 +482,9 @@ class JobRunner:
                     job.status = status
                     job.finish_reason = finish
                     job.output = text
+                    # The ids, not only the text: a failover's last span was opened with those before it, and the
+                    # ledger and validators rebuild what it committed to from them.
+                    job.request = {**job.request, "generated": list(outcome.tokens)}
                     job.completion_tokens = len(outcome.tokens)
                     job.charged = charged
                     job.failovers = outcome.failovers

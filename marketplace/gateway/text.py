@@ -41,12 +41,22 @@ class TextStream:
         return self._release()
 
     def flush(self) -> str:
-        """At the end of the generation: whatever was held back."""
+        """At the end of the generation: whatever was held back, an unfinished character's bytes included, as
+        U+FFFD (what the tokenizer's own decode gives for them)."""
         if self.stopped:
             return ""
+        released = ""
+        if self._read < len(self._ids):
+            before = self._decode(self._ids[self._prefix : self._read])
+            after = self._decode(self._ids[self._prefix :])
+            self._held += after[len(before) :]
+            self._prefix = self._read = len(self._ids)
+            released = self._release()  # the last bytes may still complete a stop string
+            if self.stopped:
+                return released
         tail, self._held = self._held, ""
         self.text += tail
-        return tail
+        return released + tail
 
     def _release(self) -> str:
         # A stop string may begin in text emitted earlier only if it also ends in the held part; the held part

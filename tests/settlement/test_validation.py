@@ -26,8 +26,9 @@ from settlement.validation import (
     judge_span,
 )
 from worker.client import RetainedStep
+from worker.grammar import json_grammar
 from worker.runtime import SpanRuntime
-from worker.sampling import Sampler, SamplingParams
+from worker.sampling import Sampler, SamplingParams, session_sampling
 from worker.shard import Shard, load_shard
 from worker.testing.cheats import CHEATS, WITHIN_BF16_ROUNDING, make_cheater
 from worker.testing.tiny import write_tiny_checkpoint
@@ -60,7 +61,8 @@ def serve(
     """One job through one runtime per span, the last span's tokens picked as a hop server picks them; returns
     the runtimes holding its retained steps, and the tokens."""
     runtimes = [SpanRuntime(shard) for shard in shards]
-    sampler = Sampler(SamplingParams.from_dict(sampling or {}))
+    params = SamplingParams.from_dict(session_sampling(sampling or {}, prompt, []))
+    sampler = Sampler(params, shards[-1].vocabulary() if params.grammar is not None else None)
     session = b"s" * 16
     for runtime in runtimes:
         runtime.open(session, b"j" * 32)
@@ -217,6 +219,64 @@ def test_without_a_committed_seed_a_token_must_be_one_the_parameters_allow(
     cheated = [(token + 1) % shards[2].vocab_size for token in tokens]
     verdict = judged(references["4:6"], runtimes[2], cheated, sampling=unseeded)
     assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN)
+
+
+# The parameters whose choice depends on what came before (penalties, a grammar) and those that do not, greedy
+# and seeded: an honest last span passes under each, and one token changed anywhere fails.
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+HISTORY_SAMPLING = {
+    "penalties": {
+        "temperature": 0.0,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.5,
+        "repetition_penalty": 1.3,
+    },
+    "bias": {"temperature": 0.0, "logit_bias": {"65": 8.0, "66": -100.0}},
+    "min_p": {"temperature": 1.0, "min_p": 0.1, "seed": 5},
+    "grammar": {"temperature": 0.0, "grammar": json_grammar(SCHEMA)},
+    "grammar_sampled": {
+        "temperature": 1.0,
+        "seed": 8,
+        "grammar": json_grammar(None),
+        "presence_penalty": 0.5,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(HISTORY_SAMPLING))
+def test_honest_tokens_pass_and_a_changed_one_fails_under_every_parameter(
+    model: Path, references: dict[str, ReferenceSpan], name: str
+) -> None:
+    sampling = HISTORY_SAMPLING[name]
+    prompt = [65, 66, 65, 67]
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, prompt, decode_steps=10, sampling=sampling)
+    committed = session_sampling(sampling, prompt, [])
+    verdict = judged(references["4:6"], runtimes[2], tokens, sampling=committed)
+    assert verdict.passed, verdict.detail
+    cheated = list(tokens)
+    cheated[3] = (cheated[3] + 1) % shards[2].vocab_size
+    verdict = judged(references["4:6"], runtimes[2], cheated, sampling=committed)
+    assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN), verdict.detail
+    assert "steps 3" in verdict.detail
+
+
+def test_a_token_the_grammar_forbids_fails_even_where_draws_cannot_be_replayed(
+    model: Path, references: dict[str, ReferenceSpan]
+) -> None:
+    """Unseeded: only the mask is checked, and a token outside it (a letter where JSON must open) is caught."""
+    sampling = {"temperature": 1.0, "seed": None, "grammar": json_grammar(SCHEMA)}
+    shards = [load_shard(model, span, device=CPU) for span in SPANS]
+    runtimes, tokens = serve(shards, [1, 2, 3], decode_steps=6, sampling={**sampling, "seed": 3})
+    assert judged(references["4:6"], runtimes[2], tokens, sampling=sampling).passed
+    assert tokens[0] == ord("{")
+    verdict = judged(references["4:6"], runtimes[2], [ord("z"), *tokens[1:]], sampling=sampling)
+    assert (verdict.passed, verdict.reason) == (False, WRONG_TOKEN), verdict.detail
 
 
 def test_a_last_span_transcript_without_tokens_fails(

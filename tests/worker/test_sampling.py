@@ -22,7 +22,6 @@ from worker.sampling import (
     MIN_TEMPERATURE,
     Sampler,
     SamplingParams,
-    warp_logits,
 )
 
 VOCAB = 1_000
@@ -50,7 +49,7 @@ def hf_finite(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 
 
 def our_finite(logits: torch.Tensor, params: SamplingParams) -> set[int]:
-    return set(torch.isfinite(warp_logits(logits, params)).nonzero().flatten().tolist())
+    return set(torch.isfinite(Sampler(params).scores(logits)).nonzero().flatten().tolist())
 
 
 # --- greedy -------------------------------------------------------------------------------------------------
@@ -187,13 +186,13 @@ def test_warp_logits_values_match_transformers() -> None:
     input_ids = torch.zeros((1, 1), dtype=torch.long)
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(100), TopPLogitsWarper(0.9)):
         scores = warper(input_ids, scores)
-    assert torch.equal(warp_logits(logits, params), scores[0])
+    assert torch.equal(Sampler(params).scores(logits), scores[0])
 
 
 def test_greedy_warp_keeps_only_the_argmax() -> None:
     logits = random_logits(4)
     best = int(torch.argmax(logits))
-    warped = warp_logits(logits, SamplingParams())
+    warped = Sampler(SamplingParams()).scores(logits)
     assert our_finite(logits, SamplingParams()) == {best}
     assert warped[best] == logits[best]
 

@@ -19,6 +19,21 @@ VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 BOS, EOS, PAD = 256, 257, 258
 
 
+# Each message as ``<|role|>\ncontent\n`` after the BOS token, then ``<|assistant|>\n``. With tools, a system turn
+# lists them as JSON first, and an assistant's calls are ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``:
+# the Hermes format, which the gateway's tool-call parser reads.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    '{% if tools %}<|system|>\nTo call a tool, answer <tool_call>{"name": ..., "arguments": {...}}</tool_call>.'
+    " Tools:{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for message in messages %}<|{{ message.role }}|>{{ '\\n' }}{{ message.content or '' }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
     # ByteLevel maps each byte to a printable character; give them ids 0..255 in byte order.
@@ -33,6 +48,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         bos_token=SPECIAL_TOKENS[0],
         eos_token=SPECIAL_TOKENS[1],
         pad_token=SPECIAL_TOKENS[2],
+        chat_template=CHAT_TEMPLATE,
     )
 
 
