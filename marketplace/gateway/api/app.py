@@ -4,6 +4,11 @@ and tears down the :class:`~marketplace.gateway.service.Gateway`.
 Every error leaves as ``{"error": {"message", "type", "code", ...}}`` with the status its class names; a
 rejected or missing payment also carries a fresh ``PAYMENT-REQUIRED`` quote. Operation ids are set by hand on
 every route: clients generated from the OpenAPI document depend on them.
+
+The OpenAPI document says what is answered: a request that fails validation gets 400 ``invalid_request`` with the
+gateway's error body (FastAPI would document 422 and its own body), and every route declares its success body and
+the other statuses it answers (see :mod:`marketplace.gateway.api.models`).
+``tests/marketplace/gateway/test_openapi.py`` holds a running gateway to its document.
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from marketplace.gateway.api.models import INVALID
 from marketplace.gateway.api.routes import health, inference, jobs, market, payouts, slashes
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.errors import GatewayError, PaymentRejected, Unavailable
@@ -60,10 +70,24 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(exc.status_code, code, str(exc.detail), "invalid_request_error")
+    response = _error(exc.status_code, code, str(exc.detail), "invalid_request_error")
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed(request)
+    return response
+
+
+def _allowed(request: Request) -> str:
+    """Every method the requested path takes. Starlette's 405 names only the first route on the path, and
+    ``/v1/asks`` (say) is two routes, GET and POST."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.methods and route.path_regex.match(request.scope["path"]):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -100,6 +124,47 @@ class RequestMetrics:
                 gateway.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
 
 
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, whose OpenAPI document says what the gateway answers and takes, exactly."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            document = super().openapi()
+            for path in document["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)  # answered as 400: every route declares it
+            schemas = document.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            # FastAPI passes every bound through a float, so 2**63 - 1 would be written 9.223372036854776e+18,
+            # another number: the bodies' schemas are taken from pydantic as they are.
+            schemas.update(
+                (name, schema) for name, schema in _body_schemas(self.routes).items() if name in schemas
+            )
+        return self.openapi_schema or {}
+
+
+def _body_schemas(routes: list[BaseRoute]) -> dict[str, Any]:
+    """The JSON schema of every model the routes take or answer, by the name the document gives it."""
+    models: list[tuple[Any, JsonSchemaMode]] = []
+    for context in iter_route_contexts(routes):
+        route = context.original_route
+        if not isinstance(route, APIRoute):
+            continue
+        if route.body_field is not None:
+            models.append((route.body_field.field_info.annotation, "validation"))
+        models.extend(
+            (model, "serialization")
+            for model in (route.response_model, *(answer.get("model") for answer in route.responses.values()))
+        )
+    taken = [
+        (model, mode) for model, mode in models if isinstance(model, type) and issubclass(model, BaseModel)
+    ]
+    _, schema = models_json_schema(taken, ref_template="#/components/schemas/{model}")
+    definitions: dict[str, Any] = schema.get("$defs", {})
+    return definitions
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The app; settings are read (from the environment, unless given) when it starts, not here."""
 
@@ -112,11 +177,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Strata gateway",
         summary="Pay-per-request LLM inference on pooled GPUs: OpenAI-compatible, paid with x402 v2.",
         version="0.1.0",
         lifespan=lifespan,
+        responses={400: INVALID},
     )
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

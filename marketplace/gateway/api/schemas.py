@@ -9,11 +9,12 @@ most, in token base units, the client will pay for the request).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from marketplace.gateway.errors import InvalidRequest
+from marketplace.gateway.market import MAX_CAPACITY, MAX_PRICE_PER_MILLION
 from worker.sampling import MAX_SEED, MAX_TOKENS_CAP
 
 MAX_STOPS = 4
@@ -134,21 +135,35 @@ class JobBody(GenerationBody):
     ttl_s: int = Field(default=600, ge=1, description="seconds the job may rest in the book")
 
 
+# An ask's price travels as a JSON integer or a decimal string (as amounts do elsewhere in the API); the string's
+# range, 1 to MAX_PRICE_PER_MILLION (10**12), is up to 12 digits or 10**12 itself.
+_PRICE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": MAX_PRICE_PER_MILLION},
+        {"type": "string", "pattern": rf"^0*([1-9][0-9]{{0,11}}|{MAX_PRICE_PER_MILLION})$"},
+    ]
+}
+
+
 class AskBody(BaseModel):
     """A provider's signed ask: the EIP-712 ``Ask`` fields and the signature over them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    provider: str
-    gateway: str = Field(description="the gateway the ask is for: this one's address")
+    provider: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="the staked address that signs the ask")
+    gateway: str = Field(
+        pattern=r"^0x[0-9a-fA-F]{40}$", description="the gateway the ask is for: this one's address"
+    )
     tlsFingerprint: str = Field(
         pattern=r"^0x[0-9a-fA-F]{64}$", description="sha256 of the TLS certificate the endpoint presents"
     )
     modelRoot: str = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
     layerStart: int = Field(ge=0, le=2**32 - 1)
     layerEnd: int = Field(ge=1, le=2**32 - 1)
-    pricePerMillion: int = Field(ge=1, le=2**64 - 1, description="base units per million token-layers")
-    capacity: int = Field(ge=0, le=2**32 - 1, description="sessions at once; 0 withdraws the span")
+    pricePerMillion: Annotated[int, WithJsonSchema(_PRICE_SCHEMA)] = Field(
+        ge=1, le=MAX_PRICE_PER_MILLION, description="base units per million token-layers"
+    )
+    capacity: int = Field(ge=0, le=MAX_CAPACITY, description="sessions at once; 0 withdraws the span")
     retentionS: int = Field(
         ge=0,
         le=2**32 - 1,
@@ -163,7 +178,7 @@ class AskBody(BaseModel):
     @field_validator("pricePerMillion", mode="before")
     @classmethod
     def _decimal_string(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             return int(value)
         return value
 
@@ -171,7 +186,9 @@ class AskBody(BaseModel):
 class HeartbeatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    provider: str
-    gateway: str = Field(description="the gateway the heartbeat is for: this one's address")
+    provider: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    gateway: str = Field(
+        pattern=r"^0x[0-9a-fA-F]{40}$", description="the gateway the heartbeat is for: this one's address"
+    )
     timestamp: int = Field(ge=0, le=2**64 - 1, description="unix seconds")
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")

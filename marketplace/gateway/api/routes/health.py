@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.api.models import Health
 from marketplace.gateway.service import Gateway
 from settlement.db.schema import utcnow
 from settlement.db.validations import Backlog, backlog_query
@@ -27,7 +28,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get(
-    "/health", operation_id="getHealth", responses={503: {"description": "the database or chain is down"}}
+    "/health",
+    operation_id="getHealth",
+    responses={
+        200: {"model": Health, "description": "the database and the chain answer"},
+        503: {"model": Health, "description": "the database or the chain is down: `status` is `degraded`"},
+    },
 )
 async def get_health(gateway: GatewayDep) -> JSONResponse:
     """200 when the database and the chain answer; 503 with what is down otherwise."""
@@ -77,7 +83,17 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.get("/metrics", operation_id="getMetrics", response_class=Response)
+@router.get(
+    "/metrics",
+    operation_id="getMetrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus' text exposition format",
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def get_metrics(gateway: GatewayDep) -> Response:
     with contextlib.suppress(Exception):  # the gauges keep their last values while the database is down
         await _validation_backlog(gateway)

@@ -9,6 +9,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from marketplace.gateway.api.deps import GatewayDep, PaymentHeader, resource_url
+from marketplace.gateway.api.models import (
+    PAID,
+    ChatCompletion,
+    ModelCard,
+    ModelList,
+    TextCompletion,
+    error,
+    paid_answer,
+)
 from marketplace.gateway.api.responses import Answer
 from marketplace.gateway.api.schemas import ChatCompletionBody, CompletionBody, GenerationBody
 from marketplace.gateway.catalog import ServedModel
@@ -20,15 +29,6 @@ from worker.sampling import SamplingParams
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 DEFAULT_MAX_TOKENS = 256  # when a chat request names none: what the quote is for
-PAID = {
-    402: {
-        "description": "payment required, or the payment does not cover this request (PAYMENT-REQUIRED header)"
-    },
-    400: {"description": "malformed request or payment header"},
-    404: {"description": "unknown model"},
-    409: {"description": "no route covers the model, or it costs more than max_price"},
-    502: {"description": "providers failed and no other route could finish the job; nothing was charged"},
-}
 
 
 def build_request(
@@ -71,7 +71,11 @@ async def answer(
     return await shaped.whole()
 
 
-@router.post("/chat/completions", operation_id="createChatCompletion", responses=PAID)  # type: ignore[arg-type]
+@router.post(
+    "/chat/completions",
+    operation_id="createChatCompletion",
+    responses={200: paid_answer(ChatCompletion, "the answer, whole or streamed"), **PAID},
+)
 async def create_chat_completion(
     body: ChatCompletionBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
 ) -> Any:
@@ -82,7 +86,11 @@ async def create_chat_completion(
     return await answer(gateway, request, "chat", job, body, payment)
 
 
-@router.post("/completions", operation_id="createCompletion", responses=PAID)  # type: ignore[arg-type]
+@router.post(
+    "/completions",
+    operation_id="createCompletion",
+    responses={200: paid_answer(TextCompletion, "the completion, whole or streamed"), **PAID},
+)
 async def create_completion(
     body: CompletionBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
 ) -> Any:
@@ -105,14 +113,17 @@ async def create_completion(
     return await answer(gateway, request, "completion", job, body, payment)
 
 
-@router.get("/models", operation_id="listModels")
+@router.get("/models", operation_id="listModels", response_model=ModelList)
 async def list_models(gateway: GatewayDep) -> dict[str, Any]:
     """The models this gateway serves, each named by its root, with the cheapest route's price now."""
     return {"object": "list", "data": [_describe(gateway, model) for model in gateway.catalog]}
 
 
 @router.get(
-    "/models/{model}", operation_id="retrieveModel", responses={404: {"description": "unknown model"}}
+    "/models/{model}",
+    operation_id="retrieveModel",
+    response_model=ModelCard,
+    responses={404: error("unknown model (`unknown_model`)")},
 )
 async def retrieve_model(model: str, gateway: GatewayDep) -> dict[str, Any]:
     return _describe(gateway, gateway.catalog.get(model))

@@ -6,14 +6,22 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse
 
 from marketplace.gateway.api.deps import GatewayDep, PaymentHeader, resource_url
+from marketplace.gateway.api.models import (
+    ADMISSION,
+    HASH_PATTERN,
+    PAYMENT_RESPONSE_HEADER,
+    TOO_MANY_RESTING,
+    JobView,
+    error,
+)
 from marketplace.gateway.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
-from marketplace.gateway.api.routes.inference import PAID, build_request
+from marketplace.gateway.api.routes.inference import build_request
 from marketplace.gateway.api.schemas import JobBody
 from marketplace.gateway.errors import Forbidden, InvalidRequest, NotFound
 from marketplace.gateway.payments.gate import NONE
@@ -23,12 +31,21 @@ from settlement.eip712 import JobRead
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-_JOB_ID = re.compile(r"0x[0-9a-fA-F]{64}")
-
-
 # "<expiresAt>:<0x signature>" of JobRead(jobId, expiresAt) by the job's payer (the SDK sends it: client.http)
 JOB_READ = "X-Strata-Job-Read"
+READ_PROOF_PATTERN = r"^([0-9]{1,20}):0x([0-9a-fA-F]{130})$"
 MAX_READ_LIFETIME_S = 3600
+
+JobId = Annotated[str, Path(pattern=HASH_PATTERN, description="the job's id: 32 bytes of 0x-prefixed hex")]
+ReadProof = Annotated[
+    str | None,
+    Header(
+        alias=JOB_READ,
+        description="`<expiresAt>:<signature>`: the payer's EIP-712 signature of `JobRead(jobId, expiresAt)`",
+        # Checked by the route, which refuses a malformed proof as `invalid_read_proof`.
+        json_schema_extra={"pattern": READ_PROOF_PATTERN},
+    ),
+]
 
 
 def job_view(job: Job, *, with_output: bool = True) -> dict[str, Any]:
@@ -60,7 +77,20 @@ def job_view(job: Job, *, with_output: bool = True) -> dict[str, Any]:
     }
 
 
-@router.post("/jobs", operation_id="createJob", status_code=202, responses=PAID)  # type: ignore[arg-type]
+@router.post(
+    "/jobs",
+    operation_id="createJob",
+    status_code=202,
+    responses={
+        202: {
+            "model": JobView,
+            "description": "the job, running or resting in the book",
+            "headers": {"PAYMENT-RESPONSE": PAYMENT_RESPONSE_HEADER},
+        },
+        **ADMISSION,
+        429: TOO_MANY_RESTING,
+    },
+)
 async def create_job(
     body: JobBody, request: Request, gateway: GatewayDep, payment: PaymentHeader = None
 ) -> Any:
@@ -95,41 +125,40 @@ async def create_job(
 @router.get(
     "/jobs/{job_id}",
     operation_id="getJob",
+    response_model=JobView,
     responses={
-        400: {"description": "a malformed job id or read proof"},
-        403: {"description": "a read proof that is not the payer's, or expired"},
-        404: {"description": "unknown job"},
+        400: error("a malformed job id (`invalid_request`) or read proof (`invalid_read_proof`)"),
+        403: error(
+            "a read proof that is not the payer's (`not_the_payer`), or expired (`read_proof_expired`)"
+        ),
+        404: error("unknown job (`unknown_job`)"),
     },
 )
-async def get_job(job_id: str, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+async def get_job(job_id: JobId, gateway: GatewayDep, proof: ReadProof = None) -> dict[str, Any]:
     """A job's status, what it was charged, and its output once finished. The output is the payer's: it is
     shown only with an ``X-Strata-Job-Read`` header, ``<expiresAt>:<signature>``, the payer's EIP-712 signature
     of ``JobRead(jobId, expiresAt)`` under the protocol domain (providers see job ids in their tickets, so an id
     alone must not be enough). Jobs of a gateway without payments show it to anyone."""
-    if not _JOB_ID.fullmatch(job_id):
-        raise InvalidRequest("invalid_request", "a job id is 32 bytes of 0x-prefixed hex")
     row = await gateway.runner.job(job_id.lower())
     if row is None:
         raise NotFound("unknown_job", f"no job {job_id}")
-    proof = request.headers.get(JOB_READ)
     if row.payer is None:
         return job_view(row)
     if proof is None:
         return job_view(row, with_output=False)
-    expires_text, _, signature_text = proof.partition(":")
-    try:
-        expires_at = int(expires_text)
-        signature = bytes.fromhex(signature_text.removeprefix("0x"))
-        signer = JobRead(bytes.fromhex(row.id[2:]), expires_at).signer(
-            signature, gateway.contracts.protocol_domain()
-        )
-    except ValueError as exc:
-        raise InvalidRequest(
-            "invalid_read_proof", f"{JOB_READ} is not <expiresAt>:<signature>: {exc}"
-        ) from exc
+    parsed = re.fullmatch(READ_PROOF_PATTERN, proof)
+    if parsed is None:
+        raise InvalidRequest("invalid_read_proof", f"{JOB_READ} is not <expiresAt>:<0x signature>")
+    expires_at, signature = int(parsed[1]), bytes.fromhex(parsed[2])
     now = int(time.time())
     if not now < expires_at <= now + MAX_READ_LIFETIME_S:
         raise Forbidden("read_proof_expired", f"the read proof expires at {expires_at}; now is {now}")
+    try:
+        signer = JobRead(bytes.fromhex(row.id[2:]), expires_at).signer(
+            signature, gateway.contracts.protocol_domain()
+        )
+    except ValueError as exc:  # a signature that recovers no key
+        raise InvalidRequest("invalid_read_proof", f"{JOB_READ} holds no valid signature: {exc}") from exc
     if signer != row.payer:
         raise Forbidden("not_the_payer", f"the read proof is signed by {signer}, not by the job's payer")
     return job_view(row)

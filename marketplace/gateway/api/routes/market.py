@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Annotated, Any
 
-from eth_utils.address import is_address, to_checksum_address
-from fastapi import APIRouter, Query
+from eth_utils.address import to_checksum_address
+from fastapi import APIRouter, Path, Query
 from sqlalchemy import func, select
 
 from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.api.models import (
+    ADDRESS_PATTERN,
+    HASH_PATTERN,
+    UNAVAILABLE,
+    AskList,
+    ChannelView,
+    HeartbeatAccepted,
+    OrderBook,
+    PostedAsk,
+    ProviderList,
+    ProviderView,
+    error,
+)
 from marketplace.gateway.api.schemas import AskBody, HeartbeatBody
-from marketplace.gateway.errors import InvalidRequest, NotFound, chain_read
+from marketplace.gateway.errors import NotFound, chain_read
 from marketplace.gateway.market import AskInput
 from marketplace.gateway.orderbook import BookAsk
 from settlement.db.schema import Channel, Hop, HopStatus, Provider
 
 router = APIRouter(prefix="/v1", tags=["market"])
 
-_CHANNEL_ID = re.compile(r"0x[0-9a-fA-F]{64}")
+ProviderAddress = Annotated[str, Path(pattern=ADDRESS_PATTERN, description="the provider's address")]
+ChannelId = Annotated[
+    str,
+    Path(pattern=HASH_PATTERN, description="32 bytes of 0x-prefixed hex, its first 20 the payer's address"),
+]
+UNKNOWN_MODEL = error("unknown model (`unknown_model`)")
 
 
 def ask_view(ask: BookAsk) -> dict[str, Any]:
@@ -41,9 +58,19 @@ def ask_view(ask: BookAsk) -> dict[str, Any]:
     "/asks",
     operation_id="postAsk",
     status_code=201,
+    response_model=PostedAsk,
     responses={
-        403: {"description": "bad signature, or the provider is not staked"},
-        409: {"description": "stale nonce"},
+        400: error(
+            "a body that does not follow the API (`invalid_request`), or an ask this gateway does not take: "
+            "`bad_span`, `bad_endpoint`, `bad_expiry`, `short_retention`, `plaintext_endpoint`"
+        ),
+        403: error(
+            "an ask for another gateway (`wrong_gateway`), not signed by its provider (`invalid_signature`), "
+            "from an unstaked provider (`provider_not_staked`), or whose endpoint did not prove to be the "
+            "provider's (`endpoint_not_proven`)"
+        ),
+        404: error("this gateway serves no model with that root (`unknown_model`)"),
+        409: error("a nonce not above the provider's last ask (`stale_nonce`)"),
     },
 )
 async def post_ask(body: AskBody, gateway: GatewayDep) -> dict[str, Any]:
@@ -68,17 +95,21 @@ async def post_ask(body: AskBody, gateway: GatewayDep) -> dict[str, Any]:
     return {"ask": ask_view(booked) if booked else None, "withdrawn": booked is None}
 
 
-@router.get("/asks", operation_id="listAsks")
+@router.get("/asks", operation_id="listAsks", response_model=AskList, responses={404: UNKNOWN_MODEL})
 async def list_asks(
-    gateway: GatewayDep, model: str | None = None, provider: str | None = None
+    gateway: GatewayDep,
+    model: str | None = Query(default=None, description="model name or root"),
+    provider: str | None = Query(default=None, pattern=ADDRESS_PATTERN),
 ) -> dict[str, Any]:
     """Live asks, oldest first, optionally for one model (name or root) or one provider."""
     root = gateway.catalog.get(model).root if model else None
-    address = _address(provider) if provider else None
+    address = to_checksum_address(provider) if provider else None
     return {"data": [ask_view(ask) for ask in gateway.book.asks(root, address)]}
 
 
-@router.get("/orderbook", operation_id="getOrderBook", responses={404: {"description": "unknown model"}})
+@router.get(
+    "/orderbook", operation_id="getOrderBook", response_model=OrderBook, responses={404: UNKNOWN_MODEL}
+)
 async def get_order_book(
     gateway: GatewayDep, model: str = Query(description="model name or root")
 ) -> dict[str, Any]:
@@ -116,7 +147,16 @@ async def get_order_book(
 @router.post(
     "/providers/heartbeat",
     operation_id="postHeartbeat",
-    responses={403: {"description": "bad signature"}, 409: {"description": "stale timestamp"}},
+    response_model=HeartbeatAccepted,
+    responses={
+        400: error(
+            "a body that does not follow the API (`invalid_request`), or a timestamp too far from the gateway's "
+            "clock (`bad_timestamp`)"
+        ),
+        403: error("a heartbeat for another gateway (`wrong_gateway`) or not signed by its provider"),
+        404: error("a provider that has posted no ask (`unknown_provider`)"),
+        409: error("a timestamp not above the provider's last (`stale_heartbeat`)"),
+    },
 )
 async def post_heartbeat(body: HeartbeatBody, gateway: GatewayDep) -> dict[str, Any]:
     """A provider's signed heartbeat (EIP-712 `Heartbeat`): it stays matchable for the heartbeat TTL."""
@@ -124,7 +164,7 @@ async def post_heartbeat(body: HeartbeatBody, gateway: GatewayDep) -> dict[str, 
     return {"provider": to_checksum_address(body.provider), "matchableUntil": int(until)}
 
 
-@router.get("/providers", operation_id="listProviders")
+@router.get("/providers", operation_id="listProviders", response_model=ProviderList)
 async def list_providers(gateway: GatewayDep) -> dict[str, Any]:
     async with gateway.sessions() as session:
         rows = (await session.scalars(select(Provider).order_by(Provider.first_seen_at))).all()
@@ -141,10 +181,13 @@ async def list_providers(gateway: GatewayDep) -> dict[str, Any]:
 
 
 @router.get(
-    "/providers/{address}", operation_id="getProvider", responses={404: {"description": "unknown provider"}}
+    "/providers/{address}",
+    operation_id="getProvider",
+    response_model=ProviderView,
+    responses={404: error("a provider that has posted no ask (`unknown_provider`)")},
 )
-async def get_provider(address: str, gateway: GatewayDep) -> dict[str, Any]:
-    checksummed = _address(address)
+async def get_provider(address: ProviderAddress, gateway: GatewayDep) -> dict[str, Any]:
+    checksummed = to_checksum_address(address)
     async with gateway.sessions() as session:
         row = await session.get(Provider, checksummed)
         if row is None:
@@ -170,24 +213,17 @@ def _provider_view(gateway: GatewayDep, row: Provider, sessions_served: int) -> 
     }
 
 
-def _address(text: str) -> str:
-    if not is_address(text):
-        raise InvalidRequest("invalid_request", f"{text!r} is not an address")
-    return to_checksum_address(text)
-
-
 @router.get(
     "/channels/{channel_id}",
     operation_id="getChannel",
+    response_model=ChannelView,
     responses={
-        404: {"description": "no deposit and no vouchers for this channel"},
-        503: {"description": "the chain cannot be read and the cached state is too old (chain_unavailable)"},
+        404: error("no deposit and no vouchers for this channel (`unknown_channel`)"),
+        503: UNAVAILABLE,
     },
 )
-async def get_channel(channel_id: str, gateway: GatewayDep) -> dict[str, Any]:
+async def get_channel(channel_id: ChannelId, gateway: GatewayDep) -> dict[str, Any]:
     """A payment channel: its deposit on chain and what this gateway accepted, charged and reserved on it."""
-    if not _CHANNEL_ID.fullmatch(channel_id):
-        raise InvalidRequest("invalid_request", "a channel id is 32 bytes of 0x-prefixed hex")
     channel = channel_id.lower()
     view = await chain_read(gateway.watcher.channel(bytes.fromhex(channel[2:])))
     async with gateway.sessions() as session:

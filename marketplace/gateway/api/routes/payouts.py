@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
-from eth_utils.address import is_address, to_checksum_address
-from fastapi import APIRouter
+from eth_utils.address import to_checksum_address
+from fastapi import APIRouter, Path
 from sqlalchemy import func, select
 
 from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.api.models import ADDRESS_PATTERN, UNAVAILABLE, Payout, error
 from marketplace.gateway.errors import InvalidRequest, Unavailable
 from settlement.db.schema import Epoch, EpochStatus, LedgerEntry
 from settlement.errors import ChainError
 from settlement.merkle import PayoutTree
 
 router = APIRouter(prefix="/v1", tags=["payouts"])
+
+# Checked by the route, which refuses anything else as `invalid_address`.
+PayeeAddress = Annotated[
+    str, Path(description="a provider or the treasury", json_schema_extra={"pattern": ADDRESS_PATTERN})
+]
 
 
 @lru_cache(maxsize=4)
@@ -27,16 +34,17 @@ def _tree(leaves: tuple[tuple[str, int], ...]) -> PayoutTree:
 @router.get(
     "/payouts/{address}",
     operation_id="getPayout",
-    responses={400: {"description": "not an address"}, 503: {"description": "the chain does not answer"}},
+    response_model=Payout,
+    responses={400: error("not an address (`invalid_address`)"), 503: UNAVAILABLE},
 )
-async def get_payout(address: str, gateway: GatewayDep) -> dict[str, Any]:
+async def get_payout(address: PayeeAddress, gateway: GatewayDep) -> dict[str, Any]:
     """A provider's (or the treasury's) payout: amounts in base units as decimal strings.
 
     ``earned`` counts every metered entry that no failed validation voided, settled or not; ``settled`` is its
     leaf in the latest posted root, ``claimed`` what the distributor already paid it, and ``claimable`` the
     difference, claimable with ``proof`` against ``root`` by anyone on its behalf.
     """
-    if not is_address(address):
+    if not re.fullmatch(ADDRESS_PATTERN, address):
         raise InvalidRequest("invalid_address", f"{address!r} is not an address")
     provider = to_checksum_address(address)
     async with gateway.sessions() as session:

@@ -11,19 +11,20 @@ evidence is the receipt it signed beside the gateway's record of the hop (``reas
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from eth_utils.address import is_address, to_checksum_address
-from fastapi import APIRouter, Query
+from eth_utils.address import to_checksum_address
+from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 
 from marketplace.gateway.api.deps import GatewayDep
+from marketplace.gateway.api.models import ADDRESS_PATTERN, HASH_PATTERN, Slash, SlashList, error
 from marketplace.gateway.errors import InvalidRequest, NotFound
 from settlement.db.schema import Validation, ValidationStatus
 
 router = APIRouter(prefix="/v1", tags=["slashes"])
 
-_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
+EvidenceHash = Annotated[str, Path(pattern=HASH_PATTERN, description="keccak256 of the evidence document")]
 
 
 def slash_view(validation: Validation, *, evidence: bool) -> dict[str, Any]:
@@ -45,16 +46,26 @@ def slash_view(validation: Validation, *, evidence: bool) -> dict[str, Any]:
     return view
 
 
-@router.get("/slashes", operation_id="listSlashes", responses={400: {"description": "not an address"}})
+@router.get(
+    "/slashes",
+    operation_id="listSlashes",
+    response_model=SlashList,
+    responses={400: error("a provider that is not an address (`invalid_address`), or a limit out of range")},
+)
 async def list_slashes(
     gateway: GatewayDep,
-    provider: str | None = Query(default=None, description="only this provider's"),
+    provider: str | None = Query(
+        default=None,
+        description="only this provider's",
+        # Checked below, which refuses anything else as `invalid_address`.
+        json_schema_extra={"pattern": ADDRESS_PATTERN},
+    ),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> dict[str, Any]:
     """Failed validations, newest first, without their evidence documents."""
     query = select(Validation).where(Validation.status == ValidationStatus.FAILED)
     if provider is not None:
-        if not is_address(provider):
+        if not re.fullmatch(ADDRESS_PATTERN, provider):
             raise InvalidRequest("invalid_address", f"{provider!r} is not an address")
         query = query.where(Validation.provider == to_checksum_address(provider))
     async with gateway.sessions() as session:
@@ -65,12 +76,11 @@ async def list_slashes(
 @router.get(
     "/slashes/{evidence_hash}",
     operation_id="getSlash",
-    responses={400: {"description": "not a hash"}, 404: {"description": "no slash with this evidence"}},
+    response_model=Slash,
+    responses={404: error("no slash with this evidence (`unknown_slash`)")},
 )
-async def get_slash(evidence_hash: str, gateway: GatewayDep) -> dict[str, Any]:
+async def get_slash(evidence_hash: EvidenceHash, gateway: GatewayDep) -> dict[str, Any]:
     """One slash and its evidence document."""
-    if not _HASH.fullmatch(evidence_hash):
-        raise InvalidRequest("invalid_request", "an evidence hash is 32 bytes of 0x-prefixed hex")
     async with gateway.sessions() as session:
         row = await session.scalar(
             select(Validation).where(
