@@ -32,11 +32,10 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import Any
 
 from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
@@ -58,7 +57,6 @@ from settlement.errors import UnknownJob
 from settlement.pricing import hop_charge
 from settlement.tickets import SignatureChecks
 from worker.messages import SignedReceipt
-from worker.sampling import session_sampling
 from worker.transcript import (
     ReceiptChecker,
     StepHashes,
@@ -226,30 +224,12 @@ def _receipt_problem(job: Job, hop: Hop, receipt: Receipt | None, check: Receipt
         layer_end=hop.layer_end,
         positions=hop.tokens,
         transcript_root=root,
-        # The last span's steps carry their tokens; it alone samples, with the job's parameters.
+        # The last span's steps carry their tokens; it alone samples, with the parameters its session was opened with.
         sampling_hash=sampling_hash(
-            committed_sampling(job.request, steps) if steps[-1].token is not None else None
+            hop.committed_sampling(job.request) if steps[-1].token is not None else None
         ),
     )
     return receipt_bills(signed, expected, check)
-
-
-def committed_sampling(request: Mapping[str, Any], steps: Sequence[StepHashes]) -> dict[str, Any] | None:
-    """The parameters a last span's session was opened with (``worker.sampling.session_sampling``), rebuilt from
-    the job's request (its prompt, sampling and generated ids) and the session's steps: its first step's positions
-    say how much had been generated before it, by routes it took over from."""
-    sampling = request.get("sampling")
-    if sampling is None or not steps:
-        return sampling
-    prompt = list(request.get("prompt") or [])
-    generated = list(request.get("generated") or [])
-    before = steps[0].positions - len(prompt)
-    if not 0 <= before <= len(generated):
-        return dict(sampling)  # not a session of this job's: its receipt cannot match, whatever is returned
-    try:
-        return session_sampling(sampling, prompt, generated[:before])
-    except ValueError:  # parameters no sampler takes: the receipt is checked against them as they are
-        return dict(sampling)
 
 
 def _broken_link(route: list[Hop]) -> str | None:

@@ -76,7 +76,6 @@ from settlement.db.schema import (
 )
 from settlement.deploy import Contracts
 from settlement.errors import CannotJudge, TransactionReverted, UnknownJob
-from settlement.ledger import committed_sampling
 from settlement.outbox import send_once
 from settlement.tickets import KeyRing
 from settlement.validation import EXCESS_ERROR, ReferenceSpan, Verdict, judge_span
@@ -156,8 +155,7 @@ class _Hop:
     signature: str | None
     fingerprint: bytes  # of the certificate the provider's ask named: the link to it pins it
 
-    # What the last span's session was opened with (settlement.ledger.committed_sampling): its tokens are checked
-    # under them.
+    # What the last span's session was opened with (Hop.committed_sampling): its tokens are checked under them.
     sampling: dict[str, Any] | None
 
     def steps(self) -> list[StepHashes]:
@@ -395,9 +393,7 @@ class Validator:
                 list(hop.transcript or []),
                 receipt.signature if receipt else None,
                 bytes.fromhex(ask.tls_fingerprint.removeprefix("0x")) if ask is not None else bytes(32),
-                committed_sampling(
-                    job.request or {}, [StepHashes.from_row(row) for row in hop.transcript or []]
-                ),
+                hop.committed_sampling(job.request),
             )
 
     def _plan(self, hop: _Hop, shard: Shard) -> _FetchPlan:

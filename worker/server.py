@@ -380,8 +380,10 @@ class HopServer:
         sampler = None
         if ticket.last:
             params = SamplingParams.from_dict(request.sampling or {})
-            vocabulary = shard.vocabulary() if params.grammar is not None else None
-            sampler = Sampler(params, vocabulary)
+            if params.grammar is None:
+                sampler = Sampler(params)
+            else:  # loading the tokenizer (once) and compiling the grammar are worth a thread, not the event loop
+                sampler = await asyncio.to_thread(lambda: Sampler(params, shard.vocabulary()))
         elif request.sampling is not None:
             raise ProtocolError("only the last span samples")
         # A session id is opened once (SessionExists again), and only with room to keep its steps (ProviderBusy).

@@ -26,6 +26,10 @@ hashes disagree both (neither suspended). Those surely at fault are also left ou
 new route is prefilled with the prompt and every token generated so far, in one step, and decoding goes on
 from there. With greedy decoding the new route samples exactly the token the old one would have.
 
+Several choices (``n``) are generated one after another on the route the job holds, each in sessions of its own
+(its own prefill, billed as computed) and with its own seed: the job's seed plus the choice's index. Attempts are
+numbered across the job, so each attempt is still one route of one choice.
+
 What an abandoned route is paid: nothing. Its sessions are closed without collecting receipts, so nobody on it
 bills that attempt; the replay repeats their work on the new route, which bills it instead. The client
 therefore pays exactly what a run without the failure on the final route would cost, never more than its quote.
@@ -52,7 +56,7 @@ from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
-from worker.sampling import TokenLogprobs, session_sampling
+from worker.sampling import MAX_SEED, TokenLogprobs, session_sampling
 from worker.transcript import (
     ReceiptChecker,
     StepHashes,
@@ -68,7 +72,9 @@ log = logging.getLogger(__name__)
 FALSE_RECEIPT_SUSPEND_S = 24 * 3600.0
 
 Finish = Literal["stop", "length", "halted"]
-Emit = Callable[[int, TokenLogprobs | None], Awaitable[bool]]
+# (choice, token, its log probabilities when asked for) -> whether to go on with that choice
+Emit = Callable[[int, int, TokenLogprobs | None], Awaitable[bool]]
+ChoiceEmit = Callable[[int, TokenLogprobs | None], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,22 @@ class JobSpec:
     sampling: dict[str, Any]  # worker.sampling.SamplingParams' fields: what the last provider samples with
     stop_token_ids: frozenset[int]
     budget: int | None  # the most the final route may charge; None when unpaid
+    choices: int = 1  # generations of the prompt, each in sessions of its own
+
+    @property
+    def session_positions(self) -> int:
+        """The most positions one choice's session carries: the prompt and every token generated."""
+        return len(self.prompt) + self.max_tokens
 
     @property
     def quote_tokens(self) -> int:
-        return len(self.prompt) + self.max_tokens
+        return self.choices * self.session_positions
+
+    def choice_sampling(self, choice: int) -> dict[str, Any]:
+        """Choice ``choice``'s parameters: the job's, with a seed of its own."""
+        if choice == 0 or self.sampling.get("seed") is None:
+            return self.sampling
+        return {**self.sampling, "seed": (int(self.sampling["seed"]) + choice) % (MAX_SEED + 1)}
 
 
 @dataclass
@@ -112,12 +130,13 @@ class HopRecord:
 
 @dataclass
 class Outcome:
-    tokens: list[int]
-    finish: Finish | None  # None when the job failed
+    tokens: list[int]  # every choice's, in order
+    finish: Finish | None  # the last choice's; None when the job failed
     hops: list[HopRecord]
     failovers: int
     error_code: str | None = None
     error_message: str | None = None
+    finishes: list[Finish] = field(default_factory=list)  # each finished choice's
 
     @property
     def charged(self) -> int:
@@ -191,59 +210,80 @@ class Coordinator:
         self.clock = clock
         self._cleanup: set[asyncio.Task[None]] = set()
 
-    async def run(self, spec: JobSpec, route: Route, emit: Emit) -> Outcome:
-        """Generates on ``route`` (already reserved; released here) and on fresh routes after failures.
+    async def run(
+        self, spec: JobSpec, route: Route, emit: Emit, *, halted: Callable[[], bool] = lambda: False
+    ) -> Outcome:
+        """Generates ``spec.choices`` choices on ``route`` (already reserved; released here) and on fresh routes
+        after failures.
 
-        ``emit`` gets each new token except stop tokens, with its log probabilities when the sampling asks for
-        them, and returns False to end the generation there.
+        ``emit`` gets each choice's new tokens except stop tokens, with their log probabilities when the sampling
+        asks for them, and returns False to end that choice there. Once ``halted()`` (the client went away), no
+        further choice starts.
         """
         tokens: list[int] = []
+        finishes: list[Finish] = []
         hops: list[HopRecord] = []
         excluded: set[str] = set()
-        attempt = 0
+        attempt = failovers = 0
         held: Route | None = route  # the route whose capacity this job holds, released exactly once
         transport = self.transport()
         try:
-            while True:
-                plans = self._plans(spec, route)
-                session = plans[0].ticket.session
-                records = [HopRecord(attempt, i, ask, session) for i, ask in enumerate(route.asks)]
-                hops += records
-                client = transport.route(plans, vocab_size=spec.vocab_size)
-                # After a failover the new last span starts from what was generated: its sampler must know it.
-                records[-1].sampling = session_sampling(spec.sampling, spec.prompt, tokens)
-                try:
-                    await asyncio.wait_for(client.open(records[-1].sampling), self.step_timeout_s)
-                    finish = await self._generate(spec, client, records, tokens, emit)
-                except (StepFailed, TimeoutError) as exc:
-                    for record in records:
-                        record.status = HopStatus.ABANDONED
-                    self.book.release(route)
-                    held = None
-                    log.warning("job 0x%s: route attempt %d failed: %s", spec.job_id.hex(), attempt, exc)
-                    blame = exc.blame if isinstance(exc, StepFailed) else None
-                    # A silent route may be anyone's doing: leave all of it out, suspend none.
-                    positions = blame.positions if blame is not None else list(range(len(records)))
-                    suspend = blame is not None and blame.suspend
-                    for position in positions:
-                        records[position].status = HopStatus.FAILED if suspend else HopStatus.SUSPECT
-                        excluded.add(route.asks[position].provider)
-                        if suspend:
-                            self.book.suspend(route.asks[position].provider, self.failure_suspend_s)
-                    fresh = self._reroute(spec, excluded) if attempt < self.max_failovers else None
-                    if fresh is None:
-                        if tokens:
-                            await self._bill_delivered(spec, plans, records, client)
-                        else:
-                            self._close_quietly(plans, spec.vocab_size)
-                        message = f"providers failed and no route is left: {exc}"
-                        return Outcome(tokens, None, hops, attempt, "route_failed", message)
-                    self._close_quietly(plans, spec.vocab_size)
-                    route, held, attempt = fresh, fresh, attempt + 1
-                    continue
-                receipts = await client.close()
-                self._bill(spec, plans, records, receipts)
-                return Outcome(tokens, finish, hops, attempt)
+            for choice in range(spec.choices):
+                if choice and halted():
+                    break
+                generated: list[int] = []
+                sampling = spec.choice_sampling(choice)
+
+                async def emit_choice(
+                    token: int, logprobs: TokenLogprobs | None, choice: int = choice
+                ) -> bool:
+                    return await emit(choice, token, logprobs)
+
+                while True:
+                    plans = self._plans(spec, route)
+                    session = plans[0].ticket.session
+                    records = [HopRecord(attempt, i, ask, session) for i, ask in enumerate(route.asks)]
+                    hops += records
+                    client = transport.route(plans, vocab_size=spec.vocab_size)
+                    # After a failover the new last span starts from what was generated: its sampler must know it.
+                    records[-1].sampling = session_sampling(sampling, spec.prompt, generated)
+                    try:
+                        await asyncio.wait_for(client.open(records[-1].sampling), self.step_timeout_s)
+                        finish = await self._generate(spec, client, records, generated, emit_choice)
+                    except (StepFailed, TimeoutError) as exc:
+                        for record in records:
+                            record.status = HopStatus.ABANDONED
+                        self.book.release(route)
+                        held = None
+                        log.warning("job 0x%s: route attempt %d failed: %s", spec.job_id.hex(), attempt, exc)
+                        blame = exc.blame if isinstance(exc, StepFailed) else None
+                        # A silent route may be anyone's doing: leave all of it out, suspend none.
+                        positions = blame.positions if blame is not None else list(range(len(records)))
+                        suspend = blame is not None and blame.suspend
+                        for position in positions:
+                            records[position].status = HopStatus.FAILED if suspend else HopStatus.SUSPECT
+                            excluded.add(route.asks[position].provider)
+                            if suspend:
+                                self.book.suspend(route.asks[position].provider, self.failure_suspend_s)
+                        fresh = self._reroute(spec, excluded) if failovers < self.max_failovers else None
+                        if fresh is None:
+                            if generated:
+                                await self._bill_delivered(spec, plans, records, client)
+                            else:
+                                self._close_quietly(plans, spec.vocab_size)
+                            message = f"providers failed and no route is left: {exc}"
+                            tokens += generated
+                            return Outcome(tokens, None, hops, failovers, "route_failed", message, finishes)
+                        self._close_quietly(plans, spec.vocab_size)
+                        route, held, attempt, failovers = fresh, fresh, attempt + 1, failovers + 1
+                        continue
+                    receipts = await client.close()
+                    self._bill(spec, plans, records, receipts)
+                    break
+                tokens += generated
+                finishes.append(finish)
+                attempt += 1  # the next choice's sessions are a route attempt of their own
+            return Outcome(tokens, finishes[-1], hops, failovers, finishes=finishes)
         finally:
             if held is not None:
                 self.book.release(held)
@@ -255,7 +295,7 @@ class Coordinator:
             route.asks,
             job_id=spec.job_id,
             model_root=bytes.fromhex(spec.model_root.removeprefix("0x")),
-            max_positions=spec.quote_tokens,
+            max_positions=spec.session_positions,
             expires_at=int(self.clock()) + self.ticket_ttl_s,
         )
 
@@ -272,7 +312,7 @@ class Coordinator:
         client: RouteSession,
         records: list[HopRecord],
         tokens: list[int],
-        emit: Emit,
+        emit: ChoiceEmit,
     ) -> Finish:
         # Step 0 is the prefill: the prompt, and after a failover every token generated so far as well.
         result = await self._step(client, records, 0, [*spec.prompt, *tokens])

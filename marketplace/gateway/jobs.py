@@ -80,13 +80,15 @@ class Request:
     stops: tuple[str, ...] = ()
     max_price: int | None = None  # the most the client will pay, base units
     ttl_s: int | None = None  # how long a job may rest in the book
+    choices: int = 1  # generations of the prompt (n), each billed as computed
 
     @property
     def quote_tokens(self) -> int:
-        return len(self.prompt) + self.max_tokens
+        return self.choices * (len(self.prompt) + self.max_tokens)
 
     def stored(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "sampling": self.sampling, "stops": list(self.stops)}
+        stored = {"prompt": self.prompt, "sampling": self.sampling, "stops": list(self.stops)}
+        return stored if self.choices == 1 else {**stored, "choices": self.choices}
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,14 @@ class Delta:
     # The tokens behind ``text`` with their log probabilities, when the request asked for them. A token whose
     # text is held back (an unfinished character, the start of a stop string) comes with the text that follows.
     logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
+    choice: int = 0
 
 
 @dataclass(frozen=True)
 class Finished:
     job: Job
     settled: Settled
+    finishes: tuple[str | None, ...] = ()  # each choice's finish_reason, when the job completed
 
 
 @dataclass(frozen=True)
@@ -418,16 +422,17 @@ class JobRunner:
 
     async def _execute(self, run: JobRun, route: Route) -> None:
         request, model = run.request, run.request.model
-        text = TextStream(model.decode, request.stops)
-        pending: list[tuple[int, TokenLogprobs]] = []
+        texts = [TextStream(model.decode, request.stops) for _ in range(request.choices)]
+        pending: list[list[tuple[int, TokenLogprobs]]] = [[] for _ in range(request.choices)]
 
-        async def emit(token: int, logprobs: TokenLogprobs | None) -> bool:
+        async def emit(choice: int, token: int, logprobs: TokenLogprobs | None) -> bool:
+            text = texts[choice]
             if logprobs is not None and not text.stopped:
-                pending.append((token, logprobs))
+                pending[choice].append((token, logprobs))
             delta = text.push(token)
             if delta:
-                run.publish(Delta(delta, tuple(pending)))
-                pending.clear()
+                run.publish(Delta(delta, tuple(pending[choice]), choice))
+                pending[choice].clear()
             return not (text.stopped or run.halted)
 
         spec = JobSpec(
@@ -440,24 +445,30 @@ class JobRunner:
             sampling=request.sampling,
             stop_token_ids=model.stop_token_ids,
             budget=run.reservation.quote if run.reservation.scheme != NONE else None,
+            choices=request.choices,
         )
         self.metrics.jobs_running.inc()
         try:
-            outcome = await self.coordinator.run(spec, route, emit)
+            outcome = await self.coordinator.run(spec, route, emit, halted=lambda: run.halted)
         except Exception as exc:  # a bug must not strand the reservation: the job fails uncharged
             log.exception("job %s failed inside the gateway", run.job_id)
             outcome = Outcome([], None, [], 0, "internal_error", f"the gateway failed: {exc!r}")
         finally:
             self.metrics.jobs_running.dec()
-        tail = text.flush()
-        if tail or pending:
-            run.publish(Delta(tail, tuple(pending)))
+        for choice, text in enumerate(texts):
+            tail = text.flush()
+            if tail or pending[choice]:
+                run.publish(Delta(tail, tuple(pending[choice]), choice))
+        # A stop string ends a choice as "stop", whatever ended its generation.
+        finishes = [
+            "stop" if text.stopped else finish for text, finish in zip(texts, outcome.finishes, strict=False)
+        ]
         if outcome.error_code is not None:
             status, finish = JobStatus.FAILED, None
-        elif outcome.finish == "halted":
-            status, finish = (JobStatus.COMPLETED, "stop") if text.stopped else (JobStatus.CANCELLED, None)
+        elif "halted" in finishes:
+            status, finish = JobStatus.CANCELLED, None  # the listener went away
         else:
-            status, finish = JobStatus.COMPLETED, outcome.finish
+            status, finish = JobStatus.COMPLETED, finishes[0]
         # Without payment checks nobody is charged; what the providers metered stays on the hops and receipts.
         paid = run.reservation.scheme != NONE
         # A failed job carries bills only for tokens it delivered (see Coordinator._bill_delivered).
@@ -465,14 +476,22 @@ class JobRunner:
         self.metrics.tokens.inc(len(outcome.tokens))
         self.metrics.failovers.inc(outcome.failovers)
         try:
-            await self._finish(run, status, finish, text.text, outcome, charged)
+            output = texts[0].text if request.choices == 1 else json.dumps([text.text for text in texts])
+            await self._finish(run, status, finish, output, outcome, charged, tuple(finishes))
         except Exception as exc:
             run.publish(
                 Unrecorded(f"the gateway could not record this job's outcome: {exc.__class__.__name__}")
             )
 
     async def _finish(
-        self, run: JobRun, status: str, finish: str | None, text: str, outcome: Outcome, charged: int
+        self,
+        run: JobRun,
+        status: str,
+        finish: str | None,
+        text: str,
+        outcome: Outcome,
+        charged: int,
+        finishes: tuple[str | None, ...] = (),
     ) -> None:
         for attempt in range(1, 4):
             try:
@@ -482,9 +501,6 @@ class JobRunner:
                     job.status = status
                     job.finish_reason = finish
                     job.output = text
-                    # The ids, not only the text: a failover's last span was opened with those before it, and the
-                    # ledger and validators rebuild what it committed to from them.
-                    job.request = {**job.request, "generated": list(outcome.tokens)}
                     job.completion_tokens = len(outcome.tokens)
                     job.charged = charged
                     job.failovers = outcome.failovers
@@ -507,6 +523,7 @@ class JobRunner:
                             transcript=[step.to_row() for step in hop.steps],
                             status=hop.status,
                             session=hop.session.hex(),
+                            sampling=hop.sampling,
                         )
                         session.add(row)
                         if hop.receipt is not None:
@@ -528,7 +545,7 @@ class JobRunner:
         self.metrics.jobs.labels(status=status).inc()
         if charged:
             self.metrics.charged.labels(scheme=run.reservation.scheme).inc(charged)
-        run.publish(Finished(job, settled))
+        run.publish(Finished(job, settled, finishes))
 
     # -- resting jobs, expiry and recovery -----------------------------------------------------------------
 
@@ -648,6 +665,7 @@ class JobRunner:
                 sampling=dict(job.request["sampling"]),
                 stops=tuple(job.request.get("stops", ())),
                 max_price=job.max_price,
+                choices=int(job.request.get("choices", 1)),
             )
             reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
             run = JobRun(job.id, request, reservation, listen=False)

@@ -237,7 +237,7 @@ async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, Orde
     route = book.match(arena.root, 6)
     assert route is not None
 
-    async def emit(_token: int, _logprobs: object) -> bool:
+    async def emit(_choice: int, _token: int, _logprobs: object) -> bool:
         return True
 
     return await coordinator.run(spec, route, emit), book

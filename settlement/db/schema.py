@@ -278,6 +278,16 @@ class Hop(Base):
     status: Mapped[str] = mapped_column(String(16))  # HopStatus
     # The hop session's 16 random bytes, hex: a validator fetches the provider's retained steps by it.
     session: Mapped[str | None] = mapped_column(String(32))
+    # On the last span, the sampling parameters its session was opened with (worker.sampling.session_sampling):
+    # its receipt commits to them and its tokens are judged under them. None on other spans, and on last spans
+    # recorded before hops kept them, whose sessions were opened with the job's own ``request["sampling"]``.
+    sampling: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    def committed_sampling(self, job_request: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What this last span's session sampled with."""
+        if self.sampling is not None:
+            return self.sampling
+        return (job_request or {}).get("sampling")
 
 
 class Receipt(Base):

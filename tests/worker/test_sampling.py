@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -22,6 +24,8 @@ from worker.sampling import (
     MIN_TEMPERATURE,
     Sampler,
     SamplingParams,
+    TokenLogprobs,
+    session_sampling,
 )
 
 VOCAB = 1_000
@@ -389,3 +393,90 @@ def test_from_dict_refuses(data: dict[Any, Any], message: str) -> None:
 def test_from_dict_refuses_non_objects(data: Any) -> None:
     with pytest.raises(ValueError, match="sampling parameters must be an object"):
         SamplingParams.from_dict(data)
+
+
+# -- what depends on history: penalties, bias, min-p, a grammar -----------------------------------------------
+
+
+def test_repetition_penalty_and_min_p_match_transformers() -> None:
+    logits = random_logits(21)
+    context = (3, 7, 7, 500, 999)
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.3, min_p=0.05, context=context)
+    input_ids = torch.tensor([context])
+    scores = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, logits.reshape(1, -1))
+    for warper in (TemperatureLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        scores = warper(input_ids, scores)
+    assert torch.allclose(Sampler(params).scores(logits), scores[0])
+
+
+def test_presence_and_frequency_penalties_count_only_generated_tokens() -> None:
+    logits = torch.zeros(VOCAB)
+    # 4 and 5 were generated before this session (a failover), 9 is in the prompt only.
+    params = SamplingParams(
+        temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25, context=(9, 4, 5, 4), context_output=3
+    )
+    sampler = Sampler(params)
+    scores = sampler.scores(logits)
+    assert scores[9] == 0.0
+    assert scores[4] == -(0.5 + 2 * 0.25) and scores[5] == -(0.5 + 0.25)
+    sampler.accept(5)
+    assert sampler.scores(logits)[5] == -(0.5 + 2 * 0.25)
+
+
+def test_logit_bias_is_added_before_greedy_choice() -> None:
+    logits = random_logits(5)
+    worst = int(torch.argmin(logits))
+    params = SamplingParams.from_dict({"logit_bias": {str(worst): 100.0}})
+    assert params.logit_bias == ((worst, 100.0),)
+    assert Sampler(params).next_token(logits) == worst
+
+
+def test_a_grammar_masks_every_token_it_does_not_allow() -> None:
+    from worker.grammar import Vocabulary, json_grammar
+    from worker.testing.tiny import EOS, byte_tokenizer
+
+    vocabulary = Vocabulary(byte_tokenizer(), 300)
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 22]}}, "required": ["a"]}
+    params = SamplingParams(temperature=1.0, seed=3, grammar=json_grammar(schema), max_tokens=40)
+    sampler = Sampler(params, vocabulary)
+    generator = torch.Generator().manual_seed(0)
+    tokens = []
+    while not tokens or tokens[-1] != EOS:
+        tokens.append(sampler.next_token(torch.randn(300, generator=generator)))
+    assert bytes(tokens[:-1]).decode() in ('{"a":1}', '{"a":22}')
+    # Without the tokenizer, a grammar cannot be followed.
+    with pytest.raises(ValueError, match="tokenizer"):
+        Sampler(params)
+
+
+def test_session_sampling_carries_only_the_history_a_parameter_needs() -> None:
+    greedy = {"temperature": 0.0}
+    assert session_sampling(greedy, [1, 2], [3]) == greedy
+    assert session_sampling({"presence_penalty": 1.0}, [1, 2], [3]) == {
+        "presence_penalty": 1.0,
+        "context": [3],
+        "context_output": 1,
+    }
+    assert session_sampling({"repetition_penalty": 1.2}, [1, 2], [3])["context"] == [1, 2, 3]
+    assert session_sampling({"presence_penalty": 1.0}, [1, 2], []) == {"presence_penalty": 1.0}
+
+
+def test_logprobs_are_the_raw_log_softmax_and_their_wire_form_is_checked() -> None:
+    logits = random_logits(8)
+    sampler = Sampler(SamplingParams(logprobs=3, repetition_penalty=2.0, context=(1,)))
+    token = sampler.next_token(logits)
+    logprobs = sampler.logprobs(logits, token)
+    assert logprobs is not None
+    reference = torch.log_softmax(logits, dim=-1)
+    assert logprobs.logprob == pytest.approx(float(reference[token]))
+    assert [t for t, _ in logprobs.top] == torch.topk(reference, 3).indices.tolist()
+    assert TokenLogprobs.from_json(logprobs.to_json(), vocab_size=VOCAB, limit=3) == logprobs
+    for bad in (
+        {"logprob": 0.5, "top": []},  # a probability above 1
+        {"logprob": -1.0, "top": [[VOCAB, -1.0]]},  # outside the vocabulary
+        {"logprob": -1.0, "top": [[1, -1.0]] * 4},  # more alternatives than asked for
+        {"logprob": float("nan"), "top": []},
+        {"logprob": -1.0},
+    ):
+        with pytest.raises(ValueError):
+            TokenLogprobs.from_json(bad, vocab_size=VOCAB, limit=3)

@@ -9,9 +9,12 @@ the one with ``finish_reason``, carries the settled payment in a ``payment`` fie
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -19,6 +22,7 @@ from marketplace.gateway.jobs import Delta, Finished, JobRun, Unrecorded
 from marketplace.gateway.payments.gate import NONE, Reservation, Settled
 from marketplace.gateway.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
 from settlement.db.schema import Job, JobStatus
+from worker.sampling import TokenLogprobs
 
 ACCESS_CONTROL_EXPOSE = "Access-Control-Expose-Headers"
 
@@ -72,24 +76,89 @@ def _failure(job: Job, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(body, status_code=502, headers=headers)
 
 
-class Answer:
-    """Shapes one job's output as a chat completion or a text completion."""
+@dataclass(frozen=True)
+class Shape:
+    """What the client asked the answer to look like, beyond its text."""
 
-    def __init__(self, kind: str, run: JobRun, network: str) -> None:
-        self.kind = kind
+    kind: Literal["chat", "completion"]
+    logprobs: int | None = None  # alternatives reported with each token's log probability; None: no logprobs
+    tools: Literal["none", "auto", "forced"] = (
+        "none"  # how tool calls are made (ChatCompletionBody.tool_mode)
+    )
+    tool_names: list[str] = field(default_factory=list)
+    echo: str = ""  # a completion's prompt, put before its text
+
+
+class Answer:
+    """Shapes one job's output as a chat completion or a text completion.
+
+    With tools, the text is held until the end: only the whole of it says whether it is a call (Hermes
+    ``<tool_call>`` blocks when the model chooses, the grammar's JSON when the call is forced). A stream then
+    ends with the calls as ``tool_calls`` deltas, or the text as one content delta.
+    """
+
+    def __init__(self, shape: Shape, run: JobRun, network: str) -> None:
+        self.shape = shape
+        self.kind = shape.kind
         self.run = run
         self.network = network
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + run.job_id[2:]
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + run.job_id[2:]
         self.created = int(time.time())
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.object = "chat.completion" if self.kind == "chat" else "text_completion"
         self.paid = run.reservation.scheme != NONE
+        self.choices = run.request.choices
+        # Per choice, the characters of text before its next delta: a completion's logprobs.text_offset.
+        self._offsets = [len(shape.echo)] * self.choices
 
-    def _choice(self, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
+    def _choice(
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        logprobs: Sequence[tuple[int, TokenLogprobs]] = (),
+        calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        described = self._logprobs(index, logprobs, text or "") if self.shape.logprobs is not None else None
         if self.kind == "chat":
             key = "delta" if delta else "message"
             content: dict[str, Any] = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": 0, key: content, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            if calls:
+                content["tool_calls"] = calls
+            return {"index": index, key: content, "finish_reason": finish, "logprobs": described}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": described}
+
+    def _logprobs(self, index: int, tokens: Sequence[tuple[int, TokenLogprobs]], text: str) -> dict[str, Any]:
+        model = self.run.request.model
+
+        def described(token: int) -> tuple[str, list[int]]:
+            raw = model.token_bytes(token)
+            return raw.decode("utf-8", errors="replace"), list(raw)
+
+        if self.kind == "chat":
+            content = []
+            for token, logprobs in tokens:
+                name, raw = described(token)
+                top = []
+                for alternative, value in logprobs.top:
+                    alt_name, alt_raw = described(alternative)
+                    top.append({"token": alt_name, "logprob": value, "bytes": alt_raw})
+                content.append(
+                    {"token": name, "logprob": logprobs.logprob, "bytes": raw, "top_logprobs": top}
+                )
+            return {"content": content, "refusal": None}
+        names, values, tops, offsets = [], [], [], []
+        offset = self._offsets[index]
+        for token, logprobs in tokens:
+            name, _ = described(token)
+            names.append(name)
+            values.append(logprobs.logprob)
+            tops.append({described(alternative)[0]: value for alternative, value in logprobs.top})
+            offsets.append(offset)
+            offset += len(name)
+        self._offsets[index] += len(text)
+        return {"tokens": names, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def _envelope(self, choices: list[dict[str, Any]], *, chunk: bool) -> dict[str, Any]:
         return {
@@ -101,14 +170,29 @@ class Answer:
             "choices": choices,
         }
 
+    def _tool_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The text outside tool calls (None when nothing is left) and the calls in ``text``."""
+        if self.shape.tools == "none":
+            return text, []
+        calls = parse_tool_calls(text, self.shape.tool_names, forced=self.shape.tools == "forced")
+        if not calls:
+            return text, []
+        rest = "" if self.shape.tools == "forced" else TOOL_CALL.sub("", text).strip()
+        return rest or None, calls
+
+    def _finish_of(self, finished: Finished, index: int) -> str | None:
+        return finished.finishes[index] if index < len(finished.finishes) else finished.job.finish_reason
+
     async def whole(self) -> JSONResponse:
-        parts: list[str] = []
+        parts: list[list[str]] = [[] for _ in range(self.choices)]
+        logprobs: list[list[tuple[int, TokenLogprobs]]] = [[] for _ in range(self.choices)]
         finished: Finished | Unrecorded | None = None
         try:
             while finished is None:
                 event = await self.run.events.get()
                 if isinstance(event, Delta):
-                    parts.append(event.text)
+                    parts[event.choice].append(event.text)
+                    logprobs[event.choice] += event.logprobs
                 else:
                     finished = event
         finally:
@@ -124,7 +208,17 @@ class Answer:
         )
         if job.status == JobStatus.FAILED:
             return _failure(job, headers)
-        body = self._envelope([self._choice("".join(parts), job.finish_reason, delta=False)], chunk=False)
+        choices = []
+        for index in range(self.choices):
+            text, calls = self._tool_calls("".join(parts[index]))
+            finish = self._finish_of(finished, index)
+            finish = "tool_calls" if calls and finish == "stop" else finish
+            if self.shape.echo:
+                text = self.shape.echo + (text or "")
+            choices.append(
+                self._choice(index, text, finish, delta=False, logprobs=logprobs[index], calls=calls or None)
+            )
+        body = self._envelope(choices, chunk=False)
         body["usage"] = _usage(job)
         return JSONResponse(body, headers=headers)
 
@@ -135,18 +229,28 @@ class Answer:
         headers["Cache-Control"] = "no-cache"
         return StreamingResponse(self._events(include_usage), media_type="text/event-stream", headers=headers)
 
+    def _chunk(self, index: int, text: str | None, finish: str | None = None, **parts: Any) -> str:
+        return _sse(self._envelope([self._choice(index, text, finish, delta=True, **parts)], chunk=True))
+
     async def _events(self, include_usage: bool) -> AsyncIterator[str]:
         finished: Finished | Unrecorded | None = None
+        # With tools: everything, until the end says whether it is a call.
+        held: list[list[Delta]] = [[] for _ in range(self.choices)]
         try:
-            if self.kind == "chat":
-                first = self._choice("", None, delta=True)
-                first["delta"]["role"] = "assistant"
-                yield _sse(self._envelope([first], chunk=True))
+            for index in range(self.choices):
+                if self.kind == "chat":
+                    first = self._envelope([self._choice(index, "", None, delta=True)], chunk=True)
+                    first["choices"][0]["delta"]["role"] = "assistant"
+                    yield _sse(first)
+                if self.shape.echo:
+                    yield self._chunk(index, self.shape.echo)
             while finished is None:
                 event = await self.run.events.get()
                 if isinstance(event, Delta):
-                    if event.text:
-                        yield _sse(self._envelope([self._choice(event.text, None, delta=True)], chunk=True))
+                    if self.shape.tools != "none":
+                        held[event.choice].append(event)
+                    elif event.text or event.logprobs:
+                        yield self._chunk(event.choice, event.text, logprobs=event.logprobs)
                 else:
                     finished = event
             if isinstance(finished, Unrecorded):
@@ -164,12 +268,21 @@ class Answer:
                     )
                 yield _sse(error)
             else:
-                last = self._envelope([self._choice("", job.finish_reason, delta=True)], chunk=True)
-                if self.paid:
-                    last["payment"] = payment_document(
-                        job.id, finished.settled.reservation, self.network, finished.settled
-                    )
-                yield _sse(last)
+                for index in range(self.choices):
+                    finish = self._finish_of(finished, index)
+                    if held[index]:
+                        text, calls = self._tool_calls("".join(event.text for event in held[index]))
+                        logprobs = [pair for event in held[index] for pair in event.logprobs]
+                        streamed = [{"index": i, **call} for i, call in enumerate(calls)] or None
+                        finish = "tool_calls" if calls and finish == "stop" else finish
+                        yield self._chunk(index, text, logprobs=logprobs, calls=streamed)
+                    last = self._envelope([self._choice(index, None, finish, delta=True)], chunk=True)
+                    last["choices"][0]["logprobs"] = None
+                    if self.paid and index == self.choices - 1:
+                        last["payment"] = payment_document(
+                            job.id, finished.settled.reservation, self.network, finished.settled
+                        )
+                    yield _sse(last)
                 if include_usage:
                     usage = self._envelope([], chunk=True)
                     usage["usage"] = _usage(job)
@@ -178,6 +291,35 @@ class Answer:
         finally:
             if finished is None:
                 self.run.halt()  # the client disconnected mid-stream: stop generating, bill what was computed
+
+
+# A call as the Hermes format writes it, which the tiny checkpoints' chat template teaches.
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str, names: Sequence[str], *, forced: bool) -> list[dict[str, Any]]:
+    """OpenAI ``tool_calls`` from a model's text: the whole text is one call's JSON when the call was forced,
+    else each ``<tool_call>`` block is one. A block that is not JSON naming one of ``names`` with object
+    arguments is left as text."""
+    blocks = [text] if forced else TOOL_CALL.findall(text)
+    calls = []
+    for block in blocks:
+        try:
+            call = json.loads(block)
+        except ValueError:
+            continue
+        if not (
+            isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments"), dict)
+        ):
+            continue
+        calls.append(
+            {
+                "id": "call_" + secrets.token_hex(12),
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
+            }
+        )
+    return calls
 
 
 def _unrecorded(event: Unrecorded) -> dict[str, Any]:

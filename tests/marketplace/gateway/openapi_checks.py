@@ -24,6 +24,10 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "bad_endpoint",  # an ask's host:port
         "plaintext_endpoint",  # an ask without a certificate, at a gateway that wants one
         "bad_timestamp",  # a heartbeat's timestamp against the clock
+        "token_out_of_range",  # a token id (a prompt's, logit_bias') against the model's vocabulary
+        "invalid_schema",  # a response format or tool's JSON schema the grammar library cannot follow
+        "conflicting_parameters",  # a rule between fields: top_logprobs without logprobs, tool_choice without tools
+        "ttl_too_long",  # a job's ttl_s against this gateway's MAX_JOB_TTL_S
     }
 )
 

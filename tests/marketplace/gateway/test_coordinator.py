@@ -30,7 +30,7 @@ def run(asks: list[tuple[int, int, int, int]], transport_for, job: JobSpec, **se
     runner = coordinator(book, transport, **settings)
     emitted: list[int] = []
 
-    async def emit(token: int) -> bool:
+    async def emit(_choice: int, token: int, _logprobs: object) -> bool:
         emitted.append(token)
         return True
 

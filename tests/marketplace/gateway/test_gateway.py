@@ -61,7 +61,7 @@ PER_TOKEN = LAYERS * PRICE // 1_000_000  # every hop prices a layer at one base 
 
 
 def prompt_tokens(model_dir: Path, content: str) -> int:
-    return len(load_model(model_dir).encode_chat([("user", content)]))
+    return len(load_model(model_dir).encode_chat([{"role": "user", "content": content}]))
 
 
 def token_domain(market: Market) -> Domain:
@@ -547,8 +547,12 @@ def test_bad_requests_are_refused_before_any_payment(gateway: GatewayServer, mar
         (chat_body(max_tokens=4000), 400, "prompt_too_long"),
         (chat_body(max_price=1), 409, "max_price_exceeded"),
         (chat_body(max_price=0), 400, "invalid_request"),  # no request is free, so none could ever be paid
-        (chat_body(n=2), 400, "unsupported_parameter"),
-        (chat_body(logprobs=True), 400, "unsupported_parameter"),
+        (chat_body(functions=[{"name": "f"}]), 400, "unsupported_parameter"),
+        (chat_body(reasoning_effort="high"), 400, "unsupported_parameter"),
+        (chat_body(top_logprobs=2), 400, "conflicting_parameters"),  # without logprobs: true
+        (chat_body(n=9), 400, "invalid_request"),
+        (chat_body(logit_bias={"100000": 5}), 400, "token_out_of_range"),
+        (chat_body(tool_choice="required"), 400, "conflicting_parameters"),  # without tools
         (chat_body(temperature=3), 400, "invalid_request"),
         ({"model": "tiny"}, 400, "invalid_request"),
         ({**chat_body(), "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request"),

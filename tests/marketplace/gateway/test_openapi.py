@@ -52,10 +52,6 @@ include-operation-id = ["createChatCompletion", "createCompletion", "createJob"]
 # 402: an unpaid request is answered with its quote (PAYMENT-REQUIRED), as documented. 400: a prompt too long for
 # the model's context, which no schema can state; openapi_checks fails any other 400 of a valid request.
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "402", "403", "404", "409", "429", "5xx"]
-# Not yet: these bodies' schemas do not state every rule their routes enforce (a chat's tool_choice without tools,
-# an empty completion prompt, a job's exactly one of prompt and messages, ...), so a body the document calls valid
-# may still be refused as invalid_request. Enable once they do.
-checks.valid_requests_are_refused_only_for_rules_no_schema_states.enabled = false
 
 [[operations]]
 include-operation-id = "postAsk"

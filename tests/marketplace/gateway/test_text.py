@@ -48,3 +48,19 @@ def test_the_earliest_of_several_stops_wins_and_the_tail_is_flushed() -> None:
     assert out.text == "xyz"
     pieces, out = stream("held at the end <", stops=["<stop>"])
     assert "".join(pieces) == out.text == "held at the end <" and not out.stopped
+
+
+@pytest.mark.parametrize("tail", [b"\xc3", b"\xe6\xbc", b"\xf0\x9f\x99"])
+def test_an_unfinished_character_at_the_end_is_flushed_as_a_replacement(tail: bytes) -> None:
+    """As the tokenizer's own decode gives it: the bytes were generated (and paid for), so the client sees them."""
+    out = TextStream(decode)
+    emitted = "".join(out.push(b) for b in b"ok " + tail)
+    assert emitted == "ok "
+    assert out.flush() == "\ufffd" * len(tail.decode("utf-8", errors="replace"))
+    assert out.text == ("ok " + tail.decode("utf-8", errors="replace"))
+
+
+def test_an_unfinished_character_can_still_complete_a_stop_string() -> None:
+    out = TextStream(decode, ["x\ufffd"])
+    assert "".join(out.push(b) for b in b"ax\xc3") == "a"
+    assert out.flush() == "" and out.stopped and out.text == "a"

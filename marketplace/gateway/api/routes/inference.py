@@ -18,7 +18,7 @@ from marketplace.gateway.api.models import (
     error,
     paid_answer,
 )
-from marketplace.gateway.api.responses import Answer
+from marketplace.gateway.api.responses import Answer, Shape
 from marketplace.gateway.api.schemas import ChatCompletionBody, CompletionBody, GenerationBody
 from marketplace.gateway.catalog import ServedModel
 from marketplace.gateway.errors import InvalidRequest
@@ -29,12 +29,15 @@ from worker.sampling import SamplingParams
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 DEFAULT_MAX_TOKENS = 256  # when a chat request names none: what the quote is for
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's, for a text completion
+TOKEN_OUT_OF_RANGE = "token_out_of_range"  # a token id at or past the model's vocab_size
 
 
 def build_request(
     kind: str, model: ServedModel, prompt: list[int], requested: int | None, body: GenerationBody
 ) -> JobRequest:
-    """Checks the prompt against the model's context and the sampling parameters against the providers'."""
+    """Checks the prompt against the model's context and the sampling parameters against the providers', all
+    before anything is paid."""
     body.refuse_unsupported()
     if not prompt:
         raise InvalidRequest("invalid_request", "the prompt is empty")
@@ -53,19 +56,36 @@ def build_request(
         # Fixed here rather than left to the last provider: its receipt commits to the parameters, seed and all,
         # so a validator can replay its draws and check every token it emitted.
         sampling["seed"] = secrets.randbits(63)
+    outside = [token for token in (body.logit_bias or {}) if int(token) >= model.vocab_size]
+    if outside:
+        message = f"logit_bias names token {outside[0]}, outside [0, {model.vocab_size})"
+        raise InvalidRequest(TOKEN_OUT_OF_RANGE, message, param="logit_bias")
+    grammar = sampling.get("grammar")
+    if grammar is not None:
+        problem = model.vocabulary.check(grammar)
+        if problem is not None:
+            message = f"the schema cannot be followed: {problem}"[:500]
+            raise InvalidRequest("invalid_schema", message, param=body.grammar_source())
     try:
         SamplingParams.from_dict(sampling)
     except ValueError as exc:
         raise InvalidRequest("invalid_request", str(exc)) from exc
-    return JobRequest(kind, model, prompt, max_tokens, sampling, body.stops(), body.max_price)
+    return JobRequest(
+        kind, model, prompt, max_tokens, sampling, body.stops(), body.max_price, choices=body.choices
+    )
 
 
 async def answer(
-    gateway: Gateway, request: Request, kind: str, job: JobRequest, body: GenerationBody, payment: str | None
+    gateway: Gateway,
+    request: Request,
+    shape: Shape,
+    job: JobRequest,
+    body: GenerationBody,
+    payment: str | None,
 ) -> JSONResponse | StreamingResponse:
     run = await gateway.runner.admit(job, payment, url=resource_url(request, gateway))
-    shaped = Answer(kind, run, gateway.terms.network)
-    if body.stream:
+    shaped = Answer(shape, run, gateway.terms.network)
+    if body.streaming:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return shaped.streamed(include_usage)
     return await shaped.whole()
@@ -81,9 +101,12 @@ async def create_chat_completion(
 ) -> Any:
     """A chat completion, paid per request over x402 (a voucher or an exact transfer)."""
     model = gateway.catalog.get(body.model)
-    prompt = model.encode_chat([(message.role, message.text()) for message in body.messages])
+    mode = body.tool_mode()
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    prompt = model.encode_chat([message.rendered() for message in body.messages], tools)
     job = build_request("chat", model, prompt, body.requested_tokens(), body)
-    return await answer(gateway, request, "chat", job, body, payment)
+    shape = Shape("chat", body.alternatives(), mode, [tool.function.name for tool in body.tools or []])
+    return await answer(gateway, request, shape, job, body, payment)
 
 
 @router.post(
@@ -97,20 +120,21 @@ async def create_completion(
     """A text completion of a prompt (text or token ids), paid per request over x402."""
     model = gateway.catalog.get(body.model)
     prompt = body.prompt
+    if body.echo and body.logprobs is not None:
+        # The prompt's log probabilities need every prompt position's logits; the last span returns the last one.
+        raise InvalidRequest("unsupported_parameter", "echo with logprobs is not supported", param="echo")
     if isinstance(prompt, str):
         ids = model.encode_prompt(prompt)
-    elif prompt and all(isinstance(item, str) for item in prompt):
-        if len(prompt) != 1:
-            raise InvalidRequest("unsupported_parameter", "one prompt per request", param="prompt")
-        ids = model.encode_prompt(str(prompt[0]))
+    elif isinstance(prompt[0], str):
+        ids = model.encode_prompt(str(prompt[0]))  # the schema takes one text in a list
     else:
         ids = [int(token) for token in prompt]
-        if any(not 0 <= token < model.vocab_size for token in ids):
-            raise InvalidRequest(
-                "invalid_request", f"token ids must be in [0, {model.vocab_size})", param="prompt"
-            )
-    job = build_request("completion", model, ids, body.max_tokens, body)
-    return await answer(gateway, request, "completion", job, body, payment)
+        if any(token >= model.vocab_size for token in ids):
+            message = f"token ids must be below {model.name}'s vocab_size, {model.vocab_size}"
+            raise InvalidRequest(TOKEN_OUT_OF_RANGE, message, param="prompt")
+    job = build_request("completion", model, ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body)
+    echo = model.decode(ids) if body.echo else ""
+    return await answer(gateway, request, Shape("completion", body.logprobs, echo=echo), job, body, payment)
 
 
 @router.get("/models", operation_id="listModels", response_model=ModelList)

@@ -22,7 +22,7 @@ from marketplace.gateway.api.models import (
 )
 from marketplace.gateway.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
 from marketplace.gateway.api.routes.inference import build_request
-from marketplace.gateway.api.schemas import JobBody
+from marketplace.gateway.api.schemas import CONFLICTING, JobBody
 from marketplace.gateway.errors import Forbidden, InvalidRequest, NotFound
 from marketplace.gateway.payments.gate import NONE
 from marketplace.gateway.payments.x402 import PAYMENT_RESPONSE, encode_header
@@ -97,14 +97,17 @@ async def create_job(
     """Submits a job. With ``max_price`` it reserves that much and rests until a route at or below it appears
     (or ``ttl_s`` passes); without, it runs now at the cheapest route's quote or is refused."""
     if (body.prompt is None) == (body.messages is None):
-        raise InvalidRequest("invalid_request", "give exactly one of prompt and messages")
+        raise InvalidRequest(CONFLICTING, "give exactly one of prompt and messages", param="prompt")
     if body.ttl_s > gateway.settings.max_job_ttl_s:
-        raise InvalidRequest("invalid_request", f"ttl_s is at most {gateway.settings.max_job_ttl_s}")
+        # MAX_JOB_TTL_S is this gateway's setting, which a fixed document cannot state.
+        raise InvalidRequest(
+            "ttl_too_long", f"ttl_s is at most {gateway.settings.max_job_ttl_s}", param="ttl_s"
+        )
     if body.stream:
         raise InvalidRequest("unsupported_parameter", "jobs are not streamed: read them at GET /v1/jobs/{id}")
     model = gateway.catalog.get(body.model)
     if body.messages is not None:
-        prompt = model.encode_chat([(message.role, message.text()) for message in body.messages])
+        prompt = model.encode_chat([message.rendered() for message in body.messages])
     else:
         prompt = model.encode_prompt(body.prompt or "")
     job = replace(build_request("job", model, prompt, body.max_tokens, body), ttl_s=body.ttl_s)
