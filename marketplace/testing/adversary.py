@@ -48,6 +48,7 @@ from settlement.tickets import KeyRing, SignatureChecks
 from settlement.validation import WRONG_TOKEN, ReferenceSpan, judge_span
 from worker.client import PeerLink, Peers, RouteClient, fetch_retained
 from worker.errors import WorkerError
+from worker.grammar import json_grammar
 from worker.messages import Auth, Hello, Open, Step, checked
 from worker.protocol import read_control, write_message
 from worker.shard import load_shard, model_root
@@ -68,6 +69,7 @@ ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so t
     "forge-error": (2, 4),
     "blame-next": (2, 4),
     "substitute-token": (4, 6),
+    "ignore-constraints": (4, 6),
     "close-others": (0, 2),
     "inject-step": (0, 2),
     "replay-step": (0, 2),
@@ -376,7 +378,28 @@ def substitute_the_emitted_token(arena: Arena) -> Verdict:
     """The last provider emits other tokens than it sampled, keeping its logits honest, greedy and under a seeded
     sampler: the job completes and bills (the gateway cannot tell), but its signed transcript commits to what it
     emitted, and the validator, judging its retained steps as the validation task does, fails the hop."""
-    rogue = arena.rogues["substitute-token"]
+    samplings = {"greedy": {"temperature": 0.0, "seed": 1}, "sampled": SAMPLED}
+    return _judged_tokens(arena, "substitute-token", samplings)
+
+
+def sample_outside_the_grammar_and_the_bias(arena: Arena) -> Verdict:
+    """The last provider ignores the grammar and the logit_bias it was opened with (cheaper: no mask to compute),
+    greedy and sampled: its receipt commits to them, and the validator's replay of them fails the hop."""
+    constraints = {"grammar": json_grammar({"type": "object"}), "logit_bias": {"32": -100.0, "65": 5.0}}
+    samplings = {
+        "greedy": {"temperature": 0.0, "seed": 1, **constraints},
+        "sampled": {**SAMPLED, **constraints},
+    }
+    return _judged_tokens(arena, "ignore-constraints", samplings)
+
+
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 20, "seed": 7}
+
+
+def _judged_tokens(arena: Arena, kind: str, samplings: dict[str, dict[str, Any]]) -> Verdict:
+    """Runs the rogue last provider ``kind`` under each of ``samplings``: the attack fails when every run bills
+    (the gateway cannot tell) and the validator's judgement of the rogue's retained steps is WRONG_TOKEN."""
+    rogue = arena.rogues[kind]
     route = [arena.honest["a"], arena.honest["b"], rogue]
     reference = ReferenceSpan(
         lambda dtype: load_shard(arena.model, "4:6", device=torch.device("cpu"), dtype=dtype)
@@ -417,14 +440,13 @@ def substitute_the_emitted_token(arena: Arena) -> Verdict:
         billed = receipt is not None and receipt_bills(receipt, expected, arena.checks.receipt) is None
         return judge_span(reference, retained, transcript, sampling=sampling).reason, billed
 
-    sampled = {"temperature": 0.8, "top_p": 0.95, "top_k": 20, "seed": 7}
-    verdicts = [asyncio.run(run(sampling)) for sampling in ({"temperature": 0.0, "seed": 1}, sampled)]
+    verdicts = [asyncio.run(run(sampling)) for sampling in samplings.values()]
     caught = all(reason == WRONG_TOKEN and billed for reason, billed in verdicts)
     detail = ", ".join(
         f"{name}: billed {billed}, judged {reason}"
-        for name, (reason, billed) in zip(("greedy", "sampled"), verdicts, strict=True)
+        for name, (reason, billed) in zip(samplings, verdicts, strict=True)
     )
-    return Verdict("substitute-token", not caught, False, detail)
+    return Verdict(kind, not caught, False, detail)
 
 
 def withhold_downstream_receipts(arena: Arena) -> Verdict:
@@ -812,6 +834,7 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "close-another-providers-session": close_another_providers_session,
     "inject-a-step": inject_a_step,
     "substitute-the-emitted-token": substitute_the_emitted_token,
+    "sample-outside-the-grammar-and-the-bias": sample_outside_the_grammar_and_the_bias,
     "withhold-downstream-receipts": withhold_downstream_receipts,
     "inflate-a-receipt": inflate_a_receipt,
     "inflate-positions-to-frame-the-next-hops": inflate_positions_to_frame_the_next_hops,

@@ -6,6 +6,8 @@ paid and unblamed. ``strata provider serve --misbehave KIND`` (a hidden option) 
     forge-error        does not send the step on; reports, in the next hop's name, an error it never sent
     blame-next         does not send the step on; says the next hop could not be reached
     substitute-token   (last span) emits another token than the one it sampled; its logits stay honest
+    ignore-constraints (last span) samples as if the session had no grammar and no logit_bias, while its receipt
+                       commits to the parameters it was opened with
     close-others       with every step, also tries to close the session at ``target`` (another provider's)
     inject-step        with every step, also sends a step of its own into the session at ``target``
     replay-step        sends each step on twice, and relays the next hop's (honest, signed) refusal of the second
@@ -30,7 +32,8 @@ import torch
 
 from worker.client import PeerLink
 from worker.errors import WorkerError
-from worker.messages import Close, HopEntry, HopError, Report, SignedReceipt, Step
+from worker.messages import Close, HopEntry, HopError, Open, Report, SignedReceipt, Step
+from worker.sampling import Sampler, SamplingParams
 from worker.server import HopServer
 from worker.trust import ReceiptFields
 from worker.wire import payload_sha256
@@ -38,7 +41,8 @@ from worker.wire import payload_sha256
 log = logging.getLogger(__name__)
 
 MISBEHAVIOURS = (
-    "alter-downstream", "forge-error", "blame-next", "substitute-token", "close-others", "inject-step",
+    "alter-downstream", "forge-error", "blame-next", "substitute-token", "ignore-constraints", "close-others",
+    "inject-step",
     "replay-step", "garbage-report", "stall", "silent-close", "inflate-receipt", "inflate-positions",
 )  # fmt: skip
 
@@ -84,6 +88,16 @@ class RogueServer(HopServer):
             altered = replace(report.entry, output=bytes(32))  # its signature kept
             downstream = replace(report, entry=altered).to_json()
         return downstream, logits, failure
+
+    async def _open(self, request: Open, peer: str) -> dict[str, Any]:
+        reply = await super()._open(request, peer)
+        session = self._sessions.get(request.ticket.session)
+        if self.misbehave == "ignore-constraints" and session is not None and session.sampler is not None:
+            loose = {k: v for k, v in (request.sampling or {}).items() if k not in ("grammar", "logit_bias")}
+            session.sampler = Sampler(
+                SamplingParams.from_dict(loose)
+            )  # session.sampling, signed, is unchanged
+        return reply
 
     def _close(self, request: Close, peer: str) -> dict[str, Any]:
         if self.misbehave == "silent-close":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from eth_utils.crypto import keccak
 from sqlalchemy import select, update
 
@@ -114,6 +115,52 @@ def test_honest_hops_pass_through_the_validators_trouble_a_restart_and_a_slow_li
 
     finally:
         engine.dispose()  # its pooled connections, on PostgreSQL
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_honest_hops_pass_under_every_sampling_parameter_and_several_choices(
+    gateway: GatewayServer, market: Market, model_dir: Path
+) -> None:
+    """Penalties over prompt and output, a bias, min-p and a JSON schema's grammar, sampled, two choices: every
+    hop is billed on its receipt and passes its validation, the last spans judged under the sampling each of
+    their sessions was opened with (each choice its own seed)."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    body = chat_body(
+        "validate me under everything",
+        max_tokens=24,
+        temperature=0.9,
+        seed=17,
+        n=2,
+        presence_penalty=0.8,
+        frequency_penalty=0.3,
+        repetition_penalty=1.2,
+        min_p=0.05,
+        logit_bias={"123": 3.0},
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    job_id, _ = paid_chat(gateway, market, body)
+    engine = create_blocking_engine(gateway.gateway.settings.database_url)
+    sessions = blocking_sessions(engine)
+    try:
+        with sessions.begin() as session:
+            hops = session.scalars(select(Hop).where(Hop.job_id == job_id).order_by(Hop.attempt)).all()
+            last = [hop for hop in hops if hop.layer_end == 6]
+            assert [hop.sampling["seed"] for hop in last if hop.sampling] == [17, 18]
+            assert all(hop.status == HopStatus.BILLED for hop in hops) and len(hops) == 6
+            metered = meter_job(session, job_id, domain=market.contracts.protocol_domain(), sample_rate=1.0)
+        assert metered is not None and len(metered.sampled) == 6
+        validator = Validator(
+            sessions, market.contracts, market.anvil.accounts[3], ReferenceModels([str(model_dir)]), retry_s=1.0
+        )
+        outcomes = [validator.validate(v) for v in metered.sampled]
+        assert [o.status for o in outcomes] == [ValidationStatus.PASSED] * 6, outcomes
+    finally:
+        engine.dispose()
 
 
 def test_a_false_receipt_bills_nothing_suspends_its_provider_and_is_kept_as_evidence(
