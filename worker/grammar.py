@@ -14,6 +14,7 @@ without precomputation, and reads Hugging Face fast tokenizers directly.
 
 from __future__ import annotations
 
+import functools
 import json
 from functools import cache
 from pathlib import Path
@@ -65,8 +66,10 @@ class Vocabulary:
         if not isinstance(tokenizer, PreTrainedTokenizerFast):
             raise ValueError("constrained decoding needs a fast (Rust) tokenizer")
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        # Compiling a large schema takes up to a second: the same one, sent again, is answered from here.
+        self.check = functools.lru_cache(maxsize=256)(self._check)
 
-    def check(self, grammar: str) -> str | None:
+    def _check(self, grammar: str) -> str | None:
         """Why ``grammar`` cannot be used with this tokenizer, or None when it can."""
         matcher = llguidance.LLMatcher(self._tokenizer, grammar)
         return matcher.get_error() if matcher.is_error() else None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from worker import jsontext
 from worker.errors import ProtocolError
 from worker.wire import HEADER_SIZE, Frame, FrameLimits, decode_payload, encode_frame_parts, read_header
 
@@ -34,10 +35,10 @@ async def read_control(reader: asyncio.StreamReader, *, limit: int = MAX_CONTROL
         raise ProtocolError(f"control part of {length} bytes, the limit here is {limit}")
     body = await reader.readexactly(length)
     try:
-        control = json.loads(body)
+        control = jsontext.loads(body)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers malformed JSON, bad UTF-8 and integers past Python's digit limit; RecursionError,
-        # nesting deeper than the parser's stack: whatever a peer sends is its error, never ours.
+        # ValueError covers malformed JSON, bad UTF-8, integers past Python's digit limit and nesting past
+        # jsontext's bound: whatever a peer sends is its error, never ours.
         raise ProtocolError(f"control part is not JSON we take: {type(exc).__name__}") from exc
     if not isinstance(control, dict):
         raise ProtocolError("control part must be a JSON object")

@@ -63,6 +63,7 @@ __all__ = [
     "MAX_SEED",
     "MAX_TEMPERATURE",
     "MAX_TOKENS_CAP",
+    "MAX_TOP_K",
     "MAX_TOP_LOGPROBS",
     "MIN_TEMPERATURE",
     "FinishReason",
@@ -87,6 +88,8 @@ MAX_PENALTY: Final = 2.0
 MAX_LOGIT_BIAS: Final = 100.0
 MAX_LOGIT_BIAS_TOKENS: Final = 1024
 MAX_TOP_LOGPROBS: Final = 20
+# top_k beyond any vocabulary keeps every token; the bound only keeps the number a number.
+MAX_TOP_K: Final = 1 << 20
 LOGPROB_FLOOR: Final = -9999.0
 # repetition_penalty lies in [1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY]; 1 is off.
 MAX_REPETITION_PENALTY: Final = 10.0
@@ -129,8 +132,8 @@ class SamplingParams:
                 f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
                 f"got {self.temperature!r}"
             )
-        if _integer("top_k", self.top_k) < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k!r}")
+        if not 0 <= _integer("top_k", self.top_k) <= MAX_TOP_K:
+            raise ValueError(f"top_k must be between 0 (off) and {MAX_TOP_K}, got {self.top_k!r}")
         top_p = _real("top_p", self.top_p)
         # Written so that NaN fails it too.
         if not 0.0 < top_p <= 1.0:

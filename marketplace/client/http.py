@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +16,7 @@ from marketplace.gateway.payments.x402 import (
     decode_header,
 )
 from settlement.eip712 import JobRead, protocol_domain
+from worker import jsontext
 
 JOB_READ = "X-Strata-Job-Read"  # the header a job's payer proves a read with
 _RESIGN = {"voucher_not_increasing", "voucher_too_low", "insufficient_deposit"}
@@ -96,7 +96,7 @@ class PayingTransport(httpx.AsyncBaseTransport):
         response = await self.inner.handle_async_request(httpx.Request("GET", url))
         await response.aread()
         if response.status_code == 200:
-            self.wallet.sync(json.loads(response.content))
+            self.wallet.sync(jsontext.loads(response.content))
         elif response.status_code == 404:
             self.wallet.sync({"deposit": 0})
         else:
@@ -145,7 +145,7 @@ class _WatchedStream(httpx.AsyncByteStream):
                 continue
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
-                    data = json.loads(line[5:])
+                    data = jsontext.loads(line[5:])
                     if isinstance(data, dict) and isinstance(data.get("payment"), dict):
                         self.payment = data["payment"]
 
@@ -158,7 +158,7 @@ class _WatchedStream(httpx.AsyncByteStream):
 
 def _error(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = json.loads(response.content)
+        body = jsontext.loads(response.content)
     except ValueError:
         return {}
     error = body.get("error") if isinstance(body, dict) else None
@@ -237,7 +237,7 @@ async def stream_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any
     async for line in response.aiter_lines():
         if not line.startswith("data:") or line == "data: [DONE]":
             continue
-        chunk: dict[str, Any] = json.loads(line[5:])
+        chunk: dict[str, Any] = jsontext.loads(line[5:])
         if "error" in chunk:
             raise PaymentFailed(chunk["error"].get("message", "the job failed"), chunk["error"].get("code"))
         yield chunk

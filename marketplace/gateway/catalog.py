@@ -7,12 +7,14 @@ once to make one, as providers do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from marketplace.gateway.errors import InvalidRequest, NotFound
@@ -42,7 +44,8 @@ class ServedModel:
     model_context_length: int = 0  # the checkpoint's own (max_position_embeddings)
 
     def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        with _encoding():
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
@@ -58,19 +61,21 @@ class ServedModel:
                 "unsupported_parameter", f"{self.name}'s chat template does not take tools", param="tools"
             )
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [dict(message) for message in messages],
-                tools=[dict(tool) for tool in tools] if tools else None,
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+            with _encoding():
+                text = self.tokenizer.apply_chat_template(
+                    [dict(message) for message in messages],
+                    tools=[dict(tool) for tool in tools] if tools else None,
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
         if any(message.get("tool_calls") or message["role"] == "tool" for message in messages):
             raise InvalidRequest(
                 "unsupported_parameter", f"{self.name} has no chat template for tool calls", param="messages"
             )
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with _encoding():
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         bos = self.tokenizer.bos_token_id
         return [bos, *ids] if isinstance(bos, int) else ids
 
@@ -103,6 +108,23 @@ class ServedModel:
             "context_length": self.context_length,
             "model_context_length": self.model_context_length,
         }
+
+
+@contextlib.contextmanager
+def _encoding() -> Iterator[None]:
+    """What a client's text can make a tokenizer or a chat template refuse is the client's error, not ours."""
+    try:
+        yield
+    except jinja2.TemplateError as exc:  # a template's own rule: roles must alternate, say
+        raise InvalidRequest(
+            "chat_template_refused", f"the model's chat template refused: {exc}"[:500]
+        ) from exc
+    except (
+        TypeError,
+        ValueError,
+        UnicodeError,
+    ) as exc:  # a lone surrogate, which JSON allows and Unicode does not
+        raise InvalidRequest("unencodable_text", f"text the tokenizer cannot encode: {exc}"[:500]) from exc
 
 
 def _ids(value: Any) -> set[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +58,29 @@ def test_a_control_part_over_the_limit_is_refused_from_its_length() -> None:
 
     with pytest.raises(ProtocolError, match="limit"):
         asyncio.run(run())
+
+
+def test_a_control_part_nested_to_the_limit_is_refused_in_a_process_that_raised_its_recursion_limit() -> None:
+    """eth-account's py_ecc raises the recursion limit to 100,000, past what the C stack holds: json.loads of a
+    deep enough document then kills the process (SIGSEGV) instead of raising. In a child process, so that a
+    regression fails this test rather than the whole run."""
+    script = (
+        "import asyncio, struct, sys\n"
+        "import marketplace.cli, eth_account  # what a provider, gateway or validator imports\n"
+        "from worker.errors import ProtocolError\n"
+        "from worker.protocol import MAX_CONTROL_BYTES, read_control\n"
+        "assert sys.getrecursionlimit() >= 100_000\n"
+        'body = (b\'{"report":{"entry":{"logprobs":\' + b\'[\' * MAX_CONTROL_BYTES)[:MAX_CONTROL_BYTES]\n'
+        "async def main():\n"
+        "    reader = asyncio.StreamReader()\n"
+        "    reader.feed_data(struct.pack('<I', len(body)) + body)\n"
+        "    reader.feed_eof()\n"
+        "    try:\n"
+        "        await read_control(reader)\n"
+        "    except ProtocolError as exc:\n"
+        "        print('refused:', exc)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: control part is not JSON we take: TooDeep" in done.stdout

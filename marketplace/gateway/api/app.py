@@ -35,6 +35,7 @@ from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.errors import GatewayError, PaymentRejected, Unavailable
 from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, encode_header
 from marketplace.gateway.service import Gateway
+from worker.jsontext import TooDeep, check_depth
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,61 @@ class GatewayApp(FastAPI):
         return self.openapi_schema or {}
 
 
+# The largest request body read: a long conversation with tools and a schema fits many times over (a request's
+# tokens are capped by the model's context in any case).
+MAX_BODY_BYTES = 4 << 20
+
+
+class BodyLimits:
+    """Reads a request's body whole before anything else does, refusing one over ``MAX_BODY_BYTES`` (413
+    ``body_too_large``) and JSON nested past ``worker.jsontext.MAX_DEPTH`` (400 ``invalid_request``): FastAPI's
+    parser would recurse through it level by level, and deep enough nesting kills the process (see
+    worker.jsontext). The body is then handed on as it came."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                refused = _error(
+                    413,
+                    "body_too_large",
+                    f"bodies are at most {MAX_BODY_BYTES} bytes",
+                    "invalid_request_error",
+                )
+                await refused(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            check_depth(body)
+        except TooDeep as exc:
+            await _error(400, "invalid_request", str(exc), "invalid_request_error")(scope, receive, send)
+            return
+        handed = False
+
+        async def replay() -> Message:
+            nonlocal handed
+            if handed:
+                return await receive()  # after the body: the disconnect a streamed answer listens for
+            handed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def _body_schemas(routes: list[BaseRoute]) -> dict[str, Any]:
     """The JSON schema of every model the routes take or answer, by the name the document gives it."""
     models: list[tuple[Any, JsonSchemaMode]] = []
@@ -188,6 +244,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(BodyLimits)
     app.add_middleware(RequestMetrics)
     for module in (inference, jobs, market, payouts, slashes, health):
         app.include_router(module.router)

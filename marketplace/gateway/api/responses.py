@@ -22,6 +22,7 @@ from marketplace.gateway.jobs import Delta, Finished, JobRun, Unrecorded
 from marketplace.gateway.payments.gate import NONE, Reservation, Settled
 from marketplace.gateway.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
 from settlement.db.schema import Job, JobStatus
+from worker import jsontext
 from worker.sampling import TokenLogprobs
 
 ACCESS_CONTROL_EXPOSE = "Access-Control-Expose-Headers"
@@ -305,7 +306,7 @@ def parse_tool_calls(text: str, names: Sequence[str], *, forced: bool) -> list[d
     calls = []
     for block in blocks:
         try:
-            call = json.loads(block)
+            call = jsontext.loads(block)
         except ValueError:
             continue
         if not (

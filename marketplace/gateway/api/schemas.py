@@ -9,13 +9,13 @@ does not serve is refused with ``unsupported_parameter`` rather than silently ig
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from marketplace.gateway.errors import InvalidRequest
 from marketplace.gateway.market import MAX_CAPACITY, MAX_PRICE_PER_MILLION
+from worker import jsontext
 from worker.grammar import json_grammar
 from worker.sampling import (
     MAX_LOGIT_BIAS,
@@ -24,6 +24,7 @@ from worker.sampling import (
     MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_TOKENS_CAP,
+    MAX_TOP_K,
     MAX_TOP_LOGPROBS,
     MIN_TEMPERATURE,
 )
@@ -201,7 +202,7 @@ class GenerationBody(BaseModel):
     model: str = Field(min_length=1, max_length=255)
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 (or under 1e-5) is greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="0 or -1 turns it off")
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="0 or -1 turns it off")
     min_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -470,7 +471,7 @@ def tool_call_schema(tools: list[tuple[str, dict[str, Any] | None]]) -> dict[str
 def _json_or_text(arguments: str) -> Any:
     """A tool call's arguments as templates expect them: the decoded object when they are JSON."""
     try:
-        return json.loads(arguments)
+        return jsontext.loads(arguments)
     except ValueError:
         return arguments
 

@@ -28,6 +28,7 @@ from eth_utils.address import is_address, to_checksum_address
 
 from marketplace.gateway.errors import InvalidRequest, PaymentRejected
 from settlement.eip712 import TransferAuthorization
+from worker import jsontext
 
 X402_VERSION = 2
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -116,7 +117,7 @@ def decode_payment(header: str) -> Payment:
     if len(header) > MAX_HEADER_BYTES:
         raise _malformed(f"longer than {MAX_HEADER_BYTES} bytes")
     try:
-        document = json.loads(base64.b64decode(header.strip(), validate=True))
+        document = jsontext.loads(base64.b64decode(header.strip(), validate=True))
     # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError is nesting deeper than json's stack.
     except (binascii.Error, ValueError, RecursionError) as exc:
         raise _malformed("not base64 of a JSON object") from exc
@@ -166,7 +167,7 @@ def encode_header(document: dict[str, Any]) -> str:
 
 def decode_header(header: str) -> dict[str, Any]:
     """Reads a base64 JSON header this gateway wrote (for clients: PAYMENT-REQUIRED, PAYMENT-RESPONSE)."""
-    document = json.loads(base64.b64decode(header, validate=True))
+    document = jsontext.loads(base64.b64decode(header, validate=True))
     if not isinstance(document, dict):
         raise ValueError("the header is not a JSON object")
     return document

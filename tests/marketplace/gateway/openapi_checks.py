@@ -28,6 +28,8 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "invalid_schema",  # a response format or tool's JSON schema the grammar library cannot follow
         "conflicting_parameters",  # a rule between fields: top_logprobs without logprobs, tool_choice without tools
         "ttl_too_long",  # a job's ttl_s against this gateway's MAX_JOB_TTL_S
+        "chat_template_refused",  # a conversation the model's chat template will not render
+        "unencodable_text",  # text its tokenizer cannot encode (a lone surrogate, which JSON allows)
     }
 )
 

@@ -37,6 +37,7 @@ from tests.marketplace.gateway.fakes import (
     provider,
     terms,
 )
+from worker.sampling import SamplingParams
 
 PAYER: LocalAccount = Account.from_key(b"\x07" * 32)
 STRANGER: LocalAccount = Account.from_key(b"\x08" * 32)
@@ -346,3 +347,17 @@ def test_a_payer_with_its_share_of_resting_jobs_is_refused_before_it_pays(databa
     refused, jobs, channel = scenario(database, ROUTE, body)
     assert (refused.status, refused.code) == (429, "too_many_resting_jobs")  # type: ignore[attr-defined]
     assert len(jobs) == 1 and channel is not None and channel.reserved == 40  # the second paid nothing
+
+
+def test_a_session_too_large_to_open_is_refused_before_payment() -> None:
+    """With a penalty over the prompt, a session carries its every id; past what a provider reads in one message,
+    the request is refused, rather than the providers being blamed for refusing it."""
+    from marketplace.gateway.api.routes.inference import _check_open_size
+
+    sampling = {"temperature": 0.0, "repetition_penalty": 1.2}
+    params = SamplingParams.from_dict(sampling)
+    _check_open_size(sampling, params, 8_192, 151_000)
+    with pytest.raises(InvalidRequest) as refused:
+        _check_open_size(sampling, params, 80_000, 151_000)
+    assert refused.value.code == "prompt_too_long"
+    _check_open_size({"temperature": 0.0}, SamplingParams(), 80_000, 151_000)  # no history: nothing to carry

@@ -468,3 +468,59 @@ def test_a_schema_the_grammar_cannot_follow_is_refused_before_payment(gateway: G
     response = post(gateway.url, "/v1/chat/completions", body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "response_format"
+
+
+# -- hostile bodies ------------------------------------------------------------------------------------------
+
+
+def test_hostile_bodies_are_refused_cheaply_and_the_gateway_lives(gateway: GatewayServer) -> None:
+    """Nesting that would overflow the parser's stack (in the body, or in a tool call's arguments text), a body
+    past the size limit, a schema past the grammar limit, a lone surrogate, a huge top_k: each a 4xx before any
+    payment, and the gateway still answers."""
+    chat: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    deep_arguments = {
+        **chat,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 300_000}}]},
+        ],
+    }  # fmt: skip
+    cases: list[tuple[bytes, int, str]] = [
+        # The arguments are text: too deep to read as JSON, they go to the template as text, and are too long.
+        (json.dumps(deep_arguments).encode(), 400, "prompt_too_long"),
+        (b'{"model": "tiny", "metadata": ' + b"[" * 300_000 + b"]" * 300_000 + b"}", 400, "invalid_request"),
+        (b'{"model": "tiny", "user": "' + b"x" * (5 << 20) + b'"}', 413, "body_too_large"),
+        (
+            json.dumps(
+                {
+                    **chat,
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {
+                            "name": "big",
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    f"p{i}": {"type": "string", "pattern": "^[a-z]{3}$"} for i in range(4000)
+                                },
+                            },
+                        },
+                    },
+                }
+            ).encode(),
+            400,
+            "invalid_request",
+        ),
+        (json.dumps(chat).replace('"hi"', '"a\\ud800"').encode(), 400, "unencodable_text"),
+        (json.dumps({**chat, "top_k": 10**30}).encode(), 400, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text[:300]
+    assert httpx.get(gateway.url + "/v1/models", timeout=10).status_code == 200

@@ -155,7 +155,11 @@ def test_honest_hops_pass_under_every_sampling_parameter_and_several_choices(
             metered = meter_job(session, job_id, domain=market.contracts.protocol_domain(), sample_rate=1.0)
         assert metered is not None and len(metered.sampled) == 6
         validator = Validator(
-            sessions, market.contracts, market.anvil.accounts[3], ReferenceModels([str(model_dir)]), retry_s=1.0
+            sessions,
+            market.contracts,
+            market.anvil.accounts[3],
+            ReferenceModels([str(model_dir)]),
+            retry_s=1.0,
         )
         outcomes = [validator.validate(v) for v in metered.sampled]
         assert [o.status for o in outcomes] == [ValidationStatus.PASSED] * 6, outcomes

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,16 +27,19 @@ from marketplace.gateway.catalog import ServedModel
 from marketplace.gateway.errors import InvalidRequest
 from marketplace.gateway.jobs import Request as JobRequest
 from marketplace.gateway.service import Gateway
+from worker.protocol import MAX_CONTROL_BYTES
 from worker.sampling import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 DEFAULT_MAX_TOKENS = 256  # when a chat request names none: what the quote is for
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's, for a text completion
+OPEN_MARGIN_BYTES = 8 * 1024  # the open message's ticket and framing around its sampling parameters
+_COMPILING = threading.BoundedSemaphore(2)  # a thread's, not the event loop's: each gateway runs its own loop
 TOKEN_OUT_OF_RANGE = "token_out_of_range"  # a token id at or past the model's vocab_size
 
 
-def build_request(
+async def build_request(
     kind: str, model: ServedModel, prompt: list[int], requested: int | None, body: GenerationBody
 ) -> JobRequest:
     """Checks the prompt against the model's context and the sampling parameters against the providers', all
@@ -60,19 +66,45 @@ def build_request(
     if outside:
         message = f"logit_bias names token {outside[0]}, outside [0, {model.vocab_size})"
         raise InvalidRequest(TOKEN_OUT_OF_RANGE, message, param="logit_bias")
-    grammar = sampling.get("grammar")
-    if grammar is not None:
-        problem = model.vocabulary.check(grammar)
+    try:
+        params = SamplingParams.from_dict(
+            sampling
+        )  # the grammar's size among the rest, before it is compiled
+    except ValueError as exc:
+        param = body.grammar_source() if "grammar" in str(exc) else None
+        raise InvalidRequest("invalid_request", str(exc), param=param) from exc
+    _check_open_size(sampling, params, len(prompt) + max_tokens, model.vocab_size)
+    if params.grammar is not None:
+        # A large schema takes up to a second to compile: off the event loop, and two at a time.
+        problem = await asyncio.to_thread(_compile_check, model, params.grammar)
         if problem is not None:
             message = f"the schema cannot be followed: {problem}"[:500]
             raise InvalidRequest("invalid_schema", message, param=body.grammar_source())
-    try:
-        SamplingParams.from_dict(sampling)
-    except ValueError as exc:
-        raise InvalidRequest("invalid_request", str(exc)) from exc
     return JobRequest(
         kind, model, prompt, max_tokens, sampling, body.stops(), body.max_price, choices=body.choices
     )
+
+
+def _compile_check(model: ServedModel, grammar: str) -> str | None:
+    with _COMPILING:
+        return model.vocabulary.check(grammar)
+
+
+def _check_open_size(
+    sampling: dict[str, Any], params: SamplingParams, positions: int, vocab_size: int
+) -> None:
+    """Refuses a request whose last span could not be opened: with a penalty that counts the prompt, its session
+    carries every id before it (worker.sampling.session_sampling), and the open message has a size limit. The
+    providers would refuse it, and be taken for at fault."""
+    if not params.uses_history:
+        return
+    worst = len(json.dumps(sampling)) + positions * (len(str(vocab_size)) + 1) + OPEN_MARGIN_BYTES
+    if worst > MAX_CONTROL_BYTES:
+        raise InvalidRequest(
+            "prompt_too_long",
+            f"with these sampling parameters a session carries its prompt and output ids, {positions} of them, "
+            f"more than a provider takes in one message: shorten the prompt or max_tokens",
+        )
 
 
 async def answer(
@@ -104,7 +136,7 @@ async def create_chat_completion(
     mode = body.tool_mode()
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     prompt = model.encode_chat([message.rendered() for message in body.messages], tools)
-    job = build_request("chat", model, prompt, body.requested_tokens(), body)
+    job = await build_request("chat", model, prompt, body.requested_tokens(), body)
     shape = Shape("chat", body.alternatives(), mode, [tool.function.name for tool in body.tools or []])
     return await answer(gateway, request, shape, job, body, payment)
 
@@ -132,7 +164,7 @@ async def create_completion(
         if any(token >= model.vocab_size for token in ids):
             message = f"token ids must be below {model.name}'s vocab_size, {model.vocab_size}"
             raise InvalidRequest(TOKEN_OUT_OF_RANGE, message, param="prompt")
-    job = build_request("completion", model, ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body)
+    job = await build_request("completion", model, ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body)
     echo = model.decode(ids) if body.echo else ""
     return await answer(gateway, request, Shape("completion", body.logprobs, echo=echo), job, body, payment)
 

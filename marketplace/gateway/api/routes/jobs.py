@@ -110,7 +110,7 @@ async def create_job(
         prompt = model.encode_chat([message.rendered() for message in body.messages])
     else:
         prompt = model.encode_prompt(body.prompt or "")
-    job = replace(build_request("job", model, prompt, body.max_tokens, body), ttl_s=body.ttl_s)
+    job = replace(await build_request("job", model, prompt, body.max_tokens, body), ttl_s=body.ttl_s)
     run = await gateway.runner.admit(job, payment, url=resource_url(request, gateway))
     row = await gateway.runner.job(run.job_id)
     assert row is not None
