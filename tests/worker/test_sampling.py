@@ -21,6 +21,7 @@ from worker.sampling import (
     MAX_SEED,
     MAX_TEMPERATURE,
     MAX_TOKENS_CAP,
+    MAX_TOP_K,
     MIN_TEMPERATURE,
     Sampler,
     SamplingParams,
@@ -294,7 +295,8 @@ def test_defaults_are_greedy() -> None:
         ("temperature", True, "temperature must be a number, got bool"),
         ("temperature", "0.5", "temperature must be a number, got str"),
         ("temperature", 10**400, "too large for a float"),
-        ("top_k", -1, "top_k must be >= 0"),
+        ("top_k", -1, "top_k must be between 0"),
+        ("top_k", MAX_TOP_K + 1, "top_k must be between 0"),
         ("top_k", 1.0, "top_k must be an int, got float"),
         ("top_k", True, "top_k must be an int, got bool"),
         ("top_p", 0.0, "top_p must be in"),
@@ -326,7 +328,7 @@ def test_bad_params_are_refused(field: str, value: Any, message: str) -> None:
 def test_boundary_params_are_accepted() -> None:
     SamplingParams(temperature=MIN_TEMPERATURE, top_p=1e-12, seed=0, max_tokens=1)
     SamplingParams(
-        temperature=MAX_TEMPERATURE, top_k=10**9, top_p=1.0, seed=MAX_SEED, max_tokens=MAX_TOKENS_CAP
+        temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K, top_p=1.0, seed=MAX_SEED, max_tokens=MAX_TOKENS_CAP
     )
     SamplingParams(stop_token_ids=(0,))
 

@@ -232,9 +232,7 @@ class GenerationBody(BaseModel):
     reasoning_effort: Annotated[Any, _only(description=_UNSERVED)] = None
     prediction: Annotated[Any, _only(description=_UNSERVED)] = None
     audio: Annotated[Any, _only(description=_UNSERVED)] = None
-    modalities: Annotated[
-        Any, _only({"type": "array", "items": {"const": "text"}}, description=_UNSERVED)
-    ] = None
+    modalities: Annotated[Any, _only({"const": ["text"]}, description=_UNSERVED)] = None
     web_search_options: Annotated[Any, _only(description=_UNSERVED)] = None
 
     @field_validator("max_price", mode="before")
