@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,7 @@ class Vocabulary:
         return Matcher(matcher)
 
 
-@cache
+@functools.cache
 def vocabulary_at(directory: Path, vocab_size: int) -> Vocabulary:
     """The vocabulary of the checkpoint at ``directory`` (its tokenizer files), loaded once per process."""
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

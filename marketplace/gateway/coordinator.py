@@ -377,7 +377,7 @@ class Coordinator:
             layer_end=record.ask.end,
             positions=record.tokens,
             transcript_root=record.transcript_root,
-            sampling_hash=sampling_hash(record.sampling if plan.ticket.last else None),
+            sampling_hash=sampling_hash(record.sampling),  # None, so NO_SAMPLING, but on the last span
         )
 
     async def _bill_delivered(

@@ -100,12 +100,11 @@ class Answer:
 
     def __init__(self, shape: Shape, run: JobRun, network: str) -> None:
         self.shape = shape
-        self.kind = shape.kind
         self.run = run
         self.network = network
-        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + run.job_id[2:]
+        self.id = ("chatcmpl-" if self.shape.kind == "chat" else "cmpl-") + run.job_id[2:]
         self.created = int(time.time())
-        self.object = "chat.completion" if self.kind == "chat" else "text_completion"
+        self.object = "chat.completion" if self.shape.kind == "chat" else "text_completion"
         self.paid = run.reservation.scheme != NONE
         self.choices = run.request.choices
         # Per choice, the characters of text before its next delta: a completion's logprobs.text_offset.
@@ -122,7 +121,7 @@ class Answer:
         calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         described = self._logprobs(index, logprobs, text or "") if self.shape.logprobs is not None else None
-        if self.kind == "chat":
+        if self.shape.kind == "chat":
             key = "delta" if delta else "message"
             content: dict[str, Any] = {"content": text} if delta else {"role": "assistant", "content": text}
             if calls:
@@ -137,7 +136,7 @@ class Answer:
             raw = model.token_bytes(token)
             return raw.decode("utf-8", errors="replace"), list(raw)
 
-        if self.kind == "chat":
+        if self.shape.kind == "chat":
             content = []
             for token, logprobs in tokens:
                 name, raw = described(token)
@@ -164,7 +163,7 @@ class Answer:
     def _envelope(self, choices: list[dict[str, Any]], *, chunk: bool) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": self.object + (".chunk" if chunk and self.kind == "chat" else ""),
+            "object": self.object + (".chunk" if chunk and self.shape.kind == "chat" else ""),
             "created": self.created,
             "model": self.run.request.model.name,
             "system_fingerprint": self.run.request.model.root,
@@ -239,7 +238,7 @@ class Answer:
         held: list[list[Delta]] = [[] for _ in range(self.choices)]
         try:
             for index in range(self.choices):
-                if self.kind == "chat":
+                if self.shape.kind == "chat":
                     first = self._envelope([self._choice(index, "", None, delta=True)], chunk=True)
                     first["choices"][0]["delta"]["role"] = "assistant"
                     yield _sse(first)
