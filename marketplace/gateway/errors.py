@@ -8,6 +8,7 @@
     ├── PaymentRejected   402    a payment that does not secure the request; answered with a fresh quote
     ├── ServiceFailed     502    providers failed and no other route could finish the job
     ├── Unavailable       503    the chain does not answer (with Retry-After)
+    ├── RateLimited       429    too many requests from one client address or one payer (with Retry-After)
     └── TooManyResting    429    the book holds all the resting jobs it takes (marketplace.gateway.resting)
 
 Codes are part of the API: clients branch on them, so they never change meaning. The codes in use are listed
@@ -86,6 +87,18 @@ class Unavailable(GatewayError):
     kind = "service_unavailable"
 
     def __init__(self, code: str, message: str, *, retry_after_s: int = 5, **details: Any) -> None:
+        super().__init__(code, message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(GatewayError):
+    """A client address or a payer sent more than its rate (marketplace.gateway.ratelimit); the client may retry
+    after ``retry_after_s`` (sent as Retry-After)."""
+
+    status = 429
+    kind = "rate_limit_error"
+
+    def __init__(self, code: str, message: str, *, retry_after_s: int, **details: Any) -> None:
         super().__init__(code, message, **details)
         self.retry_after_s = retry_after_s
 
