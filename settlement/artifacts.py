@@ -17,7 +17,14 @@ from typing import Any
 from settlement.config import PROJECT_ROOT
 from settlement.errors import ContractsNotBuilt
 
-CONTRACT_NAMES = ("PaymentToken", "StakeManager", "VoucherEscrow", "PayoutDistributor")
+CONTRACT_NAMES = (
+    "PaymentToken",
+    "StakeManager",
+    "VoucherEscrow",
+    "PayoutDistributor",
+    "BatchSettlement",
+    "ERC3009DepositCollector",
+)
 
 
 @dataclass(frozen=True)

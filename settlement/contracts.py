@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from eth_abi.abi import decode
+from eth_abi.abi import decode, encode
 from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
@@ -414,3 +415,285 @@ class PayoutDistributor(_Wrapper):
 
     def treasury(self) -> str:
         return str(self._call("treasury"))
+
+
+# x402's batch-settlement contracts, at the addresses x402's client signs for (the same on every chain):
+# BATCH_SETTLEMENT_ADDRESS is the verifyingContract of its channel ids and vouchers, and its ERC-3009 deposit
+# authorizations are made out to the collector. Copied from x402.mechanisms.evm.batch_settlement.constants, since
+# x402 is only a development dependency; tests/settlement/test_batch_settlement_chain.py binds the two.
+BATCH_SETTLEMENT_ADDRESS = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
+ERC3009_DEPOSIT_COLLECTOR_ADDRESS = "0x4020806089470a89826cB9fB1f4059150b550004"
+MIN_WITHDRAW_DELAY_S = 900  # BatchSettlement's bounds on a channel's withdrawDelay
+MAX_WITHDRAW_DELAY_S = 2_592_000
+
+_BATCH_DOMAIN_NAME = "x402 Batch Settlement"
+_EIP712_DOMAIN_TYPEHASH = keccak(
+    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+_CHANNEL_CONFIG_TYPEHASH = keccak(
+    b"ChannelConfig(address payer,address payerAuthorizer,address receiver,address receiverAuthorizer,"
+    b"address token,uint40 withdrawDelay,bytes32 salt)"
+)
+_ZERO_ADDRESS = "0x" + "00" * 20
+
+
+@dataclass(frozen=True)
+class BatchChannelConfig:
+    """An x402 batch-settlement channel's identity: every field is part of its id (``BatchSettlement.channel_id``)."""
+
+    payer: str
+    payer_authorizer: str  # signs the vouchers; the zero address: the payer signs them itself
+    receiver: str
+    receiver_authorizer: str  # claims and refunds, by sending or by signing
+    token: str
+    withdraw_delay: int  # seconds; BatchSettlement takes deposits only within [MIN, MAX]_WITHDRAW_DELAY_S
+    salt: bytes  # 32 bytes
+
+    def __post_init__(self) -> None:
+        if len(self.salt) != 32:
+            raise ValueError(f"a channel salt is 32 bytes, not {len(self.salt)}")
+        if not 0 <= self.withdraw_delay < 2**40:
+            raise ValueError(f"withdrawDelay {self.withdraw_delay} is outside uint40")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BatchChannelConfig:
+        """From x402's JSON form (camelCase keys, the salt as 0x-hex or bytes)."""
+        salt = data["salt"]
+        return cls(
+            payer=to_checksum_address(data["payer"]),
+            payer_authorizer=to_checksum_address(data["payerAuthorizer"]),
+            receiver=to_checksum_address(data["receiver"]),
+            receiver_authorizer=to_checksum_address(data["receiverAuthorizer"]),
+            token=to_checksum_address(data["token"]),
+            withdraw_delay=int(data["withdrawDelay"]),
+            salt=bytes(salt)
+            if isinstance(salt, bytes | bytearray)
+            else bytes.fromhex(str(salt).removeprefix("0x")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "payer": self.payer,
+            "payerAuthorizer": self.payer_authorizer,
+            "receiver": self.receiver,
+            "receiverAuthorizer": self.receiver_authorizer,
+            "token": self.token,
+            "withdrawDelay": self.withdraw_delay,
+            "salt": "0x" + self.salt.hex(),
+        }
+
+    def as_abi(self) -> tuple[str, str, str, str, str, int, bytes]:
+        return (
+            to_checksum_address(self.payer),
+            to_checksum_address(self.payer_authorizer),
+            to_checksum_address(self.receiver),
+            to_checksum_address(self.receiver_authorizer),
+            to_checksum_address(self.token),
+            self.withdraw_delay,
+            self.salt,
+        )
+
+
+# Where a config is taken, x402's JSON form (as payments carry it and the database keeps it) will do as well.
+ChannelConfigLike = BatchChannelConfig | Mapping[str, Any]
+
+
+def batch_channel_config(config: ChannelConfigLike) -> BatchChannelConfig:
+    return config if isinstance(config, BatchChannelConfig) else BatchChannelConfig.from_json(config)
+
+
+@dataclass(frozen=True)
+class BatchClaim:
+    """One entry of a BatchSettlement claim: the payer's voucher and the cumulative total to claim now."""
+
+    config: ChannelConfigLike
+    max_claimable_amount: int  # the voucher's signed cumulative amount
+    signature: bytes  # the voucher's, by the payer authorizer (or the payer)
+    total_claimed: int  # the channel's new cumulative claimed total, at most the voucher and the balance
+
+    def as_abi(self) -> tuple[tuple[tuple[str, str, str, str, str, int, bytes], int], bytes, int]:
+        config = batch_channel_config(self.config).as_abi()
+        return ((config, self.max_claimable_amount), self.signature, self.total_claimed)
+
+
+@dataclass(frozen=True)
+class BatchChannelState:
+    """A BatchSettlement channel, read at one block. Amounts in token base units."""
+
+    balance: int  # deposited and not withdrawn or refunded; total_claimed of it is the receiver's
+    total_claimed: int
+    withdraw_amount: int  # the payer's pending withdrawal request (paid capped at the unclaimed balance)
+    withdraw_initiated_at: int  # unix seconds; zero when no withdrawal is pending
+    refund_nonce: int  # what the next refundWithSignature must carry
+
+    @property
+    def unclaimed(self) -> int:
+        return self.balance - self.total_claimed
+
+
+@dataclass(frozen=True)
+class ReceiverTotals:
+    """What was claimed for a receiver in one token across its channels, and how much of it was paid out."""
+
+    total_claimed: int
+    total_settled: int
+
+    @property
+    def owed(self) -> int:
+        return self.total_claimed - self.total_settled
+
+
+class BatchSettlement(_Wrapper):
+    """x402's batch-settlement channels (our contracts/src/BatchSettlement.sol on the devnet)."""
+
+    def domain(self) -> Domain:
+        """The EIP-712 domain of its channel ids, vouchers, claim batches and refunds."""
+        return Domain(_BATCH_DOMAIN_NAME, DOMAIN_VERSION, self.chain.chain_id, self.address)
+
+    def channel_id(self, config: ChannelConfigLike) -> bytes:
+        """The id the contract gives ``config`` (its ``getChannelId``), computed here without a call."""
+        c = batch_channel_config(config)
+        struct = keccak(
+            encode(
+                ["bytes32", "address", "address", "address", "address", "address", "uint40", "bytes32"],
+                [_CHANNEL_CONFIG_TYPEHASH, *c.as_abi()],
+            )
+        )
+        return keccak(b"\x19\x01" + self._domain_separator() + struct)
+
+    def _domain_separator(self) -> bytes:
+        return keccak(
+            encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    _EIP712_DOMAIN_TYPEHASH,
+                    keccak(text=_BATCH_DOMAIN_NAME),
+                    keccak(text=DOMAIN_VERSION),
+                    self.chain.chain_id,
+                    self.address,
+                ],
+            )
+        )
+
+    def channel(self, channel_id: bytes) -> BatchChannelState:
+        """The channel, its pending withdrawal and its refund nonce, in one eth_call (the contract's own multicall,
+        so all three are read at the same block)."""
+        reads = [
+            self.contract.encode_abi(name, args=[channel_id])
+            for name in ("channels", "pendingWithdrawals", "refundNonce")
+        ]
+        channels, pending, nonce = self._call("multicall", [bytes.fromhex(r[2:]) for r in reads])
+        balance, claimed = decode(["uint128", "uint128"], channels)
+        amount, initiated_at = decode(["uint128", "uint40"], pending)
+        (refund_nonce,) = decode(["uint256"], nonce)
+        return BatchChannelState(
+            int(balance), int(claimed), int(amount), int(initiated_at), int(refund_nonce)
+        )
+
+    def receiver(self, receiver: str, token: str) -> ReceiverTotals:
+        claimed, settled = self._call("receivers", to_checksum_address(receiver), to_checksum_address(token))
+        return ReceiverTotals(int(claimed), int(settled))
+
+    def receivers(self, receiver: str, token: str) -> ReceiverTotals:
+        """The contract's getter name for :meth:`receiver`."""
+        return self.receiver(receiver, token)
+
+    def voucher_digest(self, channel_id: bytes, max_claimable_amount: int) -> bytes:
+        return bytes(self._call("getVoucherDigest", channel_id, max_claimable_amount))
+
+    def claim_batch_digest(self, claims: list[BatchClaim]) -> bytes:
+        return bytes(self._call("getClaimBatchDigest", [c.as_abi() for c in claims]))
+
+    def refund_digest(self, channel_id: bytes, *, nonce: int, amount: int) -> bytes:
+        return bytes(self._call("getRefundDigest", channel_id, nonce, amount))
+
+    # -- deposits --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def erc3009_collector_data(
+        *, valid_after: int, valid_before: int, salt: bytes | int, signature: bytes
+    ) -> bytes:
+        """ERC3009DepositCollector's ``collectorData``: the payer's ReceiveWithAuthorization (to the collector,
+        nonce keccak256(abi.encode(channelId, salt))) as abi.encode(validAfter, validBefore, salt, signature)."""
+        salt_int = salt if isinstance(salt, int) else int.from_bytes(salt, "big")
+        return encode(
+            ["uint256", "uint256", "uint256", "bytes"], [valid_after, valid_before, salt_int, signature]
+        )
+
+    def deposit_call(
+        self, *, config: ChannelConfigLike, amount: int, collector: str, collector_data: bytes
+    ) -> ContractFunction:
+        return self.contract.functions.deposit(
+            batch_channel_config(config).as_abi(), amount, to_checksum_address(collector), collector_data
+        )
+
+    def deposit(
+        self,
+        sender: LocalAccount,
+        *,
+        config: ChannelConfigLike,
+        amount: int,
+        collector: str,
+        collector_data: bytes,
+    ) -> TxReceipt:
+        call = self.deposit_call(
+            config=config, amount=amount, collector=collector, collector_data=collector_data
+        )
+        return self.chain.transact(sender, call, "BatchSettlement.deposit")
+
+    # -- claims and settlement -------------------------------------------------------------------------------
+
+    def claim_call(self, claims: list[BatchClaim]) -> ContractFunction:
+        """Sent by the channels' receiver authorizer. Entries that claim nothing new are skipped (ClaimSkipped);
+        any other bad entry reverts the batch."""
+        return self.contract.functions.claim([c.as_abi() for c in claims])
+
+    def claim(self, sender: LocalAccount, claims: list[BatchClaim]) -> TxReceipt:
+        return self.chain.transact(sender, self.claim_call(claims), "BatchSettlement.claim")
+
+    def claim_with_signature_call(self, claims: list[BatchClaim], signature: bytes) -> ContractFunction:
+        """Sent by anyone, with the receiver authorizer's signature of :meth:`claim_batch_digest`."""
+        return self.contract.functions.claimWithSignature([c.as_abi() for c in claims], signature)
+
+    def settle_call(self, *, receiver: str, token: str) -> ContractFunction:
+        return self.contract.functions.settle(to_checksum_address(receiver), to_checksum_address(token))
+
+    def settle(self, sender: LocalAccount, *, receiver: str, token: str) -> TxReceipt:
+        return self.chain.transact(
+            sender, self.settle_call(receiver=receiver, token=token), "BatchSettlement.settle"
+        )
+
+    def settled_amount(self, receipt: TxReceipt) -> int:
+        """What a mined settle paid, from its Settled log (zero when there was nothing to pay)."""
+        events = self.contract.events.Settled().process_receipt(receipt, errors=DISCARD)
+        return sum(int(e["args"]["amount"]) for e in events)
+
+    def multicall_call(self, calls: list[ContractFunction]) -> ContractFunction:
+        """Several of this contract's calls in one transaction (e.g. claim, then settle), all or nothing."""
+        return self.contract.functions.multicall(
+            [bytes.fromhex(self.contract.encode_abi(c.fn_name, args=c.args)[2:]) for c in calls]
+        )
+
+    # -- the payer's exits -----------------------------------------------------------------------------------
+
+    def refund_call(self, *, config: ChannelConfigLike, amount: int) -> ContractFunction:
+        """Sent by the receiver authorizer: pays the payer up to ``amount`` of the unclaimed balance at once."""
+        return self.contract.functions.refund(batch_channel_config(config).as_abi(), amount)
+
+    def refund(self, sender: LocalAccount, *, config: ChannelConfigLike, amount: int) -> TxReceipt:
+        return self.chain.transact(
+            sender, self.refund_call(config=config, amount=amount), "BatchSettlement.refund"
+        )
+
+    def refund_with_signature_call(
+        self, *, config: ChannelConfigLike, amount: int, nonce: int, signature: bytes
+    ) -> ContractFunction:
+        return self.contract.functions.refundWithSignature(
+            batch_channel_config(config).as_abi(), amount, nonce, signature
+        )
+
+    def initiate_withdraw(self, sender: LocalAccount, *, config: ChannelConfigLike, amount: int) -> TxReceipt:
+        return self._send(sender, "initiateWithdraw", batch_channel_config(config).as_abi(), amount)
+
+    def finalize_withdraw(self, sender: LocalAccount, *, config: ChannelConfigLike) -> TxReceipt:
+        return self._send(sender, "finalizeWithdraw", batch_channel_config(config).as_abi())
