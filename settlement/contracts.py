@@ -23,9 +23,11 @@ from web3.types import FilterParams, TxParams, TxReceipt
 
 from settlement.chain import Chain
 from settlement.eip712 import (
+    BATCH_SETTLEMENT_DOMAIN_NAME,
     DOMAIN_VERSION,
     Domain,
     TransferAuthorization,
+    batch_channel_id,
     compact_signature,
     split_signature,
     token_domain,
@@ -291,6 +293,12 @@ def channel_id(payer: str, salt: int) -> bytes:
     return bytes.fromhex(to_checksum_address(payer)[2:]) + salt.to_bytes(12, "big")
 
 
+def payer_of(channel: bytes) -> str:
+    """The payer a VoucherEscrow channel id names (its first 20 bytes): the only address its vouchers may be
+    signed by and its deposit withdrawn to."""
+    return to_checksum_address(channel[:20])
+
+
 def random_channel_id(payer: str) -> bytes:
     return channel_id(payer, int.from_bytes(os.urandom(12), "big"))
 
@@ -426,14 +434,6 @@ ERC3009_DEPOSIT_COLLECTOR_ADDRESS = "0x4020806089470a89826cB9fB1f4059150b550004"
 MIN_WITHDRAW_DELAY_S = 900  # BatchSettlement's bounds on a channel's withdrawDelay
 MAX_WITHDRAW_DELAY_S = 2_592_000
 
-_BATCH_DOMAIN_NAME = "x402 Batch Settlement"
-_EIP712_DOMAIN_TYPEHASH = keccak(
-    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
-_CHANNEL_CONFIG_TYPEHASH = keccak(
-    b"ChannelConfig(address payer,address payerAuthorizer,address receiver,address receiverAuthorizer,"
-    b"address token,uint40 withdrawDelay,bytes32 salt)"
-)
 _ZERO_ADDRESS = "0x" + "00" * 20
 
 
@@ -481,6 +481,10 @@ class BatchChannelConfig:
             "withdrawDelay": self.withdraw_delay,
             "salt": "0x" + self.salt.hex(),
         }
+
+    def signer(self) -> str:
+        """Who signs the channel's vouchers: its payer authorizer, or the payer when that is zero."""
+        return self.payer if self.payer_authorizer == _ZERO_ADDRESS else self.payer_authorizer
 
     def as_abi(self) -> tuple[str, str, str, str, str, int, bytes]:
         return (
@@ -548,31 +552,20 @@ class BatchSettlement(_Wrapper):
 
     def domain(self) -> Domain:
         """The EIP-712 domain of its channel ids, vouchers, claim batches and refunds."""
-        return Domain(_BATCH_DOMAIN_NAME, DOMAIN_VERSION, self.chain.chain_id, self.address)
+        return Domain(BATCH_SETTLEMENT_DOMAIN_NAME, DOMAIN_VERSION, self.chain.chain_id, self.address)
 
     def channel_id(self, config: ChannelConfigLike) -> bytes:
         """The id the contract gives ``config`` (its ``getChannelId``), computed here without a call."""
         c = batch_channel_config(config)
-        struct = keccak(
-            encode(
-                ["bytes32", "address", "address", "address", "address", "address", "uint40", "bytes32"],
-                [_CHANNEL_CONFIG_TYPEHASH, *c.as_abi()],
-            )
-        )
-        return keccak(b"\x19\x01" + self._domain_separator() + struct)
-
-    def _domain_separator(self) -> bytes:
-        return keccak(
-            encode(
-                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                [
-                    _EIP712_DOMAIN_TYPEHASH,
-                    keccak(text=_BATCH_DOMAIN_NAME),
-                    keccak(text=DOMAIN_VERSION),
-                    self.chain.chain_id,
-                    self.address,
-                ],
-            )
+        return batch_channel_id(
+            self.domain(),
+            payer=c.payer,
+            payer_authorizer=c.payer_authorizer,
+            receiver=c.receiver,
+            receiver_authorizer=c.receiver_authorizer,
+            token=c.token,
+            withdraw_delay=c.withdraw_delay,
+            salt=c.salt,
         )
 
     def channel(self, channel_id: bytes) -> BatchChannelState:

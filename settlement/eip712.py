@@ -250,6 +250,42 @@ class Voucher:
 
 _VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint128 maxClaimableAmount)")
 
+BATCH_SETTLEMENT_DOMAIN_NAME = "x402 Batch Settlement"
+_CHANNEL_CONFIG_TYPEHASH = keccak(
+    b"ChannelConfig(address payer,address payerAuthorizer,address receiver,address receiverAuthorizer,"
+    b"address token,uint40 withdrawDelay,bytes32 salt)"
+)
+
+
+def batch_channel_id(
+    domain: Domain,
+    *,
+    payer: str,
+    payer_authorizer: str,
+    receiver: str,
+    receiver_authorizer: str,
+    token: str,
+    withdraw_delay: int,
+    salt: bytes,
+) -> bytes:
+    """An x402 batch-settlement channel's id: the EIP-712 hash of its ChannelConfig under the BatchSettlement
+    contract's domain, encoded directly (every word is 32 bytes: addresses and the uint40 left-padded)."""
+
+    def word(address: str) -> bytes:
+        return bytes.fromhex(address[2:]).rjust(32, b"\0")
+
+    struct = keccak(
+        _CHANNEL_CONFIG_TYPEHASH
+        + word(payer)
+        + word(payer_authorizer)
+        + word(receiver)
+        + word(receiver_authorizer)
+        + word(token)
+        + withdraw_delay.to_bytes(32, "big")
+        + salt
+    )
+    return keccak(b"\x19\x01" + _domain_separator(domain) + struct)
+
 
 @functools.lru_cache(maxsize=64)
 def _domain_separator(domain: Domain) -> bytes:

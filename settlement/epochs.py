@@ -55,7 +55,7 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.contracts import BPS, CHANNEL_CLOSED, PROVIDER_BPS, ChannelState, Redemption
+from settlement.contracts import BPS, CHANNEL_CLOSED, PROVIDER_BPS, BatchClaim, ChannelState, Redemption
 from settlement.db import channels
 from settlement.db.schema import FINISHED_JOBS, Channel, Charge, Epoch, EpochStatus, Job, LedgerEntry, Refund
 from settlement.deploy import Contracts
@@ -210,9 +210,13 @@ class EpochCloser:
                 raise LedgerMismatch(
                     f"the distributor is at epoch {on_chain} but this database last posted epoch {last}"
                 )
-            waiting = session.scalars(select(Charge.channel_id).where(*self._unsettled()).distinct()).all()
+            waiting = session.execute(
+                select(Channel.id, Channel.config).where(
+                    Channel.id.in_(select(Charge.channel_id).where(*self._unsettled()).distinct())
+                )
+            ).all()
         # The chain is read before the transaction that takes the charges, so no lock is held across RPCs.
-        states = {channel: self._channel_state(channel) for channel in waiting if channel is not None}
+        states = {channel: self._channel_state(channel, config) for channel, config in waiting}
         number = last + 1
         with self.sessions.begin() as session:
             closed = [channel for channel, state in states.items() if state.withdrawable_at == CHANNEL_CLOSED]
@@ -270,8 +274,17 @@ class EpochCloser:
             ),
         )
 
-    def _channel_state(self, channel_id: str) -> ChannelState:
-        return self.contracts.escrow.channel(bytes.fromhex(channel_id[2:]))
+    def _channel_state(self, channel_id: str, config: dict[str, Any] | None) -> ChannelState:
+        """A channel as the chain shows it: on VoucherEscrow, or (with a ChannelConfig) on x402's BatchSettlement,
+        whose balance plays the deposit's part and whose pending withdrawal its exit's."""
+        channel = bytes.fromhex(channel_id[2:])
+        if config is None:
+            return self.contracts.escrow.channel(channel)
+        state = self.contracts.batch.channel(channel)
+        exit_at = (
+            state.withdraw_initiated_at + int(config["withdrawDelay"]) if state.withdraw_initiated_at else 0
+        )
+        return ChannelState(state.balance, state.total_claimed, exit_at)
 
     def _collect(
         self, session: Session, charges: Sequence[Charge], states: dict[str, ChannelState]
@@ -301,7 +314,7 @@ class EpochCloser:
                 taken += pending
                 continue
             claim_to = channel.claimed + amount
-            state = states.get(channel_id) or self._channel_state(channel_id)
+            state = states.get(channel_id) or self._channel_state(channel_id, channel.config)
             if state.withdrawable_at == CHANNEL_CLOSED:
                 log.error(
                     "channel %s closed with %d charged and never redeemed: it cannot be collected",
@@ -321,12 +334,14 @@ class EpochCloser:
                 continue
             # An exiting channel can close at its withdrawableAt: it goes in the first batch.
             exit_at = state.withdrawable_at or CHANNEL_CLOSED
-            redemption = {
+            redemption: dict[str, Any] = {
                 "channel": channel_id,
                 "voucher": str(channel.voucher_amount),
                 "signature": channel.voucher_signature,
                 "claimTo": str(claim_to),
             }
+            if channel.config is not None:
+                redemption["config"] = channel.config  # a batch-settlement channel: claimed with its config
             due.append((exit_at, channel_id, redemption))
             taken += pending
         redemptions = [redemption for _, _, redemption in sorted(due, key=lambda item: item[:2])]
@@ -382,22 +397,49 @@ class EpochCloser:
         )
 
     def _redeem(self, epoch: Epoch) -> str:
-        escrow = self.contracts.escrow
+        """VoucherEscrow.redeem for its channels, then BatchSettlement.claim for x402's (the operator is their
+        receiver authorizer) and one settle of what was claimed to the distributor, their receiver."""
+        escrow, batch = self.contracts.escrow, self.contracts.batch
+        escrowed = [r for r in epoch.redemptions if "config" not in r]
+        claimed = [r for r in epoch.redemptions if "config" in r]
         # Batches are cut from the stored list, so a rerun gives each key the same channels it had.
-        for index, start in enumerate(range(0, len(epoch.redemptions), self.batch_size)):
+        for index, start in enumerate(range(0, len(escrowed), self.batch_size)):
             key = self._key(epoch, f"{EpochStatus.REDEEM}:{index}")
-            batch = [
+            redemptions = [
                 Redemption(
                     bytes.fromhex(r["channel"][2:]),
                     int(r["voucher"]),
                     int(r["claimTo"]),
                     bytes.fromhex(r["signature"][2:]),
                 )
-                for r in epoch.redemptions[start : start + self.batch_size]
-                if self._redeemable(self._channel_state(r["channel"]), int(r["claimTo"]))
+                for r in escrowed[start : start + self.batch_size]
+                if self._redeemable(self._channel_state(r["channel"], None), int(r["claimTo"]))
             ]
-            if batch:
-                self._send(key, partial(escrow.redeem_call, batch), "VoucherEscrow.redeem")
+            if redemptions:
+                self._send(key, partial(escrow.redeem_call, redemptions), "VoucherEscrow.redeem")
+            else:
+                reconcile(self.sessions, self.chain, key)
+        for index, start in enumerate(range(0, len(claimed), self.batch_size)):
+            key = self._key(epoch, f"claim:{index}")
+            claims = [
+                BatchClaim(
+                    r["config"], int(r["voucher"]), bytes.fromhex(r["signature"][2:]), int(r["claimTo"])
+                )
+                for r in claimed[start : start + self.batch_size]
+                if self._redeemable(self._channel_state(r["channel"], r["config"]), int(r["claimTo"]))
+            ]
+            if claims:
+                self._send(key, partial(batch.claim_call, claims), "BatchSettlement.claim")
+            else:
+                reconcile(self.sessions, self.chain, key)
+        if claimed:
+            receiver, token = self.contracts.distributor.address, self.contracts.token.address
+            owed = batch.receiver(receiver, token)
+            key = self._key(epoch, "settle")
+            if owed.total_claimed > owed.total_settled:
+                self._send(
+                    key, partial(batch.settle_call, receiver=receiver, token=token), "BatchSettlement.settle"
+                )
             else:
                 reconcile(self.sessions, self.chain, key)
         self._keep_what_landed(epoch)
@@ -410,7 +452,7 @@ class EpochCloser:
     def _keep_what_landed(self, epoch: Epoch) -> None:
         """Records each channel's claim where the chain shows it; drops from the epoch the channels where it
         does not (the payer left first, or the entry was skipped) and rebuilds the tree over the rest."""
-        states = {r["channel"]: self._channel_state(r["channel"]) for r in epoch.redemptions}
+        states = {r["channel"]: self._channel_state(r["channel"], r.get("config")) for r in epoch.redemptions}
         landed = [r for r in epoch.redemptions if states[r["channel"]].claimed >= int(r["claimTo"])]
         lost = [r["channel"] for r in epoch.redemptions if states[r["channel"]].claimed < int(r["claimTo"])]
         with self.sessions.begin() as session:

@@ -6,6 +6,7 @@ After every epoch they agree exactly (see settlement.epochs for why the treasury
     provider earnings   = distributor.providerTotal() − the treasury's leaf
     platform fees       = distributor.feesPaid() + the treasury's leaf
     voucher charges     = escrow.totalRedeemed()   (when this database is the escrow's only operator)
+    batch charges       = BatchSettlement.receivers(distributor, token).totalSettled
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from settlement.db.schema import Charge, Epoch, EpochStatus, LedgerEntry
+from settlement.db.schema import Charge, Epoch, EpochStatus, LedgerEntry, PaymentScheme
 from settlement.deploy import Contracts
 
 
@@ -34,6 +35,8 @@ class LedgerAndChain:
     provider_total: int
     fees_paid: int
     redeemed: int
+    batch_charges: int
+    batch_settled: int
 
     def rows(self) -> list[tuple[str, int, str, int]]:
         """(ledger figure, its value, chain figure, its value), equal pairs after every epoch."""
@@ -52,6 +55,12 @@ class LedgerAndChain:
                 self.fees_paid + self.treasury_leaf,
             ),
             ("Σ voucher charges settled", self.voucher_charges, "redeemed from channels", self.redeemed),
+            (
+                "Σ batch-settlement charges settled",
+                self.batch_charges,
+                "settled to the distributor",
+                self.batch_settled,
+            ),
         ]
 
     @property
@@ -80,7 +89,8 @@ def ledger_and_chain(sessions: sessionmaker[Session], contracts: Contracts) -> L
             select(Epoch).where(Epoch.status == EpochStatus.POSTED).order_by(Epoch.number.desc())
         )
         settled = int(session.scalar(settled_charges) or 0)
-        voucher = int(session.scalar(settled_charges.where(Charge.channel_id.is_not(None))) or 0)
+        voucher = int(session.scalar(settled_charges.where(Charge.scheme == PaymentScheme.VOUCHER)) or 0)
+        batch = int(session.scalar(settled_charges.where(Charge.scheme == PaymentScheme.BATCH)) or 0)
         pending = int(
             session.scalar(
                 select(func.coalesce(func.sum(Charge.metered), 0)).where(
@@ -114,4 +124,6 @@ def ledger_and_chain(sessions: sessionmaker[Session], contracts: Contracts) -> L
         provider_total=distributor.provider_total(),
         fees_paid=distributor.fees_paid(),
         redeemed=contracts.escrow.total_redeemed(),
+        batch_charges=batch,
+        batch_settled=contracts.batch.receiver(distributor.address, contracts.token.address).total_settled,
     )

@@ -64,13 +64,32 @@ COLD_READS_PER_S = 10.0  # reads a second of ids not remembered, all callers tog
 HEAD_MAX_AGE_S = 1.0  # the oldest latest-block answer /health is given
 
 _CHANNEL_EVENTS = {"ChannelFunded", "WithdrawInitiated", "WithdrawFinalized"}
+# x402's BatchSettlement's, named apart (its withdrawal events share VoucherEscrow's names).
+BATCH_EVENT = "Batch."
+_BATCH_CHANNEL_EVENTS = {
+    BATCH_EVENT + name
+    for name in ("Deposited", "WithdrawInitiated", "WithdrawFinalized", "Refunded", "Claimed")
+}
 _STAKE_EVENTS = {"Staked", "UnstakeRequested", "Withdrawn", "Slashed"}
 
 
 @dataclass(frozen=True)
 class ChannelView:
+    """A VoucherEscrow channel, or an x402 BatchSettlement one: there the deposit is the channel's balance, and
+    ``withdrawable_at`` is when its payer asked to withdraw (such a channel never closes for good)."""
+
     deposit: int  # capped at BIGINT_MAX: no voucher above it is accepted anyway
     withdrawable_at: int  # 0 while open; CHANNEL_CLOSED once the payer left; else when it may leave
+    claimed: int = 0  # what the operator collected from it on chain
+
+    def as_json(self, channel_id: str) -> dict[str, Any]:
+        """As x402's batch-settlement ``channelState`` names the chain's part."""
+        return {
+            "channelId": channel_id,
+            "balance": str(self.deposit),
+            "totalClaimed": str(self.claimed),
+            "withdrawRequestedAt": self.withdrawable_at,
+        }
 
     @property
     def exiting(self) -> bool:
@@ -136,6 +155,8 @@ class ChainReader(Protocol):
 
     def channel(self, channel_id: bytes) -> ChannelView: ...
 
+    def batch_channel(self, channel_id: bytes) -> ChannelView: ...
+
     def is_active(self, provider: str) -> bool: ...
 
 
@@ -150,12 +171,17 @@ class ContractsReader:
 
     def __init__(self, contracts: Contracts) -> None:
         self.contracts = contracts
-        self._events: dict[bytes, dict[str, Any]] = {}
-        for wrapper in (contracts.escrow, contracts.stake):
+        self._events: dict[tuple[str, bytes], tuple[str, dict[str, Any]]] = {}
+        for wrapper, prefix in (
+            (contracts.escrow, ""),
+            (contracts.stake, ""),
+            (contracts.batch, BATCH_EVENT),
+        ):
             for entry in wrapper.contract.abi:
                 if entry.get("type") == "event":
                     event = cast(dict[str, Any], entry)
-                    self._events[event_abi_to_log_topic(event)] = event  # type: ignore[arg-type]
+                    topic = event_abi_to_log_topic(event)  # type: ignore[arg-type]
+                    self._events[(wrapper.address.lower(), topic)] = (prefix, event)
 
     def block_number(self) -> int:
         chain = self.contracts.chain
@@ -163,22 +189,33 @@ class ContractsReader:
 
     def events(self, first: int, last: int) -> list[ChainEvent]:
         chain = self.contracts.chain
-        addresses = [self.contracts.escrow.address, self.contracts.stake.address]
+        addresses = [
+            self.contracts.escrow.address,
+            self.contracts.stake.address,
+            self.contracts.batch.address,
+        ]
         logs = chain.read(
             lambda: list(chain.w3.eth.get_logs({"address": addresses, "fromBlock": first, "toBlock": last}))
         )
         decoded = []
         for entry in logs:
-            abi = self._events.get(bytes(entry["topics"][0])) if entry["topics"] else None
-            if abi is None:
+            if not entry["topics"]:
                 continue
+            known = self._events.get((str(entry["address"]).lower(), bytes(entry["topics"][0])))
+            if known is None:
+                continue
+            prefix, abi = known
             event = get_event_data(chain.w3.codec, abi, entry)
-            decoded.append(ChainEvent(str(event["event"]), dict(event["args"])))
+            decoded.append(ChainEvent(prefix + str(event["event"]), dict(event["args"])))
         return decoded
 
     def channel(self, channel_id: bytes) -> ChannelView:
         state = self.contracts.escrow.channel(channel_id)
-        return ChannelView(min(state.deposit, BIGINT_MAX), state.withdrawable_at)
+        return ChannelView(min(state.deposit, BIGINT_MAX), state.withdrawable_at, state.claimed)
+
+    def batch_channel(self, channel_id: bytes) -> ChannelView:
+        state = self.contracts.batch.channel(channel_id)
+        return ChannelView(min(state.balance, BIGINT_MAX), state.withdraw_initiated_at, state.total_claimed)
 
     def is_active(self, provider: str) -> bool:
         return bool(self.contracts.stake.is_active(provider))
@@ -230,15 +267,17 @@ class ChainWatcher:
 
     # -- reads ---------------------------------------------------------------------------------------------
 
-    async def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelView:
-        """The channel's state, read again when ``fresh`` or when the cached copy is no longer current; raises
-        ChainUnavailable when that read cannot be made (or, for a channel not known to be funded, when the reads
-        of such ids are spent this second and nothing is remembered of it)."""
+    async def channel(self, channel_id: bytes, *, fresh: bool = False, batch: bool = False) -> ChannelView:
+        """The channel's state (on x402's BatchSettlement when ``batch``), read again when ``fresh`` or when the
+        cached copy is no longer current; raises ChainUnavailable when that read cannot be made (or, for a
+        channel not known to be funded, when the reads of such ids are spent this second and nothing is
+        remembered of it). The two contracts' ids share the caches: an escrow id starts with its payer's
+        address, a batch one is a hash, and neither can be made to equal the other."""
         cached = self._channels.get(channel_id)
         if cached is not None:
             if not fresh and self._current(cached[1]):
                 return cached[0]
-            return await self._read_channel(channel_id)
+            return await self._read_channel(channel_id, batch=batch)
         read_at = self._unfunded.get(channel_id)
         remembered = read_at is not None and self._remembered(read_at)
         if remembered and not fresh:
@@ -247,7 +286,7 @@ class ChainWatcher:
             if remembered:
                 return UNFUNDED  # a fresh read was asked for; what the watcher followed still stands
             raise ChainUnavailable("too many reads of unknown channels and providers this second: try again")
-        return await self._read_channel(channel_id)
+        return await self._read_channel(channel_id, batch=batch)
 
     def _current(self, read_at: float) -> bool:
         now = time.monotonic()
@@ -261,7 +300,9 @@ class ChainWatcher:
     def _cold_read_allowed(self) -> bool:
         return self._cold_reads.take("", self._cold_rate) == 0
 
-    async def _read_channel(self, channel_id: bytes, *, refresh: bool = False) -> ChannelView:
+    async def _read_channel(
+        self, channel_id: bytes, *, refresh: bool = False, batch: bool = False
+    ) -> ChannelView:
         # A read that an event's refresh overtook is older than what the refresh caches: it must not replace it
         # (a payer's exit would be forgotten while the watcher, following, keeps the cache current).
         reads = self._reading.setdefault(channel_id, [])
@@ -272,7 +313,8 @@ class ChainWatcher:
         reads.append(read)
         try:
             self.reads += 1
-            view = await asyncio.to_thread(self.reader.channel, channel_id)
+            state_of = self.reader.batch_channel if batch else self.reader.channel
+            view = await asyncio.to_thread(state_of, channel_id)
         finally:
             reads.remove(read)
             if not reads:
@@ -415,12 +457,15 @@ class ChainWatcher:
     async def _apply(self, events: list[ChainEvent]) -> None:
         """Refreshes what ``events`` touched."""
         channels: set[bytes] = set()
+        batch_channels: set[bytes] = set()
         providers: set[str] = set()
         slashed: set[str] = set()
         everyone = False
         exits: set[bytes] = set()
         for event in events:
-            if event.name in _CHANNEL_EVENTS:
+            if event.name in _BATCH_CHANNEL_EVENTS:
+                batch_channels.add(bytes(event.args["channelId"]))
+            elif event.name in _CHANNEL_EVENTS:
                 channels.add(bytes(event.args["channelId"]))
                 if event.name == "WithdrawInitiated":
                     exits.add(bytes(event.args["channelId"]))
@@ -434,6 +479,9 @@ class ChainWatcher:
         for channel_id in channels:
             if channel_id in self._channels or channel_id in self._unfunded:
                 await self._read_channel(channel_id, refresh=True)
+        for channel_id in batch_channels:
+            if channel_id in self._channels or channel_id in self._unfunded:
+                await self._read_channel(channel_id, refresh=True, batch=True)
         # A new minimum stake may change any provider's standing: every one remembered (at most max_channels +
         # max_unknown reads, on an event only the admin can cause).
         for provider in [*self._active, *self._unstaked] if everyone else providers:

@@ -39,17 +39,16 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
-from eth_utils.address import to_checksum_address
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog, ServedModel
 from marketplace.gateway.coordinator import Coordinator, HopRecord, JobSpec, Outcome
-from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected, Unavailable
+from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
-from marketplace.gateway.payments.x402 import EXACT, VOUCHER, ExactPayment, decode_payment, payment_required
+from marketplace.gateway.payments.x402 import EXACT, VOUCHER, Payment, decode_payment, payment_required
 from marketplace.gateway.resting import Resting, RestingJobs
 from marketplace.gateway.text import TextStream
 from settlement.db import validations
@@ -81,6 +80,7 @@ class Request:
     max_price: int | None = None  # the most the client will pay, base units
     ttl_s: int | None = None  # how long a job may rest in the book
     choices: int = 1  # generations of the prompt (n), each billed as computed
+    stream: bool = False  # answered as a stream, whose headers leave before its charge is known
 
     @property
     def quote_tokens(self) -> int:
@@ -188,7 +188,6 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
-        self._paying: set[str] = set()  # jobs whose exact transfer is being sent by this process
         self._reconciled_at = 0.0
 
     # -- quoting -------------------------------------------------------------------------------------------
@@ -222,13 +221,23 @@ class JobRunner:
         return Quote(route, amount if request.max_price is None else min(amount, request.max_price), cost)
 
     def payment_required(
-        self, request: Request, quote: Quote, url: str, error: str | None = None
+        self,
+        request: Request,
+        quote: Quote,
+        url: str,
+        error: str | None = None,
+        *,
+        batch_state: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         return payment_required(
             url=url,
             description=f"{request.kind} on {request.model.name}: up to {request.quote_tokens} tokens",
             accepts=self.terms.accepts(
-                quote.amount, route=quote.describe(), tokens=request.quote_tokens, cost=quote.cost
+                quote.amount,
+                route=quote.describe(),
+                tokens=request.quote_tokens,
+                cost=quote.cost,
+                batch_state=batch_state,
             ),
             error=error,
         )
@@ -237,21 +246,37 @@ class JobRunner:
 
     async def admit(self, request: Request, header: str | None, *, url: str) -> JobRun:
         """Secures payment and starts (or rests) the job; raises PaymentRejected carrying a fresh 402 quote."""
-        quote = self.quote(request)
         if not self.payments_enabled:
-            return await self._admit_unpaid(request, quote)
+            return await self._admit_unpaid(request, self.quote(request))
         if header is None:
+            quote = self.quote(request)
             error = PaymentRejected(
                 "payment_required", f"this request costs up to {quote.amount}; pay to continue"
             )
             error.details["required"] = self.payment_required(request, quote, url)
             raise error
+        # Matching reserves the route's capacity first, so the quote paid is the quote of the route that will
+        # run; it is the one route this admission computes, and a refusal quotes it again.
+        started = time.perf_counter()
+        route = self.book.match(request.model.root, request.model.num_layers)
+        self.metrics.route_seconds.observe(time.perf_counter() - started)
         try:
+            quote = self._priced(request, route)
+            if quote.route is None and route is not None:
+                self.book.release(route)  # a job that rests until a cheaper route appears
+                route = None
             payment = decode_payment(header)
-            return await self._admit_paid(request, payment, url)
+            return await self._admit_paid(request, payment, quote, route)
         except PaymentRejected as exc:
             self.metrics.payments.labels(scheme="any", outcome=exc.code).inc()
-            exc.details["required"] = self.payment_required(request, self.quote(request), url, exc.code)
+            quoted = self._priced(request, route) if route is not None else self.quote(request)
+            exc.details["required"] = self.payment_required(
+                request, quoted, url, exc.code, batch_state=exc.details.pop("batch_state", None)
+            )
+            raise
+        except BaseException:
+            if route is not None:
+                self.book.release(route)
             raise
 
     async def _admit_unpaid(self, request: Request, quote: Quote) -> JobRun:
@@ -272,112 +297,23 @@ class JobRunner:
             raise Conflict("no_route", f"no live, staked providers cover every layer of {request.model.name}")
         return route
 
-    async def _admit_paid(self, request: Request, payment: Any, url: str) -> JobRun:
-        # Matching reserves capacity first, so the quote paid is the quote of the route that will run.
-        quote = self._priced(request, self.book.route(request.model.root, request.model.num_layers))
-        route = None
-        if quote.route is not None:
-            route = self._match(request)
-            quote = self._priced(request, route)
-        else:
+    async def _admit_paid(
+        self, request: Request, payment: Payment, quote: Quote, route: Route | None
+    ) -> JobRun:
+        """Secures the payment for a route already matched (reserved), or for a job that will rest."""
+        if route is None:
             # Before any money moves: a job that would rest must have room in the book.
-            payer = (
-                payment.authorization.sender
-                if isinstance(payment, ExactPayment)
-                else to_checksum_address(payment.channel_id[:20])
-            )
-            self._resting.check_room(payer, Fraction(quote.amount, request.quote_tokens))
-        try:
-            job_id = hex0x(os.urandom(32))
-            status = JobStatus.RUNNING if route is not None else JobStatus.RESTING
-            if isinstance(payment, ExactPayment):
-                reservation = await self._pay_exact(request, payment, quote.amount, job_id, status)
-            else:
-                await self.gate.check_voucher(payment)
-                # A channel id starts with its payer's address.
-                payer = to_checksum_address(payment.channel_id[:20])
-                pending = Reservation(VOUCHER, payer, quote.amount, channel_id=hex0x(payment.channel_id))
-                async with self.sessions() as session, session.begin():
-                    job = self._job_row(job_id, request, pending, status)
-                    reservation = await self.gate.reserve_voucher(session, payment, quote.amount, job)
-        except BaseException:
-            if route is not None:
-                self.book.release(route)
-            raise
+            self._resting.check_room(payment.payer, Fraction(quote.amount, request.quote_tokens))
+        job_id = hex0x(os.urandom(32))
+        status = JobStatus.RUNNING if route is not None else JobStatus.RESTING
+        reservation = await self.gate.secure(
+            payment,
+            quote.amount,
+            lambda pending: self._job_row(job_id, request, pending, status),
+            streamed=request.stream,
+        )
         self.metrics.payments.labels(scheme=reservation.scheme, outcome="accepted").inc()
         return self._launch(job_id, request, reservation, route)
-
-    async def _pay_exact(
-        self, request: Request, payment: ExactPayment, quote: int, job_id: str, status: str
-    ) -> Reservation:
-        await self.gate.check_exact(payment, quote)
-        auth = payment.authorization
-        reservation = Reservation(EXACT, auth.sender, auth.value)
-        from_block = await self.gate.head_block()
-        async with self.sessions() as session, session.begin():
-            session.add(self._job_row(job_id, request, reservation, JobStatus.PAYING))
-            await session.flush()
-            record = self.gate.record_exact(session, payment, job_id, from_block)
-        # Held until the outcome is committed, so reconcile_payments never judges a send still on its way.
-        self._paying.add(job_id)
-        try:
-            tx_hash = await self._send_exact(payment, record.id, job_id, from_block)
-            async with self.sessions() as session, session.begin():
-                # Conditional, as reconcile_payments' are: of two writers, one decides the payment's fate.
-                settled = await session.execute(
-                    update(Authorization)
-                    .where(Authorization.id == record.id, Authorization.status == AuthorizationStatus.PENDING)
-                    .values(status=AuthorizationStatus.SETTLED, tx_hash=tx_hash)
-                )
-                if settled.rowcount != 1:  # type: ignore[attr-defined]
-                    raise Unavailable("settlement_pending", "this payment was settled elsewhere; see the job")
-                await session.execute(
-                    update(Job).where(Job.id == job_id, Job.status == JobStatus.PAYING).values(status=status)
-                )
-        finally:
-            self._paying.discard(job_id)
-        return Reservation(EXACT, auth.sender, auth.value, tx_hash=tx_hash)
-
-    async def _send_exact(self, payment: ExactPayment, record_id: int, job_id: str, from_block: int) -> str:
-        """Sends the transfer; returns the hash of the transfer that paid, which may be someone else's.
-
-        Anyone holding the signed authorization may submit it, and the tokens still go to the gateway's payee: a
-        send refused as ``authorization_used``, or any refusal, is checked against the chain, and the transfer
-        it authorized, found there, pays for the job. A spent nonce alone does not: a payer can cancel it, or
-        spend it on another authorization of its own. A send whose outcome is unknown, or a refusal the chain
-        cannot be asked about, leaves the authorization pending and the job paying, for
-        :meth:`reconcile_payments`; the client gets 503 ``settlement_pending``."""
-        auth = payment.authorization
-        try:
-            return await self.gate.send_exact(payment)
-        except PaymentRejected as refused:
-            try:
-                fate = await self.gate.exact_fate(auth.sender, auth.nonce, auth.value, from_block)
-            except Exception as exc:  # whatever the endpoint answers: the payment's fate is not known
-                raise Unavailable(
-                    "settlement_pending", f"the transfer was refused and the chain cannot say why yet: {exc}"
-                ) from exc
-            if fate.paid_by is not None:
-                log.info(
-                    "job %s: its authorization was sent by someone else first (%s)", job_id, fate.paid_by
-                )
-                return fate.paid_by
-            async with self.sessions() as session, session.begin():
-                await session.execute(
-                    update(Authorization)
-                    .where(Authorization.id == record_id, Authorization.status == AuthorizationStatus.PENDING)
-                    .values(status=AuthorizationStatus.FAILED)
-                )
-                await session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.PAYING)
-                    .values(status=JobStatus.FAILED, error_code="settlement_failed")
-                )
-            if fate.spent:  # whatever the revert said (replayed on the block before, it may say nothing)
-                raise PaymentRejected(
-                    "authorization_used", f"nonce 0x{auth.nonce.hex()} was spent, but not on this payment"
-                ) from refused
-            raise refused
 
     def _job_row(self, job_id: str, request: Request, reservation: Reservation, status: str) -> Job:
         now = datetime.fromtimestamp(self.clock(), UTC)
@@ -689,7 +625,7 @@ class JobRunner:
         unknown = 0
         for job in paying:
             record = records.get(job.id)
-            if job.id in self._paying or record is None:
+            if job.id in self.gate.paying or record is None:
                 continue
             try:
                 fate = await self.gate.exact_fate(

@@ -4,6 +4,7 @@ A row is the marketplace's side of one VoucherEscrow channel. Its figures are cu
 
     voucher_amount   the newest voucher accepted; it only rises
     reserved         quotes of the payer's requests in flight
+    acknowledged     what the payer was told it was charged (x402 batch-settlement signs against it)
     charged          what finished requests cost; what settlement may redeem
     claimed          what settlement redeemed on chain; it only rises, and never passes charged
 
@@ -47,24 +48,66 @@ RESERVE = (
     .execution_options(synchronize_session=False)
 )
 
-# Parameters: channel, quote (what was reserved), charged (what the request cost), now. Returns the channel's
-# cumulative charge.
+# x402's batch-settlement: one request at a time per channel (nothing reserved), and the voucher must be exactly
+# what the payer was told it was charged plus this quote, as the scheme's client signs it. A voucher may be
+# lower than the last (a request charged less than its quote): what the payer acknowledged still only rises, so
+# an old voucher does not match again once anything was acknowledged after it. Parameters as RESERVE's.
+RESERVE_ONE = (
+    update(Channel)
+    .where(
+        Channel.id == bindparam("channel"),
+        Channel.reserved == 0,
+        Channel.refunding.is_(None),
+        Channel.acknowledged + bindparam("quote") == bindparam("amount"),
+        Channel.charged + bindparam("quote") <= bindparam("amount"),
+    )
+    .values(
+        voucher_amount=bindparam("amount"),
+        voucher_signature=bindparam("signature"),
+        reserved=bindparam("quote"),
+        updated_at=bindparam("now"),
+    )
+    .execution_options(synchronize_session=False)
+)
+
+# A batch-settlement payer asks for its unspent deposit back: granted when nothing runs on the channel, no
+# refund is under way, and its voucher is for what it was told it was charged. Parameters: channel, amount (0 for
+# all), voucher (the refund voucher's amount), now.
+REQUEST_REFUND = (
+    update(Channel)
+    .where(
+        Channel.id == bindparam("channel"),
+        Channel.reserved == 0,
+        Channel.refunding.is_(None),
+        Channel.acknowledged == bindparam("voucher"),
+    )
+    .values(refunding=bindparam("amount"), updated_at=bindparam("now"))
+    .execution_options(synchronize_session=False)
+)
+
+# Parameters: channel, quote (what was reserved), charged (what the request cost), acknowledged (what the payer
+# is told it cost: the charge, or a stream's quote), now. Returns the channel's cumulative charge and
+# acknowledgement.
 SETTLE = (
     update(Channel)
     .where(Channel.id == bindparam("channel"))
     .values(
         reserved=Channel.reserved - bindparam("quote"),
         charged=Channel.charged + bindparam("charged"),
+        acknowledged=Channel.acknowledged + bindparam("acknowledged"),
         updated_at=bindparam("now"),
     )
-    .returning(Channel.charged)
+    .returning(Channel.charged, Channel.acknowledged)
 )
 
 
-def open_if_absent(dialect: str, *, channel: str, payer: str) -> Any:
+def open_if_absent(
+    dialect: str, *, channel: str, payer: str, scheme: str = "voucher", config: dict[str, Any] | None = None
+) -> Any:
     """The row of a channel first paid from, if no other request created it first."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(Channel).values(id=channel, payer=payer).on_conflict_do_nothing(index_elements=["id"])
+    values = {"id": channel, "payer": payer, "scheme": scheme, "config": config}
+    return insert(Channel).values(**values).on_conflict_do_nothing(index_elements=["id"])
 
 
 def void(channel: str, amount: int) -> Update:

@@ -63,6 +63,15 @@ NAMING = {
 }
 
 
+class PaymentScheme(StrEnum):
+    """How a job was paid for; a channel's row is of the first two."""
+
+    VOUCHER = "voucher"  # Strata's VoucherEscrow channels
+    BATCH = "batch-settlement"  # x402's BatchSettlement channels
+    EXACT = "exact"  # one EIP-3009 transfer of the quote
+    NONE = "none"  # payments off
+
+
 class JobStatus(StrEnum):
     RESTING = "resting"  # paid for, waiting in the book for a route at or below its max_price
     PAYING = "paying"  # an exact payment being settled on chain before it runs
@@ -204,10 +213,22 @@ class Channel(Base):
 
     id: Mapped[str] = mapped_column(HASH, primary_key=True)
     payer: Mapped[str] = mapped_column(ADDRESS, index=True)
+    # "voucher" (VoucherEscrow, the id names the payer) or "batch-settlement" (x402's BatchSettlement, the id is a
+    # hash of ``config``, its ChannelConfig, which claims need).
+    scheme: Mapped[str] = mapped_column(String(16), default="voucher", server_default="voucher")
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     voucher_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # the newest accepted voucher's amount
     voucher_signature: Mapped[str | None] = mapped_column(SIGNATURE)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)  # cumulative, what settlement may claim
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # quotes of requests in flight
+    # Cumulative, what the payer was told it was charged: a batch-settlement payer signs its next voucher for this
+    # plus the next quote. A stream is acknowledged at its quote (its headers leave before its charge is known),
+    # so this may run above charged; VoucherEscrow channels keep the two equal.
+    acknowledged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A batch-settlement payer's cooperative refund, asked for and not yet made: its amount (0: everything not
+    # charged). No request is admitted on the channel meanwhile. The operator makes it (settlement.refunds).
+    refunding: Mapped[int | None] = mapped_column(BigInteger)
+    refund_tx: Mapped[str | None] = mapped_column(HASH)  # the last refund's transaction
     # Cumulative, redeemed on chain by settlement. The server default fills rows older than settlement.
     claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # When settlement saw the escrow close it: charges on it that were never redeemed can never be collected.
@@ -309,20 +330,6 @@ class Receipt(Base):
     verified: Mapped[bool] = mapped_column(Boolean)
     amount: Mapped[int] = mapped_column(BigInteger)  # what this hop bills the client; 0 unless verified
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class Voucher(Base):
-    """Every voucher the gateway accepted, newest last; the channel row holds the newest."""
-
-    __tablename__ = "vouchers"
-    __table_args__ = (UniqueConstraint("channel_id", "amount"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id"), index=True)
-    amount: Mapped[int] = mapped_column(BigInteger)
-    signature: Mapped[str] = mapped_column(SIGNATURE)
-    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
-    accepted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Charge(Base):

@@ -283,6 +283,14 @@ class ChannelView(BaseModel):
 # -- payouts and slashes -----------------------------------------------------------------------------------
 
 
+class Refunded(BaseModel):
+    """A batch-settlement channel's cooperative refund, made."""
+
+    channelId: str = Field(pattern=HASH_PATTERN)
+    transaction: str | None = Field(description="the refund's transaction; null when nothing was left to refund")
+    balance: Amount = Field(description="what the channel holds now: what was charged and not yet claimed")
+
+
 class Payout(BaseModel):
     provider: Address
     earned: Amount = Field(description="every metered entry no failed validation voided, settled or not")

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from marketplace.gateway.jobs import Delta, Finished, JobRun, Unrecorded
 from marketplace.gateway.payments.gate import NONE, Reservation, Settled
-from marketplace.gateway.payments.x402 import EXACT, PAYMENT_RESPONSE, encode_header
+from marketplace.gateway.payments.x402 import BATCH, EXACT, PAYMENT_RESPONSE, encode_header
 from settlement.db.schema import Job, JobStatus
 from worker import jsontext
 from worker.sampling import TokenLogprobs
@@ -47,6 +47,8 @@ def payment_document(
         extra["voucherAmount"] = str(reservation.voucher_amount)
         if settled is not None:
             extra["cumulativeCharged"] = str(settled.channel_charged)
+    if reservation.scheme == BATCH:
+        extra.update(_batch_extra(reservation, settled))
     document: dict[str, Any] = {
         "success": True,
         "transaction": reservation.tx_hash or "",
@@ -56,6 +58,25 @@ def payment_document(
     if settled is not None:
         document["amount"] = str(settled.charged)
     return {**document, "extra": extra}
+
+
+def _batch_extra(reservation: Reservation, settled: Settled | None) -> dict[str, Any]:
+    """What x402's batch-settlement client reads: ``chargedAmount`` (this request's charge, which it adds to its
+    cumulative) and ``channelState.chargedCumulativeAmount`` (the total it should now hold). A stream's headers
+    leave before its charge is known: they acknowledge the quote, and the channel records that acknowledgement
+    (settlement.db.channels), so the payer's next voucher and the gateway agree; what was metered is in
+    ``charged``, and only that is ever claimed."""
+    assert reservation.acknowledged is not None
+    if settled is not None and settled.channel_acknowledged is not None:
+        acknowledged, cumulative = (
+            settled.channel_acknowledged - reservation.acknowledged,
+            settled.channel_acknowledged,
+        )
+    else:  # a stream's headers, or its final chunk, which must say what its headers said
+        acknowledged = reservation.quote
+        cumulative = reservation.acknowledged + reservation.quote
+    state = {**(reservation.chain_state or {}), "chargedCumulativeAmount": str(cumulative)}
+    return {"chargedAmount": str(acknowledged), "channelState": state}
 
 
 def _payment_headers(document: dict[str, Any] | None) -> dict[str, str]:

@@ -11,6 +11,12 @@ Two schemes are accepted:
 ``exact``    ``payload = {authorization: {from, to, value, validAfter, validBefore, nonce}, signature}``: an
              EIP-3009 ``TransferWithAuthorization`` on the token, as x402's own exact EVM client signs it.
 
+``batch-settlement``  x402's channel scheme, as the PyPI ``x402`` client pays it:
+             ``payload = {type: deposit | voucher | refund, channelConfig, voucher: {channelId, maxClaimableAmount,
+             signature}, deposit?: {amount, authorization: {erc3009Authorization: {validAfter, validBefore, salt,
+             signature}}}, amount?}``: the same cumulative ``Voucher`` on x402's BatchSettlement contract, whose
+             channel id is the EIP-712 hash of the ``ChannelConfig``; a first payment carries the deposit.
+
 Decoding checks the form of everything (base64, JSON, field types, hex lengths, amounts); whether the payment
 pays for the request is for :mod:`marketplace.gateway.payments.gate` to decide.
 """
@@ -27,6 +33,8 @@ from typing import Any
 from eth_utils.address import is_address, to_checksum_address
 
 from marketplace.gateway.errors import InvalidRequest, PaymentRejected
+from settlement.contracts import BatchChannelConfig, payer_of
+from settlement.db.schema import PaymentScheme
 from settlement.eip712 import TransferAuthorization
 from worker import jsontext
 
@@ -34,9 +42,16 @@ X402_VERSION = 2
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
 PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
-VOUCHER = "voucher"
-EXACT = "exact"
-SCHEMES = (VOUCHER, EXACT)
+VOUCHER = PaymentScheme.VOUCHER
+EXACT = PaymentScheme.EXACT
+BATCH = PaymentScheme.BATCH
+SCHEMES = (VOUCHER, EXACT, BATCH)
+BATCH_KINDS = ("deposit", "voucher", "refund")
+# The batch-settlement refusals x402's client acts on, with the codes its scheme gives them: on the second it
+# resynchronises from the state the 402's requirement carries.
+CHANNEL_BUSY = "invalid_batch_settlement_evm_channel_busy"
+CUMULATIVE_MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+REFUND_NO_BALANCE = "invalid_batch_settlement_evm_refund_no_balance"
 
 MAX_HEADER_BYTES = 8 * 1024  # a payment is a few hundred bytes; anything far larger is not one
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,77}")
@@ -100,6 +115,10 @@ class VoucherPayment:
     amount: int  # the voucher's cumulative maxClaimableAmount
     signature: bytes
 
+    @property
+    def payer(self) -> str:
+        return payer_of(self.channel_id)
+
 
 @dataclass(frozen=True)
 class ExactPayment:
@@ -108,8 +127,108 @@ class ExactPayment:
     authorization: TransferAuthorization
     signature: bytes
 
+    @property
+    def payer(self) -> str:
+        return self.authorization.sender
 
-Payment = VoucherPayment | ExactPayment
+
+def _channel_config(data: dict[str, Any], where: str = "payload.channelConfig") -> BatchChannelConfig:
+    delay = data.get("withdrawDelay")
+    if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay < 2**40:
+        raise _malformed(f"{where}.withdrawDelay must be an integer below 2^40")
+    return BatchChannelConfig(
+        payer=_address(data, "payer", where),
+        payer_authorizer=_address(data, "payerAuthorizer", where),
+        receiver=_address(data, "receiver", where),
+        receiver_authorizer=_address(data, "receiverAuthorizer", where),
+        token=_address(data, "token", where),
+        withdraw_delay=delay,
+        salt=_hex(data, "salt", where, 32),
+    )
+
+
+@dataclass(frozen=True)
+class DepositAuthorization:
+    """An ERC-3009 ReceiveWithAuthorization of ``amount`` from the payer to the deposit collector; its nonce is
+    keccak256(abi.encode(channelId, salt)), which binds it to the channel."""
+
+    amount: int
+    valid_after: int
+    valid_before: int
+    salt: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class BatchPayment:
+    network: str
+    asset: str
+    kind: str  # deposit, voucher or refund
+    config: BatchChannelConfig
+    channel_id: bytes
+    amount: int  # the voucher's cumulative maxClaimableAmount
+    signature: bytes
+    deposit: DepositAuthorization | None = None
+    refund_amount: int | None = None  # a refund's, when not the whole unclaimed balance
+
+    @property
+    def payer(self) -> str:
+        return self.config.payer
+
+
+Payment = VoucherPayment | ExactPayment | BatchPayment
+
+
+def _uint256(data: dict[str, Any], name: str, where: str) -> int:
+    """A decimal string or integer, or a 0x hex string of at most 32 bytes (x402 writes salts as hex)."""
+    value = data.get(name)
+    if isinstance(value, str) and value.startswith("0x") and 2 < len(value) <= 66:
+        try:
+            return int(value, 16)
+        except ValueError as exc:
+            raise _malformed(f"{where}.{name} is not hex") from exc
+    return _amount(data, name, where)
+
+
+def _batch_payment(network: str, asset: str, payload: dict[str, Any]) -> BatchPayment:
+    kind = payload.get("type")
+    if kind not in BATCH_KINDS:
+        raise _malformed(f"payload.type must be one of {', '.join(BATCH_KINDS)}")
+    config = _channel_config(_object(payload.get("channelConfig"), "payload.channelConfig"))
+    voucher = _object(payload.get("voucher"), "payload.voucher")
+    deposit = None
+    if kind == "deposit":
+        fields = _object(payload.get("deposit"), "payload.deposit")
+        authorization = _object(fields.get("authorization"), "payload.deposit.authorization")
+        if "erc3009Authorization" not in authorization:
+            raise PaymentRejected(
+                "unsupported_deposit_method", "deposits are taken as ERC-3009 authorizations (eip3009) only"
+            )
+        erc3009 = _object(
+            authorization["erc3009Authorization"], "payload.deposit.authorization.erc3009Authorization"
+        )
+        where = "payload.deposit.authorization.erc3009Authorization"
+        deposit = DepositAuthorization(
+            amount=_amount(fields, "amount", "payload.deposit"),
+            valid_after=_amount(erc3009, "validAfter", where),
+            valid_before=_amount(erc3009, "validBefore", where),
+            salt=_uint256(erc3009, "salt", where).to_bytes(32, "big"),
+            signature=_hex(erc3009, "signature", where, 65),
+        )
+    refund_amount = None
+    if kind == "refund" and payload.get("amount") is not None:
+        refund_amount = _amount(payload, "amount", "payload")
+    return BatchPayment(
+        network,
+        asset,
+        kind,
+        config,
+        _hex(voucher, "channelId", "payload.voucher", 32),
+        _amount(voucher, "maxClaimableAmount", "payload.voucher"),
+        _hex(voucher, "signature", "payload.voucher", 65),
+        deposit,
+        refund_amount,
+    )
 
 
 def decode_payment(header: str) -> Payment:
@@ -156,6 +275,8 @@ def decode_payment(header: str) -> Payment:
             ),
             _hex(payload, "signature", "payload", 65),
         )
+    if scheme == BATCH:
+        return _batch_payment(network, asset, payload)
     raise PaymentRejected(
         "unsupported_scheme", f"scheme {scheme!r} is not accepted; pay with one of {', '.join(SCHEMES)}"
     )

@@ -26,6 +26,7 @@ from marketplace.gateway.api.schemas import AskBody, HeartbeatBody
 from marketplace.gateway.errors import NotFound, chain_read
 from marketplace.gateway.market import AskInput
 from marketplace.gateway.orderbook import BookAsk
+from settlement.contracts import payer_of
 from settlement.db.schema import Channel, Hop, HopStatus, Provider
 
 router = APIRouter(prefix="/v1", tags=["market"])
@@ -233,7 +234,7 @@ async def get_channel(channel_id: ChannelId, gateway: GatewayDep) -> dict[str, A
     voucher, charged, reserved = (row.voucher_amount, row.charged, row.reserved) if row else (0, 0, 0)
     return {
         "channelId": channel,
-        "payer": to_checksum_address(bytes.fromhex(channel[2:42])),
+        "payer": payer_of(bytes.fromhex(channel[2:])),
         "deposit": str(view.deposit),
         "withdrawableAt": str(view.withdrawable_at),
         "exiting": view.exiting,
