@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import ipaddress
+
+from pydantic import Field, SecretStr, field_validator
 
 from settlement.config import SettlementSettings
 
@@ -94,3 +96,71 @@ class GatewaySettings(SettlementSettings):
         description="longest a job may rest in the book, seconds; with VALIDATION_WINDOW_S and EPOCH_S it must fit "
         "in the escrow's withdraw delay (checked at start-up)",
     )
+    rate_limit_ip_per_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="requests a second one client address may send, sustained (0: no limit); /health and /metrics "
+        "are not counted. An IPv6 client is counted by its /64. With a REDIS_URL, gateways sharing it share the limit",
+    )
+    rate_limit_ip_burst: int = Field(
+        default=40, ge=1, description="requests one client address may send at once, on top of the rate"
+    )
+    rate_limit_payer_per_s: float = Field(
+        default=20.0, ge=0, description="paid requests a second one payer may send, sustained (0: no limit)"
+    )
+    rate_limit_payer_burst: int = Field(
+        default=40, ge=1, description="paid requests one payer may send at once"
+    )
+    rate_limit_max_keys: int = Field(
+        default=100_000,
+        gt=0,
+        description="clients and payers whose buckets are kept in memory when there is no Redis (the least recent "
+        "are forgotten, which only forgives them: about 200 bytes each)",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or CIDR blocks of reverse proxies whose X-Forwarded-For names the client, as a JSON "
+        'list (["10.0.0.0/8"]); from anyone else the header is ignored, or clients could name themselves anything',
+    )
+    tokenize_threads: int = Field(
+        default=2,
+        gt=0,
+        description="threads that render chat templates and tokenize prompts, off the event loop",
+    )
+    tokenize_queue: int = Field(
+        default=32,
+        ge=0,
+        description="requests that may wait for a tokenizing thread; more are answered 503 busy (Retry-After 1)",
+    )
+    chain_cache_channels: int = Field(
+        default=100_000,
+        gt=0,
+        description="channels with a deposit (or an exit) whose chain state is cached: the least recent are read "
+        "again when next used",
+    )
+    chain_cache_unknown: int = Field(
+        default=10_000,
+        gt=0,
+        description="channels without a deposit and providers without a stake remembered as such (ids any caller "
+        "may choose, so kept apart from the channels and providers that cost their owners a deposit or a stake)",
+    )
+    chain_unknown_ttl_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a channel without a deposit or a provider without a stake is remembered as such "
+        "(events of theirs refresh it sooner)",
+    )
+    chain_cold_reads_per_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="chain reads a second of channels and providers the chain has shown nothing for (all callers "
+        "together): what a caller choosing random ids can make the gateway read; past it the answer is 503 "
+        "chain_unavailable, or what is remembered",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # a ValueError names the entry that is not one
+        return value

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from marketplace.gateway.errors import RateLimited, Unavailable
@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS_TIMEOUT_S = 0.25  # a limit check waits at most this for Redis before the in-process buckets decide
+REDIS_TIMEOUT_S = (
+    1.0  # a limit check waits at most this for Redis (or a connection to it) before giving up on it
+)
+REDIS_CONNECTIONS = (
+    16  # connections to Redis a gateway opens: a burst of requests queues for them, a script each
+)
 REDIS_RETRY_S = 5.0  # after Redis failed, how long the in-process buckets decide before Redis is tried again
 KEY_PREFIX = "strata:ratelimit:"
 
@@ -135,11 +140,16 @@ class RateLimiter:
         max_keys: int,
         trusted_proxies: Sequence[str],
     ) -> RateLimiter:
-        redis = (
-            Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
-            if redis_url
-            else None
-        )
+        redis = None
+        if redis_url:
+            pool = BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=REDIS_CONNECTIONS,
+                timeout=REDIS_TIMEOUT_S,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+            )
+            redis = Redis.from_pool(pool)  # owns the pool: closing the client closes its connections
         return cls(
             per_ip=per_ip,
             per_payer=per_payer,
@@ -207,8 +217,11 @@ class RateLimiter:
         try:
             wait_us = await self._script(keys=[KEY_PREFIX + key], args=[interval_us, rate.burst])
         except (TimeoutError, RedisError, OSError) as exc:
+            if time.monotonic() >= self._redis_down_until:  # once per outage, not once per request in flight
+                log.warning(
+                    "rate limits kept in-process for %g s: Redis did not answer (%r)", REDIS_RETRY_S, exc
+                )
             self._redis_down_until = time.monotonic() + REDIS_RETRY_S
-            log.warning("rate limits kept in-process for %g s: Redis did not answer (%r)", REDIS_RETRY_S, exc)
             return None
         return int(wait_us) / 1_000_000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from eth_account import Account
@@ -21,6 +21,7 @@ from marketplace.gateway.market import LinkProver, Market
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook
 from marketplace.gateway.payments.gate import PaymentGate, Terms
+from marketplace.gateway.ratelimit import BoundedWork, Rate, RateLimiter
 from settlement.chain import Chain
 from settlement.config import SettlementSettings
 from settlement.db.engine import create_engine, migrate, sessions
@@ -120,6 +121,11 @@ class Gateway:
     runner: JobRunner
     metrics: Metrics
     metering: MeteringQueue | None
+    # Built here rather than in start() so that a Gateway made by hand (in tests) has them too.
+    limiter: RateLimiter = field(
+        default_factory=lambda: RateLimiter(per_ip=Rate(0, 1), per_payer=Rate(0, 1))  # no limits
+    )
+    tokenizers: BoundedWork = field(default_factory=lambda: BoundedWork(2, 32, "tokenizing"))
 
     @classmethod
     async def start(cls, settings: GatewaySettings) -> Gateway:
@@ -162,6 +168,10 @@ class Gateway:
             max_age_s=settings.channel_max_age_s,
             on_stake_change=book.set_active,
             on_slashed=book.pull,
+            max_channels=settings.chain_cache_channels,
+            max_unknown=settings.chain_cache_unknown,
+            unknown_ttl_s=settings.chain_unknown_ttl_s,
+            cold_reads_per_s=settings.chain_cold_reads_per_s,
         )
         session_factory = sessions(engine)
         metering = MeteringQueue(settings.redis_url) if settings.redis_url else None
@@ -208,9 +218,17 @@ class Gateway:
             min_retention_s=settings.min_retention_s,
             on_change=runner.wake,
         )
+        limiter = RateLimiter.from_url(
+            settings.redis_url,
+            per_ip=Rate(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst),
+            per_payer=Rate(settings.rate_limit_payer_per_s, settings.rate_limit_payer_burst),
+            max_keys=settings.rate_limit_max_keys,
+            trusted_proxies=settings.trusted_proxies,
+        )
+        tokenizers = BoundedWork(settings.tokenize_threads, settings.tokenize_queue, "tokenizing")
         gateway = cls(
             settings, engine, session_factory, contracts, account, catalog, book, watcher, terms, market, runner,
-            metrics, metering,
+            metrics, metering, limiter, tokenizers,
         )  # fmt: skip
         await watcher.start()
         await market.load()
@@ -225,4 +243,6 @@ class Gateway:
         if self.metering is not None:
             await self.metering.close()
         await self.watcher.stop()
+        await self.limiter.close()
+        self.tokenizers.close()
         await self.engine.dispose()

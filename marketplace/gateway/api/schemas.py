@@ -9,6 +9,7 @@ does not serve is refused with ``unsupported_parameter`` rather than silently ig
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
@@ -31,8 +32,16 @@ from worker.sampling import (
 
 MAX_STOPS = 4
 MAX_STOP_LENGTH = 256
-MAX_MESSAGES = 1024
-MAX_MESSAGE_CHARS = 1 << 20
+# Bounds a JSON schema can state, checked as the body is parsed and before anything is tokenized; the document
+# states them (maxItems, maxLength). A body is at most 4 MiB in any case (api.app.MAX_BODY_BYTES): these bound what
+# one request can make the gateway hold and render. What depends on the model (its context) is checked after
+# parsing, still before tokenizing: see api.routes.inference.check_prompt_chars.
+MAX_MESSAGES = (
+    1024  # turns in one conversation: each renders at least one token, and contexts are a few thousand
+)
+MAX_MESSAGE_CHARS = 1 << 20  # characters of one message, one content part, or one text prompt
+MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # a prompt given as token ids: more than any context this network serves
 MAX_TOOLS = 128
 MAX_TOOL_NAME = 64
 MAX_CHOICES = 8
@@ -44,7 +53,7 @@ MAX_PRICE = 2**63 - 1
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
 class FunctionCall(BaseModel):
@@ -65,7 +74,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # null only on an assistant turn that made tool calls.
-    content: str | list[TextPart] | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
+    content: (
+        Annotated[str, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+        | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+        | None
+    ) = None
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(
@@ -100,6 +113,11 @@ class ChatMessage(BaseModel):
             message["name"] = self.name
         return message
 
+    def characters(self) -> int:
+        """The characters of the message the chat template will render: its text, name and tool calls."""
+        calls = sum(len(call.function.name) + len(call.function.arguments) for call in self.tool_calls or [])
+        return len(self.text()) + len(self.name or "") + calls
+
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
@@ -115,6 +133,13 @@ class FunctionDefinition(BaseModel):
 class Tool(BaseModel):
     type: Literal["function"]
     function: FunctionDefinition
+
+    def characters(self) -> int:
+        """About the characters a chat template renders of the tool: its name, description and parameters'
+        schema as JSON (which the body bounds; measured by the JSON the client sent, not rendered again)."""
+        function = self.function
+        parameters = len(json.dumps(function.parameters)) if function.parameters else 0
+        return len(function.name) + len(function.description or "") + parameters
 
 
 class NamedFunction(BaseModel):
@@ -386,9 +411,12 @@ class CompletionBody(GenerationBody):
     unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {**GenerationBody.unsupported, "suffix": (None, "")}
 
     prompt: (
-        Annotated[str, StringConstraints(min_length=1)]
-        | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1, max_length=1)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_MESSAGE_CHARS)]
+        | Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_MESSAGE_CHARS)]],
+            Field(min_length=1, max_length=1),
+        ]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)]
     ) = Field(
         description="text, a one-element list of text, or token ids (each below the model's vocab_size)"
     )
@@ -446,7 +474,7 @@ class JobBody(GenerationBody):
     tool_choice: Annotated[Any, _only({"const": "none"}, description=_UNSERVED)] = None
     echo: Annotated[Any, _only({"const": False}, description=_UNSERVED)] = None
     suffix: Annotated[Any, _only({"const": ""}, description=_UNSERVED)] = None
-    prompt: Annotated[str, StringConstraints(min_length=1)] | None = None
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_MESSAGE_CHARS)] | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_CAP)
     ttl_s: int = Field(default=600, ge=1, description="seconds the job may rest in the book")

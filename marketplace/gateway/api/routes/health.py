@@ -8,7 +8,6 @@ is the operator's to fix (weights, memory, workers), never a provider's fault, s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -44,9 +43,8 @@ async def get_health(gateway: GatewayDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # any driver error means the same thing here: down
         checks["database"] = f"down: {type(exc).__name__}"
-    chain = gateway.contracts.chain
     try:
-        block = await asyncio.to_thread(chain.read, lambda: int(chain.w3.eth.block_number))
+        block = await gateway.watcher.latest_block()  # one RPC call a second at most, however often asked
         checks["chain"] = {"id": gateway.terms.chain_id, "block": block}
     except ChainError as exc:
         checks["chain"] = f"down: {exc}"

@@ -22,7 +22,13 @@ from marketplace.gateway.api.models import (
     paid_answer,
 )
 from marketplace.gateway.api.responses import Answer, Shape
-from marketplace.gateway.api.schemas import ChatCompletionBody, CompletionBody, GenerationBody
+from marketplace.gateway.api.schemas import (
+    ChatCompletionBody,
+    ChatMessage,
+    CompletionBody,
+    GenerationBody,
+    Tool,
+)
 from marketplace.gateway.catalog import ServedModel
 from marketplace.gateway.errors import InvalidRequest
 from marketplace.gateway.jobs import Request as JobRequest
@@ -37,6 +43,47 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's, for a text completion
 OPEN_MARGIN_BYTES = 8 * 1024  # the open message's ticket and framing around its sampling parameters
 _COMPILING = threading.BoundedSemaphore(2)  # a thread's, not the event loop's: each gateway runs its own loop
 TOKEN_OUT_OF_RANGE = "token_out_of_range"  # a token id at or past the model's vocab_size
+# The most characters a prompt may have per position of the model's context, checked before it is tokenized. Text
+# averages about 4 characters a token in English and 1 to 2 in code-heavy or CJK text; only text made of a
+# vocabulary's longest tokens (runs of spaces or of one punctuation mark, which reach 16 to 80 characters in
+# common BPE vocabularies) comes near 32 for a whole prompt. A prompt past the bound would all but surely be
+# refused as prompt_too_long once tokenized: the bound makes the refusal cheap, before the chat template and the
+# tokenizer spend their time on it.
+CHARS_PER_TOKEN = 32
+
+
+def check_prompt_chars(model: ServedModel, characters: int, param: str) -> None:
+    """Refuses a prompt of more characters than ``model``'s context could hold, before it is tokenized."""
+    limit = model.context_length * CHARS_PER_TOKEN
+    if characters > limit:
+        raise InvalidRequest(
+            "prompt_too_long",
+            f"the prompt has {characters} characters; {model.name}'s context of {model.context_length} tokens "
+            f"takes at most {limit}",
+            param=param,
+            characters=characters,
+            context_length=model.context_length,
+        )
+
+
+async def encode_chat(
+    gateway: Gateway, model: ServedModel, messages: list[ChatMessage], tools: list[Tool] | None = None
+) -> list[int]:
+    """The conversation's token ids: sized first, then rendered and tokenized on the gateway's tokenizing threads
+    (a long conversation takes the chat template and the tokenizer tens of milliseconds, which the event loop and
+    every other request would otherwise wait out)."""
+    tools = tools or []
+    characters = sum(message.characters() for message in messages) + sum(tool.characters() for tool in tools)
+    check_prompt_chars(model, characters, "messages")
+    rendered = [message.rendered() for message in messages]
+    described = [tool.model_dump(exclude_none=True) for tool in tools]
+    return await gateway.tokenizers.run(model.encode_chat, rendered, described)
+
+
+async def encode_prompt(gateway: Gateway, model: ServedModel, text: str) -> list[int]:
+    """A text prompt's token ids: sized first, then tokenized on the gateway's tokenizing threads."""
+    check_prompt_chars(model, len(text), "prompt")
+    return await gateway.tokenizers.run(model.encode_prompt, text)
 
 
 async def build_request(
@@ -134,8 +181,7 @@ async def create_chat_completion(
     """A chat completion, paid per request over x402 (a voucher or an exact transfer)."""
     model = gateway.catalog.get(body.model)
     mode = body.tool_mode()
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
-    prompt = model.encode_chat([message.rendered() for message in body.messages], tools)
+    prompt = await encode_chat(gateway, model, body.messages, body.tools)
     job = await build_request("chat", model, prompt, body.requested_tokens(), body)
     shape = Shape("chat", body.alternatives(), mode, [tool.function.name for tool in body.tools or []])
     return await answer(gateway, request, shape, job, body, payment)
@@ -156,10 +202,18 @@ async def create_completion(
         # The prompt's log probabilities need every prompt position's logits; the last span returns the last one.
         raise InvalidRequest("unsupported_parameter", "echo with logprobs is not supported", param="echo")
     if isinstance(prompt, str):
-        ids = model.encode_prompt(prompt)
+        ids = await encode_prompt(gateway, model, prompt)
     elif isinstance(prompt[0], str):
-        ids = model.encode_prompt(str(prompt[0]))  # the schema takes one text in a list
+        ids = await encode_prompt(gateway, model, str(prompt[0]))  # the schema takes one text in a list
     else:
+        if len(prompt) > model.context_length:  # before the ids are looked at one by one
+            raise InvalidRequest(
+                "prompt_too_long",
+                f"{len(prompt)} prompt tokens exceed {model.name}'s context of {model.context_length}",
+                param="prompt",
+                prompt_tokens=len(prompt),
+                context_length=model.context_length,
+            )
         ids = [int(token) for token in prompt]
         if any(token >= model.vocab_size for token in ids):
             message = f"token ids must be below {model.name}'s vocab_size, {model.vocab_size}"

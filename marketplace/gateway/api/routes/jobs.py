@@ -21,7 +21,7 @@ from marketplace.gateway.api.models import (
     error,
 )
 from marketplace.gateway.api.responses import ACCESS_CONTROL_EXPOSE, payment_document
-from marketplace.gateway.api.routes.inference import build_request
+from marketplace.gateway.api.routes.inference import build_request, encode_chat, encode_prompt
 from marketplace.gateway.api.schemas import CONFLICTING, JobBody
 from marketplace.gateway.errors import Forbidden, InvalidRequest, NotFound
 from marketplace.gateway.payments.gate import NONE
@@ -107,9 +107,9 @@ async def create_job(
         raise InvalidRequest("unsupported_parameter", "jobs are not streamed: read them at GET /v1/jobs/{id}")
     model = gateway.catalog.get(body.model)
     if body.messages is not None:
-        prompt = model.encode_chat([message.rendered() for message in body.messages])
+        prompt = await encode_chat(gateway, model, body.messages)
     else:
-        prompt = model.encode_prompt(body.prompt or "")
+        prompt = await encode_prompt(gateway, model, body.prompt or "")
     job = replace(await build_request("job", model, prompt, body.max_tokens, body), ttl_s=body.ttl_s)
     run = await gateway.runner.admit(job, payment, url=resource_url(request, gateway))
     row = await gateway.runner.job(run.job_id)
