@@ -220,6 +220,8 @@ def gateway_settings(
         "step_timeout_s": 20,
         "heartbeat_ttl_s": 3600,
         "max_job_ttl_s": 1_800,  # with the default window and epoch: within WITHDRAW_DELAY_S
+        # Every test client is 127.0.0.1: limits per client address are tested with clients of their own.
+        "rate_limit_ip_per_s": 0,
     }
     return GatewaySettings(**{**settings, **overrides}, _env_file=None)  # type: ignore[arg-type]
 

@@ -30,6 +30,9 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "ttl_too_long",  # a job's ttl_s against this gateway's MAX_JOB_TTL_S
         "chat_template_refused",  # a conversation the model's chat template will not render
         "unencodable_text",  # text its tokenizer cannot encode (a lone surrogate, which JSON allows)
+        # A PAYMENT-SIGNATURE header that is not base64 of a JSON object: a pattern could say base64, not what it
+        # decodes to ("null" is base64 of three bytes that are no JSON).
+        "invalid_payment_header",
     }
 )
 
