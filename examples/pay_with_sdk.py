@@ -4,7 +4,7 @@ then one streamed through OpenAI's, whose HTTP client is the SDK's (it answers e
 Run from the repository root, with `strata up` running and a channel opened by `strata client deposit` (README,
 "The gateway: paying for a request"). It reads the environment `strata client` reads:
 
-    CLIENT_KEY       the payer's hex private key
+    CLIENT_KEY       the payer's hex private key, read from a file: export CLIENT_KEY="$(cat .strata/keys/client-1.key)"
     CHANNEL_ID       the channel to pay from, 0x-prefixed hex as `strata client deposit` prints it
     GATEWAY_URL      the gateway (default http://127.0.0.1:8000)
     DEPLOYMENT_FILE  where the escrow's address and the chain id are read (default .strata/deployment.json)

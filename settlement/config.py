@@ -54,6 +54,11 @@ class SettlementSettings(ChainSettings):
         default=None,
         description="hex private key holding StakeManager's slasher role; without it nothing is sampled",
     )
+    validator_address: str | None = Field(
+        default=None,
+        description="the validator's address, for a worker without VALIDATOR_KEY whose validator runs as another "
+        "process (its own queue): hops are sampled for it",
+    )
     models: list[str] = Field(
         default_factory=list,
         description="checkpoint directories served (the gateway) and re-executed (the validator), each `PATH` or "

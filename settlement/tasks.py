@@ -8,7 +8,13 @@
                                    also sends validate_hop again for every validation still undone that has
                                    none on its way (queue_validation), so retries never pile up.
 
-Nothing is sampled without a VALIDATOR_KEY: a drawn hop holds its job's payout back until it is validated.
+Queues: validate_hop goes to the ``validation`` queue, the rest to Celery's default ``celery`` queue. A worker
+started without ``-Q`` consumes both; to keep the operator's and the validator's keys in separate processes,
+run one worker with OPERATOR_KEY and ``-Q celery`` (with beat) and another with VALIDATOR_KEY and ``-Q validation``
+(what `strata up` does). A task refuses to run in a worker without the key it signs with.
+
+Nothing is sampled unless a validator is there to validate it (VALIDATOR_KEY in this worker, or VALIDATOR_ADDRESS
+naming one that runs elsewhere): a drawn hop holds its job's payout back until it is validated.
 
 Redis (REDIS_URL) is both broker and result backend. Tasks are acknowledged after they run
 (``task_acks_late``), so a worker killed mid-task has its task delivered again; both tasks are idempotent, and
@@ -55,6 +61,8 @@ log = logging.getLogger(__name__)
 METER_JOB = "settlement.meter_job"
 VALIDATE_HOP = "settlement.validate_hop"
 CLOSE_EPOCH = "settlement.close_epoch"
+SETTLEMENT_QUEUE = "celery"  # Celery's default queue: metering and epochs, with the operator's key
+VALIDATION_QUEUE = "validation"  # validate_hop, with the validator's key
 _CLOSE_LOCK = "strata:close_epoch"
 _SLASH_LOCK = "strata:slash"
 _QUEUED = "strata:validate:queued:{}"
@@ -83,6 +91,9 @@ def make_app(settings: SettlementSettings | None = None) -> Celery:
             result_expires=24 * 3600,
             broker_connection_retry_on_startup=True,
             beat_schedule={"close-epoch": {"task": CLOSE_EPOCH, "schedule": settings.epoch_s}},
+            # Both queues declared, so that a worker given no -Q consumes both.
+            task_queues={name: {"routing_key": name} for name in (SETTLEMENT_QUEUE, VALIDATION_QUEUE)},
+            task_default_queue=SETTLEMENT_QUEUE,
         )
 
     app.on_configure.connect(configure, weak=False)
@@ -99,20 +110,28 @@ class Context:
     settings: SettlementSettings
     sessions: sessionmaker[Session]
     contracts: Contracts
-    operator: LocalAccount
+    operator: LocalAccount | None  # None without an OPERATOR_KEY: a validator's worker
     redis: Redis
     validator: Validator | None  # None without a VALIDATOR_KEY
 
     @property
     def sample_rate(self) -> float:
-        return self.settings.sample_rate if self.validator is not None else 0.0
+        validated = self.validator is not None or self.settings.validator_address is not None
+        return self.settings.sample_rate if validated else 0.0
+
+    def operator_account(self) -> LocalAccount:
+        if self.operator is None:
+            raise ConfigurationError("no OPERATOR_KEY: this worker cannot sign redemptions and roots")
+        return self.operator
 
 
 @cache
 def context() -> Context:
     settings = SettlementSettings()
-    if settings.operator_key is None:
-        raise ConfigurationError("no OPERATOR_KEY: settlement signs redemptions and roots with it")
+    if settings.operator_key is None and settings.validator_key is None:
+        raise ConfigurationError(
+            "no OPERATOR_KEY or VALIDATOR_KEY: a settlement worker signs with one of them"
+        )
     if settings.redis_url is None:
         raise ConfigurationError("no REDIS_URL")
     chain = Chain(
@@ -121,7 +140,9 @@ def context() -> Context:
         receipt_timeout_s=settings.receipt_timeout_s,
     )
     contracts = Contracts.load(chain, Deployment.load(settings.deployment_file))
-    operator: LocalAccount = Account.from_key(settings.operator_key.get_secret_value())
+    operator: LocalAccount | None = (
+        Account.from_key(settings.operator_key.get_secret_value()) if settings.operator_key else None
+    )
     sessions = blocking_sessions(create_blocking_engine(settings.database_url))
     redis = Redis.from_url(settings.redis_url)
     validator = None
@@ -139,8 +160,8 @@ def context() -> Context:
             excess_slash_bps=settings.excess_slash_bps,
             send_lock=lambda: redis.lock(_SLASH_LOCK, timeout=10 * 60, blocking_timeout=5 * 60),
         )
-    elif settings.sample_rate > 0:
-        log.warning("no VALIDATOR_KEY: hops are not sampled for validation")
+    elif settings.sample_rate > 0 and settings.validator_address is None:
+        log.warning("no VALIDATOR_KEY or VALIDATOR_ADDRESS: hops are not sampled for validation")
     return Context(settings, sessions, contracts, operator, redis, validator)
 
 
@@ -171,6 +192,7 @@ def meter_job(job_id: str) -> dict[str, Any]:
 
 @app.task(
     name=VALIDATE_HOP,
+    queue=VALIDATION_QUEUE,  # on the task, not in task_routes: routes set while configuring re-enter configure
     bind=True,
     autoretry_for=_TRANSIENT,
     retry_backoff=True,
@@ -232,12 +254,12 @@ def close_epoch() -> dict[str, Any]:
     if not lock.acquire():
         raise EpochBusy("another close_epoch held the lock for five minutes")
     try:
-        closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator, sample_rate=ctx.sample_rate)
+        closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator_account(), sample_rate=ctx.sample_rate)
         report = closer.close().as_json()
     finally:
         with contextlib.suppress(LockError):  # it expired: whoever holds it now resumes the same epoch
             lock.release()
-    if ctx.validator is not None:
+    if ctx.sample_rate > 0:
         from settlement.validator import unfinished
 
         # Validations drawn here or whose tasks were lost; one already on its way is left to it.

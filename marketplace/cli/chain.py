@@ -14,12 +14,11 @@ from rich.table import Table
 from marketplace.cli.common import (
     console,
     emit_json,
-    fail,
     parse_address,
-    parse_key,
     parse_rpc_url,
     reported,
 )
+from marketplace.cli.keys import KeyFileOption, KeystoreOption, require_account
 from marketplace.devnet.chain import Devnet, key_hex, start_devnet
 from marketplace.devnet.contracts import build_contracts
 from settlement.chain import Chain
@@ -51,9 +50,8 @@ def _contracts_table(contracts: Contracts) -> Table:
 @app.command("deploy")
 def deploy_command(
     rpc: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL [default: RPC_URL]")] = None,
-    key: Annotated[
-        str | None, typer.Option(help="deployer's hex private key [default: DEPLOYER_KEY]")
-    ] = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     operator: Annotated[
         str | None, typer.Option(help="redeems vouchers, posts roots [default: deployer]")
     ] = None,
@@ -78,10 +76,14 @@ def deploy_command(
     file."""
     settings = ChainSettings()
     rpc_url = parse_rpc_url(rpc or settings.rpc_url)
-    key_text = key or (settings.deployer_key.get_secret_value() if settings.deployer_key else None)
-    if key_text is None:
-        fail("no deployer key: pass --key or set DEPLOYER_KEY", "missing_key", as_json=as_json)
-    deployer = parse_key(key_text)
+    deployer = require_account(
+        key_file=key_file,
+        keystore=keystore,
+        env_key=settings.deployer_key,
+        env_name="DEPLOYER_KEY",
+        role="deployer",
+        as_json=as_json,
+    )
     params = DeployParams(
         token=parse_address(token) if token else None,
         min_stake=min_stake,

@@ -26,10 +26,10 @@ from marketplace.cli.common import (
     fail,
     parse_amount,
     parse_http_url,
-    parse_key,
     reported,
     tokens,
 )
+from marketplace.cli.keys import KeyFileOption, KeystoreOption, require_account
 from marketplace.client import ChannelWallet, PaymentFailed, StrataClient, fund_channel
 from marketplace.gateway.payments.x402 import VOUCHER, network_of
 from settlement.chain import Chain
@@ -48,21 +48,22 @@ class ClientSettings(ChainSettings):
     )
 
 
-KeyOption = Annotated[
-    str | None, typer.Option("--key", help="paying account's hex private key [default: CLIENT_KEY]")
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 class Session:
     """The account, the contracts and the remembered channel a command works with."""
 
-    def __init__(self, key: str | None, as_json: bool) -> None:
+    def __init__(self, key_file: Path | None, keystore: Path | None, as_json: bool) -> None:
         self.settings = ClientSettings()
-        text = key or (self.settings.client_key.get_secret_value() if self.settings.client_key else None)
-        if text is None:
-            fail("no client key: pass --key or set CLIENT_KEY", "missing_key", as_json=as_json)
-        self.account: LocalAccount = parse_key(text)
+        self.account: LocalAccount = require_account(
+            key_file=key_file,
+            keystore=keystore,
+            env_key=self.settings.client_key,
+            env_name="CLIENT_KEY",
+            role="client",
+            as_json=as_json,
+        )
         self.gateway_url = parse_http_url(self.settings.gateway_url)
         with reported(as_json=as_json):
             chain = Chain(self.settings.rpc_url, request_timeout_s=self.settings.rpc_timeout_s)
@@ -107,12 +108,13 @@ class Session:
 def deposit_command(
     amount: Annotated[str, typer.Argument(help="tokens to deposit, e.g. 25 or 2.5")],
     new_channel: Annotated[bool, typer.Option("--new-channel", help="open a fresh channel")] = False,
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Deposit into your payment channel, opening one if you have none (or yours is closing)."""
     units = parse_amount(amount)
-    session = Session(key, as_json)
+    session = Session(key_file, keystore, as_json)
     channel = None if new_channel else session.channel()
     with reported(as_json=as_json):
         if channel is not None and session.contracts.escrow.channel(channel).withdrawable_at != 0:
@@ -143,12 +145,13 @@ def ask_command(
     top_up: Annotated[
         str | None, typer.Option(help="tokens to deposit whenever the channel runs short")
     ] = None,
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Ask a model; the answer streams as it is generated and is paid from your channel."""
     top_up_units = parse_amount(top_up) if top_up else 0
-    session = Session(key, as_json)
+    session = Session(key_file, keystore, as_json)
     channel = session.channel()
     if channel is None:
         fail("you have no channel: run `strata client deposit AMOUNT` first", "no_channel", as_json=as_json)
@@ -182,13 +185,14 @@ def ask_command(
 @app.command("pay")
 def pay_command(
     quote: Annotated[int, typer.Argument(min=1, help="the amount a 402 asked for, in base units")],
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
 ) -> None:
     """Print a PAYMENT-SIGNATURE header paying QUOTE from your channel, for curl and other plain clients.
 
     The voucher covers what the channel was charged so far plus QUOTE, read from the gateway just now; pay
     one request with it at a time."""
-    session = Session(key, as_json=False)
+    session = Session(key_file, keystore, as_json=False)
     channel = session.channel()
     if channel is None:
         fail("you have no channel: run `strata client deposit AMOUNT` first", "no_channel")
@@ -219,9 +223,11 @@ def pay_command(
 
 
 @app.command("balance")
-def balance_command(key: KeyOption = None, as_json: JsonOption = False) -> None:
+def balance_command(
+    key_file: KeyFileOption = None, keystore: KeystoreOption = None, as_json: JsonOption = False
+) -> None:
     """Your token balance and your channel: deposited, charged, reserved, available."""
-    session = Session(key, as_json)
+    session = Session(key_file, keystore, as_json)
     channel = session.channel()
     with reported(as_json=as_json):
         held = session.contracts.token.balance_of(session.account.address)
@@ -255,9 +261,11 @@ def balance_command(key: KeyOption = None, as_json: JsonOption = False) -> None:
 
 
 @app.command("withdraw")
-def withdraw_command(key: KeyOption = None, as_json: JsonOption = False) -> None:
+def withdraw_command(
+    key_file: KeyFileOption = None, keystore: KeystoreOption = None, as_json: JsonOption = False
+) -> None:
     """Leave your channel: the first call starts the exit, a call after the delay pays out what was not charged."""
-    session = Session(key, as_json)
+    session = Session(key_file, keystore, as_json)
     channel = session.channel()
     if channel is None:
         fail("you have no channel", "no_channel", as_json=as_json)

@@ -26,15 +26,14 @@ from marketplace.cli.common import (
     fail,
     parse_address,
     parse_http_url,
-    parse_key,
     reported,
 )
+from marketplace.cli.keys import KeyFileOption, KeystoreOption, require_account
 from marketplace.cli.staking import (
     DeploymentOption,
     GatewayOption,
     GatewayRefused,
     JsonOption,
-    KeyOption,
     ProviderSession,
     RpcOption,
 )
@@ -66,9 +65,8 @@ def serve_command(
     port: Annotated[int, typer.Option(min=1, max=65535)],
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     advertise: Annotated[str | None, typer.Option(help="host:port others reach this provider at")] = None,
-    key: Annotated[
-        str | None, typer.Option(help="provider's hex private key [default: PROVIDER_KEY]")
-    ] = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     trust_gateway: Annotated[
         list[str] | None,
         typer.Option(help="gateway address whose tickets to accept [default: GATEWAY_ADDRESSES]"),
@@ -153,10 +151,13 @@ def serve_command(
     from worker.tls import TlsIdentity
 
     settings = ProviderSettings()
-    key_text = key or (settings.provider_key.get_secret_value() if settings.provider_key else None)
-    if key_text is None:
-        fail("no provider key: pass --key or set PROVIDER_KEY", "missing_key")
-    account = parse_key(key_text)
+    account = require_account(
+        key_file=key_file,
+        keystore=keystore,
+        env_key=settings.provider_key,
+        env_name="PROVIDER_KEY",
+        role="provider",
+    )
     gateways = [parse_address(a) for a in (trust_gateway or settings.gateway_addresses)]
     if not gateways:
         fail("no trusted gateway: pass --trust-gateway or set GATEWAY_ADDRESSES", "missing_gateway")
@@ -339,7 +340,8 @@ def ask_command(
             help="withdraw your live asks on the gateway instead (those of --model-root and --layers, if given)",
         ),
     ] = False,
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
@@ -358,7 +360,9 @@ def ask_command(
         if withdraw
         else _offer_of_options(root, span, price, capacity, endpoint, fingerprint, retention_s)
     )
-    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    session = ProviderSession(
+        key_file=key_file, keystore=keystore, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json
+    )
     account = session.signer()
     with reported(as_json=as_json):
         active = session.contracts.stake.is_active(account.address)

@@ -32,11 +32,11 @@ from marketplace.cli.common import (
     parse_address,
     parse_amount,
     parse_http_url,
-    parse_key,
     parse_rpc_url,
     reported,
     tokens,
 )
+from marketplace.cli.keys import KeyFileOption, KeystoreOption, load_account, missing_key_message
 from marketplace.provider.settings import ProviderSettings
 from marketplace.provider.staking import bond
 from settlement.chain import Chain
@@ -59,9 +59,6 @@ REVERTS = {
 }
 
 
-KeyOption = Annotated[
-    str | None, typer.Option("--key", help="provider's hex private key [default: PROVIDER_KEY]")
-]
 RpcOption = Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL [default: RPC_URL]")]
 DeploymentOption = Annotated[
     Path | None, typer.Option("--deployment", help="deployment file [default: DEPLOYMENT_FILE]")
@@ -82,7 +79,8 @@ class ProviderSession:
     def __init__(
         self,
         *,
-        key: str | None,
+        key_file: Path | None,
+        keystore: Path | None,
         rpc: str | None,
         deployment: Path | None,
         gateway: str | None,
@@ -91,8 +89,13 @@ class ProviderSession:
     ) -> None:
         self.settings = ProviderSettings()
         self.as_json = as_json
-        text = key or (self.settings.provider_key.get_secret_value() if self.settings.provider_key else None)
-        self.account: LocalAccount | None = parse_key(text) if text is not None else None
+        self.account: LocalAccount | None = load_account(
+            key_file=key_file,
+            keystore=keystore,
+            env_key=self.settings.provider_key,
+            env_name="PROVIDER_KEY",
+            as_json=as_json,
+        )
         self.gateway_url = parse_http_url(gateway or self.settings.gateway_url or DEFAULT_GATEWAY_URL)
         rpc_url = parse_rpc_url(rpc or self.settings.rpc_url)
         if need_key:
@@ -109,7 +112,7 @@ class ProviderSession:
 
     def signer(self) -> LocalAccount:
         if self.account is None:
-            self.fail("no provider key: pass --key or set PROVIDER_KEY", "missing_key")
+            self.fail(missing_key_message("provider", "PROVIDER_KEY"), "missing_key")
         return self.account
 
     def fail(self, message: str, code: str) -> NoReturn:
@@ -198,7 +201,8 @@ def when(timestamp: int, now: int) -> str:
 @app.command("stake")
 def stake_command(
     amount: Annotated[str, typer.Argument(help="tokens to bond, e.g. 100 or 12.5")],
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
@@ -206,7 +210,9 @@ def stake_command(
 ) -> None:
     """Bond tokens in StakeManager (approving it first if need be); at least the minimum stake makes you active."""
     units = parse_amount(amount)
-    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    session = ProviderSession(
+        key_file=key_file, keystore=keystore, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json
+    )
     account = session.signer()
     token, stake = session.contracts.token, session.contracts.stake
     with reported(as_json=as_json, reverts=REVERTS):
@@ -252,7 +258,8 @@ def stake_command(
 @app.command("unstake")
 def unstake_command(
     amount: Annotated[str, typer.Argument(help="tokens to start unbonding, e.g. 100 or 12.5")],
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
@@ -262,7 +269,9 @@ def unstake_command(
 
     Unstaking restarts the unbonding clock for everything already unbonding."""
     units = parse_amount(amount)
-    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    session = ProviderSession(
+        key_file=key_file, keystore=keystore, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json
+    )
     account = session.signer()
     stake = session.contracts.stake
     with reported(as_json=as_json, reverts=REVERTS):
@@ -302,14 +311,17 @@ def unstake_command(
 
 @app.command("withdraw")
 def withdraw_command(
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Withdraw stake whose unbonding period has passed."""
-    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    session = ProviderSession(
+        key_file=key_file, keystore=keystore, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json
+    )
     account = session.signer()
     stake = session.contracts.stake
     with reported(as_json=as_json, reverts=REVERTS):
@@ -338,7 +350,8 @@ def withdraw_command(
 @app.command("status")
 def status_command(
     address: Annotated[str | None, typer.Argument(help="the provider [default: the key's address]")] = None,
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
@@ -347,7 +360,13 @@ def status_command(
     """A provider's stake on chain and, from the gateway, its asks, sessions served and payouts."""
     provider = parse_address(address) if address is not None else None
     session = ProviderSession(
-        key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json, need_key=provider is None
+        key_file=key_file,
+        keystore=keystore,
+        rpc=rpc,
+        deployment=deployment,
+        gateway=gateway,
+        as_json=as_json,
+        need_key=provider is None,
     )
     provider = provider or session.signer().address
     contracts = session.contracts
@@ -427,7 +446,8 @@ def claim_command(
             "--for", help="claim for this provider; the key pays the gas [default: the key's address]"
         ),
     ] = None,
-    key: KeyOption = None,
+    key_file: KeyFileOption = None,
+    keystore: KeystoreOption = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
     gateway: GatewayOption = None,
@@ -437,7 +457,9 @@ def claim_command(
 
     Anyone may claim for a provider: the tokens always go to the provider."""
     provider = parse_address(for_address) if for_address is not None else None
-    session = ProviderSession(key=key, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json)
+    session = ProviderSession(
+        key_file=key_file, keystore=keystore, rpc=rpc, deployment=deployment, gateway=gateway, as_json=as_json
+    )
     sender = session.signer()
     provider = provider or sender.address
     distributor = session.contracts.distributor

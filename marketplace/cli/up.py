@@ -121,8 +121,11 @@ def _announce(summary: dict[str, Any], devnet: Devnet, options: Options, as_json
         )
     services.add_row(
         "settlement worker",
-        f"epoch every {options.epoch_s:g} s, validating {options.sample_rate:.0%} of hops",
+        f"epoch every {options.epoch_s:g} s, sampling {options.sample_rate:.0%} of hops for the validator",
         summary["worker"]["log"],
+    )
+    services.add_row(
+        "validator", "re-executes the sampled hops, in a process of its own", summary["validator"]["log"]
     )
     out.print(services)
     out.print(accounts_table(devnet))
@@ -137,15 +140,17 @@ def _announce(summary: dict[str, Any], devnet: Devnet, options: Options, as_json
         highlight=False,
         soft_wrap=True,
     )
-    client_key = summary["accounts"]["client-1"]["key"]
+    # The key stays in its file (0600): a key typed on a command line is seen by `ps` and kept in shell history.
+    client_key_file = summary["accounts"]["client-1"]["key_file"]
     out.print(
         f"  export RPC_URL={summary['rpc_url']} DEPLOYMENT_FILE={summary['deployment_file']} "
-        f"GATEWAY_URL={summary['gateway_url']} CLIENT_KEY={client_key}",
+        f"GATEWAY_URL={summary['gateway_url']}",
         highlight=False,
         soft_wrap=True,
     )
     out.print(
-        f'  strata client deposit 10 && strata client ask "hello" --model {market.MODEL_NAME}',
+        f"  strata client deposit 10 --key-file {client_key_file} && "
+        f'strata client ask "hello" --model {market.MODEL_NAME} --key-file {client_key_file}',
         highlight=False,
         soft_wrap=True,
     )

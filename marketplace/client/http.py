@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,21 +20,34 @@ from settlement.eip712 import JobRead, protocol_domain
 from worker import jsontext
 
 JOB_READ = "X-Strata-Job-Read"  # the header a job's payer proves a read with
-_RESIGN = {"voucher_not_increasing", "voucher_too_low", "insufficient_deposit"}
+_RESIGN = {"voucher_not_increasing", "voucher_too_low"}
+# While the gateway has not answered a paid request, how often the channel is read to see whether it took the
+# voucher (first after 20 ms, then twice as long each time up to 250 ms), and for how long at most.
+_ACCEPT_POLL_FIRST_S = 0.02
+_ACCEPT_POLL_MAX_S = 0.25
 
 
 class PayingTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that answers a 402 by paying with ``wallet`` and retrying once."""
+    """An httpx transport that answers a 402 by paying with ``wallet`` and retrying once.
+
+    Vouchers on a channel must reach the gateway in the order they were signed (each must be above the newest
+    it took), so signing and sending are serialised on the wallet's lock: it is held from signing a voucher
+    until the gateway has taken or refused it, that is until the response's headers arrive or, for an answer
+    sent whole (whose headers come only at its end), until the channel shows the voucher taken, at most
+    ``accept_wait_s``. The job itself then runs without the lock, concurrently with the next requests."""
 
     def __init__(
         self,
         wallet: ChannelWallet,
         gateway_url: str,
         inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        accept_wait_s: float = 30.0,
     ) -> None:
         self.wallet = wallet
         self.gateway_url = gateway_url.rstrip("/")
         self.inner = inner or httpx.AsyncHTTPTransport()
+        self.accept_wait_s = accept_wait_s
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
@@ -42,30 +56,89 @@ class PayingTransport(httpx.AsyncBaseTransport):
             return response
         await response.aread()
         requirement = self._requirement(response)
-        quote = int(requirement["amount"])
-        if self.wallet.stale:
-            await self._resync()
         minimum = 0
         for attempt in range(2):
-            amount = await self.wallet.sign(quote, minimum=minimum)
-            paid = await self._send_paid(request, self.wallet.header(amount, requirement))
+            quote = int(requirement["amount"])
+            self.wallet.check_quote(quote)  # before anything is signed
+            async with self.wallet.lock:
+                if self.wallet.stale:
+                    await self._resync()
+                amount = await self.wallet.sign_locked(quote, minimum=minimum)
+                sending = asyncio.create_task(
+                    self._send_paid(request, self.wallet.header(amount, requirement))
+                )
+                try:
+                    await self._until_taken(sending, amount)
+                except BaseException:
+                    sending.cancel()
+                    self.wallet.settled(quote, None)  # it may have been taken: counted as unsettled
+                    raise
+            try:
+                paid = await sending
+            except BaseException:
+                sending.cancel()
+                self.wallet.settled(quote, None)  # sent, and maybe taken: counted as unsettled
+                raise
+            if (
+                400 <= paid.status_code < 500
+                and paid.status_code != 402
+                and PAYMENT_RESPONSE not in paid.headers
+            ):
+                # Refused at admission (no route, a bad request, too many resting jobs): nothing was reserved.
+                self.wallet.refused(quote)
+                return paid
             if paid.status_code != 402:
                 return self._observed(paid, quote, request)
-            self.wallet.settled(quote, None)
+            self.wallet.refused(quote)
             await paid.aread()
             error = _error(paid)
             if attempt == 0 and error.get("code") in _RESIGN:
-                state = (error.get("details") or {}).get("channel")
-                if state:
-                    self.wallet.sync(state)
-                    minimum = int(state.get("minimum", 0))
-                else:
-                    await self._resync()
+                # The gateway's figures are only compared with the wallet's own: the next voucher is what the
+                # wallet can account for, and a minimum above it is refused (SpendingCapExceeded).
+                state = (error.get("details") or {}).get("channel") or {}
+                minimum = int(state.get("minimum", 0))
                 requirement = self._requirement(paid)
-                quote = int(requirement["amount"])
                 continue
             return paid
         raise AssertionError("unreachable")
+
+    async def _until_taken(self, sending: asyncio.Task[httpx.Response], amount: int) -> None:
+        """Returns once the paid request has its response headers, or the channel shows a voucher of at least
+        ``amount`` taken, or ``accept_wait_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.accept_wait_s
+        delay = _ACCEPT_POLL_FIRST_S
+        while True:
+            done, _ = await asyncio.wait({sending}, timeout=min(delay, max(0.0, deadline - loop.time())))
+            if done or loop.time() >= deadline or await self._voucher_taken(amount):
+                return
+            delay = min(delay * 2, _ACCEPT_POLL_MAX_S)
+
+    async def _voucher_taken(self, amount: int) -> bool:
+        # Only releases the lock early: a gateway that misreports this costs one refused voucher, never money.
+        try:
+            state = await self._read_channel()
+        except (httpx.HTTPError, PaymentFailed):
+            return False
+        try:
+            return state is not None and int(state.get("voucherAmount", 0)) >= amount
+        except (TypeError, ValueError):
+            return False
+
+    async def _read_channel(self) -> dict[str, Any] | None:
+        url = httpx.URL(f"{self.gateway_url}/v1/channels/{self.wallet.channel_hex}")
+        response = await self.inner.handle_async_request(httpx.Request("GET", url))
+        await response.aread()
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise PaymentFailed(
+                f"reading the channel failed: HTTP {response.status_code}", "channel_unreadable"
+            )
+        state = jsontext.loads(response.content)
+        if not isinstance(state, dict):
+            raise PaymentFailed("reading the channel failed: not a JSON object", "channel_unreadable")
+        return state
 
     def _requirement(self, response: httpx.Response) -> dict[str, Any]:
         header = response.headers.get(PAYMENT_REQUIRED)
@@ -92,15 +165,8 @@ class PayingTransport(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(retry)
 
     async def _resync(self) -> None:
-        url = httpx.URL(f"{self.gateway_url}/v1/channels/{self.wallet.channel_hex}")
-        response = await self.inner.handle_async_request(httpx.Request("GET", url))
-        await response.aread()
-        if response.status_code == 200:
-            self.wallet.sync(jsontext.loads(response.content))
-        elif response.status_code == 404:
-            self.wallet.sync({"deposit": 0})
-        else:
-            raise PaymentFailed(f"reading the channel failed: HTTP {response.status_code}")
+        state = await self._read_channel()
+        self.wallet.sync(state if state is not None else {"deposit": 0})
 
     def _observed(self, response: httpx.Response, quote: int, request: httpx.Request) -> httpx.Response:
         header = response.headers.get(PAYMENT_RESPONSE)
@@ -168,12 +234,19 @@ def _error(response: httpx.Response) -> dict[str, Any]:
 class StrataClient:
     """A gateway client that pays per request from a channel. ``http`` is an httpx client that pays 402s."""
 
-    def __init__(self, gateway_url: str, wallet: ChannelWallet, *, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        gateway_url: str,
+        wallet: ChannelWallet,
+        *,
+        timeout_s: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` carries the requests (default: httpx's own); the client pays over it."""
         self.gateway_url = gateway_url.rstrip("/")
         self.wallet = wallet
-        self.http = httpx.AsyncClient(
-            base_url=self.gateway_url, transport=PayingTransport(wallet, self.gateway_url), timeout=timeout_s
-        )
+        paying = PayingTransport(wallet, self.gateway_url, inner=transport)
+        self.http = httpx.AsyncClient(base_url=self.gateway_url, transport=paying, timeout=timeout_s)
 
     async def __aenter__(self) -> StrataClient:
         return self

@@ -14,6 +14,7 @@ from rich.console import Console
 from marketplace.devnet.anvil import Anvil
 from marketplace.devnet.contracts import build_contracts
 from marketplace.devnet.market import FUNDED_ROLES, FUNDING, ROLES
+from marketplace.devnet.private import write_private
 from settlement.chain import Chain
 from settlement.deploy import Contracts, DeployParams, deploy
 
@@ -41,7 +42,7 @@ class Devnet:
 
     def write(self, **services: Any) -> Path:
         """Writes the devnet file: the chain, the demo accounts with their keys, and ``services`` (URLs
-        of what runs beside the chain, for `strata demo`)."""
+        of what runs beside the chain, for `strata demo`); and each account's key file. All are 0600."""
         record = {
             "rpc_url": self.rpc_url,
             "chain_id": self.chain_id,
@@ -51,8 +52,14 @@ class Devnet:
                 role: {"address": a.address, "key": key_hex(a)} for role, a in self.accounts.items()
             },
         }
-        self.devnet_file.write_text(json.dumps(record, indent=2) + "\n")
+        write_private(self.devnet_file, json.dumps(record, indent=2) + "\n")
+        for role, account in self.accounts.items():
+            write_private(self.key_file(role), key_hex(account) + "\n")
         return self.devnet_file
+
+    def key_file(self, role: str) -> Path:
+        """Where a role's development key is kept for `--key-file`: ``keys/ROLE.key`` beside the devnet file."""
+        return self.devnet_file.with_name("keys") / f"{role}.key"
 
 
 def key_hex(account: LocalAccount) -> str:

@@ -9,11 +9,14 @@
                    of a tiny local model at its own price, announced to the gateway
     cheater-N      with ``cheaters``: staked like the others, serving the N-th third dishonestly (``--cheat``)
                    10% cheaper than the honest provider, so that it is routed to until a validator slashes it
-    worker         `celery -A settlement.tasks worker -B`: metering, an epoch closed every ``epoch_s``, and the
-                   validator (the devnet's validator key) re-executing ``sample_rate`` of the billed hops
+    worker         `celery -A settlement.tasks worker -B -Q celery`: metering and an epoch closed every
+                   ``epoch_s``, with the operator's key only
+    validator      `celery -A settlement.tasks worker -Q validation`: re-executes ``sample_rate`` of the billed
+                   hops, with the validator's key only (a process of its own, so neither key sits beside the other)
 
 Everything it writes is under the state directory (``.strata``): ``deployment.json``; ``devnet.json``, the
-accounts with their development keys and every service's URL, which `strata demo` reads; ``models/tiny``;
+accounts with their development keys and every service's URL, which `strata demo` reads, and ``keys/ROLE.key``,
+each account's key for `--key-file` (all of these mode 0600); ``models/tiny``;
 ``logs/<name>.log`` for each process it starts; the beat schedule; and the SQLite database.
 """
 
@@ -36,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from marketplace.devnet import market
 from marketplace.devnet.chain import Devnet, key_hex, start_devnet
 from marketplace.devnet.errors import ServiceFailed
+from marketplace.devnet.private import without_keys
 from marketplace.devnet.process import free_port, printed
 from marketplace.devnet.providers import ProviderLaunch, script
 from marketplace.devnet.redis_server import RedisServer
@@ -54,6 +58,7 @@ from settlement.config import SettlementSettings
 from settlement.db.engine import create_blocking_engine, migrate
 from settlement.db.schema import Channel, Epoch, Job
 from settlement.deploy import ONE_TOKEN, DeployParams
+from settlement.tasks import SETTLEMENT_QUEUE, VALIDATION_QUEUE
 
 WORKER_APP = "settlement.tasks"
 
@@ -114,7 +119,7 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
     min_stake = stake_providers(devnet, [offer.role for offer in offers], out)
 
     common_env = {
-        **os.environ,
+        **without_keys(dict(os.environ)),
         "PYTHONUNBUFFERED": "1",
         "RPC_URL": devnet.rpc_url,
         "DEPLOYMENT_FILE": str(devnet.deployment_file),
@@ -129,16 +134,10 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
         env={**common_env, "GATEWAY_KEY": key_hex(devnet.accounts["gateway"]), "MODELS": models},
         tier=TIER_GATEWAY,
     )
-    # The worker needs only the broker, the database and the chain: it starts while the gateway does.
-    worker_env = {
-        **common_env,
-        "OPERATOR_KEY": key_hex(devnet.accounts["operator"]),
-        "VALIDATOR_KEY": key_hex(devnet.accounts["validator"]),
-        "MODELS": models,
-        "SAMPLE_RATE": str(options.sample_rate),
-        "EPOCH_S": str(options.epoch_s),
-    }
+    # The workers need only the broker, the database and the chain: they start while the gateway does.
+    worker_env, validator_env = worker_environments(devnet, common_env, models, options)
     worker = supervisor.spawn("worker", worker_command(state), env=worker_env, tier=TIER_USERS)
+    validator = supervisor.spawn("validator", validator_command(), env=validator_env, tier=TIER_USERS)
     with step(out, f"Starting the gateway on {gateway_url}…"):
         supervisor.wait_until("the gateway", lambda: gateway_health(gateway_url) is not None)
 
@@ -172,8 +171,9 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
             return health is not None and int(health.get("asks", 0)) >= len(providers)
 
         supervisor.wait_until("the providers' asks", announced)
-    with step(out, "Starting the settlement worker…"):
+    with step(out, "Starting the settlement worker and the validator…"):
         supervisor.wait_until("the settlement worker", log_has_line(worker.log, celery_ready))
+        supervisor.wait_until("the validator", log_has_line(validator.log, celery_ready))
 
     services = {
         "gateway_url": gateway_url,
@@ -215,11 +215,16 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
             for offer, launch, child in zip(offers, launches, providers, strict=True)
         ],
         "worker": {"pid": worker.pid, "log": str(worker.log)},
+        "validator": {"pid": validator.pid, "log": str(validator.log)},
         "anvil": {"pid": anvil.pid, "log": str(anvil.log)},
         "redis": {"pid": redis_pid},  # None when REDIS_URL names a Redis of the user's
         "logs": str(supervisor.log_dir),
         "accounts": {
-            role: {"address": account.address, "key": key_hex(account)}
+            role: {
+                "address": account.address,
+                "key": key_hex(account),
+                "key_file": str(devnet.key_file(role)),
+            }
             for role, account in devnet.accounts.items()
         },
         "development_keys": True,  # anvil's well-known keys: never use them on a real network
@@ -288,12 +293,48 @@ def spawn_provider(
     return supervisor.spawn(name, launch.command(), env=child_env, tier=TIER_USERS)
 
 
+def worker_environments(
+    devnet: Devnet, common_env: dict[str, str], models: str, options: Options
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The settlement worker's environment and the validator's: each holds its own key and not the other's, so
+    that a compromised validator (which runs models on providers' data) cannot redeem vouchers or post roots, and
+    the operator's worker cannot slash."""
+    shared = {
+        **without_keys(common_env),
+        "MODELS": models,
+        "SAMPLE_RATE": str(options.sample_rate),
+        "EPOCH_S": str(options.epoch_s),
+    }
+    worker_env = {
+        **shared,
+        "OPERATOR_KEY": key_hex(devnet.accounts["operator"]),
+        # It samples hops for the validator it does not hold the key of.
+        "VALIDATOR_ADDRESS": devnet.accounts["validator"].address,
+    }
+    validator_env = {**shared, "VALIDATOR_KEY": key_hex(devnet.accounts["validator"])}
+    return worker_env, validator_env
+
+
 def worker_command(state: Path) -> list[str]:
+    """The operator's worker: metering and epochs (with beat, which schedules them), not validation."""
     return [
         script("celery"), "-A", WORKER_APP, "worker", "-B",
         "--loglevel=INFO",
         "--concurrency", "1",
+        "-Q", SETTLEMENT_QUEUE,
+        "-n", "settlement@%h",
         "--schedule", str(state / "celerybeat-schedule"),
+    ]  # fmt: skip
+
+
+def validator_command() -> list[str]:
+    """The validator's worker: only validate_hop, from its own queue."""
+    return [
+        script("celery"), "-A", WORKER_APP, "worker",
+        "--loglevel=INFO",
+        "--concurrency", "1",
+        "-Q", VALIDATION_QUEUE,
+        "-n", "validator@%h",
     ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from marketplace.devnet.process import free_port
 from settlement.artifacts import Artifact
 from settlement.chain import Chain
 from settlement.deploy import Contracts, Deployment
+from tests.marketplace.cli.keyfile import key_file
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ def test_deploy_writes_a_loadable_deployment(
     result = runner.invoke(
         app,
         [
-            "chain", "deploy", "--rpc", anvil.url, "--key", deployer.key.to_0x_hex(),
+            "chain", "deploy", "--rpc", anvil.url, "--key-file", key_file(deployer),
             "--operator", operator.address, "--out", str(out), "--json",
         ],
     )  # fmt: skip
@@ -49,15 +50,18 @@ def test_deploy_writes_a_loadable_deployment(
     "args, message",
     [
         (["--rpc", "ftp://x"], "not an http(s) JSON-RPC URL"),
-        (["--key", "0x1234"], "a private key is 32 bytes of hex"),
-        (["--key", "zz" * 32], "not a usable private key"),
+        (["--key-file", "0x1234"], "a private key is 32 bytes of hex"),
+        (["--key-file", "zz" * 32], "not a usable private key"),
+        (["--key", "0x" + "11" * 32], "No such option: --key"),
         (["--operator", "0xnope"], "not an Ethereum address"),
         (["--challenger-bps", "10001"], "less than or equal to 10000"),
         (["--min-stake", "-1"], "greater than or equal to 0"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
-    key = ["--key", "0x" + "11" * 32] if "--key" not in args else []
+    if "--key-file" in args:  # what the key file holds
+        args = ["--key-file", key_file(args[1]), *args[2:]]
+    key = ["--key-file", key_file("0x" + "11" * 32)] if "--key-file" not in args else []
     result = runner.invoke(app, ["chain", "deploy", *key, *args])
     assert result.exit_code == 2
     flowing = " ".join(result.output.replace("│", " ").split())  # undo Rich's panel wrapping
@@ -72,13 +76,16 @@ def test_missing_key_fails_with_a_code() -> None:
 
 def test_unreachable_chain_fails_with_a_code() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    result = runner.invoke(app, ["chain", "deploy", "--rpc", url, "--key", "0x" + "11" * 32, "--json"])
+    result = runner.invoke(
+        app, ["chain", "deploy", "--rpc", url, "--key-file", key_file("0x" + "11" * 32), "--json"]
+    )
     assert result.exit_code == 1
     assert json.loads(result.stdout)["error"]["code"] == "chain_unavailable"
 
 
 def test_unfunded_deployer_fails_with_a_code(anvil: Anvil) -> None:
-    result = runner.invoke(app, ["chain", "deploy", "--rpc", anvil.url, "--key", "0x" + "22" * 32, "--json"])
+    unfunded = key_file("0x" + "22" * 32)
+    result = runner.invoke(app, ["chain", "deploy", "--rpc", anvil.url, "--key-file", unfunded, "--json"])
     assert result.exit_code == 1
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "transaction_rejected"

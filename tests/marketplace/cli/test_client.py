@@ -26,6 +26,7 @@ from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, decode_header
 from settlement.contracts import Redemption
 from settlement.db.schema import Channel
 from settlement.deploy import ONE_TOKEN
+from tests.marketplace.cli.keyfile import key_file
 from tests.marketplace.harness import (
     WITHDRAW_DELAY_S,
     GatewayServer,
@@ -74,7 +75,7 @@ def payer(market: Market) -> LocalAccount:
 
 
 def strata(*args: str, key: LocalAccount | None = None) -> Result:
-    extra = ["--key", key.key.to_0x_hex()] if key is not None else []
+    extra = ["--key-file", key_file(key)] if key is not None else []
     return runner.invoke(app, ["client", *args, *extra])
 
 
@@ -235,12 +236,16 @@ def test_unreachable_gateway_fails_with_a_code(
             "'--max-tokens': Input should be greater than or equal to 1",
         ),
         (["ask", "hi"], "Missing option '--model'"),
-        (["deposit", "1", "--key", "0x1234"], "a private key is 32 bytes of hex"),
-        (["deposit", "1", "--key", "zz" * 32], "not a usable private key"),
-        (["balance", "--key", "0x" + "00" * 32], "not a usable private key"),
+        (["deposit", "1", "--key-file", "0x1234"], "a private key is 32 bytes of hex"),
+        (["deposit", "1", "--key-file", "zz" * 32], "not a usable private key"),
+        (["balance", "--key-file", "0x" + "00" * 32], "not a usable private key"),
+        (["balance", "--key", "0x" + "11" * 32], "No such option: --key"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    if "--key-file" in args:  # what the key file holds
+        at = args.index("--key-file") + 1
+        args = [*args[:at], key_file(args[at]), *args[at + 1 :]]
     result = runner.invoke(app, ["client", *args])
     assert result.exit_code == 2, result.output
     assert message in flowing(result.output)

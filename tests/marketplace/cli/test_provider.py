@@ -31,6 +31,7 @@ from settlement.db.engine import blocking_sessions, create_blocking_engine
 from settlement.deploy import ONE_TOKEN, Contracts
 from settlement.epochs import EpochCloser
 from tests.conftest import MIN_STAKE, UNBONDING_PERIOD_S, Actors, advance_time
+from tests.marketplace.cli.keyfile import key_file
 from tests.marketplace.harness import (
     GatewayServer,
     Market,
@@ -63,7 +64,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def strata(*args: str, key: LocalAccount | None = None) -> Result:
-    extra = ["--key", key.key.to_0x_hex()] if key is not None else []
+    extra = ["--key-file", key_file(key)] if key is not None else []
     return runner.invoke(app, ["provider", *args, *extra])
 
 
@@ -304,9 +305,10 @@ ROOT = "0x" + "ab" * 32
         (["unstake", "1.0000001"], "at most 6 decimals"),
         (["status", "0x1234"], "'0x1234' is not an Ethereum address"),
         (["claim", "--for", "nobody"], "'nobody' is not an Ethereum address"),
-        (["stake", "1", "--key", "0x1234"], "a private key is 32 bytes of hex"),
-        (["withdraw", "--key", "zz" * 32], "not a usable private key"),
-        (["status", "--key", "0x" + "00" * 32], "not a usable private key"),
+        (["stake", "1", "--key-file", "0x1234"], "a private key is 32 bytes of hex"),
+        (["withdraw", "--key-file", "zz" * 32], "not a usable private key"),
+        (["status", "--key-file", "0x" + "00" * 32], "not a usable private key"),
+        (["status", "--key", "0x" + "11" * 32], "No such option: --key"),
         (["status", ROOT[:42], "--gateway", "ftp://gateway.example"], "is not an http(s) URL"),
         (["stake", "1", "--rpc", "127.0.0.1:8545"], "is not an http(s) JSON-RPC URL"),
         (["ask", "--model-root", "0x1234", "--layers", "0:2"], "is not a model root"),
@@ -324,6 +326,9 @@ ROOT = "0x" + "ab" * 32
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    if "--key-file" in args:  # what the key file holds
+        at = args.index("--key-file") + 1
+        args = [*args[:at], key_file(args[at]), *args[at + 1 :]]
     result = strata(*args)
     assert result.exit_code == 2, result.output
     assert message in flowing(result.output)
