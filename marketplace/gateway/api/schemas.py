@@ -39,7 +39,7 @@ MAX_STOP_LENGTH = 256
 MAX_MESSAGES = (
     1024  # turns in one conversation: each renders at least one token, and contexts are a few thousand
 )
-MAX_MESSAGE_CHARS = 1 << 20  # characters of one message, one content part, or one text prompt
+MAX_MESSAGE_CHARS = 1 << 20  # characters of one message's content, or of one text prompt
 MAX_CONTENT_PARTS = 256  # text parts of one message
 MAX_PROMPT_TOKEN_IDS = 1 << 20  # a prompt given as token ids: more than any context this network serves
 MAX_TOOLS = 128
@@ -53,7 +53,7 @@ MAX_PRICE = 2**63 - 1
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str = Field(max_length=MAX_MESSAGE_CHARS)
+    text: str  # bounded with the rest of the prompt (api.routes.inference.check_prompt_chars)
 
 
 class FunctionCall(BaseModel):
@@ -74,11 +74,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # null only on an assistant turn that made tool calls.
-    content: (
-        Annotated[str, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
-        | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
-        | None
-    ) = None
+    # The bound on the union, not a constrained str: pydantic's constrained strings refuse a lone surrogate as
+    # invalid_request, which the tokenizer should refuse as unencodable_text. On a list it bounds the parts too.
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
+        default=None, max_length=MAX_MESSAGE_CHARS
+    )
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(
