@@ -6,7 +6,11 @@
                                    retried while the provider cannot be reached, within the window
     settlement.close_epoch()       Celery beat every EPOCH_S seconds, or on demand; see settlement.epochs. It
                                    also sends validate_hop again for every validation still undone that has
-                                   none on its way (queue_validation), so retries never pile up.
+                                   none on its way (queue_validation), so retries never pile up, and makes
+                                   the cooperative refunds still asked for
+    settlement.refund_channel(id)  a batch-settlement channel's cooperative refund the gateway granted
+                                   (settlement.refunds); one operator transaction at a time, under the
+                                   close_epoch lock
 
 Queues: validate_hop goes to the ``validation`` queue, the rest to Celery's default ``celery`` queue. A worker
 started without ``-Q`` consumes both; to keep the operator's and the validator's keys in separate processes,
@@ -52,6 +56,7 @@ from settlement.errors import (
     TransactionTimeout,
 )
 from settlement.ledger import meter_job as meter
+from settlement.refunds import refund_channel, refunds_asked
 
 if TYPE_CHECKING:  # the validator runs models: torch is imported by the workers that validate, when they do
     from settlement.validator import Validator
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 METER_JOB = "settlement.meter_job"
 VALIDATE_HOP = "settlement.validate_hop"
 CLOSE_EPOCH = "settlement.close_epoch"
+REFUND_CHANNEL = "settlement.refund_channel"
 SETTLEMENT_QUEUE = "celery"  # Celery's default queue: metering and epochs, with the operator's key
 VALIDATION_QUEUE = "validation"  # validate_hop, with the validator's key
 _CLOSE_LOCK = "strata:close_epoch"
@@ -256,6 +262,9 @@ def close_epoch() -> dict[str, Any]:
     try:
         closer = EpochCloser(ctx.sessions, ctx.contracts, ctx.operator_account(), sample_rate=ctx.sample_rate)
         report = closer.close().as_json()
+        # Refunds the gateway granted whose task was lost: their payers are waiting, their channels closed to use.
+        for channel_id in refunds_asked(ctx.sessions):
+            refund_channel(ctx.sessions, ctx.contracts, ctx.operator_account(), channel_id)
     finally:
         with contextlib.suppress(LockError):  # it expired: whoever holds it now resumes the same epoch
             lock.release()
@@ -266,3 +275,25 @@ def close_epoch() -> dict[str, Any]:
         for validation in unfinished(ctx.sessions):
             queue_validation(ctx.redis, validation)
     return report
+
+
+@app.task(
+    name=REFUND_CHANNEL, autoretry_for=_TRANSIENT, retry_backoff=True, retry_backoff_max=30, max_retries=10
+)
+def refund_batch_channel(channel_id: str) -> dict[str, Any] | None:
+    """Makes the cooperative refund the gateway granted on ``channel_id`` (settlement.refunds). The operator sends
+    one transaction at a time: it waits for an epoch being closed."""
+    ctx = context()
+    lock = ctx.redis.lock(_CLOSE_LOCK, timeout=15 * 60, blocking_timeout=5 * 60)
+    if not lock.acquire():
+        raise EpochBusy("close_epoch held the lock for five minutes")
+    try:
+        made = refund_channel(ctx.sessions, ctx.contracts, ctx.operator_account(), channel_id)
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+    return (
+        None
+        if made is None
+        else {"channelId": made.channel_id, "amount": str(made.amount), "tx": made.tx_hash}
+    )

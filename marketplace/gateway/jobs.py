@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -171,6 +171,7 @@ class JobRunner:
         max_resting_per_payer: int = 100,
         clock: Callable[[], float] = time.time,
         on_finished: Callable[[str], None] | None = None,
+        check_payer: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.book = book
         self.catalog = catalog
@@ -184,6 +185,7 @@ class JobRunner:
         self.reconcile_s = reconcile_s  # between passes of reconcile_payments
         self.clock = clock
         self.on_finished = on_finished  # hands the recorded job to metering
+        self.check_payer = check_payer  # raises RateLimited for a payer over its rate
         self._resting = RestingJobs(max_jobs=max_resting_jobs, max_per_payer=max_resting_per_payer)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -255,8 +257,16 @@ class JobRunner:
             )
             error.details["required"] = self.payment_required(request, quote, url)
             raise error
-        # Matching reserves the route's capacity first, so the quote paid is the quote of the route that will
-        # run; it is the one route this admission computes, and a refusal quotes it again.
+        # What costs nothing to check comes first: a payment that cannot be read, or a payer over its rate, holds
+        # no route's capacity even for a moment.
+        try:
+            payment = decode_payment(header)
+            if self.check_payer is not None:
+                await self.check_payer(payment.payer)
+        except PaymentRejected as exc:
+            raise self._requoted(exc, request, None, url) from None
+        # Matching reserves the route's capacity before payment, so the quote paid is the quote of the route that
+        # will run; it is the one route this admission computes, and a refusal quotes it again.
         started = time.perf_counter()
         route = self.book.match(request.model.root, request.model.num_layers)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
@@ -265,19 +275,24 @@ class JobRunner:
             if quote.route is None and route is not None:
                 self.book.release(route)  # a job that rests until a cheaper route appears
                 route = None
-            payment = decode_payment(header)
             return await self._admit_paid(request, payment, quote, route)
-        except PaymentRejected as exc:
-            self.metrics.payments.labels(scheme="any", outcome=exc.code).inc()
-            quoted = self._priced(request, route) if route is not None else self.quote(request)
-            exc.details["required"] = self.payment_required(
-                request, quoted, url, exc.code, batch_state=exc.details.pop("batch_state", None)
-            )
-            raise
-        except BaseException:
+        except BaseException as exc:
             if route is not None:
                 self.book.release(route)
+            if isinstance(exc, PaymentRejected):
+                raise self._requoted(exc, request, route, url) from None
             raise
+
+    def _requoted(
+        self, exc: PaymentRejected, request: Request, route: Route | None, url: str
+    ) -> PaymentRejected:
+        """A refused payment, carrying the 402's fresh quote (on ``route``, when one was matched)."""
+        self.metrics.payments.labels(scheme="any", outcome=exc.code).inc()
+        quoted = self._priced(request, route) if route is not None else self.quote(request)
+        exc.details["required"] = self.payment_required(
+            request, quoted, url, exc.code, batch_state=exc.details.pop("batch_state", None)
+        )
+        return exc
 
     async def _admit_unpaid(self, request: Request, quote: Quote) -> JobRun:
         job_id = hex0x(os.urandom(32))

@@ -28,7 +28,7 @@ from settlement.db.engine import create_engine, migrate, sessions
 from settlement.db.schema import Channel
 from settlement.deploy import Contracts, Deployment
 from settlement.errors import ConfigurationError
-from settlement.tasks import CLOSE_EPOCH, METER_JOB, make_app
+from settlement.tasks import CLOSE_EPOCH, METER_JOB, REFUND_CHANNEL, make_app
 from settlement.tickets import KeyRing, SignatureChecks
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,19 @@ class MeteringQueue:
             self.app.send_task(METER_JOB, args=[job_id], retry=False)
         except Exception as exc:  # kombu raises many kinds; close_epoch meters the job instead
             log.warning("job %s not queued for metering (close_epoch will meter it): %r", job_id, exc)
+
+    def refund(self, channel_id: str) -> None:
+        """Asks the operator's worker for the cooperative refund the gateway just granted on ``channel_id``. A
+        task lost on the way is not a refund lost: every close_epoch makes the refunds still asked for."""
+        future = asyncio.ensure_future(asyncio.to_thread(self._send_refund, channel_id))
+        self._sending.add(future)
+        future.add_done_callback(self._sending.discard)
+
+    def _send_refund(self, channel_id: str) -> None:
+        try:
+            self.app.send_task(REFUND_CHANNEL, args=[channel_id], retry=False)
+        except Exception as exc:  # as for metering: close_epoch catches up
+            log.warning("refund of %s not queued (close_epoch will make it): %r", channel_id, exc)
 
     def redeem_if_owed(self, sessions: async_sessionmaker[AsyncSession], channel_id: bytes) -> None:
         """A payer started to leave ``channel_id``: if it was charged more than was redeemed, asks for an epoch
@@ -190,11 +203,18 @@ class Gateway:
             failure_suspend_s=settings.failure_suspend_s,
             clock=time.time,
         )
+        limiter = RateLimiter.from_url(
+            settings.redis_url,
+            per_ip=Rate(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst),
+            per_payer=Rate(settings.rate_limit_payer_per_s, settings.rate_limit_payer_burst),
+            max_keys=settings.rate_limit_max_keys,
+            trusted_proxies=settings.trusted_proxies,
+        )
         runner = JobRunner(
             book=book,
             catalog=catalog,
             coordinator=coordinator,
-            gate=PaymentGate(terms, watcher, contracts, account),
+            gate=PaymentGate(terms, watcher, contracts, account, session_factory),
             terms=terms,
             sessions=session_factory,
             payments_enabled=settings.payments_enabled,
@@ -204,6 +224,7 @@ class Gateway:
             max_resting_jobs=settings.max_resting_jobs,
             max_resting_per_payer=settings.max_resting_jobs_per_payer,
             on_finished=metering.submit if metering else None,
+            check_payer=limiter.check_payer,
         )
         market = Market(
             book=book,
@@ -217,13 +238,6 @@ class Gateway:
             heartbeat_skew_s=settings.heartbeat_skew_s,
             min_retention_s=settings.min_retention_s,
             on_change=runner.wake,
-        )
-        limiter = RateLimiter.from_url(
-            settings.redis_url,
-            per_ip=Rate(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst),
-            per_payer=Rate(settings.rate_limit_payer_per_s, settings.rate_limit_payer_burst),
-            max_keys=settings.rate_limit_max_keys,
-            trusted_proxies=settings.trusted_proxies,
         )
         tokenizers = BoundedWork(settings.tokenize_threads, settings.tokenize_queue, "tokenizing")
         gateway = cls(

@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketplace.gateway.api.models import INVALID, RETRY_AFTER_HEADER, error
-from marketplace.gateway.api.routes import health, inference, jobs, market, payouts, slashes
+from marketplace.gateway.api.routes import health, inference, jobs, market, payments, payouts, slashes
 from marketplace.gateway.config import GatewaySettings
 from marketplace.gateway.errors import GatewayError, PaymentRejected, RateLimited, Unavailable
 from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, encode_header
@@ -313,6 +313,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         RateLimits
     )  # outside BodyLimits: a client over its rate is refused before its body is read
     app.add_middleware(RequestMetrics)
-    for module in (inference, jobs, market, payouts, slashes, health):
+    for module in (inference, jobs, market, payments, payouts, slashes, health):
         app.include_router(module.router)
     return app

@@ -19,8 +19,13 @@ from eth_account.signers.local import LocalAccount
 from marketplace.gateway.chainwatch import ChainEvent, ChannelView
 from marketplace.gateway.coordinator import Coordinator
 from marketplace.gateway.orderbook import BookAsk, OrderBook
-from marketplace.gateway.payments.gate import Terms
-from settlement.eip712 import Domain, protocol_domain, voucher_domain
+from marketplace.gateway.payments.gate import BatchTerms, Terms
+from settlement.contracts import (
+    BATCH_SETTLEMENT_ADDRESS,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    MIN_WITHDRAW_DELAY_S,
+)
+from settlement.eip712 import BATCH_SETTLEMENT_DOMAIN_NAME, Domain, protocol_domain, voucher_domain
 from settlement.errors import ChainUnavailable
 from settlement.tickets import KeyRing, SignatureChecks
 from worker.client import HopPlan, StepResult, blame
@@ -49,6 +54,14 @@ def terms() -> Terms:
         pay_to=Account.from_key(b"\x33" * 32).address,
         timeout_s=300,
         settle_margin_s=60,
+        batch=BatchTerms(
+            contract=BATCH_SETTLEMENT_ADDRESS,
+            domain=Domain(BATCH_SETTLEMENT_DOMAIN_NAME, "1", CHAIN_ID, BATCH_SETTLEMENT_ADDRESS),
+            collector=ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+            receiver=Account.from_key(b"\x44" * 32).address,
+            receiver_authorizer=Account.from_key(b"\x33" * 32).address,
+            withdraw_delay_s=MIN_WITHDRAW_DELAY_S,
+        ),
     )
 
 
@@ -124,6 +137,9 @@ class FakeChainReader:
         if self.down:
             raise ChainUnavailable("the endpoint does not answer")
         return self.channels.get(channel_id, ChannelView(0, 0))
+
+    def batch_channel(self, channel_id: bytes) -> ChannelView:
+        return self.channel(channel_id)
 
     def is_active(self, provider: str) -> bool:
         self.reads.append(f"stake {provider}")

@@ -13,6 +13,7 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.chainwatch import BIGINT_MAX, ChainWatcher, ChannelView
 from marketplace.gateway.errors import Conflict, InvalidRequest, PaymentRejected, Unavailable
@@ -61,8 +62,9 @@ def header(payment: VoucherPayment) -> str:
     return encode_header({"x402Version": 2, "accepted": accepted, "payload": payload})
 
 
-def gate_on(reader: FakeChainReader) -> PaymentGate:
-    return PaymentGate(terms(), ChainWatcher(reader), contracts=None, gateway=Account.from_key(b"\x42" * 32))  # type: ignore[arg-type]
+def gate_on(reader: FakeChainReader, sessions: async_sessionmaker[AsyncSession] | None = None) -> PaymentGate:
+    gateway = Account.from_key(b"\x42" * 32)
+    return PaymentGate(terms(), ChainWatcher(reader), contracts=None, gateway=gateway, sessions=sessions)  # type: ignore[arg-type]
 
 
 # -- the payment gate's voucher checks -------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Admission:
             book=self.book,
             catalog=None,  # type: ignore[arg-type]
             coordinator=coordinator(self.book, self.transport),
-            gate=gate_on(self.reader),
+            gate=gate_on(self.reader, self.sessions),
             terms=terms(),
             sessions=self.sessions,
             payments_enabled=True,
@@ -229,7 +231,7 @@ def test_no_payment_gets_a_quote_for_the_cheapest_route(database: str) -> None:
 
     asked, providers, held, rows = scenario(database, ROUTE, body)
     assert isinstance(asked, PaymentRejected) and asked.code == "payment_required"
-    (offer, _exact) = asked.details["required"]["accepts"]
+    (offer, _exact, _batch) = asked.details["required"]["accepts"]
     assert int(offer["amount"]) == (4 + 4) * 6  # (prompt + max_tokens) × six layers at one unit each
     assert [hop["provider"] for hop in offer["extra"]["route"]] == providers
     assert held == 0
@@ -277,12 +279,14 @@ def test_a_voucher_that_does_not_cover_changes_nothing_and_frees_the_route(
     assert (channel.voucher_amount if channel else 0) == (amounts[0] if len(amounts) > 1 else 0)
 
 
-def test_no_route_is_refused_before_any_payment_is_looked_at(database: str) -> None:
-    async def body(admission: Admission) -> Exception:
-        return await admission.refused(admission.request(), "not even base64")
+def test_no_route_is_refused_before_any_payment_is_secured(database: str) -> None:
+    async def body(admission: Admission) -> tuple[Exception, Any]:
+        refused = await admission.refused(admission.request(), header(voucher(10**6)))
+        return refused, await admission.rows()
 
-    refused = scenario(database, ROUTE[:2], body)  # nobody serves layers 4:6
+    refused, (jobs, channel) = scenario(database, ROUTE[:2], body)  # nobody serves layers 4:6
     assert isinstance(refused, Conflict) and refused.code == "no_route"
+    assert (jobs, channel) == ([], None)  # the voucher was read, and nothing was reserved on it
 
 
 def test_a_malformed_payment_header_is_a_bad_request(database: str) -> None:

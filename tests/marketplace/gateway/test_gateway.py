@@ -90,9 +90,9 @@ def test_unpaid_request_gets_a_quote_for_the_cheapest_route(
     assert required["resource"]["url"] == gateway.url + CHAT
     cost = (prompt_tokens(model_dir, "quote me") + 10) * PER_TOKEN
     quote = cost + -(-cost // 10)  # and the default failover margin of 10%, rounded up
-    voucher, exact = required["accepts"]
-    assert voucher["scheme"] == "voucher" and exact["scheme"] == "exact"
-    for offer in (voucher, exact):
+    voucher, exact, batch = required["accepts"]
+    assert (voucher["scheme"], exact["scheme"], batch["scheme"]) == ("voucher", "exact", "batch-settlement")
+    for offer in (voucher, exact, batch):
         assert offer["network"] == "eip155:31337"
         assert offer["asset"] == market.contracts.token.address
         assert offer["amount"] == str(quote)
@@ -641,7 +641,7 @@ def test_order_book_models_providers_and_health(
     assert operations == {
         "createChatCompletion", "createCompletion", "listModels", "retrieveModel", "createJob", "getJob",
         "postAsk", "listAsks", "getOrderBook", "postHeartbeat", "listProviders", "getProvider", "getChannel",
-        "getPayout", "listSlashes", "getSlash", "getHealth", "getMetrics",
+        "getPayout", "listSlashes", "getSlash", "getHealth", "getMetrics", "refundBatchChannel",
     }  # fmt: skip
 
 
