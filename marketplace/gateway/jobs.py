@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
@@ -43,26 +43,22 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace.gateway.catalog import Catalog, ServedModel
-from marketplace.gateway.coordinator import Coordinator, HopRecord, JobSpec, Outcome
+from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
 from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
+from marketplace.gateway.jobstore import JobStore
 from marketplace.gateway.metrics import Metrics
 from marketplace.gateway.orderbook import OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.gateway.payments.x402 import EXACT, VOUCHER, Payment, decode_payment, payment_required
 from marketplace.gateway.resting import Resting, RestingJobs
 from marketplace.gateway.text import TextStream
-from settlement.db import validations
 from settlement.db.schema import (
     Authorization,
     AuthorizationStatus,
     Channel,
-    HopStatus,
     Job,
     JobStatus,
-    Validation,
 )
-from settlement.db.schema import Hop as HopRow
-from settlement.db.schema import Receipt as ReceiptRow
 from settlement.pricing import TOKEN_LAYERS_PER_PRICE_UNIT
 from worker.sampling import TokenLogprobs
 
@@ -80,7 +76,6 @@ class Request:
     max_price: int | None = None  # the most the client will pay, base units
     ttl_s: int | None = None  # how long a job may rest in the book
     choices: int = 1  # generations of the prompt (n), each billed as computed
-    stream: bool = False  # answered as a stream, whose headers leave before its charge is known
 
     @property
     def quote_tokens(self) -> int:
@@ -184,6 +179,9 @@ class JobRunner:
         self.sweep_s = sweep_s
         self.reconcile_s = reconcile_s  # between passes of reconcile_payments
         self.clock = clock
+        self.store = JobStore(
+            sessions, chain_id=terms.chain_id, gateway=coordinator.keys.address, clock=clock
+        )
         self.on_finished = on_finished  # hands the recorded job to metering
         self.check_payer = check_payer  # raises RateLimited for a payer over its rate
         self._resting = RestingJobs(max_jobs=max_resting_jobs, max_per_payer=max_resting_per_payer)
@@ -300,10 +298,9 @@ class JobRunner:
         route = self._match(request) if quote.route is not None else None
         if route is None:
             self._resting.check_room(None, Fraction(quote.amount, request.quote_tokens))
-        async with self.sessions() as session, session.begin():
-            session.add(
-                self._job_row(job_id, request, reservation, JobStatus.RUNNING if route else JobStatus.RESTING)
-            )
+        await self.store.add(
+            self.store.row(job_id, request, reservation, JobStatus.RUNNING if route else JobStatus.RESTING)
+        )
         return self._launch(job_id, request, reservation, route)
 
     def _match(self, request: Request) -> Route:
@@ -324,35 +321,10 @@ class JobRunner:
         reservation = await self.gate.secure(
             payment,
             quote.amount,
-            lambda pending: self._job_row(job_id, request, pending, status),
-            streamed=request.stream,
+            lambda pending: self.store.row(job_id, request, pending, status),
         )
         self.metrics.payments.labels(scheme=reservation.scheme, outcome="accepted").inc()
         return self._launch(job_id, request, reservation, route)
-
-    def _job_row(self, job_id: str, request: Request, reservation: Reservation, status: str) -> Job:
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        return Job(
-            id=job_id,
-            kind=request.kind,
-            model_root=request.model.root,
-            model_name=request.model.name,
-            status=status,
-            scheme=reservation.scheme,
-            payer=reservation.payer,
-            channel_id=reservation.channel_id,
-            quote=reservation.quote,
-            charged=0,
-            max_price=request.max_price,
-            max_tokens=request.max_tokens,
-            prompt_tokens=len(request.prompt),
-            completion_tokens=0,
-            failovers=0,
-            request=request.stored(),
-            created_at=now,
-            started_at=now if status == JobStatus.RUNNING else None,
-            expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
-        )
 
     def _launch(self, job_id: str, request: Request, reservation: Reservation, route: Route | None) -> JobRun:
         run = JobRun(job_id, request, reservation, listen=request.kind != "job")
@@ -444,53 +416,15 @@ class JobRunner:
         charged: int,
         finishes: tuple[str | None, ...] = (),
     ) -> None:
-        for attempt in range(1, 4):
-            try:
-                async with self.sessions() as session, session.begin():
-                    job = await session.get(Job, run.job_id)
-                    assert job is not None
-                    job.status = status
-                    job.finish_reason = finish
-                    job.output = text
-                    job.completion_tokens = len(outcome.tokens)
-                    job.charged = charged
-                    job.failovers = outcome.failovers
-                    job.error_code = outcome.error_code
-                    job.error_message = outcome.error_message
-                    job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
-                    for hop in outcome.hops:
-                        row = HopRow(
-                            job_id=run.job_id,
-                            attempt=hop.attempt,
-                            position=hop.position,
-                            ask_id=hop.ask.id,
-                            provider=hop.ask.provider,
-                            endpoint=hop.ask.endpoint,
-                            layer_start=hop.ask.start,
-                            layer_end=hop.ask.end,
-                            price_per_million=hop.ask.price_per_million,
-                            tokens=hop.tokens,
-                            transcript_root=hex0x(hop.transcript_root),
-                            transcript=[step.to_row() for step in hop.steps],
-                            status=hop.status,
-                            session=hop.session.hex(),
-                            sampling=hop.sampling,
-                        )
-                        session.add(row)
-                        if hop.receipt is not None:
-                            await session.flush()
-                            session.add(_receipt_row(run.job_id, row.id, hop))
-                        if hop.status == HopStatus.FALSE_RECEIPT:
-                            session.add(self._false_receipt(run.job_id, row.id, hop, job.finished_at))
-                    settled = await self.gate.settle(session, run.reservation, run.job_id, charged)
-                break
-            except Exception:
-                if attempt == 3:
-                    # The reservation stays on the job's row; recovery at the next start releases it.
-                    log.exception("job %s: its outcome could not be recorded", run.job_id)
-                    raise
-                await asyncio.sleep(0.2 * attempt)
-        assert job is not None
+        job, settled = await self.store.record(
+            run.job_id,
+            status=status,
+            finish=finish,
+            output=text,
+            outcome=outcome,
+            charged=charged,
+            settle=lambda session: self.gate.settle(session, run.reservation, run.job_id, charged),
+        )
         if self.on_finished is not None:
             self.on_finished(run.job_id)
         self.metrics.jobs.labels(status=status).inc()
@@ -575,12 +509,7 @@ class JobRunner:
                 await self._finish(run, JobStatus.FAILED, None, "", refused, 0)
                 continue
             self.book.reserve(route)
-            async with self.sessions() as session, session.begin():
-                await session.execute(
-                    update(Job)
-                    .where(Job.id == run.job_id)
-                    .values(status=JobStatus.RUNNING, started_at=datetime.fromtimestamp(now, UTC))
-                )
+            await self.store.mark_running(run.job_id, now)
             return run, route
         return None
 
@@ -594,17 +523,13 @@ class JobRunner:
         """Releases what jobs interrupted by a crash held, settles payments left unknown, and puts resting jobs
         back in the book."""
         await self.reconcile_payments()
-        async with self.sessions() as session, session.begin():
-            stale = (await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING))).all()
-            for job in stale:
-                # A running exact job's transfer landed: the job went to running with its authorization settled.
-                reservation = Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id)
-                job.status, job.error_code = JobStatus.FAILED, "gateway_restarted"
-                job.error_message = "the gateway restarted while this job ran; nothing was charged"
-                job.finished_at = datetime.fromtimestamp(self.clock(), UTC)
-                await self.gate.settle(session, reservation, job.id, 0)
-            resting = (await session.scalars(select(Job).where(Job.status == JobStatus.RESTING))).all()
-        for job in resting:
+        # A running exact job's transfer landed: the job went to running with its authorization settled.
+        await self.store.fail_interrupted(
+            lambda session, job: self.gate.settle(
+                session, Reservation(job.scheme, job.payer, job.quote, channel_id=job.channel_id), job.id, 0
+            )
+        )
+        for job in await self.store.resting():
             model = self.catalog.by_root(job.model_root)
             if model is None:
                 continue
@@ -680,64 +605,13 @@ class JobRunner:
             reservation = Reservation(EXACT, job.payer, job.quote) if paid_by else Reservation(NONE, None, 0)
             await self.gate.settle(session, reservation, job.id, 0)
 
-    def _false_receipt(self, job_id: str, hop_id: int, hop: HopRecord, now: datetime) -> Validation:
-        """The evidence of a false receipt: the receipt as signed, beside the gateway's record of the hop."""
-        assert hop.receipt is not None and hop.refusal is not None
-        document = {
-            "kind": validations.FALSE_RECEIPT_EVIDENCE_KIND,
-            "chainId": self.terms.chain_id,
-            "gateway": self.coordinator.keys.address,
-            "job": job_id,
-            "receipt": hop.receipt.to_json(),
-            "recorded": {
-                "provider": hop.ask.provider,
-                "layers": [hop.ask.start, hop.ask.end],
-                "attempt": hop.attempt,
-                "position": hop.position,
-                "session": hex0x(hop.session),
-                "positions": hop.tokens,
-                "transcriptRoot": hex0x(hop.transcript_root),
-                "transcript": [step.to_row() for step in hop.steps],
-            },
-            "reason": hop.refusal,
-            "decidedAt": int(now.timestamp()),
-        }
-        evidence = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        return validations.false_receipt(
-            job_id=job_id,
-            hop_id=hop_id,
-            provider=hop.ask.provider,
-            evidence=evidence,
-            detail=hop.refusal,
-            now=now,
-        )
-
     # -- reading -------------------------------------------------------------------------------------------
 
     async def job(self, job_id: str) -> Job | None:
-        async with self.sessions() as session:
-            return await session.get(Job, job_id)
+        return await self.store.get(job_id)
 
     async def channel(self, channel_id: str) -> Channel | None:
-        async with self.sessions() as session:
-            return await session.get(Channel, channel_id)
-
-
-def _receipt_row(job_id: str, hop_id: int, hop: HopRecord) -> ReceiptRow:
-    receipt = hop.receipt
-    assert receipt is not None
-    return ReceiptRow(
-        hop_id=hop_id,
-        job_id=job_id,
-        provider=receipt.provider,
-        tokens=min(receipt.positions, 2**63 - 1),
-        transcript_root=hex0x(receipt.transcript_root),
-        gateway=receipt.gateway,
-        sampling_hash=hex0x(receipt.sampling_hash),
-        signature=hex0x(receipt.signature),
-        verified=hop.verified,
-        amount=hop.amount,
-    )
+        return await self.store.channel(channel_id)
 
 
 __all__ = ["GatewayError", "JobRun", "JobRunner", "Quote", "Request", "Unrecorded"]

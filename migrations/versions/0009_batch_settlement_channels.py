@@ -21,7 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("scheme", sa.String(16), nullable=False, server_default="voucher"))
         # A batch-settlement channel's id is a hash of its ChannelConfig: the config is kept to claim with.
         batch_op.add_column(sa.Column("config", sa.JSON(), nullable=True))
-        # What the payer was told it was charged, cumulative; VoucherEscrow channels keep it equal to charged.
+        # What the payer's vouchers authorized, request by request; VoucherEscrow channels keep it equal to charged.
         batch_op.add_column(sa.Column("acknowledged", sa.BigInteger(), nullable=False, server_default="0"))
         # A cooperative refund asked for and not yet made (its amount, 0 for all that is not charged), and the
         # last one's transaction.

@@ -4,7 +4,8 @@ A row is the marketplace's side of one VoucherEscrow channel. Its figures are cu
 
     voucher_amount   the newest voucher accepted; it only rises
     reserved         quotes of the payer's requests in flight
-    acknowledged     what the payer was told it was charged (x402 batch-settlement signs against it)
+    acknowledged     what the payer's vouchers authorized, request by request (x402 batch-settlement signs
+                     against it)
     charged          what finished requests cost; what settlement may redeem
     claimed          what settlement redeemed on chain; it only rises, and never passes charged
 
@@ -49,9 +50,12 @@ RESERVE = (
 )
 
 # x402's batch-settlement: one request at a time per channel (nothing reserved), and the voucher must be exactly
-# what the payer was told it was charged plus this quote, as the scheme's client signs it. A voucher may be
-# lower than the last (a request charged less than its quote): what the payer acknowledged still only rises, so
-# an old voucher does not match again once anything was acknowledged after it. Parameters as RESERVE's.
+# what the payer acknowledged so far plus this quote, as the scheme's client signs it (its cumulative, which the
+# answers' chargedAmount builds). Each admitted request acknowledges its whole quote, whatever is metered: then
+# every voucher is above every earlier one, and one seen once (in a log, by a proxy) can never pay again. Were a
+# request acknowledged at its metered charge, a stranger holding an old voucher could size a request whose quote
+# makes it match. Only what is metered is ever claimed; the rest stays in the payer's channel. Parameters as
+# RESERVE's.
 RESERVE_ONE = (
     update(Channel)
     .where(
@@ -86,8 +90,8 @@ REQUEST_REFUND = (
 )
 
 # Parameters: channel, quote (what was reserved), charged (what the request cost), acknowledged (what the payer
-# is told it cost: the charge, or a stream's quote), now. Returns the channel's cumulative charge and
-# acknowledgement.
+# adds to its cumulative: the charge, or a batch-settlement request's whole quote), now. Returns the channel's
+# cumulative charge.
 SETTLE = (
     update(Channel)
     .where(Channel.id == bindparam("channel"))
@@ -97,7 +101,7 @@ SETTLE = (
         acknowledged=Channel.acknowledged + bindparam("acknowledged"),
         updated_at=bindparam("now"),
     )
-    .returning(Channel.charged, Channel.acknowledged)
+    .returning(Channel.charged)
 )
 
 

@@ -221,9 +221,9 @@ class Channel(Base):
     voucher_signature: Mapped[str | None] = mapped_column(SIGNATURE)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)  # cumulative, what settlement may claim
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # quotes of requests in flight
-    # Cumulative, what the payer was told it was charged: a batch-settlement payer signs its next voucher for this
-    # plus the next quote. A stream is acknowledged at its quote (its headers leave before its charge is known),
-    # so this may run above charged; VoucherEscrow channels keep the two equal.
+    # Cumulative, what the payer's vouchers authorized request by request (each batch-settlement request's whole
+    # quote): such a payer signs its next voucher for this plus the next quote. It runs above charged by what was
+    # quoted and not metered; VoucherEscrow channels keep the two equal.
     acknowledged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # A batch-settlement payer's cooperative refund, asked for and not yet made: its amount (0: everything not
     # charged). No request is admitted on the channel meanwhile. The operator makes it (settlement.refunds).

@@ -287,7 +287,9 @@ class Refunded(BaseModel):
     """A batch-settlement channel's cooperative refund, made."""
 
     channelId: str = Field(pattern=HASH_PATTERN)
-    transaction: str | None = Field(description="the refund's transaction; null when nothing was left to refund")
+    transaction: str | None = Field(
+        description="the refund's transaction; null when nothing was left to refund"
+    )
     balance: Amount = Field(description="what the channel holds now: what was charged and not yet claimed")
 
 

@@ -48,7 +48,7 @@ def payment_document(
         if settled is not None:
             extra["cumulativeCharged"] = str(settled.channel_charged)
     if reservation.scheme == BATCH:
-        extra.update(_batch_extra(reservation, settled))
+        extra.update(_batch_extra(reservation))
     document: dict[str, Any] = {
         "success": True,
         "transaction": reservation.tx_hash or "",
@@ -60,23 +60,15 @@ def payment_document(
     return {**document, "extra": extra}
 
 
-def _batch_extra(reservation: Reservation, settled: Settled | None) -> dict[str, Any]:
-    """What x402's batch-settlement client reads: ``chargedAmount`` (this request's charge, which it adds to its
-    cumulative) and ``channelState.chargedCumulativeAmount`` (the total it should now hold). A stream's headers
-    leave before its charge is known: they acknowledge the quote, and the channel records that acknowledgement
-    (settlement.db.channels), so the payer's next voucher and the gateway agree; what was metered is in
-    ``charged``, and only that is ever claimed."""
+def _batch_extra(reservation: Reservation) -> dict[str, Any]:
+    """What x402's batch-settlement client reads: ``chargedAmount``, which it adds to its cumulative, and
+    ``channelState.chargedCumulativeAmount``, the total it should now hold. Both count this request's whole quote,
+    as the channel does (settlement.db.channels.RESERVE_ONE says why): a stream's headers, sent before anything is
+    metered, then say what its end does. What was metered is ``charged``, and only that is ever claimed."""
     assert reservation.acknowledged is not None
-    if settled is not None and settled.channel_acknowledged is not None:
-        acknowledged, cumulative = (
-            settled.channel_acknowledged - reservation.acknowledged,
-            settled.channel_acknowledged,
-        )
-    else:  # a stream's headers, or its final chunk, which must say what its headers said
-        acknowledged = reservation.quote
-        cumulative = reservation.acknowledged + reservation.quote
+    cumulative = reservation.acknowledged + reservation.quote
     state = {**(reservation.chain_state or {}), "chargedCumulativeAmount": str(cumulative)}
-    return {"chargedAmount": str(acknowledged), "channelState": state}
+    return {"chargedAmount": str(reservation.quote), "channelState": state}
 
 
 def _payment_headers(document: dict[str, Any] | None) -> dict[str, str]:

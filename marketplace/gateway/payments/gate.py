@@ -243,16 +243,16 @@ class Reservation:
     channel_id: str | None = None
     voucher_amount: int | None = None
     tx_hash: str | None = None  # the exact transfer, or the batch deposit this payment carried
-    # batch-settlement: what the payer was told it was charged before this request (the voucher less the quote),
-    # whether the answer streams (a stream is acknowledged at its quote), and the channel's on-chain state.
+    # batch-settlement: what the payer's vouchers authorized before this request (this voucher less the quote),
+    # and the channel's on-chain state.
     acknowledged: int | None = None
-    streamed: bool = False
     chain_state: dict[str, Any] | None = None
 
     @property
     def acknowledges(self) -> int | None:
-        """What a stream's headers tell a batch-settlement payer it is charged: its quote (see Channel)."""
-        return self.quote if self.scheme == BATCH and self.streamed else None
+        """What a batch-settlement payer adds to its cumulative for this request: its whole quote, whatever is
+        metered (see settlement.db.channels.RESERVE_ONE for why)."""
+        return self.quote if self.scheme == BATCH else None
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,6 @@ class Settled:
     charged: int
     refund: int
     channel_charged: int | None  # the channel's cumulative charge after this job
-    channel_acknowledged: int | None = None  # what its payer was told, cumulative (batch-settlement)
 
 
 def _refuse_batch(row: Channel, payment: BatchPayment, quote: int, view: ChannelView) -> NoReturn:
@@ -312,9 +311,7 @@ class PaymentGate:
         self.sessions = sessions
         self.paying: set[str] = set()  # jobs whose exact transfer this process is sending
 
-    async def secure(
-        self, payment: Payment, quote: int, job: JobRow, *, streamed: bool = False
-    ) -> Reservation:
+    async def secure(self, payment: Payment, quote: int, job: JobRow) -> Reservation:
         """Secures ``quote`` for the job ``job`` builds (given the pending reservation), with whatever scheme
         ``payment`` is in, and writes the job's row with it; raises PaymentRejected or Unavailable, having
         written nothing that holds money."""
@@ -322,15 +319,13 @@ class PaymentGate:
         if isinstance(payment, ExactPayment):
             return await self._secure_exact(payment, quote, job)
         if isinstance(payment, BatchPayment):
-            return await self._secure_batch(payment, quote, job, streamed=streamed)
+            return await self._secure_batch(payment, quote, job)
         await self.check_voucher(payment)
         pending = Reservation(VOUCHER, payment.payer, quote, channel_id=hex0x(payment.channel_id))
         async with self.sessions() as session, session.begin():
             return await self.reserve_voucher(session, payment, quote, job(pending))
 
-    async def _secure_batch(
-        self, payment: BatchPayment, quote: int, job: JobRow, *, streamed: bool
-    ) -> Reservation:
+    async def _secure_batch(self, payment: BatchPayment, quote: int, job: JobRow) -> Reservation:
         assert self.sessions is not None
         if payment.kind == "refund":
             raise PaymentRejected(
@@ -357,7 +352,7 @@ class PaymentGate:
         pending = Reservation(BATCH, payment.payer, quote, channel_id=hex0x(payment.channel_id))
         async with self.sessions() as session, session.begin():
             reservation = await self.reserve_batch(session, payment, quote, job(pending), view)
-        return replace(reservation, tx_hash=tx_hash, streamed=streamed)
+        return replace(reservation, tx_hash=tx_hash)
 
     async def _precheck_batch(self, payment: BatchPayment, quote: int) -> None:
         """Before a deposit is sent for it: a voucher the channel's row already refuses is refused now (with the
@@ -831,5 +826,4 @@ class PaymentGate:
                 "now": utcnow(),
             },
         )
-        channel_charged, channel_acknowledged = result.one()
-        return Settled(reservation, charged, refund, int(channel_charged), int(channel_acknowledged))
+        return Settled(reservation, charged, refund, int(result.scalar_one()))

@@ -19,16 +19,22 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
-from x402 import x402Client
+from x402 import x402Client, x402ClientSync
+from x402.http import x402HTTPClientSync
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme
 from x402.mechanisms.evm.batch_settlement.constants import BATCH_SETTLEMENT_ADDRESS
 from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
-from marketplace.gateway.payments.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, decode_header, encode_header
+from marketplace.gateway.payments.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    decode_header,
+    encode_header,
+)
 from settlement.db.engine import blocking_sessions, create_blocking_engine
 from settlement.db.schema import Channel, Charge, Job
-from settlement.deploy import ONE_TOKEN
 from settlement.epochs import EpochCloser
 from settlement.refunds import refund_channel, refunds_asked
 from settlement.report import ledger_and_chain
@@ -44,6 +50,7 @@ from tests.marketplace.harness import (
     post,
     requirement,
     rows,
+    settled,
     start_market,
 )
 
@@ -88,7 +95,9 @@ def x402_payer(market: Market, account: LocalAccount) -> tuple[x402Client, Batch
     scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(account, market.anvil.url))
     payer = x402Client()
     payer.register(NETWORK, scheme)
-    payer.set_spend_controls({"allowed_assets": [{"network": NETWORK, "asset": market.contracts.token.address}]})
+    payer.set_spend_controls(
+        {"allowed_assets": [{"network": NETWORK, "asset": market.contracts.token.address}]}
+    )
     return payer, scheme
 
 
@@ -137,20 +146,25 @@ def test_fifty_requests_on_one_channel_then_an_epoch_pays_the_providers_and_the_
     assert [status for status, _, _ in answers] == [200] * 50, [text for _, _, text in answers][:3]
     first = answers[0][1]
     channel_id = first["extra"]["channelId"]
-    assert first["extra"]["scheme"] == "batch-settlement" and first["transaction"].startswith("0x")  # the deposit
+    assert first["extra"]["scheme"] == "batch-settlement" and first["transaction"].startswith(
+        "0x"
+    )  # the deposit
 
-    # Each whole answer told the client its metered charge; each stream, its quote (its headers left first).
+    # Each answer added its whole quote to the client's cumulative (a stream's headers, before anything was
+    # metered, as its end does); what was metered, at most that, is what is charged.
     charged = told = 0
     for index, (_, payment, text) in enumerate(answers):
         extra = payment["extra"]
         if index % 2 == 1:
-            assert extra["status"] == "reserved" and extra["chargedAmount"] == extra["quote"]
+            assert extra["status"] == "reserved"
             settled = final_payment(text)["extra"]
-            assert settled["chargedAmount"] == extra["chargedAmount"]  # the last chunk says what the headers did
-            charged += int(settled["charged"])
+            assert (
+                settled["chargedAmount"] == extra["chargedAmount"]
+            )  # the last chunk says what the headers did
         else:
-            assert extra["chargedAmount"] == extra["charged"]
-            charged += int(extra["charged"])
+            settled = extra
+        assert extra["chargedAmount"] == extra["quote"] and int(settled["charged"]) <= int(extra["quote"])
+        charged += int(settled["charged"])
         told += int(extra["chargedAmount"])
         assert extra["channelState"]["chargedCumulativeAmount"] == str(told)
     row = channel_row(own.gateway, channel_id)
@@ -289,7 +303,9 @@ def test_concurrent_requests_on_one_channel_are_refused_busy_and_never_overspend
     assert len(jobs) == 1 + len(served)
 
 
-def test_a_client_that_lost_its_record_is_corrected_by_a_402_and_pays_on(gateway: GatewayServer, market: Market) -> None:
+def test_a_client_that_lost_its_record_is_corrected_by_a_402_and_pays_on(
+    gateway: GatewayServer, market: Market
+) -> None:
     client = market.clients[2]
     body = chat_body("remember me", max_tokens=4)
 
@@ -312,6 +328,46 @@ def test_a_client_that_lost_its_record_is_corrected_by_a_402_and_pays_on(gateway
     assert deposits(bytes.fromhex(channel_id[2:])).balance >= row.charged
 
 
+def test_a_voucher_seen_once_never_pays_again(gateway: GatewayServer, market: Market) -> None:
+    """Every admitted request adds its whole quote to what the channel acknowledged, so each voucher is above all
+    before it: one copied from a log or a proxy cannot pay for anyone's request, whatever its size."""
+    payer = x402ClientSync()
+    payer.register(
+        NETWORK, BatchSettlementEvmScheme(EthAccountSignerWithRPC(market.clients[0], market.anvil.url))
+    )
+    payer.set_spend_controls(
+        {"allowed_assets": [{"network": NETWORK, "asset": market.contracts.token.address}]}
+    )
+    http = x402HTTPClientSync(payer)
+    body = chat_body("a request worth copying", max_tokens=12)
+    required = http.get_payment_required_response(post(gateway.url, CHAT, body).headers.get, None)
+    seen = []
+    for _ in range(2):
+        payload = payer.create_payment_payload(required)
+        header = http.encode_payment_signature_header(payload)[PAYMENT_SIGNATURE]
+        answer = post(gateway.url, CHAT, body, header)
+        assert answer.status_code == 200, answer.text
+        http.process_payment_result(payload, answer.headers.get, answer.status_code)
+        seen.append((header, answer))
+    channel_id = settled(seen[0][1])["extra"]["channelId"]
+    before = channel_row(gateway, channel_id)
+    for header, answer in seen:
+        quote = int(settled(answer)["extra"]["quote"])
+        for max_tokens in (12, 2, 1):  # the same request, and smaller ones a stranger could size
+            replay = post(
+                gateway.url, CHAT, chat_body("a request worth copying", max_tokens=max_tokens), header
+            )
+            assert replay.status_code == 402, replay.text
+            assert replay.json()["error"]["code"] == MISMATCH, replay.text
+        assert quote > 0
+    after = channel_row(gateway, channel_id)
+    assert (after.acknowledged, after.charged, after.voucher_amount) == (
+        before.acknowledged,
+        before.charged,
+        before.voucher_amount,
+    )
+
+
 def test_batch_payments_not_for_this_gateway_are_refused_and_change_nothing(
     gateway: GatewayServer, market: Market
 ) -> None:
@@ -329,9 +385,12 @@ def test_batch_payments_not_for_this_gateway_are_refused_and_change_nothing(
 
     def voucher_payload(**extra_overrides: Any) -> dict[str, Any]:
         accepted = {**offer, "extra": {**offer["extra"], **extra_overrides}}
-        payload: dict[str, Any] = scheme._create_voucher_payload(  # a voucher-only payment, as its client signs one
-            _channel(scheme, accepted), offer["amount"], NETWORK, scheme.build_channel_config(
-                PaymentRequirements.model_validate(accepted)
+        payload: dict[str, Any] = (
+            scheme._create_voucher_payload(  # a voucher-only payment, as its client signs one
+                _channel(scheme, accepted),
+                offer["amount"],
+                NETWORK,
+                scheme.build_channel_config(PaymentRequirements.model_validate(accepted)),
             )
         )
         return payload
@@ -354,11 +413,13 @@ def test_batch_payments_not_for_this_gateway_are_refused_and_change_nothing(
         row.acknowledged == 0 for row in rows(gateway, select(Channel).where(Channel.payer == client.address))
     )
     assert rows(gateway, select(Job.id).where(Job.payer == client.address)) == []
-    assert BATCH_SETTLEMENT_ADDRESS == market.contracts.batch.address
+    assert market.contracts.batch.address == BATCH_SETTLEMENT_ADDRESS
 
 
 def _channel(scheme: BatchSettlementEvmScheme, accepted: dict[str, Any]) -> str:
     from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
     from x402.schemas import PaymentRequirements
 
-    return compute_channel_id(scheme.build_channel_config(PaymentRequirements.model_validate(accepted)), NETWORK)
+    return compute_channel_id(
+        scheme.build_channel_config(PaymentRequirements.model_validate(accepted)), NETWORK
+    )

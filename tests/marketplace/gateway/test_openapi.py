@@ -54,6 +54,11 @@ include-operation-id = ["createChatCompletion", "createCompletion", "createJob"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "402", "403", "404", "409", "429", "5xx"]
 
 [[operations]]
+include-operation-id = "refundBatchChannel"
+# 402: without a refund payload the answer is the batch-settlement requirement to sign one against, as documented.
+checks.positive_data_acceptance.expected-statuses = ["2xx", "402", "429", "5xx"]
+
+[[operations]]
 include-operation-id = "postAsk"
 # 400: an ask judged against the clock, the model and the validation window (bad_expiry, bad_span, ...), which no
 # schema can state; openapi_checks fails any other 400 of a valid request.

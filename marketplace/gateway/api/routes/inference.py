@@ -128,15 +128,7 @@ async def build_request(
             message = f"the schema cannot be followed: {problem}"[:500]
             raise InvalidRequest("invalid_schema", message, param=body.grammar_source())
     return JobRequest(
-        kind,
-        model,
-        prompt,
-        max_tokens,
-        sampling,
-        body.stops(),
-        body.max_price,
-        choices=body.choices,
-        stream=body.streaming,
+        kind, model, prompt, max_tokens, sampling, body.stops(), body.max_price, choices=body.choices
     )
 
 
