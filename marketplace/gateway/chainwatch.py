@@ -465,6 +465,8 @@ class ChainWatcher:
         for event in events:
             if event.name in _BATCH_CHANNEL_EVENTS:
                 batch_channels.add(bytes(event.args["channelId"]))
+                if event.name == BATCH_EVENT + "WithdrawInitiated":
+                    exits.add(bytes(event.args["channelId"]))
             elif event.name in _CHANNEL_EVENTS:
                 channels.add(bytes(event.args["channelId"]))
                 if event.name == "WithdrawInitiated":

@@ -355,13 +355,32 @@ class PaymentGate:
         return replace(reservation, tx_hash=tx_hash)
 
     async def _precheck_batch(self, payment: BatchPayment, quote: int) -> None:
-        """Before a deposit is sent for it: a voucher the channel's row already refuses is refused now (with the
-        corrective 402, whose state lets the client sign the right one), not after a deposit it did not need."""
+        """Before the gateway pays gas for a deposit: the voucher it comes with must be the one the channel's row
+        takes (else the corrective 402, whose state lets the client sign the right one; a new channel's first
+        voucher is the quote), and the deposit must bring the channel's balance up to it. A deposit that would
+        pay for nothing is never sent."""
         assert self.sessions is not None
+        deposit = payment.deposit
+        assert deposit is not None
         async with self.sessions() as session:
             row = await session.get(Channel, hex0x(payment.channel_id))
-        if row is not None and (row.reserved or row.acknowledged + quote != payment.amount):
+        if row is None and payment.amount != quote:
+            raise PaymentRejected(
+                CUMULATIVE_MISMATCH,
+                f"a new channel's first voucher is for this request's quote, {quote}, not {payment.amount}",
+            )
+        if row is not None and (
+            row.reserved or row.refunding is not None or row.acknowledged + quote != payment.amount
+        ):
             _refuse_batch(row, payment, quote, await self.batch_state(payment.channel_id))
+        view = await self.batch_state(payment.channel_id)
+        if view.deposit + deposit.amount < payment.amount:
+            raise PaymentRejected(
+                "insufficient_deposit",
+                f"a deposit of {deposit.amount} on a balance of {view.deposit} does not cover the voucher's "
+                f"{payment.amount}",
+                deposit=str(view.deposit),
+            )
 
     async def refund(self, payment: BatchPayment, *, ask: Callable[[str], object], wait_s: float) -> Channel:
         """A batch-settlement payer's cooperative refund: granted when nothing runs on its channel and its voucher
@@ -375,18 +394,31 @@ class PaymentGate:
                 "invalid_payment_header", "a refund is paid with a batch-settlement refund payload"
             )
         await self.check_batch(payment)
+        if payment.refund_amount is not None:
+            _check_amount(payment.refund_amount, "amount")
         channel = hex0x(payment.channel_id)
+        # A refund blocks its channel until the operator makes it, and its voucher (the channel's newest, signed
+        # deterministically) is no secret: it is granted only when there is something to give back, so a stranger
+        # replaying it can force at most one refund per deposit of the payer's, into the payer's own hands.
+        async with self.sessions() as session:
+            known = await session.get(Channel, channel)
+        if known is None or known.scheme != BATCH:
+            raise PaymentRejected(REFUND_NO_BALANCE, f"this gateway holds no channel {channel}")
+        view = await self.batch_state(payment.channel_id, fresh=True)
+        if known.refunding is None and view.deposit <= max(known.charged + known.reserved, view.claimed):
+            raise PaymentRejected(REFUND_NO_BALANCE, f"channel {channel} holds nothing that was not charged")
         values = {"channel": channel, "amount": payment.refund_amount or 0, "voucher": payment.amount,
                   "now": utcnow()}  # fmt: skip
         async with self.sessions() as session, session.begin():
             granted = await session.execute(channels.REQUEST_REFUND, values)
             row = await session.get(Channel, channel)
         if granted.rowcount != 1:  # type: ignore[attr-defined]
-            if row is None or row.scheme != BATCH:
-                raise PaymentRejected(REFUND_NO_BALANCE, f"this gateway holds no channel {channel}")
+            assert row is not None
             if row.refunding is None:
-                _refuse_batch(row, payment, 0, await self.batch_state(payment.channel_id))
-        ask(channel)
+                _refuse_batch(row, payment, 0, view)
+            # Asked already: waited for again, without asking the operator twice.
+        else:
+            ask(channel)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)

@@ -52,6 +52,7 @@ BATCH_KINDS = ("deposit", "voucher", "refund")
 CHANNEL_BUSY = "invalid_batch_settlement_evm_channel_busy"
 CUMULATIVE_MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 REFUND_NO_BALANCE = "invalid_batch_settlement_evm_refund_no_balance"
+REFUND_AMOUNT_INVALID = "invalid_batch_settlement_evm_refund_amount_invalid"
 
 MAX_HEADER_BYTES = 8 * 1024  # a payment is a few hundred bytes; anything far larger is not one
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,77}")
@@ -180,14 +181,18 @@ Payment = VoucherPayment | ExactPayment | BatchPayment
 
 
 def _uint256(data: dict[str, Any], name: str, where: str) -> int:
-    """A decimal string or integer, or a 0x hex string of at most 32 bytes (x402 writes salts as hex)."""
+    """A decimal string or integer below 2^256, or a 0x hex string of at most 32 bytes (x402 writes salts as
+    hex): what the contracts take as a uint256."""
     value = data.get(name)
     if isinstance(value, str) and value.startswith("0x") and 2 < len(value) <= 66:
         try:
             return int(value, 16)
         except ValueError as exc:
             raise _malformed(f"{where}.{name} is not hex") from exc
-    return _amount(data, name, where)
+    number = _amount(data, name, where)
+    if number >= 2**256:
+        raise _malformed(f"{where}.{name} must be below 2^256")
+    return number
 
 
 def _batch_payment(network: str, asset: str, payload: dict[str, Any]) -> BatchPayment:
@@ -210,14 +215,16 @@ def _batch_payment(network: str, asset: str, payload: dict[str, Any]) -> BatchPa
         where = "payload.deposit.authorization.erc3009Authorization"
         deposit = DepositAuthorization(
             amount=_amount(fields, "amount", "payload.deposit"),
-            valid_after=_amount(erc3009, "validAfter", where),
-            valid_before=_amount(erc3009, "validBefore", where),
+            valid_after=_uint256(erc3009, "validAfter", where),
+            valid_before=_uint256(erc3009, "validBefore", where),
             salt=_uint256(erc3009, "salt", where).to_bytes(32, "big"),
             signature=_hex(erc3009, "signature", where, 65),
         )
     refund_amount = None
     if kind == "refund" and payload.get("amount") is not None:
         refund_amount = _amount(payload, "amount", "payload")
+        if refund_amount == 0:  # x402's client leaves the amount out for a whole refund
+            raise PaymentRejected(REFUND_AMOUNT_INVALID, "a refund's amount, when given, is above zero")
     return BatchPayment(
         network,
         asset,

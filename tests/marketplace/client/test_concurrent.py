@@ -4,6 +4,7 @@ order they were signed, so none is refused."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -31,9 +32,11 @@ on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 @on_sqlite
 def test_fifty_concurrent_requests_on_one_wallet_are_all_served(
-    gateway: GatewayServer, market: Market, providers: dict[str, ProviderProcess]
+    start_gateway: Callable[..., GatewayServer], market: Market, providers: dict[str, ProviderProcess]
 ) -> None:
-    # Room in the book for every request at once (each provider process takes 64 sessions).
+    # Room for every request at once: in the tokenizers' queue, and in the book (each provider process takes 64
+    # sessions).
+    gateway = start_gateway(tokenize_queue=REQUESTS)
     root = gateway.gateway.catalog.get("tiny").root
     for name in ("a", "b", "c"):
         announce(gateway.url, providers[name], root, capacity=REQUESTS)

@@ -211,17 +211,17 @@ def test_fifty_requests_on_one_channel_then_an_epoch_pays_the_providers_and_the_
 
 
 @contextmanager
-def operator_worker(own: OwnMarket) -> Iterator[None]:
+def operator_worker(database_url: str, market: Market) -> Iterator[None]:
     """The operator's worker as far as refunds go: what settlement.refund_channel does when the gateway's task
     reaches it, run against the gateway's database and chain (this gateway has no broker to send the task)."""
-    engine = create_blocking_engine(own.database_url)
+    engine = create_blocking_engine(database_url)
     sessions = blocking_sessions(engine)
     stop = threading.Event()
 
     def work() -> None:
         while not stop.wait(0.1):
             for channel_id in refunds_asked(sessions):
-                refund_channel(sessions, own.market.contracts, own.market.operator, channel_id)
+                refund_channel(sessions, market.contracts, market.operator, channel_id)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -251,7 +251,7 @@ def test_a_cooperative_refund_gives_back_at_once_what_was_never_charged(own: Own
     channel = bytes.fromhex(channel_id[2:])
     deposited = batch.channel(channel).balance
 
-    with operator_worker(own):
+    with operator_worker(own.database_url, market):
         made = scheme.refund(url + "/v1/batch-settlement/refund")
     assert made.success and made.transaction.startswith("0x")
     # Everything not charged went back; what was charged stays for the epoch to claim.

@@ -56,6 +56,7 @@ async def refund(request: Request, gateway: GatewayDep) -> JSONResponse:
             raise InvalidRequest(
                 "invalid_payment_header", "a refund is asked for with a batch-settlement payload"
             )
+        await gateway.limiter.check_payer(payment.payer)
         metering = gateway.metering
         row = await gateway.runner.gate.refund(
             payment, ask=metering.refund if metering else _nobody, wait_s=REFUND_WAIT_S
