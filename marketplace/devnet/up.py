@@ -131,7 +131,14 @@ def start(supervisor: Supervisor, options: Options, out: Console) -> tuple[dict[
     gateway = supervisor.spawn(
         "gateway",
         [script("strata"), "gateway", "serve", "--host", "127.0.0.1", "--port", str(options.port)],
-        env={**common_env, "GATEWAY_KEY": key_hex(devnet.accounts["gateway"]), "MODELS": models},
+        env={
+            **common_env,
+            "GATEWAY_KEY": key_hex(devnet.accounts["gateway"]),
+            "MODELS": models,
+            # Every process of the devnet reaches the gateway from 127.0.0.1: one address's bucket would let a busy
+            # client starve the providers' asks and heartbeats. Payers are still limited each (on Redis).
+            "RATE_LIMIT_IP_PER_S": os.environ.get("RATE_LIMIT_IP_PER_S", "0"),
+        },
         tier=TIER_GATEWAY,
     )
     # The workers need only the broker, the database and the chain: they start while the gateway does.
