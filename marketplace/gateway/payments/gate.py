@@ -329,7 +329,7 @@ class PaymentGate:
         assert self.sessions is not None
         if payment.kind == "refund":
             raise PaymentRejected(
-                "refund_elsewhere", "a refund is asked for at GET /v1/payments/batch-settlement"
+                "refund_elsewhere", "a refund is asked for at GET /v1/batch-settlement/refund"
             )
         await self.check_batch(payment)
         tx_hash = None
