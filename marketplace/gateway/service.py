@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -47,52 +48,41 @@ class MeteringQueue:
         self._sending: set[asyncio.Future[None]] = set()
 
     def submit(self, job_id: str) -> None:
-        future = asyncio.ensure_future(asyncio.to_thread(self._send, job_id))
-        self._sending.add(future)
-        future.add_done_callback(self._sending.discard)
-
-    def _send(self, job_id: str) -> None:
-        try:
-            self.app.send_task(METER_JOB, args=[job_id], retry=False)
-        except Exception as exc:  # kombu raises many kinds; close_epoch meters the job instead
-            log.warning("job %s not queued for metering (close_epoch will meter it): %r", job_id, exc)
+        # A lost one is metered by close_epoch, which meters every finished job nobody metered.
+        self._background(asyncio.to_thread(self._send, METER_JOB, [job_id], f"metering of job {job_id}"))
 
     def refund(self, channel_id: str) -> None:
         """Asks the operator's worker for the cooperative refund the gateway just granted on ``channel_id``. A
         task lost on the way is not a refund lost: every close_epoch makes the refunds still asked for."""
-        future = asyncio.ensure_future(asyncio.to_thread(self._send_refund, channel_id))
-        self._sending.add(future)
-        future.add_done_callback(self._sending.discard)
-
-    def _send_refund(self, channel_id: str) -> None:
-        try:
-            self.app.send_task(REFUND_CHANNEL, args=[channel_id], retry=False)
-        except Exception as exc:  # as for metering: close_epoch catches up
-            log.warning("refund of %s not queued (close_epoch will make it): %r", channel_id, exc)
+        self._background(
+            asyncio.to_thread(self._send, REFUND_CHANNEL, [channel_id], f"refund of {channel_id}")
+        )
 
     def redeem_if_owed(self, sessions: async_sessionmaker[AsyncSession], channel_id: bytes) -> None:
         """A payer started to leave ``channel_id``: if it was charged more than was redeemed, asks for an epoch
         now rather than at the next scheduled one. The withdraw delay covers the schedule (see
         check_job_lifetime); this only shortens how long the operator's money waits on a leaving payer."""
-        future = asyncio.ensure_future(self._redeem_if_owed(sessions, channel_id))
-        self._sending.add(future)
-        future.add_done_callback(self._sending.discard)
+        self._background(self._redeem_if_owed(sessions, channel_id))
 
     async def _redeem_if_owed(self, sessions: async_sessionmaker[AsyncSession], channel_id: bytes) -> None:
         async with sessions() as session:
             channel = await session.get(Channel, "0x" + channel_id.hex())
         if channel is not None and channel.charged > channel.claimed:
             owed = channel.charged - channel.claimed
-            await asyncio.to_thread(
-                self._close_epoch, f"channel {channel.id} is exiting with {owed} unredeemed"
-            )
+            reason = f"an early epoch (channel {channel.id} is exiting with {owed} unredeemed)"
+            await asyncio.to_thread(self._send, CLOSE_EPOCH, [], reason)
 
-    def _close_epoch(self, reason: str) -> None:
+    def _background(self, work: Awaitable[None]) -> None:
+        future = asyncio.ensure_future(work)
+        self._sending.add(future)
+        future.add_done_callback(self._sending.discard)
+
+    def _send(self, task: str, args: list[str], what: str) -> None:
         try:
-            self.app.send_task(CLOSE_EPOCH, retry=False)
-            log.info("epoch asked for early: %s", reason)
-        except Exception as exc:  # as above: the scheduled epoch comes anyway
-            log.warning("early epoch not queued (%s): %r", reason, exc)
+            self.app.send_task(task, args=args, retry=False)
+            log.debug("queued %s", what)
+        except Exception as exc:  # kombu raises many kinds; close_epoch does each of these in the end
+            log.warning("%s not queued (close_epoch will see to it): %r", what, exc)
 
     async def close(self) -> None:
         await asyncio.gather(*self._sending, return_exceptions=True)

@@ -65,8 +65,10 @@ def _batch_extra(reservation: Reservation) -> dict[str, Any]:
     ``channelState.chargedCumulativeAmount``, the total it should now hold. Both count this request's whole quote,
     as the channel does (settlement.db.channels.RESERVE_ONE says why): a stream's headers, sent before anything is
     metered, then say what its end does. What was metered is ``charged``, and only that is ever claimed."""
-    assert reservation.acknowledged is not None
-    cumulative = reservation.acknowledged + reservation.quote
+    assert reservation.voucher_amount is not None
+    cumulative = (
+        reservation.voucher_amount
+    )  # what was acknowledged before, and this quote: the voucher, exactly
     state = {**(reservation.chain_state or {}), "chargedCumulativeAmount": str(cumulative)}
     return {"chargedAmount": str(reservation.quote), "channelState": state}
 

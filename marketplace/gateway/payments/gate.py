@@ -104,8 +104,7 @@ class BatchTerms:
     """How x402's batch-settlement channels pay this gateway: into the BatchSettlement contract, claimable by the
     operator (the receiver authorizer, who also redeems VoucherEscrow), settled to the PayoutDistributor."""
 
-    contract: str
-    domain: Domain  # x402 Batch Settlement's EIP-712 domain: channel ids and vouchers
+    domain: Domain  # x402 Batch Settlement's EIP-712 domain (its contract): channel ids and vouchers
     collector: str  # the ERC-3009 deposit collector
     receiver: str
     receiver_authorizer: str
@@ -157,7 +156,6 @@ class Terms:
             timeout_s=timeout_s,
             settle_margin_s=settle_margin_s,
             batch=BatchTerms(
-                contract=contracts.batch.address,
                 domain=Domain(
                     BATCH_SETTLEMENT_DOMAIN_NAME,
                     DOMAIN_VERSION,
@@ -243,10 +241,7 @@ class Reservation:
     channel_id: str | None = None
     voucher_amount: int | None = None
     tx_hash: str | None = None  # the exact transfer, or the batch deposit this payment carried
-    # batch-settlement: what the payer's vouchers authorized before this request (this voucher less the quote),
-    # and the channel's on-chain state.
-    acknowledged: int | None = None
-    chain_state: dict[str, Any] | None = None
+    chain_state: dict[str, Any] | None = None  # batch-settlement: the channel's on-chain state
 
     @property
     def acknowledges(self) -> int | None:
@@ -518,6 +513,18 @@ class PaymentGate:
                 "wrong_asset", f"payment in {payment.asset}; this gateway takes {self.terms.token}"
             )
 
+    def _check_window(self, valid_after: int, valid_before: int, what: str) -> None:
+        """An ERC-3009 authorization's time window (an exact payment's, or a deposit's) by the wall clock, as the
+        token checks it: open now, and open long enough for the transfer to land."""
+        now = int(time.time())
+        if valid_after > now:
+            raise PaymentRejected("authorization_not_yet_valid", f"{what} is valid from {valid_after}")
+        if valid_before < now + self.terms.settle_margin_s:
+            raise PaymentRejected(
+                "authorization_expired",
+                f"{what} expires at {valid_before}: less than {self.terms.settle_margin_s} s to land",
+            )
+
     # -- vouchers ------------------------------------------------------------------------------------------
 
     async def check_voucher(self, payment: VoucherPayment) -> ChannelView:
@@ -655,16 +662,7 @@ class PaymentGate:
         if deposit.amount == 0:
             raise PaymentRejected("invalid_deposit", "a deposit must be above zero")
         _check_amount(deposit.amount, "deposit.amount")
-        now = int(time.time())
-        if deposit.valid_after > now:
-            raise PaymentRejected(
-                "authorization_not_yet_valid", f"the deposit is valid from {deposit.valid_after}"
-            )
-        if deposit.valid_before < now + self.terms.settle_margin_s:
-            raise PaymentRejected(
-                "authorization_expired",
-                f"the deposit expires at {deposit.valid_before}: less than {self.terms.settle_margin_s} s to land",
-            )
+        self._check_window(deposit.valid_after, deposit.valid_before, "the deposit")
         batch = self.contracts.batch
         call = batch.deposit_call(
             config=payment.config.to_json(),
@@ -720,7 +718,6 @@ class PaymentGate:
             quote,
             channel_id=channel,
             voucher_amount=payment.amount,
-            acknowledged=payment.amount - quote,
             chain_state=view.as_json(channel),
         )
 
@@ -739,16 +736,7 @@ class PaymentGate:
             raise PaymentRejected(
                 "amount_too_low", f"authorization for {auth.value} is below the quote of {quote}"
             )
-        now = int(time.time())
-        if auth.valid_after > now:
-            raise PaymentRejected(
-                "authorization_not_yet_valid", f"authorization is valid from {auth.valid_after}"
-            )
-        if auth.valid_before < now + self.terms.settle_margin_s:
-            raise PaymentRejected(
-                "authorization_expired",
-                f"authorization expires at {auth.valid_before}: less than {self.terms.settle_margin_s} s to settle",
-            )
+        self._check_window(auth.valid_after, auth.valid_before, "the authorization")
         try:
             signer = auth.signer(payment.signature, self.terms.token_domain)
         except ValueError as exc:

@@ -55,7 +55,6 @@ def terms() -> Terms:
         timeout_s=300,
         settle_margin_s=60,
         batch=BatchTerms(
-            contract=BATCH_SETTLEMENT_ADDRESS,
             domain=Domain(BATCH_SETTLEMENT_DOMAIN_NAME, "1", CHAIN_ID, BATCH_SETTLEMENT_ADDRESS),
             collector=ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
             receiver=Account.from_key(b"\x44" * 32).address,

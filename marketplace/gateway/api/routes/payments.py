@@ -44,7 +44,6 @@ REFUND_WAIT_S = 30.0  # how long the answer waits for the operator to make the r
 async def refund(request: Request, gateway: GatewayDep) -> JSONResponse:
     """Refunds what an x402 batch-settlement channel holds and was never charged, to its payer, now."""
     terms, url = gateway.terms, str(request.url)
-    (offer,) = [r for r in terms.accepts(0, route=[], tokens=0) if r["scheme"] == BATCH]
     header = request.headers.get(PAYMENT_SIGNATURE)
     try:
         if header is None:
@@ -67,7 +66,7 @@ async def refund(request: Request, gateway: GatewayDep) -> JSONResponse:
         exc.details["required"] = payment_required(
             url=url,
             description="refund of a batch-settlement channel",
-            accepts=[a for a in accepts if a is not offer and a["scheme"] == BATCH],
+            accepts=[offer for offer in accepts if offer["scheme"] == BATCH],
             error=exc.code,
         )
         raise
