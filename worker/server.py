@@ -70,7 +70,7 @@ from worker.messages import (
     refusal,
 )
 from worker.protocol import read_control, read_frame_body, read_frame_length, write_message
-from worker.runtime import SpanRuntime
+from worker.runtime import SpanRuntime, StepRecord
 from worker.sampling import Sampler, SamplingParams
 from worker.tls import NO_FINGERPRINT, TlsIdentity
 from worker.transcript import StepHashes, sampling_hash, transcript_root
@@ -432,9 +432,7 @@ class HopServer:
         entry = HopEntry(self.address, request.session, request.step, positions=request.positions)
         started = time.perf_counter()
         try:
-            output, record = self.runtime.step(
-                request.session, request.step, frame.tensor, input_hash=frame.sha256
-            )
+            output, record = await self._compute(request.session, request.step, frame.tensor, frame.sha256)
         except WorkerError as exc:
             failed = HopEntry(**{**entry.__dict__, "error": HopError(exc.code, str(exc))})
             return {"report": Report.signed(self.keys.hop_report, failed).to_json()}, None, None
@@ -467,6 +465,12 @@ class HopServer:
             entry = HopEntry(**{**entry.__dict__, "error": failure})
         report = Report.signed(self.keys.hop_report, entry, downstream, compute_ms)
         return {"report": report.to_json()}, logits, None
+
+    async def _compute(
+        self, session: bytes, step: int, inputs: torch.Tensor, input_hash: bytes
+    ) -> tuple[torch.Tensor, StepRecord]:
+        """Runs one session's step on the span: the one place steps reach the runtime. Raises WorkerError."""
+        return self.runtime.step(session, step, inputs, input_hash=input_hash)
 
     async def _forward(
         self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes, left_s: float
