@@ -430,13 +430,13 @@ class HopServer:
             )
 
         entry = HopEntry(self.address, request.session, request.step, positions=request.positions)
-        started = time.perf_counter()
         try:
-            output, record = await self._compute(request.session, request.step, frame.tensor, frame.sha256)
+            output, record, compute_ms = await self._compute(
+                request.session, request.step, frame.tensor, frame.sha256
+            )
         except WorkerError as exc:
             failed = HopEntry(**{**entry.__dict__, "error": HopError(exc.code, str(exc))})
             return {"report": Report.signed(self.keys.hop_report, failed).to_json()}, None, None
-        compute_ms = round((time.perf_counter() - started) * 1e3, 3)
         session.positions += request.positions
         entry = HopEntry(
             self.address,
@@ -468,9 +468,12 @@ class HopServer:
 
     async def _compute(
         self, session: bytes, step: int, inputs: torch.Tensor, input_hash: bytes
-    ) -> tuple[torch.Tensor, StepRecord]:
-        """Runs one session's step on the span: the one place steps reach the runtime. Raises WorkerError."""
-        return self.runtime.step(session, step, inputs, input_hash=input_hash)
+    ) -> tuple[torch.Tensor, StepRecord, float]:
+        """Runs one session's step on the span, the one place steps reach the runtime: its output, its record, and
+        the milliseconds of compute it took. Raises WorkerError."""
+        started = time.perf_counter()
+        output, record = self.runtime.step(session, step, inputs, input_hash=input_hash)
+        return output, record, round((time.perf_counter() - started) * 1e3, 3)
 
     async def _forward(
         self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes, left_s: float
