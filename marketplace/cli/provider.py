@@ -107,7 +107,9 @@ def serve_command(
         str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on GPU)")
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    max_sessions: Annotated[int, typer.Option(min=1)] = 64,
+    max_sessions: Annotated[
+        int, typer.Option(min=1, help="sessions the runtime keeps open at once, decoding in one batch")
+    ] = 64,
     max_cached_tokens: Annotated[
         int, typer.Option(min=1, help="KV cache positions over all sessions")
     ] = 65_536,
@@ -118,7 +120,12 @@ def serve_command(
         int | None, typer.Option(min=1, help="ask price: token base units per million token-layers")
     ] = None,
     capacity: Annotated[
-        int | None, typer.Option(min=1, help="sessions offered [default: max-sessions]")
+        int | None,
+        typer.Option(
+            min=1,
+            help="the ask's capacity: concurrent sessions batched, which gateways spread sessions by; "
+            "at most --max-sessions [default: max-sessions]",
+        ),
     ] = None,
     retention_s: Annotated[
         int,
@@ -141,6 +148,12 @@ def serve_command(
     ] = None,
 ) -> None:
     """Load a span of a model and serve it; steps are forwarded straight to the next provider on the route."""
+    if capacity is not None and capacity > max_sessions:
+        raise typer.BadParameter(
+            f"{capacity} sessions is more than the runtime admits (--max-sessions {max_sessions}): a gateway "
+            "would match sessions the node refuses",
+            param_hint="--capacity",
+        )
     # The model's stack is imported here, not at the top: every other `strata` command would wait for it.
     import torch
 
@@ -319,7 +332,14 @@ def ask_command(
     price: Annotated[
         int | None, typer.Option(min=1, help="token base units per million token-layers")
     ] = None,
-    capacity: Annotated[int, typer.Option(min=1, help="sessions offered at once")] = 64,
+    capacity: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="concurrent sessions your hop server batches, which gateways spread sessions by; "
+            "at most its --max-sessions",
+        ),
+    ] = 64,
     retention_s: Annotated[
         int, typer.Option(min=1, help="seconds your hop server keeps a session's steps (its --retention-s)")
     ] = DEFAULT_RETENTION_S,

@@ -8,8 +8,11 @@ be the provider's: the gateway connects there pinning the certificate the ask na
 fresh challenge with its staked key (``prove``). An ask naming someone else's endpoint never enters the book.
 An ask that names no certificate (plain TCP) is taken only by a gateway that allows plaintext hops.
 
-A new ask for the same provider, model and span replaces the old one and takes a new place in time priority; an
-ask with capacity 0 withdraws the span. A heartbeat is a signed timestamp within ``heartbeat_skew_s`` of the
+An ask's capacity is the number of concurrent sessions its provider batches (1..``MAX_CAPACITY``): the book
+counts the sessions this gateway started there against it and spreads sessions by load and measured step time
+(marketplace.gateway.orderbook). A new ask for the same provider, model and span replaces the old one and takes a
+new place in time priority (the sessions the old one holds release into it); an ask with capacity 0 withdraws
+the span. A heartbeat is a signed timestamp within ``heartbeat_skew_s`` of the
 gateway's clock and newer than the provider's last; a provider stays matchable for ``heartbeat_ttl_s`` after
 one.
 """

@@ -3,7 +3,9 @@ heartbeat every few seconds so the gateway keeps matching it. ``strata provider 
 
 Asks and heartbeats name the gateway they are for, so that another gateway cannot replay them; the announcer
 asks the gateway its address (``GET /health``) and posts to it only when it is one the provider trusts. An ask
-names the provider's TLS certificate by its fingerprint: whoever connects to the endpoint pins it.
+names the provider's TLS certificate by its fingerprint: whoever connects to the endpoint pins it. Its capacity
+is the number of concurrent sessions the provider batches; a gateway counts against it the sessions it started
+there, and spreads sessions by the free share and the step times it measures. Capacity 0 withdraws the ask.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Offer:
     layer_start: int
     layer_end: int
     price_per_million: int  # base units per million token-layers
-    capacity: int  # sessions at once
+    capacity: int  # concurrent sessions the provider batches (gateways spread sessions by it); 0 withdraws
     endpoint: str  # host:port the gateway and other providers reach this provider at
     tls_fingerprint: bytes  # sha256 of the certificate the endpoint presents (zero: plain TCP, development)
     retention_s: int  # how long a session's steps are kept for validators after it ends

@@ -7,6 +7,10 @@ What a provider keeps secret: its staked key (it signs receipts, asks, and its p
 its TLS key (whoever holds it can answer at the provider's endpoint in its name, until the provider posts an ask
 with a new certificate). Both stay on the provider's machine; the certificate itself is public.
 
+The ask's capacity is the number of concurrent sessions the node batches into one forward pass; gateways spread
+sessions over asks by it (marketplace.gateway.orderbook). A node never announces more than its runtime admits
+(``RuntimeLimits.max_sessions``): :class:`NodeConfig` refuses it.
+
 A gateway matches only staked providers: when the gateway refuses the node's first ask because StakeManager
 deems it inactive, :meth:`ProviderNode.start` stops the node again and raises :class:`NotStaked`.
 """
@@ -44,7 +48,7 @@ class Announcement:
 
     gateway_url: str
     price: int  # token base units per million token-layers
-    capacity: int  # sessions offered at once
+    capacity: int  # concurrent sessions the node batches; at most its runtime's max_sessions
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ class NodeConfig:
     device: torch.device | None = None  # None: CUDA when there is one, else the CPU
     dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on a GPU
     announce: Announcement | None = None  # None: the node posts no ask (`strata provider ask` may)
+
+    def __post_init__(self) -> None:
+        # The ask is the provider's signed word to gateways: it must not offer sessions its runtime refuses.
+        if self.announce is not None and not 0 < self.announce.capacity <= self.limits.max_sessions:
+            raise ValueError(
+                f"capacity {self.announce.capacity} is not within 1..{self.limits.max_sessions}, the sessions the "
+                "runtime admits at once (max_sessions)"
+            )
 
     @property
     def endpoint(self) -> str:
