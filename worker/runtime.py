@@ -6,20 +6,39 @@ normally one token. The first span takes token ids (1, seq) int64; every other s
 (1, seq, hidden). Each step's input and output are written to disk with their sha256 (the same digests the wire
 format puts in frame headers) and kept for ``retention_s`` after the session ends, so a validator can fetch
 them (:mod:`worker.retention`).
+
+Steps run in batches (:meth:`SpanRuntime.run_batch`): one forward pass over the span takes the next positions of
+every step handed to it, packed together (:mod:`worker.batching`), each session attending to its own keys and
+values. Decode steps (one position) always go in whole; a prefill goes in chunks of what is left of the pass's
+``max_batch_positions``, so a long prompt never holds up the sessions decoding beside it for more than one pass.
+A family whose attention cannot be packed (learned attention sinks) runs one step at a time on the model's own
+attention and cache.
+
+A session's room is reserved when it opens, for the most positions its ticket allows: its keys and values
+(counted in positions, ``max_cached_tokens`` over all sessions) and its retained steps on disk
+(``max_retained_bytes``), together. A session that opened never finds either full halfway through.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from worker.errors import BadStepInput, ProviderBusy, SessionExists, StepOutOfOrder, UnknownSession
+from worker.batching import SessionKV
+from worker.errors import (
+    BadStepInput,
+    ProviderBusy,
+    SessionExists,
+    StepOutOfOrder,
+    UnknownSession,
+    WorkerError,
+)
 from worker.retention import KeptStep, RetainedSession, RetentionStore
 from worker.shard import Shard
 from worker.wire import HEADER_SIZE, payload_sha256
@@ -28,14 +47,21 @@ from worker.wire import HEADER_SIZE, payload_sha256
 @dataclass(frozen=True)
 class RuntimeLimits:
     max_sessions: int = 64  # sessions open at once
-    max_cached_tokens: int = 65_536  # positions held in KV caches, summed over open sessions
+    max_cached_tokens: int = 65_536  # KV cache positions reserved, summed over open sessions' position caps
+    max_batch_positions: int = 256  # new positions in one forward pass: decodes whole, prefills chunked
     max_session_tokens: int = 8_192  # positions in one session (prompt and generated)
     session_idle_s: float = 300.0  # an open session unused this long is closed
     retention_s: float = 900.0  # how long a session's steps are kept after it closes
     max_retained_bytes: int = 64 << 30  # on disk, with what open sessions may still write: past it, busy
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_cached_tokens", "max_session_tokens", "max_retained_bytes"):
+        for name in (
+            "max_sessions",
+            "max_cached_tokens",
+            "max_session_tokens",
+            "max_retained_bytes",
+            "max_batch_positions",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.session_idle_s <= 0 or self.retention_s < 0:
@@ -54,14 +80,17 @@ class StepRecord:
 @dataclass
 class Session:
     id: bytes
-    cache: DynamicCache
+    kv: SessionKV | None  # its keys and values for packed steps; None once closed, or on an unpackable span
+    cache: DynamicCache | None  # its cache on a span whose steps run one at a time
     retained: RetainedSession  # its steps on disk
     opened_at: float
     last_used: float
+    max_positions: int  # what it reserved: its ticket's cap
     next_step: int = 0
     positions: int = 0
     closed_at: float | None = None
     spoiled: str | None = None  # why no further step can run: its cache holds a step that was refused
+    running: bool = False  # a step of it is in a batch
     # Every step's input in one dtype, the first's: steps alike join into one fetch reply (worker.server), and
     # a previous hop alternating dtypes could otherwise make the provider's data too slow to fetch.
     input_dtype: torch.dtype | None = None
@@ -80,8 +109,33 @@ class Session:
         return self.positions
 
 
+@dataclass(eq=False)
+class PendingStep:
+    """A session's step on its way through :meth:`SpanRuntime.run_batch`: done once ``result`` or ``error`` is
+    set. A prefill longer than a pass's room takes several passes; ``computed`` says how far it got."""
+
+    session: bytes
+    step: int
+    inputs: torch.Tensor
+    input_hash: bytes | None = None  # the inputs' sha256 when the caller already verified it (a wire frame's)
+    computed: int = 0
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    result: tuple[torch.Tensor, StepRecord] | None = None
+    error: WorkerError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    @property
+    def left(self) -> int:
+        width = int(self.inputs.shape[1]) if self.inputs.dim() >= 2 else 0  # a malformed one is refused later
+        return width - self.computed
+
+
 class SpanRuntime:
-    """Runs steps for many sessions on one shard. Thread-safe; steps of one shard run one at a time.
+    """Runs steps for many sessions on one shard, many sessions' steps to a forward pass. Thread-safe: a batch
+    computes without holding the runtime's lock, so sessions open and close meanwhile.
 
     ``retained`` is the directory its steps are kept in, read back on start (a provider that restarts keeps
     what validators may still ask for); None keeps them in a temporary directory removed with the runtime.
@@ -123,9 +177,23 @@ class SpanRuntime:
                     f"{len(self._open)} sessions open, the limit is {self.limits.max_sessions}"
                 )
             positions = min(max_positions or self.limits.max_session_tokens, self.limits.max_session_tokens)
+            if self.cached_tokens + positions > self.limits.max_cached_tokens:
+                raise ProviderBusy(
+                    f"KV caches have {self.cached_tokens} positions reserved and the session asks {positions}: "
+                    f"the limit is {self.limits.max_cached_tokens}"
+                )
             retained = self.store.begin(session_id, job, self.retained_bytes(positions))
             now = self.clock()
-            session = Session(session_id, self.shard.new_cache(), retained, opened_at=now, last_used=now)
+            packed = self.shard.packable
+            session = Session(
+                session_id,
+                self.shard.new_kv(positions) if packed else None,
+                None if packed else self.shard.new_cache(),
+                retained,
+                opened_at=now,
+                last_used=now,
+                max_positions=positions,
+            )
             self._open[session_id] = session
             return session
 
@@ -143,7 +211,7 @@ class SpanRuntime:
             session = self._open.pop(session_id, None)
             if session is None:
                 raise UnknownSession(f"no open session {session_id.hex()}")
-            session.cache = self.shard.new_cache()
+            session.kv = session.cache = None
             session.closed_at = self.store.close(session_id).closed_at
             return session
 
@@ -191,62 +259,136 @@ class SpanRuntime:
 
     @property
     def cached_tokens(self) -> int:
-        return sum(session.positions for session in self._open.values())
+        """KV cache positions reserved by open sessions."""
+        return sum(session.max_positions for session in self._open.values())
 
     # -- steps ----------------------------------------------------------------------------------------------
 
     def step(
         self, session_id: bytes, step: int, inputs: torch.Tensor, *, input_hash: bytes | None = None
     ) -> tuple[torch.Tensor, StepRecord]:
-        """Runs one step. Returns the span's output (hidden states, or last-position logits on the last span).
+        """Runs one step on its own. Returns the span's output (hidden states, or last-position logits on the
+        last span) and its record; raises the WorkerError that refused it."""
+        pending = PendingStep(session_id, step, inputs, input_hash)
+        while not pending.done:
+            self.run_batch([pending])
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
 
-        ``input_hash`` is the inputs' sha256 when the caller already verified it (a wire frame's), so the hot
-        path does not hash the same bytes twice.
-        """
+    def run_batch(self, pending: Sequence[PendingStep]) -> None:
+        """One forward pass over the next positions of ``pending`` steps (at most one per session), decodes first
+        and prefills chunked within ``max_batch_positions``; each step that finishes or is refused gets its
+        ``result`` or ``error``. Steps left unfinished go on in a later call."""
         with self._lock:
-            session = self._open.get(session_id)
+            room = self.limits.max_batch_positions
+            admitted: list[tuple[PendingStep, Session, int]] = []
+            for item in sorted(pending, key=lambda p: p.left > 1):
+                if item.done:
+                    continue
+                session = self._admit(item)
+                if session is None:
+                    continue
+                count = min(item.left, max(room, 1 if not admitted else 0))
+                if count == 0:
+                    session.running = False
+                    continue
+                admitted.append((item, session, count))
+                room -= count
+        if not admitted:
+            return
+        try:
+            outputs = self._forward(admitted)
+        except (RuntimeError, ValueError) as exc:  # out of memory, say: no session's cache can be trusted now
+            with self._lock:
+                for item, session, _ in admitted:
+                    session.running = False
+                    session.spoiled = f"a batch failed: {exc}"[:200]
+                    item.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
+            return
+        with self._lock:
+            for (item, session, count), output in zip(admitted, outputs, strict=True):
+                session.running = False
+                item.computed += count
+                item.outputs.append(output)
+                if item.left == 0:
+                    self._finish(item, session)
+
+    def _admit(self, item: PendingStep) -> Session | None:
+        """The session ``item`` runs in, marked running, or None with ``item.error`` set (checked at the step's
+        first chunk; a later chunk only needs its session still open)."""
+        session = self._open.get(item.session)
+        try:
             if session is None:
-                raise UnknownSession(f"no open session {session_id.hex()}")
+                raise UnknownSession(f"no open session {item.session.hex()}")
+            if item.computed:
+                session.running = True
+                return session
             if session.spoiled is not None:
-                raise BadStepInput(f"session {session_id.hex()} takes no more steps: {session.spoiled}")
-            if step != session.next_step:
-                raise StepOutOfOrder(session_id.hex(), session.next_step, step)
-            seq = self._check_input(inputs)
-            if session.input_dtype not in (None, inputs.dtype):
+                raise BadStepInput(f"session {item.session.hex()} takes no more steps: {session.spoiled}")
+            if session.running or item.step != session.next_step:
+                raise StepOutOfOrder(item.session.hex(), session.next_step, item.step)
+            seq = self._check_input(item.inputs)
+            if session.input_dtype not in (None, item.inputs.dtype):
                 raise BadStepInput(
-                    f"the session's steps are {session.input_dtype}, this one is {inputs.dtype}"
+                    f"the session's steps are {session.input_dtype}, this one is {item.inputs.dtype}"
                 )
-            if session.positions + seq > self.limits.max_session_tokens:
+            if session.positions + seq > session.max_positions:
                 raise ProviderBusy(
-                    f"session {session_id.hex()} would hold {session.positions + seq} positions, "
-                    f"the limit is {self.limits.max_session_tokens}"
+                    f"session {item.session.hex()} would hold {session.positions + seq} positions, "
+                    f"the limit is {session.max_positions}"
                 )
-            if self.cached_tokens + seq > self.limits.max_cached_tokens:
-                raise ProviderBusy(
-                    f"KV caches hold {self.cached_tokens} positions, the limit is {self.limits.max_cached_tokens}"
-                )
-            if self.shard.span.first:
-                output = self.shard.forward(cache=session.cache, input_ids=inputs)
-            else:
-                output = self.shard.forward(cache=session.cache, hidden=inputs)
-            if not bool(torch.isfinite(output).all()):
-                # Finite inputs that overflow in this span's precision (say, float32 values past float16's
-                # range). The step is not recorded, so the session still closes with a receipt for the steps
-                # before it; but the cache took the step's positions (a sliding window may have dropped older
-                # ones for them), so no later step can run on it.
-                session.spoiled = f"step {step}'s output was not finite"
-                raise BadStepInput(f"span {self.shard.span}'s output is not finite for this input")
-            record = StepRecord(
-                step, inputs, output, input_hash or payload_sha256(inputs), payload_sha256(output)
-            )
-            self.store.append(
-                session_id, step, ((record.input, record.input_hash), (record.output, record.output_hash))
-            )
-            session.positions += seq
-            session.input_dtype = inputs.dtype
-            session.next_step += 1
-            session.last_used = self.clock()
-            return output, record
+        except WorkerError as exc:
+            item.error = exc
+            return None
+        session.running = True
+        return session
+
+    def _forward(self, admitted: list[tuple[PendingStep, Session, int]]) -> list[torch.Tensor]:
+        rows = []
+        for item, session, count in admitted:
+            chunk = item.inputs[:, item.computed : item.computed + count]
+            rows.append((session, session.positions + item.computed, chunk))
+        if self.shard.packable:
+            return self.shard.forward_packed([(s.kv, past, chunk) for s, past, chunk in rows])  # type: ignore[misc]
+        outputs = []
+        for session, _, chunk in rows:
+            key = "input_ids" if self.shard.span.first else "hidden"
+            outputs.append(self.shard.forward(cache=session.cache, **{key: chunk}))  # type: ignore[arg-type]
+        return outputs
+
+    def _finish(self, item: PendingStep, session: Session) -> None:
+        """Records a step whose every position was computed, or refuses it if its output is not finite."""
+        if self._open.get(item.session) is not session:
+            item.error = UnknownSession(f"session {item.session.hex()} closed while its step ran")
+            return
+        # A chunked prefill's hidden states are its chunks' together; on the last span only the last one's logits.
+        whole = self.shard.span.last or len(item.outputs) == 1
+        output = item.outputs[-1] if whole else torch.cat(item.outputs, dim=1)
+        seq = int(item.inputs.shape[1])
+        if not bool(torch.isfinite(output).all()):
+            # Finite inputs that overflow in this span's precision (say, float32 values past float16's range).
+            # The step is not recorded, so the session still closes with a receipt for the steps before it; but
+            # the cache took the step's positions, so no later step can run on it.
+            session.spoiled = f"step {item.step}'s output was not finite"
+            item.error = BadStepInput(f"span {self.shard.span}'s output is not finite for this input")
+            return
+        record = StepRecord(
+            item.step,
+            item.inputs,
+            output,
+            item.input_hash or payload_sha256(item.inputs),
+            payload_sha256(output),
+        )
+        self.store.append(
+            item.session, item.step, ((record.input, record.input_hash), (record.output, record.output_hash))
+        )
+        session.positions += seq
+        session.input_dtype = item.inputs.dtype
+        session.next_step += 1
+        session.last_used = self.clock()
+        item.result = (output, record)
 
     def _check_input(self, inputs: torch.Tensor) -> int:
         shard = self.shard

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 
+from worker.batching import ATTENTION, PackedBatch, PackedRow, SessionKV, active
 from worker.checkpoint import Checkpoint
 from worker.errors import CheckpointError, ModelIdentityError, ModelStructureError
 from worker.grammar import Vocabulary, vocabulary_at
@@ -136,6 +140,7 @@ class Shard:
         self.dtype = dtype
         self.directory = directory  # the checkpoint it was loaded from: its tokenizer serves grammars
         self.base: nn.Module = getattr(model, structure.base_prefix)
+        self._attention_lock = threading.Lock()
 
     @property
     def root(self) -> str:
@@ -161,6 +166,76 @@ class Shard:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span_config)
 
+    def new_kv(self, capacity: int) -> SessionKV:
+        """Buffers for a session's keys and values, of at most ``capacity`` positions, for packed steps."""
+        return SessionKV(len(self.span), capacity, self.device, self.dtype)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """What one position of a session's keys and values takes over the span's layers."""
+        config = self.config
+        heads = int(getattr(config, "num_attention_heads", 0) or config.n_head)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // heads)
+        return 2 * len(self.span) * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def packable(self) -> bool:
+        """Whether steps can run packed (worker.batching): every attention layer is plain softmax attention,
+        perhaps windowed or soft-capped, not one with learned sinks."""
+        return not any(hasattr(module, "sinks") for module in self.model.modules())
+
+    @torch.inference_mode()
+    def forward_packed(self, rows: Sequence[tuple[SessionKV, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Runs the span once over many sessions' new positions: each row is a session's buffers, the positions
+        it already holds, and its new input, token ids (1, n) on the first span and hidden states (1, n, hidden)
+        on the others. Returns each row's output: hidden states (1, n, hidden), or on the last span its last
+        position's logits (1, 1, vocab)."""
+        packed, offset = [], 0
+        for kv, past, inputs in rows:
+            count = int(inputs.shape[1])
+            packed.append(PackedRow(kv, past, count, offset))
+            offset += count
+        position_ids = torch.cat(
+            [torch.arange(row.past, row.past + row.count, device=self.device) for row in packed]
+        ).unsqueeze(0)
+        joined = torch.cat([inputs for _, _, inputs in rows], dim=1) if len(rows) > 1 else rows[0][2]
+        model_inputs: dict[str, torch.Tensor] = (
+            {"input_ids": joined.to(self.device)}
+            if self.span.first
+            else {"inputs_embeds": joined.to(self.device, self.dtype)}
+        )
+        batch = PackedBatch(packed)
+        with self._attention(ATTENTION), active(batch):
+            if self.span.last:
+                ends = torch.tensor([row.offset + row.count - 1 for row in packed], device=self.device)
+                logits = self.model(
+                    **model_inputs,
+                    position_ids=position_ids,
+                    cache=batch,
+                    use_cache=True,
+                    logits_to_keep=ends,
+                ).logits
+                return [logits[:, i : i + 1] for i in range(len(packed))]
+            hidden = self.base(**model_inputs, position_ids=position_ids, cache=batch, use_cache=True)
+            return [hidden.last_hidden_state[:, row.offset : row.offset + row.count] for row in packed]
+
+    @contextmanager
+    def _attention(self, implementation: str) -> Iterator[None]:
+        """Runs the span's layers with ``implementation`` for the duration; one forward at a time on a shard."""
+        with self._attention_lock:
+            configs: dict[int, Any] = {
+                id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")
+            }
+            saved = {key: config._attn_implementation for key, config in configs.items()}
+            for config in configs.values():
+                config._attn_implementation = implementation
+            try:
+                yield
+            finally:
+                for key, config in configs.items():
+                    config._attn_implementation = saved[key]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -178,6 +253,16 @@ class Shard:
         """
         if (input_ids is None) == (hidden is None) or (input_ids is not None) != self.span.first:
             raise ValueError("the first span takes input_ids and every other span takes hidden states")
+        with self._attention_lock:  # never while forward_packed has the layers on packed attention
+            return self._forward(cache, input_ids, hidden, all_logits)
+
+    def _forward(
+        self,
+        cache: DynamicCache,
+        input_ids: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        all_logits: bool,
+    ) -> torch.Tensor:
         past = cache.get_seq_length()
         seq = int((input_ids if input_ids is not None else hidden).shape[1])  # type: ignore[union-attr]
         position_ids = torch.arange(past, past + seq, device=self.device).unsqueeze(0)

@@ -125,9 +125,11 @@ def test_token_limits_answer_busy(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(ProviderBusy, match="limit is 8"):
         runtime.step(b"a" * 16, 0, torch.ones((1, 9), dtype=torch.int64))
     runtime.step(b"a" * 16, 0, torch.ones((1, 6), dtype=torch.int64))
-    runtime.open(b"b" * 16)
+    # A session's KV room is reserved when it opens, at its cap: the second does not fit beside the first's 8.
     with pytest.raises(ProviderBusy, match="limit is 10"):
-        runtime.step(b"b" * 16, 0, torch.ones((1, 5), dtype=torch.int64))
+        runtime.open(b"b" * 16)
+    runtime.open(b"b" * 16, max_positions=2)
+    runtime.step(b"b" * 16, 0, torch.ones((1, 2), dtype=torch.int64))
 
 
 def test_idle_sessions_expire_and_steps_are_retained_for_the_window(tiny_models: dict[str, Path]) -> None:
