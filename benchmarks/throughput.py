@@ -52,8 +52,9 @@ Figures (the last line is one JSON object):
 What may still limit concurrency besides the providers. The gateway is one uvicorn process (one event loop, one
 core's worth of Python) that verifies a voucher, tokenizes, reserves, matches, drives every step of every job
 and writes each job's outcome to SQLite; its per-address and per-payer rate limits are turned off here, its
-tokenizing queue is sized past the largest level, and the asks offer twice the largest level's sessions (the
-providers open as many), so neither a 429, a 503 busy nor a job resting for capacity should occur (a request
+tokenizing queue is sized past the largest level, its ration of chain reads of channels it has not seen yet
+(every client's, at the warm-up) is raised past it, and the asks offer twice the largest level's sessions (the
+providers open as many), so neither a 429, a 503 nor a job resting for capacity should occur (a request
 that fails at all stops the run). The clients themselves are coroutines in this process, sharing the two cores
 with the gateway, the providers and anvil; and each payment is one more round trip (the 402) before a stream.
 
@@ -314,6 +315,10 @@ def gateway_env(market: Market, database: Path, clients: int, ring: bool | None)
         "RATE_LIMIT_IP_PER_S": "0",  # every client is 127.0.0.1
         "RATE_LIMIT_PAYER_PER_S": "0",
         "TOKENIZE_QUEUE": str(max(32, 4 * clients)),  # each request is tokenized twice: its 402, then paid
+        # Every client's channel was funded before this gateway started, so its first read of each is a "cold" one,
+        # rationed (10 a second by default, all callers together; past it 503 chain_unavailable, which the SDK
+        # does not retry): the warm-up reads them all in the same second.
+        "CHAIN_COLD_READS_PER_S": str(max(10, 4 * clients)),
         "JOB_SWEEP_S": "0.2",
         "STEP_TIMEOUT_S": "120",
         "OMP_NUM_THREADS": "1",
