@@ -32,7 +32,38 @@ Parsing is strict: a missing, extra or mistyped field is a :class:`ProtocolError
 is done with the message.
 
 The order on a connection: the server speaks first (:class:`Hello`, a fresh challenge), the client answers with
-:class:`Auth`, then requests and replies alternate, one reply per request, in order.
+:class:`Auth`, then requests and replies alternate, one reply per request, in order; except that a
+:class:`Push` is one-way (no reply, so a sender never waits on a link for a step to come back), and a
+:class:`Follow` turns the connection into the session's stream of step reports until the session ends.
+
+The token ring
+--------------
+A session runs in one of two ways, chosen by the gateway in its tickets. As a chain (the last span's ticket names
+no next peer) the gateway sends each :class:`Step` to the first hop, each hop forwards it and waits, and the reply
+carries every hop's report back: 2n link crossings a token for n hops. As a ring (the last span's ticket names the
+first hop as its next peer, and the first hop's ticket names the last as its previous) the gateway pushes only the
+prefill: each hop computes a :class:`Push`, signs its entry over the report it received, and pushes the step on
+without waiting; the last samples the token, pushes it straight to the first as the next step's input, with its
+signed report in compact form (:meth:`Report.compact`, so the first can check that the token it consumes is the
+one the last signed), and hands the step's whole report to the gateway's :class:`Follow` stream. n link crossings
+a token, and the gateway is off the per-token path. The ring's trust properties:
+
+- A hop takes a session's pushes only from the ticket's previous peer (or the opening gateway), strictly in step
+  order: a replayed, skipped or foreign step is dropped before its frame is computed, and a connection that keeps
+  sending them is hung up on.
+- Each report nests the report its hop received with the step (the previous hop's; on the first hop, the last
+  hop's compact report of the step before, whose token must be the frame's): the receiving hop checks it (signer,
+  session, step, that its output hash is the frame's) before it signs over it. So the gateway, reading a step's
+  report from the last hop down, blames a report that does not hold on the hop that signed over it, and a last hop
+  that fed the first another token than it reported is caught by its own two signatures for one step.
+- The ring runs at most the steps, and stops after the stop tokens, the gateway named in the last hop's
+  :class:`Open` (signed by nobody else). A step that does not reach the gateway in time is accounted for hop by
+  hop: the gateway asks each hop directly for its signed :class:`Account` of that step (its report, its error, or
+  that it never received it) and blames from those, as for a chain.
+- A stop decided at the gateway (a stop string, a client gone) is a :class:`Close` naming how many steps the
+  gateway took: sessions end, and each receipt bills exactly those steps, whatever the ring computed before the
+  close arrived. Those extra steps are retained but billed to nobody: the provider's cost of speculation, at most
+  about one ring's round trip of steps.
 """
 
 from __future__ import annotations
@@ -55,6 +86,7 @@ MAX_SAMPLING_KEYS = 32
 MAX_ERROR_MESSAGE = 500
 MAX_ENDPOINT = 255
 MAX_STEP_BUDGET_MS = 600_000
+MAX_STOP_TOKENS = 64
 
 
 # -- field readers -----------------------------------------------------------------------------------------
@@ -265,29 +297,58 @@ class FetchTicket:
 
 
 @dataclass(frozen=True)
+class RingOrder:
+    """What the gateway tells the last hop of a ring session: run at most ``steps`` steps (the prefill
+    included), and push no token on after one of ``stop`` was emitted."""
+
+    steps: int
+    stop: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "stop": list(self.stop)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RingOrder:
+        data = _object(data, "ring")
+        _only(data, {"steps", "stop"}, "ring")
+        stop = data.get("stop", [])
+        if (
+            not isinstance(stop, list)
+            or len(stop) > MAX_STOP_TOKENS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop)
+        ):
+            raise ProtocolError(f"stop must be at most {MAX_STOP_TOKENS} token ids")
+        return cls(_int(data, "steps", low=1, high=2**32 - 1), tuple(stop))
+
+
+@dataclass(frozen=True)
 class Open:
     """From the gateway, directly to each provider of a route: open the ticket's session. ``sampling`` is how
-    the last span picks tokens."""
+    the last span picks tokens; ``ring``, on the last span of a ring session, when the ring stops."""
 
     op: ClassVar[str] = "open"
     ticket: HopTicket
     sampling: dict[str, Any] | None = None
+    ring: RingOrder | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"op": self.op, "ticket": self.ticket.to_json()}
         if self.sampling is not None:
             data["sampling"] = self.sampling
+        if self.ring is not None:
+            data["ring"] = self.ring.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Open:
-        _only(data, {"op", "ticket", "sampling"}, "open")
+        _only(data, {"op", "ticket", "sampling", "ring"}, "open")
         sampling = data.get("sampling")
         if sampling is not None:
             sampling = dict(_object(sampling, "sampling"))
             if len(sampling) > MAX_SAMPLING_KEYS:
                 raise ProtocolError("sampling has too many fields")
-        return cls(HopTicket.from_json(data.get("ticket")), sampling)
+        ring = RingOrder.from_json(data["ring"]) if "ring" in data else None
+        return cls(HopTicket.from_json(data.get("ticket")), sampling, ring)
 
 
 @dataclass(frozen=True)
@@ -333,20 +394,110 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Close:
-    """From the gateway that opened the session: end it and sign a receipt. Closing again returns the same
-    receipt, so the gateway may retry."""
+class Push:
+    """One step of a ring session, one-way: ``positions`` new positions in the frame that follows, and
+    ``report``, the report the sender signed for it (the previous hop's, over everything before it; on the first
+    hop, the last hop's compact report of the step before, whose token is the frame). From the ticket's previous
+    peer only, or without a report from the gateway that opened the session (the prefill). Nothing is answered:
+    what became of the step is in the hop's :class:`Account`."""
 
-    op: ClassVar[str] = "close"
+    op: ClassVar[str] = "push"
+    session: bytes
+    step: int
+    positions: int
+    report: Mapping[str, Any] | None = None
+    logits: bool = False  # the last span sends the last position's logits with the step's report
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "op": self.op,
+            "session": hex0x(self.session),
+            "step": self.step,
+            "positions": self.positions,
+        }
+        if self.report is not None:
+            data["report"] = self.report
+        if self.logits:
+            data["logits"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Push:
+        _only(data, {"op", "session", "step", "positions", "report", "logits"}, "push")
+        report = data.get("report")
+        if report is not None and not isinstance(report, Mapping):
+            raise ProtocolError("report must be a report")
+        logits = data.get("logits", False)
+        if not isinstance(logits, bool):
+            raise ProtocolError("logits must be true or false")
+        return cls(
+            _bytes(data, "session", SESSION_BYTES),
+            _int(data, "step", high=2**32 - 1),
+            _int(data, "positions", low=1, high=2**32 - 1),
+            report,
+            logits,
+        )
+
+
+@dataclass(frozen=True)
+class Follow:
+    """From the gateway that opened a ring session, to its last hop, on a connection of its own: every step's
+    whole report (with the logits frame when the step asked for it), in order, as ``{"ok": true, "report": …}``,
+    from step 0 on, then ``{"ok": true, "end": true}`` once the session ends."""
+
+    op: ClassVar[str] = "follow"
     session: bytes
 
     def to_json(self) -> dict[str, Any]:
         return {"op": self.op, "session": hex0x(self.session)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Close:
-        _only(data, {"op", "session"}, "close")
+    def from_json(cls, data: Mapping[str, Any]) -> Follow:
+        _only(data, {"op", "session"}, "follow")
         return cls(_bytes(data, "session", SESSION_BYTES))
+
+
+@dataclass(frozen=True)
+class Account:
+    """From the gateway that opened a session: this hop's signed account of ``step``, answered as
+    ``{"ok": true, "report": …}`` (compact): its entry when it computed the step and sent it on, that entry with the
+    error it stopped at, or an entry with only an error: ``not_received`` (the step never reached it in order) or
+    ``in_progress`` (it has the step and has not finished it)."""
+
+    op: ClassVar[str] = "account"
+    session: bytes
+    step: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "session": hex0x(self.session), "step": self.step}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Account:
+        _only(data, {"op", "session", "step"}, "account")
+        return cls(_bytes(data, "session", SESSION_BYTES), _int(data, "step", high=2**32 - 1))
+
+
+@dataclass(frozen=True)
+class Close:
+    """From the gateway that opened the session: end it and sign a receipt. Closing again returns the same
+    receipt, so the gateway may retry. ``steps``: the receipt bills the session's first ``steps`` steps only (the
+    ones the gateway took, when a ring ran ahead of a stop); None, every step computed."""
+
+    op: ClassVar[str] = "close"
+    session: bytes
+    steps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"op": self.op, "session": hex0x(self.session)}
+        if self.steps is not None:
+            data["steps"] = self.steps
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Close:
+        _only(data, {"op", "session", "steps"}, "close")
+        steps = _int(data, "steps", high=2**32 - 1) if "steps" in data else None
+        return cls(_bytes(data, "session", SESSION_BYTES), steps)
 
 
 @dataclass(frozen=True)
@@ -389,10 +540,8 @@ class Prove:
         return cls(_bytes(data, "challenge", 32), _string(data, "endpoint", MAX_ENDPOINT))
 
 
-Request = Open | Step | Close | Fetch | Prove
-_REQUESTS: dict[str, type[Open] | type[Step] | type[Close] | type[Fetch] | type[Prove]] = {
-    cls.op: cls for cls in (Open, Step, Close, Fetch, Prove)
-}
+Request = Open | Step | Push | Follow | Account | Close | Fetch | Prove
+_REQUESTS: dict[str, Any] = {cls.op: cls for cls in (Open, Step, Push, Follow, Account, Close, Fetch, Prove)}
 
 
 def parse_request(data: Mapping[str, Any]) -> Request:
@@ -400,7 +549,8 @@ def parse_request(data: Mapping[str, Any]) -> Request:
     kind = _REQUESTS.get(op) if isinstance(op, str) else None
     if kind is None:
         raise ProtocolError(f"unknown op {op!r}")
-    return kind.from_json(data)
+    request: Request = kind.from_json(data)
+    return request
 
 
 # -- replies -----------------------------------------------------------------------------------------------
@@ -487,25 +637,34 @@ class HopEntry:
 
 @dataclass(frozen=True)
 class Report:
-    """A hop's entry for a step and, when it sent the step on, the report it got back from the next hop, signed
-    by the hop's staked key over both (:class:`settlement.eip712.HopReport`: the entry's digest and the next
-    report's). ``compute_ms`` is telemetry: not signed, never billed or judged on.
+    """A hop's entry for a step and the report it nests, signed by the hop's staked key over both
+    (:class:`settlement.eip712.HopReport`: the entry's digest and the nested report's). On a chain the nested report
+    is the one the next hop sent back; on a ring, the one the hop received with the step (the previous hop's; on the
+    first hop, the last hop's compact report of the step before). ``compute_ms`` is telemetry: not signed, never
+    billed or judged on.
 
-    A relay checks the next hop's report (its hop, session and step, and its signer: the ticket's next) before
-    it signs over it, and passes it on as it came (``downstream``: its JSON, unparsed below that). So the
-    gateway, reading a route's report hop by hop, blames a report that does not hold on the hop that signed
-    for relaying it (worker.client.RouteClient); and a hop's signed entry is evidence that anyone can check.
+    A hop checks the report it nests (its hop, session and step, and its signer: the ticket's next on a chain, its
+    previous on a ring) before it signs over it, and passes it on as it came (``downstream``: its JSON, unparsed
+    below that). So the gateway, reading a route's report hop by hop, blames a report that does not hold on the hop
+    that signed over it (worker.client.RouteClient); and a hop's signed entry is evidence that anyone can check.
+
+    The compact form (:meth:`compact`) carries the nested report's digest (``below``) in its place: the same
+    signature still verifies, and what travels with a step does not grow with anything but the route.
     """
 
     entry: HopEntry
     signature: bytes
     downstream: Mapping[str, Any] | None = None
     compute_ms: float | None = None
+    below: bytes | None = None  # the nested report's digest, when it is not carried
 
     @staticmethod
-    def digests(entry: HopEntry, downstream: Mapping[str, Any] | None) -> tuple[bytes, bytes]:
-        below = hashlib.sha256(canonical(downstream)).digest() if downstream is not None else bytes(32)
-        return hashlib.sha256(canonical(entry.to_json())).digest(), below
+    def digests(
+        entry: HopEntry, downstream: Mapping[str, Any] | None, below: bytes | None = None
+    ) -> tuple[bytes, bytes]:
+        if downstream is not None:
+            below = hashlib.sha256(canonical(downstream)).digest()
+        return hashlib.sha256(canonical(entry.to_json())).digest(), below or bytes(32)
 
     @classmethod
     def signed(
@@ -520,14 +679,22 @@ class Report:
     def signer(self, recover: Callable[[bytes, bytes, bytes], str]) -> str | None:
         """Who signed it (``recover`` is trust.Checks.hop_report), or None when nobody can be recovered."""
         try:
-            return recover(*self.digests(self.entry, self.downstream), self.signature)
+            return recover(*self.digests(self.entry, self.downstream, self.below), self.signature)
         except ValueError:
             return None
+
+    def compact(self) -> Report:
+        """The same signed report with its nested report replaced by that report's digest."""
+        if self.downstream is None:
+            return Report(self.entry, self.signature, None, None, self.below)
+        return Report(self.entry, self.signature, None, None, self.digests(self.entry, self.downstream)[1])
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"entry": self.entry.to_json(), "signature": hex0x(self.signature)}
         if self.downstream is not None:
             data["next"] = self.downstream
+        elif self.below is not None:
+            data["below"] = hex0x(self.below)
         if self.compute_ms is not None:
             data["computeMs"] = self.compute_ms
         return data
@@ -536,17 +703,22 @@ class Report:
     def from_json(cls, data: Any) -> Report:
         """This hop's report; the one below it stays JSON (see :meth:`below`)."""
         data = _object(data, "report")
-        _only(data, {"entry", "signature", "next", "computeMs"}, "report")
+        _only(data, {"entry", "signature", "next", "below", "computeMs"}, "report")
         compute = data.get("computeMs")
         if compute is not None and (not isinstance(compute, int | float) or isinstance(compute, bool)):
             raise ProtocolError("computeMs must be a number")
         downstream = data.get("next")
         if downstream is not None and not isinstance(downstream, Mapping):
             raise ProtocolError("next must be a report")
-        return cls(HopEntry.from_json(data.get("entry")), _bytes(data, "signature", 65), downstream, compute)
+        if downstream is not None and "below" in data:
+            raise ProtocolError("a report carries the report below it or its digest, not both")
+        below = _bytes(data, "below", 32) if "below" in data else None
+        return cls(
+            HopEntry.from_json(data.get("entry")), _bytes(data, "signature", 65), downstream, compute, below
+        )
 
-    def below(self) -> Report | None:
-        """The next hop's report, parsed; raises ProtocolError when it is not one."""
+    def nested(self) -> Report | None:
+        """The nested report, parsed; raises ProtocolError when it is not one."""
         return Report.from_json(self.downstream) if self.downstream is not None else None
 
 

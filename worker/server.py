@@ -5,13 +5,17 @@ and sending each step on to the one peer the session's ticket names. The protoco
 A connection starts with a challenge (:class:`~worker.messages.Hello`) that the client answers with its key
 (:class:`~worker.messages.Auth`), bound to this server's certificate. A client that is not a trusted gateway,
 a trusted validator, or the previous hop of a session open here has nothing to ask and is hung up on.
-Requests then run in order, one at a time per connection:
+Requests are read in order on a connection; those with a reply are answered in order, one at a time:
 
     open    a trusted gateway opens its ticket's session here (the ticket names this provider and its span)
-    step    the ticket's previous peer (or the gateway) sends a step; it runs, goes on to the ticket's next
+    step    (chain) the ticket's previous peer (or the gateway) sends a step; it runs, goes on to the ticket's next
             peer, and the reply carries this hop's signed report over the next hop's, checked
+    push    (ring, no reply) the ticket's previous peer (or the gateway, for the prefill) pushes a step: once its
+            frame is read it is queued on its session, and the connection's next message is read at once
+    follow  the gateway that opened a ring session, on the last hop, gets the session's step reports as a stream
+    account the gateway that opened a session gets this hop's signed account of one step
     close   the gateway that opened the session ends it and gets this provider's signed receipt (again, if it
-            asks again)
+            asks again), billing the steps the gateway says it took
     fetch   a trusted validator, with a ticket naming this provider and the session, reads its retained steps'
             inputs or outputs, many steps to a reply
     prove   a gateway checking this provider's ask gets the endpoint signed with the staked key
@@ -22,8 +26,16 @@ its ticket × the model's hidden size) and checked before its payload is read; p
 all connections stay under ``max_inflight_bytes``; connections are capped before and after authentication;
 idle connections are closed; signature checks run off the event loop's thread and are cached per connection.
 
-Compute runs on the event loop's thread, one step at a time: a provider has one accelerator, and while a step
-waits for the providers downstream the loop is free to serve others.
+Ring sessions. Why pushes rather than the chain's request and reply: a pushed step holds nothing while the rest
+of the ring works on it, so any number of sessions' steps are in flight on one link and inside ``_compute`` at
+once (which gathers the steps awaiting it into batches), while each session's own steps run strictly in order, on
+a task of its own that takes them from the session's queue: a push is checked (its session, its sender, that it is
+the next step) before its frame is read, computed once whatever came before it, and pushed on to the ticket's next
+peer by a one-way write that waits for nobody's reply. A peer that keeps pushing steps that are not the next one is
+hung up on after ``max_refused_pushes``. What a hop did with each step is kept (its signed report, or its error)
+for the gateway's :class:`~worker.messages.Account` requests, for the last few steps of each session.
+
+Chain steps run on the connection's own task: the sender waits for the reply anyway.
 """
 
 from __future__ import annotations
@@ -54,17 +66,21 @@ from worker.errors import (
     WorkerError,
 )
 from worker.messages import (
+    Account,
     Auth,
     Close,
     Fetch,
     Fetched,
     FetchTicket,
+    Follow,
     Hello,
     HopEntry,
     HopError,
     Open,
     Prove,
+    Push,
     Report,
+    RingOrder,
     Step,
     parse_request,
     refusal,
@@ -75,13 +91,17 @@ from worker.sampling import Sampler, SamplingParams
 from worker.tls import NO_FINGERPRINT, TlsIdentity
 from worker.transcript import StepHashes, sampling_hash, transcript_root
 from worker.trust import Checks, Keys, ReceiptFields
-from worker.wire import FrameLimits
+from worker.wire import Frame, FrameLimits
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_CONTROL_BYTES = 1024
 # Of a step's budget, what a hop keeps for its report's way back when it gives the rest to the next hop.
 FORWARD_MARGIN_S = 0.5
+# Steps of a ring session whose account a hop keeps for the gateway to ask after.
+ACCOUNTS_KEPT = 8
+MAX_PROBLEM = 400  # characters of an error's message a hop signs
+_END = object()  # the end of a follow stream
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,8 @@ class ServerLimits:
     max_fetch_bytes: int = (
         64 << 20
     )  # retained steps sent in one fetch reply (one step at least, whatever its size)
+    # Pushes a connection may send that are not its session's next step (replays, floods) before it is hung up on.
+    max_refused_pushes: int = 64
 
 
 @dataclass
@@ -112,6 +134,18 @@ class _Session:
     tokens: list[int] = field(default_factory=list)  # the last span's emitted tokens, by step
     positions: int = 0  # positions its steps have carried, against the ticket's cap
     receipt: Any = None  # messages.SignedReceipt once closed
+    ring: RingOrder | None = None  # on the last hop of a ring session: when the ring stops
+    accepted: int = 0  # ring: the next step a push may carry
+    queue: asyncio.Queue[tuple[Push, Frame, str]] | None = None  # ring: pushed steps waiting their turn
+    worker: asyncio.Task[None] | None = None  # ring: runs the queued steps in order
+    outbox: asyncio.Queue[Any] | None = None  # ring, last hop: what the gateway's follow stream is sent
+    followed: bool = False
+    accounts: dict[int, Any] = field(default_factory=dict)  # ring: step -> its Report, or "in_progress"
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while one of its steps computes
+
+    @property
+    def closed(self) -> bool:
+        return self.receipt is not None
 
 
 class _Budget:
@@ -197,6 +231,7 @@ class HopServer:
             self.runtime.expire()
             for session_id in [s for s in self._sessions if not self.runtime.knows(s)]:
                 session = self._sessions.pop(session_id)
+                _stop_ring(session)
                 _count_down(self._sessions_per_job, session.ticket.job_id)
                 if session.receipt is None:
                     _count_down(self._previous_of_unclosed, session.ticket.previous)
@@ -287,6 +322,7 @@ class HopServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, *, trusted: bool
     ) -> None:
         verified: dict[FetchTicket, str] = {}  # fetch tickets this connection already had checked
+        refused = 0  # pushes that were not their session's next step
         while True:
             try:
                 async with asyncio.timeout(self.limits.idle_timeout_s):
@@ -295,9 +331,19 @@ class HopServer:
                 return  # the peer closed the connection between requests
             try:
                 request = parse_request(control)
-                if not trusted and not isinstance(request, Step):
+                if not trusted and not isinstance(request, Step | Push):
                     # A previous hop only ever sends steps; anything else would just keep its connection alive.
                     raise NotAuthorised(f"{peer} sends steps here, nothing else")
+                if isinstance(request, Push):
+                    if not await self._accept_push(request, reader, peer):
+                        refused += 1
+                        if refused > self.limits.max_refused_pushes:
+                            raise NotAuthorised(f"{peer} pushed {refused} steps out of turn")
+                    continue
+                if isinstance(request, Follow):
+                    await self._no_frame(reader)
+                    await self._follow(request, writer, peer)
+                    return
                 reply, tensor, sha = await self._handle(request, reader, peer, verified)
             except (ProtocolError, WireError, NotAuthorised, ProviderBusy, TimeoutError) as exc:
                 code = exc.code if isinstance(exc, WorkerError) else "read_timeout"
@@ -320,7 +366,13 @@ class HopServer:
             if isinstance(request, Open):
                 return await self._open(request, peer), None, None
             if isinstance(request, Close):
-                return self._close(request, peer), None, None
+                session = self._sessions.get(request.session)
+                if session is None:
+                    return self._close(request, peer), None, None
+                async with session.lock:  # not while one of its steps computes
+                    return self._close(request, peer), None, None
+            if isinstance(request, Account):
+                return self._account(request, peer), None, None
             if isinstance(request, Fetch):
                 reply, tensor = await self._fetch(request, peer, verified)
                 return reply, tensor, None
@@ -358,8 +410,11 @@ class HopServer:
             )
         if ticket.model_root != bytes.fromhex(shard.root.removeprefix("0x")):
             raise TicketRefused(f"the ticket is for model 0x{ticket.model_root.hex()}, not {shard.root}")
-        if ticket.last != shard.span.last:
+        if ticket.last and not shard.span.last:
+            # On the last span a ticket may name a next peer: the first hop, of a ring.
             raise TicketRefused("the ticket's route does not end where the model's layers do")
+        if request.ring is not None and (ticket.last or not shard.span.last):
+            raise ProtocolError("only the last hop of a ring is told when the ring stops")
         now = int(self.clock())
         if not now < ticket.expires_at <= now + self.limits.max_ticket_lifetime_s:
             raise TicketRefused(
@@ -378,7 +433,7 @@ class HopServer:
                 f"job 0x{ticket.job_id.hex()} opened {self.limits.max_sessions_per_job} sessions here"
             )
         sampler = None
-        if ticket.last:
+        if shard.span.last:
             params = SamplingParams.from_dict(request.sampling or {})
             if params.grammar is None:
                 sampler = Sampler(params)
@@ -389,7 +444,11 @@ class HopServer:
         # A session id is opened once (SessionExists again), and only with room to keep its steps (ProviderBusy).
         self.runtime.open(ticket.session, ticket.job_id, max_positions=ticket.max_positions)
         self._sessions_per_job[ticket.job_id] += 1
-        self._sessions[ticket.session] = _Session(ticket, peer, sampler, request.sampling)
+        session = _Session(ticket, peer, sampler, request.sampling)
+        if shard.span.last and not ticket.last:
+            session.ring = request.ring or RingOrder(ticket.max_positions)
+            session.outbox = asyncio.Queue()
+        self._sessions[ticket.session] = session
         self._previous_of_unclosed[ticket.previous] += 1
         return {"ok": True}
 
@@ -447,7 +506,7 @@ class HopServer:
             positions=request.positions,
         )
 
-        if ticket.last:
+        if shard.span.last:
             assert session.sampler is not None
             last = output[:, -1, :]
             token = session.sampler.next_token(last)
@@ -528,6 +587,240 @@ class HopServer:
             )
         return downstream, frame.tensor if frame is not None else None, None
 
+    # -- the ring -------------------------------------------------------------------------------------------
+
+    async def _accept_push(self, request: Push, reader: asyncio.StreamReader, peer: str) -> bool:
+        """Reads a pushed step and queues it on its session; False when it is not the session's next step (read
+        and dropped). Raises (and the connection is hung up on) when the sender has no business pushing it."""
+        session = self._sessions.get(request.session)
+        if session is None:
+            raise NotAuthorised(f"no session {request.session.hex()} here")
+        ticket = session.ticket
+        if peer not in (ticket.previous, session.gateway):
+            raise NotAuthorised(
+                f"session {request.session.hex()} takes steps from {ticket.previous}, not {peer}"
+            )
+        if request.positions > ticket.max_positions:
+            raise ProtocolError(f"the ticket allows {ticket.max_positions} positions in this session")
+        frame = await self._read_step_frame(request.session, request.step, request.positions, reader)
+        if session.closed:
+            return True  # pushed before the sender learnt of the close: nothing is wrong with it
+        if request.step != session.accepted:
+            return False  # a replay, a skip, a flood: never computed
+        problem = self._upstream_problem(session, request, frame, peer)
+        if problem is not None:
+            # Not taken, and the step stays open for its real input; this hop's signed word on what it got.
+            self._account_error(session, request, HopError("bad_step_input", problem[:MAX_PROBLEM]))
+            return False
+        session.accepted += 1
+        session.accounts[request.step] = "in_progress"
+        session.accounts.pop(request.step - ACCOUNTS_KEPT, None)
+        if session.queue is None:
+            session.queue = asyncio.Queue()
+            session.worker = asyncio.create_task(self._run_pushes(session))
+        session.queue.put_nowait((request, frame, peer))
+        return True
+
+    async def _read_step_frame(
+        self, session_id: bytes, step: int, positions: int, reader: asyncio.StreamReader
+    ) -> Frame:
+        shard = self.runtime.shard
+        if shard.span.first:
+            limits = FrameLimits(max_payload_bytes=positions * 8, max_elements=positions)
+        else:
+            width = positions * shard.hidden_size
+            limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
+        timeout_s = self.limits.read_timeout_s
+        async with asyncio.timeout(timeout_s):
+            length = await read_frame_length(reader)
+        if length == 0:
+            raise ProtocolError("a step carries its input as a frame")
+        async with self._budget.holding(length, timeout_s), asyncio.timeout(timeout_s):
+            frame = await read_frame_body(reader, length, limits)
+        if frame.session != session_id or frame.step != step:
+            raise ProtocolError("the frame belongs to another session or step")
+        if frame.tensor.dim() < 2 or int(frame.tensor.shape[1]) != positions:
+            raise ProtocolError(
+                f"the frame holds {frame.tensor.shape[1]} positions, the step says {positions}"
+            )
+        return frame
+
+    async def _run_pushes(self, session: _Session) -> None:
+        """A ring session's pushed steps, one after another, until it is closed (and this task cancelled)."""
+        assert session.queue is not None
+        while not session.closed:
+            request, frame, peer = await session.queue.get()
+            try:
+                await self._ring_step(session, request, frame, peer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not leave the step unaccounted for
+                log.exception("ring step %d of session %s", request.step, request.session.hex())
+                self._account_error(session, request, HopError("internal_error", repr(exc)))
+
+    def _account_error(
+        self, session: _Session, request: Push, error: HopError, entry: HopEntry | None = None
+    ) -> None:
+        base = entry or HopEntry(self.address, request.session, request.step, positions=request.positions)
+        failed = HopEntry(**{**base.__dict__, "error": error})
+        session.accounts[request.step] = Report.signed(self.keys.hop_report, failed, request.report).compact()
+
+    async def _ring_step(self, session: _Session, request: Push, frame: Frame, peer: str) -> None:
+        """Computes one pushed step, signs this hop's entry over the report it came with, and pushes the step on
+        (on the last hop: the token to the first, the report to the gateway's follow stream)."""
+        ticket = session.ticket
+        shard = self.runtime.shard
+        if session.positions + request.positions > ticket.max_positions:
+            self._account_error(
+                session, request, HopError("provider_busy", "the ticket's positions are spent")
+            )
+            return
+        async with session.lock:
+            if session.closed:
+                return
+            try:
+                output, record, compute_ms = await self._compute(
+                    request.session, request.step, frame.tensor, frame.sha256
+                )
+            except WorkerError as exc:
+                self._account_error(session, request, HopError(exc.code, str(exc)[:MAX_PROBLEM]))
+                return
+            session.positions += request.positions
+        entry = HopEntry(
+            self.address,
+            request.session,
+            request.step,
+            record.input_hash,
+            record.output_hash,
+            positions=request.positions,
+        )
+        if not shard.span.last:
+            report = Report.signed(self.keys.hop_report, entry, request.report, compute_ms)
+            session.accounts[request.step] = report.compact()
+            onward = Push(request.session, request.step, request.positions, report.to_json(), request.logits)
+            failure = await self._push(ticket, onward, output, record.output_hash)
+            if failure is not None:
+                self._account_error(session, request, failure, entry)
+            return
+
+        assert session.sampler is not None and session.ring is not None
+        last = output[:, -1, :]
+        token = session.sampler.next_token(last)
+        session.tokens.append(token)
+        entry = HopEntry(
+            **{**entry.__dict__, "token": token, "logprobs": session.sampler.logprobs(last, token)}
+        )
+        report = Report.signed(self.keys.hop_report, entry, request.report, compute_ms)
+        session.accounts[request.step] = report.compact()
+        ring = session.ring
+        if request.step + 1 < ring.steps and token not in ring.stop and not session.closed:
+            # The next step's input goes first: the gateway's copy of the report is not on the token's path.
+            onward = Push(request.session, request.step + 1, 1, report.compact().to_json(), request.logits)
+            failure = await self._push(ticket, onward, torch.tensor([[token]], dtype=torch.int64), None)
+            if failure is not None:
+                self._account_error(session, request, failure, entry)
+        if session.outbox is not None:
+            logits = last if request.logits else None
+            session.outbox.put_nowait((report.to_json(), logits, request.step))
+
+    def _upstream_problem(self, session: _Session, request: Push, frame: Frame, peer: str) -> str | None:
+        """Why a pushed step is not the input this hop may compute, or None: from the ticket's previous peer it
+        comes with that peer's signed report of it (on the first span, the last hop's report of the step before,
+        whose token is the frame); from the gateway with none."""
+        ticket = session.ticket
+        if peer != ticket.previous:  # the gateway that opened the session
+            return None if request.report is None else "the gateway's steps carry no report"
+        if request.report is None:
+            return f"a step from {peer} carries its signed report"
+        try:
+            report = Report.from_json(request.report)
+        except ProtocolError as exc:
+            return f"the report pushed with the step is not one: {exc}"
+        first = self.runtime.shard.span.first
+        entry = report.entry
+        step = request.step - 1 if first else request.step
+        if (entry.provider, entry.session, entry.step) != (ticket.previous, request.session, step):
+            return f"the report pushed with step {request.step} is not {ticket.previous}'s of step {step}"
+        if entry.error is not None:
+            return "the report pushed with the step is of an error"
+        if first:
+            ids = frame.tensor.reshape(-1)
+            if frame.tensor.dtype != torch.int64 or ids.numel() != 1 or int(ids[0]) != entry.token:
+                return "the token pushed is not the one the last hop signed for"
+        elif entry.output != frame.sha256:
+            return "the step pushed is not the output its sender signed for"
+        if report.signer(self.checks.hop_report) != ticket.previous:
+            return f"the report pushed with the step is not signed by {ticket.previous}"
+        return None
+
+    async def _push(
+        self, ticket: Any, push: Push, tensor: torch.Tensor, sha256: bytes | None
+    ) -> HopError | None:
+        """Pushes a step to the ticket's next peer, one-way; why it could not, or None."""
+        try:
+            link = self.peers.get(ticket.next_endpoint, ticket.next_fingerprint, expect=ticket.next)
+            await link.send(
+                push.to_json(),
+                tensor,
+                session=push.session,
+                step=push.step,
+                sha256=sha256,
+                timeout_s=self.limits.read_timeout_s,
+            )
+        except (WorkerError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            if isinstance(exc, CertificateMismatch | Unauthenticated):
+                code = "next_certificate_mismatch"
+            elif isinstance(exc, ProtocolError | WireError):
+                code = "next_misbehaved"
+            else:
+                code = "next_unreachable"
+            return HopError(code, f"{ticket.next_endpoint}: {exc}"[:MAX_PROBLEM])
+        return None
+
+    async def _follow(self, request: Follow, writer: asyncio.StreamWriter, peer: str) -> None:
+        """The session's step reports, as the last hop makes them, until the session ends."""
+        session = self._sessions.get(request.session)
+        if session is None or session.outbox is None:
+            write_message(writer, refusal("unknown_session", "no ring session of this last hop by that id"))
+            await writer.drain()
+            return
+        if peer != session.gateway or session.followed:
+            write_message(writer, refusal("not_authorised", "only its gateway follows a session, once"))
+            await writer.drain()
+            return
+        session.followed = True
+        outbox = session.outbox
+        try:
+            while True:
+                item = await outbox.get()
+                if item is _END:
+                    outbox.put_nowait(_END)  # for a follower that comes back
+                    write_message(writer, {"ok": True, "end": True})
+                    await writer.drain()
+                    return
+                report, logits, step = item
+                write_message(
+                    writer, {"ok": True, "report": report}, logits, session=request.session, step=step
+                )
+                await writer.drain()
+        finally:
+            session.followed = False
+
+    def _account(self, request: Account, peer: str) -> dict[str, Any]:
+        session = self._sessions.get(request.session)
+        if session is None:
+            raise UnknownSession(f"no session {request.session.hex()} here")
+        if peer != session.gateway:
+            raise NotAuthorised("only the gateway that opened a session asks for its accounts")
+        kept = session.accounts.get(request.step)
+        if not isinstance(kept, Report):
+            code = "in_progress" if kept == "in_progress" else "not_received"
+            entry = HopEntry(
+                self.address, request.session, request.step, error=HopError(code, f"step {request.step}")
+            )
+            kept = Report.signed(self.keys.hop_report, entry)
+        return {"ok": True, "report": kept.to_json()}
+
     # -- close, fetch, prove --------------------------------------------------------------------------------
 
     def _close(self, request: Close, peer: str) -> dict[str, Any]:
@@ -538,12 +831,15 @@ class HopServer:
             raise NotAuthorised("only the gateway that opened a session closes it")
         if session.receipt is None:
             closed = self.runtime.close(request.session)
+            _stop_ring(session)
             ticket = session.ticket
             shard = self.runtime.shard
-            tokens = session.tokens if ticket.last else [None] * len(closed.records)
+            # A ring may have run past the gateway's stop: the receipt bills the steps the gateway says it took.
+            records = closed.records if request.steps is None else closed.records[: request.steps]
+            tokens = session.tokens[: len(records)] if shard.span.last else [None] * len(records)
             steps = [
                 StepHashes(r.step, r.input_hash, r.output_hash, token, positions=r.positions)
-                for r, token in zip(closed.records, tokens, strict=True)
+                for r, token in zip(records, tokens, strict=True)
             ]
             session.receipt = self.keys.receipt(
                 ReceiptFields(
@@ -554,9 +850,9 @@ class HopServer:
                     model_root=ticket.model_root,
                     layer_start=shard.span.start,
                     layer_end=shard.span.end,
-                    positions=closed.positions,
+                    positions=sum(r.positions for r in records),
                     transcript_root=transcript_root(steps),
-                    sampling_hash=sampling_hash(session.sampling) if ticket.last else sampling_hash(None),
+                    sampling_hash=sampling_hash(session.sampling) if shard.span.last else sampling_hash(None),
                 )
             )
             _count_down(self._previous_of_unclosed, ticket.previous)
@@ -618,6 +914,14 @@ class HopServer:
             raise NotAuthorised(f"{peer} is not a gateway this provider announces itself to")
         signature = self.keys.endpoint_proof(request.challenge, request.endpoint, self.fingerprint)
         return {"ok": True, "signature": "0x" + signature.hex()}
+
+
+def _stop_ring(session: _Session) -> None:
+    """Ends a closed or forgotten session's ring: its queued steps are dropped, its follower told."""
+    if session.worker is not None:
+        session.worker.cancel()
+    if session.outbox is not None:
+        session.outbox.put_nowait(_END)
 
 
 def _count_down(counts: dict[Any, int], key: Any) -> None:

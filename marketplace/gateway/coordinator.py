@@ -2,10 +2,23 @@
 
 For each attempt the gateway signs one ticket per hop (its provider, span, session, the peer before it and the
 one after it with that peer's certificate, a position cap and a short expiry) and opens the session on every
-provider directly, handing each a key for its reports. Steps go to the first provider and on from provider to
-provider; the reply carries each hop's authenticated account of the step, which the route client verifies
-(worker.client.RouteClient): every entry by its own hop's key, the chain linking hop to hop, the emitted token
-in the vocabulary. At the end the gateway closes every session directly and bills each provider on its own
+provider directly, handing each a key for its reports. Every hop's authenticated account of every step reaches
+the gateway, which the route client verifies (worker.client.RouteClient): every entry by its own hop's key, the
+chain linking hop to hop, the emitted token in the vocabulary.
+
+The token ring (``ring=True``, the gateway's ``HOP_RING`` setting, on by default). The tickets close the route
+into a ring: the first hop's previous peer is the last provider, and the last hop's next is the first. The gateway
+pushes the prefill to the first provider and follows the last provider's stream of step reports; the last provider
+samples each token and pushes it straight to the first as the next step's input, so a token costs n link
+crossings instead of 2n, and the gateway is off its path. The ring stops by itself at ``max_tokens`` and after a
+stop token (the last provider's open says when); a stop string, or a client gone away, is decided here, after
+the ring has already gone on: the sessions are closed at once (which stops the ring at every hop), and each close
+names the steps the gateway took, so every receipt bills exactly those. The steps the ring computed past them are
+billed to nobody, a cost of at most about one ring's round trip that the providers bear for the speed (see
+worker.messages). With ``ring=False`` every step goes to the first provider and waits for the reports to come
+back through the chain: "without the ring", kept for routes where it suits, and to measure the ring's gain.
+
+At the end the gateway closes every session directly and bills each provider on its own
 signed receipt, checked against what that provider reported as the route ran (worker.transcript): a provider
 that gives no receipt, or a wrong one, goes unpaid, and the others are paid all the same.
 
@@ -43,7 +56,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -53,7 +66,7 @@ from marketplace.gateway.orderbook import BookAsk, OrderBook, Route
 from settlement.db.schema import HopStatus
 from settlement.pricing import hop_charge
 from settlement.tickets import KeyRing, SignatureChecks
-from worker.client import HopPlan, Peers, RouteClient, StepResult
+from worker.client import Blame, HopPlan, Peers, RouteClient, StepResult
 from worker.errors import StepFailed
 from worker.messages import ZERO_ADDRESS, HopTicket, SignedReceipt
 from worker.sampling import MAX_SEED, TokenLogprobs, session_sampling
@@ -144,14 +157,31 @@ class Outcome:
 
 
 class RouteSession(Protocol):
-    """One job's attempt on one route, as the coordinator drives it."""
+    """One job's attempt on one route, as the coordinator drives it: step by step through the chain, or as a
+    ring (when its tickets make one) that yields each step's result as the last provider reports it."""
 
-    async def open(self, sampling: dict[str, Any] | None) -> None: ...
+    async def open(
+        self,
+        sampling: dict[str, Any] | None,
+        *,
+        steps: int | None = None,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> None: ...
 
     async def step(self, step: int, inputs: torch.Tensor, *, logits: bool = False) -> StepResult: ...
 
-    async def close(self) -> list[SignedReceipt | None]:
-        """Each hop's own signed receipt, asked of it directly; None for a hop that gave none."""
+    def ring(
+        self,
+        prefill: torch.Tensor,
+        *,
+        steps: int,
+        stop_token_ids: frozenset[int] = frozenset(),
+        logits: bool = False,
+    ) -> AsyncGenerator[StepResult, None]: ...
+
+    async def close(self, steps: int | None = None) -> list[SignedReceipt | None]:
+        """Each hop's own signed receipt, asked of it directly, billing the first ``steps`` steps; None for a hop
+        that gave none."""
         ...
 
 
@@ -195,6 +225,7 @@ class Coordinator:
         ticket_ttl_s: int = 120,
         max_failovers: int = 3,
         failure_suspend_s: float = 30.0,
+        ring: bool = True,  # tokens on a ring (see the module's docstring); False: the request/reply chain
         clock: Callable[[], float],
     ) -> None:
         self.book = book
@@ -207,6 +238,7 @@ class Coordinator:
         self.ticket_ttl_s = ticket_ttl_s
         self.max_failovers = max_failovers
         self.failure_suspend_s = failure_suspend_s
+        self.ring = ring
         self.clock = clock
         self._cleanup: set[asyncio.Task[None]] = set()
 
@@ -248,7 +280,12 @@ class Coordinator:
                     # After a failover the new last span starts from what was generated: its sampler must know it.
                     records[-1].sampling = session_sampling(sampling, spec.prompt, generated)
                     try:
-                        await asyncio.wait_for(client.open(records[-1].sampling), self.step_timeout_s)
+                        opening = client.open(
+                            records[-1].sampling,
+                            steps=spec.max_tokens - len(generated),
+                            stop_token_ids=spec.stop_token_ids,
+                        )
+                        await asyncio.wait_for(opening, self.step_timeout_s)
                         finish = await self._generate(spec, client, records, generated, emit_choice)
                     except (StepFailed, TimeoutError) as exc:
                         for record in records:
@@ -277,7 +314,7 @@ class Coordinator:
                         self._close_quietly(plans, spec.vocab_size)
                         route, held, attempt, failovers = fresh, fresh, attempt + 1, failovers + 1
                         continue
-                    receipts = await client.close()
+                    receipts = await client.close(len(records[0].steps))
                     self._bill(spec, plans, records, receipts)
                     break
                 tokens += generated
@@ -297,6 +334,7 @@ class Coordinator:
             model_root=bytes.fromhex(spec.model_root.removeprefix("0x")),
             max_positions=spec.session_positions,
             expires_at=int(self.clock()) + self.ticket_ttl_s,
+            ring=self.ring,
         )
 
     def _reroute(self, spec: JobSpec, excluded: set[str]) -> Route | None:
@@ -314,6 +352,8 @@ class Coordinator:
         tokens: list[int],
         emit: ChoiceEmit,
     ) -> Finish:
+        if self.ring:
+            return await self._generate_ring(spec, client, records, tokens, emit)
         # Step 0 is the prefill: the prompt, and after a failover every token generated so far as well.
         result = await self._step(client, records, 0, [*spec.prompt, *tokens])
         step = 1
@@ -329,16 +369,50 @@ class Coordinator:
             result = await self._step(client, records, step, [token])
             step += 1
 
+    async def _generate_ring(
+        self,
+        spec: JobSpec,
+        client: RouteSession,
+        records: list[HopRecord],
+        tokens: list[int],
+        emit: ChoiceEmit,
+    ) -> Finish:
+        """The ring runs the steps; each result is recorded as it comes. Leaving early (a stop string, a client
+        gone) leaves the ring to be stopped by the close, which bills only the steps recorded here."""
+        prefill = torch.tensor([[*spec.prompt, *tokens]], dtype=torch.int64)
+        ring = client.ring(prefill, steps=spec.max_tokens - len(tokens), stop_token_ids=spec.stop_token_ids)
+        async with contextlib.aclosing(ring):
+            async for result in ring:
+                self._record(records, result)
+                token = result.token
+                tokens.append(token)
+                if token in spec.stop_token_ids:
+                    return "stop"
+                if not await emit(token, result.logprobs):
+                    return "halted"
+                if len(tokens) >= spec.max_tokens:
+                    return "length"
+        raise StepFailed("the ring ended before its last step", Blame([len(records) - 1], suspend=False))
+
     async def _step(
         self, client: RouteSession, records: list[HopRecord], step: int, ids: list[int]
     ) -> StepResult:
         inputs = torch.tensor([ids], dtype=torch.int64)
         # The route gives up on its own at step_timeout_s, saying on whom; this is for one that does not.
         result = await asyncio.wait_for(client.step(step, inputs), self.step_timeout_s + 5.0)
+        self._record(records, result)
+        return result
+
+    def _record(self, records: list[HopRecord], result: StepResult) -> None:
+        """What every hop authenticated of a step the gateway took: the steps it bills."""
         for record, hashes in zip(records, result.hops, strict=True):
             record.steps.append(hashes)
-            record.tokens += len(ids)
-        return result
+            record.tokens += hashes.positions
+        self._observe(records, result)
+
+    def _observe(self, records: list[HopRecord], result: StepResult) -> None:
+        """Where the order book learns each hop's step timings (``result.compute_ms``, each hop's own account,
+        unsigned): matching by measured load reads them. Nothing is kept here yet."""
 
     def _bill(
         self,
@@ -388,7 +462,7 @@ class Coordinator:
         receipt and billed if the receipt is exactly the gateway's record of it. A hop before the failure may
         have computed the step that never came back whole, so its receipt can honestly say one step more: it
         goes unpaid, and is not taken for a false receipt."""
-        receipts = await client.close()
+        receipts = await client.close(len(records[0].steps))
         for plan, record, receipt in zip(plans, records, receipts, strict=True):
             if record.status != HopStatus.ABANDONED or receipt is None or not record.steps:
                 continue  # at fault, or a suspect of it: unpaid, as on a route abandoned for a spare
@@ -423,14 +497,15 @@ def plan_route(
     model_root: bytes,
     max_positions: int,
     expires_at: int,
+    ring: bool = False,
 ) -> list[HopPlan]:
     """One ticket per hop of a route, signed by the gateway's ``keys``, for a fresh session: each names its
-    provider and span, the peer before it (the gateway, for the first), and the peer after it with the endpoint
-    and certificate its ask proved (nobody, for the last)."""
+    provider and span, the peer before it (the gateway, for the first; on a ``ring``, the last provider), and the
+    peer after it with the endpoint and certificate its ask proved (nobody, for the last; on a ring, the first)."""
     session = os.urandom(16)
     plans = []
     for i, ask in enumerate(asks):
-        following = asks[i + 1] if i + 1 < len(asks) else None
+        following = asks[i + 1] if i + 1 < len(asks) else (asks[0] if ring else None)
         unsigned = HopTicket(
             job_id=job_id,
             session=session,
@@ -438,7 +513,7 @@ def plan_route(
             model_root=model_root,
             layer_start=ask.start,
             layer_end=ask.end,
-            previous=asks[i - 1].provider if i > 0 else keys.address,
+            previous=asks[i - 1].provider if i > 0 else (asks[-1].provider if ring else keys.address),
             next=following.provider if following is not None else ZERO_ADDRESS,
             next_endpoint=following.endpoint if following is not None else "",
             next_fingerprint=following.tls_fingerprint if following is not None else bytes(32),

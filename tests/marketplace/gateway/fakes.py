@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,8 +175,25 @@ class FakeRoute:
         self.positions = 0
         self.opened_with: dict[str, Any] | None = None
 
-    async def open(self, sampling: dict[str, Any] | None) -> None:
+    async def open(self, sampling: dict[str, Any] | None, **_ring: Any) -> None:
         self.opened_with = sampling
+
+    async def ring(
+        self,
+        prefill: torch.Tensor,
+        *,
+        steps: int,
+        stop_token_ids: frozenset[int] = frozenset(),
+        logits: bool = False,
+    ) -> AsyncGenerator[StepResult, None]:
+        """The ring, as the coordinator sees it: the same steps as step() would take, yielded as they come."""
+        inputs = prefill
+        for step in range(steps):
+            result = await self.step(step, inputs)
+            yield result
+            if result.token in stop_token_ids:
+                return
+            inputs = torch.tensor([[result.token]], dtype=torch.int64)
 
     async def step(self, step: int, inputs: torch.Tensor, *, logits: bool = False) -> StepResult:
         if self.hold is not None:
@@ -208,7 +225,7 @@ class FakeRoute:
             hashed = output
         return StepResult(token, hops, [None] * len(hops))
 
-    async def close(self) -> list[SignedReceipt | None]:
+    async def close(self, steps: int | None = None) -> list[SignedReceipt | None]:
         receipts: list[SignedReceipt | None] = []
         for position, plan in enumerate(self.plans):
             ticket = plan.ticket
