@@ -141,6 +141,14 @@ class Shard:
         self.directory = directory  # the checkpoint it was loaded from: its tokenizer serves grammars
         self.base: nn.Module = getattr(model, structure.base_prefix)
         self._attention_lock = threading.Lock()
+        # Every config object the span's modules read their attention implementation from (the model's and the
+        # span's), found once: walking the modules costs a millisecond, every pass.
+        self._configs: list[Any] = list(
+            {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+        )
+        # Whether steps can run packed (worker.batching): every attention layer is plain softmax attention, perhaps
+        # windowed or soft-capped, none with learned sinks.
+        self.packable = not any(hasattr(module, "sinks") for module in model.modules())
 
     @property
     def root(self) -> str:
@@ -178,12 +186,6 @@ class Shard:
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // heads)
         return 2 * len(self.span) * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def packable(self) -> bool:
-        """Whether steps can run packed (worker.batching): every attention layer is plain softmax attention,
-        perhaps windowed or soft-capped, not one with learned sinks."""
-        return not any(hasattr(module, "sinks") for module in self.model.modules())
 
     @torch.inference_mode()
     def forward_packed(self, rows: Sequence[tuple[SessionKV, int, torch.Tensor]]) -> list[torch.Tensor]:
@@ -224,17 +226,14 @@ class Shard:
     def _attention(self, implementation: str) -> Iterator[None]:
         """Runs the span's layers with ``implementation`` for the duration; one forward at a time on a shard."""
         with self._attention_lock:
-            configs: dict[int, Any] = {
-                id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")
-            }
-            saved = {key: config._attn_implementation for key, config in configs.items()}
-            for config in configs.values():
+            saved = [config._attn_implementation for config in self._configs]
+            for config in self._configs:
                 config._attn_implementation = implementation
             try:
                 yield
             finally:
-                for key, config in configs.items():
-                    config._attn_implementation = saved[key]
+                for config, before in zip(self._configs, saved, strict=True):
+                    config._attn_implementation = before
 
     @torch.inference_mode()
     def forward(
