@@ -27,7 +27,7 @@ from settlement.validation import (
 )
 from worker.client import RetainedStep
 from worker.grammar import json_grammar
-from worker.runtime import SpanRuntime
+from worker.runtime import PendingStep, RuntimeLimits, SpanRuntime
 from worker.sampling import Sampler, SamplingParams, session_sampling
 from worker.shard import Shard, load_shard
 from worker.testing.cheats import CHEATS, WITHIN_BF16_ROUNDING, make_cheater
@@ -85,8 +85,9 @@ def judged(
     *,
     tamper: bool = False,
     sampling: dict[str, Any] | None = None,
+    session: bytes = b"s" * 16,
 ) -> Verdict:
-    records = runtime.retained(b"s" * 16)
+    records = runtime.retained(session)
     steps = [RetainedStep(r.step, r.input, r.output, r.input_hash, r.output_hash) for r in records]
     last = runtime.shard.span.last
     transcript = [
@@ -112,6 +113,47 @@ def test_honest_providers_pass(model: Path, references: dict[str, ReferenceSpan]
             verdict = judged(references[span], runtime, tokens)
             assert verdict.passed, (span, verdict.detail, verdict.metrics.get("meanRelErr"))
             assert verdict.metrics["dtype"] == str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_honest_providers_pass_whoever_shared_their_batches(
+    tmp_path: Path, arch: str, dtype: torch.dtype
+) -> None:
+    """Six jobs' steps packed into shared forward passes (prefills chunked beside decodes) on every span: each
+    job's every hop passes the validator's unbatched re-execution."""
+    checkpoint = write_tiny_checkpoint(tmp_path / arch, arch=arch, layers=6, hidden=128, seed=5)
+    shards = [load_shard(checkpoint, span, device=CPU, dtype=dtype) for span in SPANS]
+    references = {
+        span: ReferenceSpan(lambda dtype, span=span: load_shard(checkpoint, span, device=CPU, dtype=dtype))
+        for span in SPANS
+    }
+    runtimes = [SpanRuntime(shard, RuntimeLimits(max_batch_positions=24)) for shard in shards]
+    jobs = [bytes([65 + i]) * 16 for i in range(6)]
+    for runtime in runtimes:
+        for job in jobs:
+            runtime.open(job, b"j" * 32)
+    inputs = {
+        job: torch.tensor([[random.Random(i).randrange(256) for _ in range(3 + 7 * i)]])
+        for i, job in enumerate(jobs)
+    }
+    tokens: dict[bytes, list[int]] = {job: [] for job in jobs}
+    for step in range(8):
+        x = dict(inputs)
+        for runtime in runtimes:
+            pending = [PendingStep(job, step, x[job]) for job in jobs]
+            while not all(item.done for item in pending):
+                runtime.run_batch(pending)
+            for item in pending:
+                assert item.result is not None, item.error
+                x[item.session] = item.result[0]
+        for job in jobs:
+            tokens[job].append(int(x[job][0, -1].argmax()))
+            inputs[job] = torch.tensor([[tokens[job][-1]]])
+    for job in jobs:
+        for span, runtime in zip(SPANS, runtimes, strict=True):
+            verdict = judged(references[span], runtime, tokens[job], session=job)
+            assert verdict.passed, (span, verdict.reason, verdict.detail)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
