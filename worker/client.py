@@ -823,13 +823,15 @@ async def fetch_retained(
     ``part_timeout_s`` (default: the link's).
 
     Raises HopRefused with the provider's code when it does not have them, ProtocolError when it answers out of
-    turn, claims more than ``max_steps`` steps, or two parts disagree on how many. ``limits`` bound each frame
+    turn or two parts disagree on how many. Of more than ``max_steps`` steps kept (a ring that ran past the steps
+    its receipt bills), the first ``max_steps`` are read. ``limits`` bound each frame
     (from the model and the hop).
     """
 
     async def part(name: str) -> list[torch.Tensor]:
         tensors: list[torch.Tensor] = []
-        count = 1
+        count = 1  # steps to read: those kept, up to max_steps
+        total = 0  # steps the provider says it kept
         while len(tensors) < count:
             reply, frame = await link.request(
                 Fetch(ticket, len(tensors), name).to_json(), reply_frame=limits, timeout_s=part_timeout_s
@@ -838,8 +840,7 @@ async def fetch_retained(
             if (
                 fetched.step != len(tensors)
                 or fetched.part != name
-                or fetched.steps > max_steps
-                or (tensors and fetched.steps != count)
+                or (total and fetched.steps != total)
                 or frame is None
                 or frame.tensor.dim() < 2
                 or int(frame.tensor.shape[1]) != sum(fetched.widths)
@@ -847,9 +848,10 @@ async def fetch_retained(
                 raise ProtocolError(
                     f"{link.endpoint} answered a fetch of {name} from step {len(tensors)} amiss"
                 )
-            count = fetched.steps
+            # A ring may have run past the steps billed (see worker.messages): the billed ones are the first.
+            total, count = fetched.steps, min(fetched.steps, max_steps)
             start = 0
-            for width in fetched.widths:
+            for width in fetched.widths[: count - len(tensors)]:
                 tensors.append(frame.tensor[:, start : start + width])
                 start += width
         return tensors

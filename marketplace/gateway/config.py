@@ -57,6 +57,11 @@ class GatewaySettings(SettlementSettings):
         default=False,
         description="true books asks that name no TLS certificate and talks to them over plain TCP: development only",
     )
+    hop_ring: bool = Field(
+        default=True,
+        description="true runs decode steps on a token ring (the last provider hands each token to the first); "
+        "false sends every step through the chain and back to the gateway (the way without the ring)",
+    )
     max_failovers: int = Field(
         default=3, ge=0, description="times a job may be moved to a fresh route after a provider fails"
     )

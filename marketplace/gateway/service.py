@@ -191,6 +191,7 @@ class Gateway:
             ticket_ttl_s=settings.ticket_ttl_s,
             max_failovers=settings.max_failovers,
             failure_suspend_s=settings.failure_suspend_s,
+            ring=settings.hop_ring,
             clock=time.time,
         )
         limiter = RateLimiter.from_url(

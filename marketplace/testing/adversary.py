@@ -232,9 +232,12 @@ async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, Orde
         book.post(ask)
         book.set_active(ask.provider, True)
         book.heartbeat(ask.provider, time.time())
+    # The rogues of worker.testing.rogue attack the request/reply chain; the ring's attacks are
+    # tests/worker/test_ring.py's and tests/marketplace/gateway/test_ring_coordinator.py's.
     coordinator = Coordinator(
-        book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=STEP_TIMEOUT_S
-    )
+        book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=STEP_TIMEOUT_S,
+        ring=False,
+    )  # fmt: skip
     spec = JobSpec(os.urandom(32), arena.root, 6, VOCAB, PROMPT, NEW_TOKENS, {}, frozenset(), None)
     route = book.match(arena.root, 6)
     assert route is not None

@@ -22,12 +22,13 @@ import torch
 from eth_account import Account
 
 from marketplace.devnet.process import free_port
-from marketplace.gateway.coordinator import plan_route
-from marketplace.gateway.orderbook import BookAsk
+from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome, plan_route
+from marketplace.gateway.orderbook import BookAsk, OrderBook
 from marketplace.testing.hops import DOMAIN, VALIDATOR_ACCOUNT, checks, gateway_keys
+from settlement.db.schema import HopStatus
 from settlement.tickets import KeyRing
 from worker.client import HopPlan, PeerLink, Peers, RouteClient
-from worker.errors import StepFailed
+from worker.errors import StepFailed, WorkerError
 from worker.messages import Account as AccountRequest
 from worker.messages import HopEntry, Push, Report, checked
 from worker.runtime import SpanRuntime
@@ -451,5 +452,148 @@ def test_floods_of_pushes_are_dropped_and_strangers_hung_up_on(
             entry = HopEntry.from_json(checked(reply)["report"]["entry"])
             assert entry.error is None and entry.input == steps[3].hops[0].input
             await client.close(4)
+
+    run(go())
+
+
+# -- through the gateway's coordinator ------------------------------------------------------------------------
+
+
+async def coordinated(
+    ring: Ring, *, emit_until: int | None = None, cheaper: int | None = None
+) -> tuple[Outcome, OrderBook, list[int]]:
+    """A job on ``ring``'s asks, routed by the gateway's coordinator on the ring (``cheaper``: the ask routing
+    picks first for its span); ``emit_until``: the client goes away, or a stop string matches, once that many
+    tokens were emitted."""
+    book = OrderBook(heartbeat_ttl_s=3600, clock=time.time)
+    for number, ask in enumerate(ring.asks):
+        ask.in_use, ask.live = 0, True
+        ask.price_per_million = 500_000 if number == cheaper else 1_000_000
+        book.post(ask)
+        book.set_active(ask.provider, True)
+        book.heartbeat(ask.provider, time.time())
+    coordinator = Coordinator(
+        book, gateway_keys(), check_receipt=checks().receipt, clock=time.time, step_timeout_s=2.0, ring=True
+    )
+    spec = JobSpec(os.urandom(32), ring.root, 6, ring.vocab, PROMPT, NEW_TOKENS, {}, frozenset(), None)
+    route = book.match(ring.root, 6)
+    assert route is not None
+    emitted: list[int] = []
+
+    async def emit(_choice: int, token: int, _logprobs: object) -> bool:
+        emitted.append(token)
+        return emit_until is None or len(emitted) < emit_until
+
+    return await coordinator.run(spec, route, emit), book, emitted
+
+
+async def reference(ring: Ring, peers: Peers, route: tuple[int, ...] = (0, 1, 2)) -> list[int]:
+    """The tokens of a chain over ``route``'s asks of ``ring``."""
+    plans = plan_route(
+        gateway_keys(), [ring.asks[i] for i in route], job_id=os.urandom(32),
+        model_root=bytes.fromhex(ring.root[2:]), max_positions=256, expires_at=int(time.time()) + 120,
+    )  # fmt: skip
+    chain = ring.client(peers, plans)
+    tokens, _ = await chain.generate(PROMPT, max_tokens=NEW_TOKENS)
+    await chain.close()
+    return tokens
+
+
+def test_a_job_on_the_ring_bills_every_hop_and_stops_at_max_tokens(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    async def go() -> None:
+        async with ring_of(tiny_models["llama"], tmp_path) as (ring, peers):
+            expected = await reference(ring, peers)
+            outcome, _, emitted = await coordinated(ring)
+            assert outcome.finish == "length" and outcome.tokens == expected == emitted
+            assert [hop.status for hop in outcome.hops] == [HopStatus.BILLED] * 3
+            assert all(hop.tokens == len(PROMPT) + NEW_TOKENS - 1 for hop in outcome.hops)
+            session = outcome.hops[0].session
+            assert ring.servers[0]._sessions[session].accepted == NEW_TOKENS  # it ran no step past the last
+
+    run(go())
+
+
+def test_a_client_gone_mid_stream_stops_the_ring_and_pays_for_the_steps_taken(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The client goes away (a stop string ends a choice the same way: emit says no more) after 3 tokens, while
+    the ring runs ahead: every session is closed at once, and every hop bills exactly the 3 steps taken."""
+
+    async def go() -> None:
+        async with ring_of(tiny_models["llama"], tmp_path) as (ring, peers):
+            expected = await reference(ring, peers)
+            started = time.monotonic()
+            outcome, _, emitted = await coordinated(ring, emit_until=3)
+            assert time.monotonic() - started < 5.0
+            assert outcome.finish == "halted" and emitted == expected[:3] == outcome.tokens
+            assert [hop.status for hop in outcome.hops] == [HopStatus.BILLED] * 3
+            assert all(hop.tokens == len(PROMPT) + 2 for hop in outcome.hops)
+            session = outcome.hops[0].session
+            assert all(server._sessions[session].closed for server in ring.servers)
+            accepted = ring.servers[0]._sessions[session].accepted
+            await asyncio.sleep(0.3)
+            assert ring.servers[0]._sessions[session].accepted == accepted  # stopped
+
+    run(go())
+
+
+def test_a_provider_that_stops_forwarding_mid_stream_is_routed_around(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The middle hop stops pushing steps on after step 2 and says it sent them: it and the next hop stand word
+    against word, so both are left out (neither suspended), and the job finishes on the spares with the answer an
+    honest route gives, paying only the final route."""
+
+    async def go() -> None:
+        spans = [(0, 2), (2, 4), (4, 6), (2, 4), (4, 6)]
+        async with ring_of(tiny_models["llama"], tmp_path, spans, kinds={1: StopsForwarding}) as (
+            ring,
+            peers,
+        ):
+            expected = await reference(ring, peers)
+            outcome, book, emitted = await coordinated(ring, cheaper=1)
+            assert outcome.finish == "length" and outcome.failovers == 1
+            assert outcome.tokens == expected == emitted
+            first = [(hop.ask.provider, hop.status) for hop in outcome.hops if hop.attempt == 0]
+            a, rogue, c, spare_b, spare_c = (ask.provider for ask in ring.asks)
+            assert first == [(a, HopStatus.ABANDONED), (rogue, HopStatus.SUSPECT), (c, HopStatus.SUSPECT)]
+            final = [(hop.ask.provider, hop.status) for hop in outcome.hops if hop.attempt == 1]
+            assert final == [(a, HopStatus.BILLED), (spare_b, HopStatus.BILLED), (spare_c, HopStatus.BILLED)]
+            assert sum(hop.amount for hop in outcome.hops if hop.attempt == 0) == 0
+            assert all(book.matchable(ask.provider) for ask in ring.asks)
+
+    run(go())
+
+
+class Crashes(HopServer):
+    """(middle) From step 3 on, every step fails in its compute, as a provider whose accelerator died would."""
+
+    async def _compute(self, session: bytes, step: int, *args: Any) -> Any:
+        if step >= 3:
+            raise WorkerError("the accelerator is gone")
+        return await super()._compute(session, step, *args)
+
+
+def test_a_provider_erroring_mid_stream_is_blamed_and_replaced(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Its own signed account says it failed: it alone is blamed and suspended, and the job finishes on a spare."""
+
+    async def go() -> None:
+        spans = [(0, 2), (2, 4), (4, 6), (2, 4)]
+        async with ring_of(tiny_models["llama"], tmp_path, spans, kinds={1: Crashes}) as (ring, peers):
+            expected = await reference(ring, peers, (0, 3, 2))
+            outcome, book, emitted = await coordinated(ring, cheaper=1)
+            assert (
+                outcome.finish == "length"
+                and outcome.failovers == 1
+                and outcome.tokens == expected == emitted
+            )
+            statuses = [hop.status for hop in outcome.hops]
+            assert statuses[:3] == [HopStatus.ABANDONED, HopStatus.FAILED, HopStatus.ABANDONED]
+            assert statuses[3:] == [HopStatus.BILLED] * 3
+            assert not book.matchable(ring.asks[1].provider)
 
     run(go())
