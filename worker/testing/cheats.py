@@ -21,10 +21,12 @@ the hashes always match what it sent, so only re-executing the span can tell. ``
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from worker.batching import SessionKV
 from worker.shard import Shard
 
 CHEATS = (
@@ -117,10 +119,35 @@ class _OutputCheat(Shard):
         all_logits: bool = False,
     ) -> torch.Tensor:
         output = super().forward(cache=cache, input_ids=input_ids, hidden=hidden, all_logits=all_logits)
-        step = self.steps.get(cache, 0)
-        self.steps[cache] = step + 1
-        previous = self.previous.get(cache)
-        self.previous[cache] = output
+        if self.kind == "kv-int8":
+            for layer in cache.layers:
+                layer.keys = _fake_int8(layer.keys)
+                layer.values = _fake_int8(layer.values)
+        return self._cheat(cache, output, hidden)
+
+    def forward_packed(self, rows: Sequence[tuple[SessionKV, int, torch.Tensor]]) -> list[torch.Tensor]:
+        outputs = super().forward_packed(rows)
+        if self.kind == "kv-int8":
+            with torch.inference_mode():  # the buffers were made in it
+                self._quantize_buffers(rows)
+        hidden = [None if self.span.first else inputs for _, _, inputs in rows]
+        return [self._cheat(kv, out, h) for (kv, _, _), out, h in zip(rows, outputs, hidden, strict=True)]
+
+    @staticmethod
+    def _quantize_buffers(rows: Sequence[tuple[SessionKV, int, torch.Tensor]]) -> None:
+        for kv, past, inputs in rows:
+            end = past + int(inputs.shape[1])
+            for buffers in (kv.keys, kv.values):
+                for buffer in buffers:
+                    if buffer is not None:
+                        buffer[:, :end] = _fake_int8(buffer[:, :end])
+
+    def _cheat(self, session: Any, output: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """What the cheat hands on for a session's step (``session`` is its cache, or its packed buffers)."""
+        step = self.steps.get(session, 0)
+        self.steps[session] = step + 1
+        previous = self.previous.get(session)
+        self.previous[session] = output
         kind = self.kind
         if (
             kind == "random"
@@ -131,10 +158,6 @@ class _OutputCheat(Shard):
         if kind in NOISE:
             drawn = torch.randn(output.shape, generator=self.generator).to(output.device)
             return (output.float() + drawn * self.noise * _rms(output)).to(output.dtype)
-        if kind == "kv-int8":
-            for layer in cache.layers:
-                layer.keys = _fake_int8(layer.keys)
-                layer.values = _fake_int8(layer.values)
         if kind == "copy-input":
             assert hidden is not None
             return hidden.to(output.dtype)
