@@ -308,8 +308,9 @@ class SpanRuntime:
                     item.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
             return
         with self._lock:
-            for (item, session, count), output in zip(admitted, outputs, strict=True):
+            for _, session, _ in admitted:
                 session.running = False
+            for (item, session, count), output in zip(admitted, outputs, strict=True):
                 item.computed += count
                 item.outputs.append(output)
                 if item.left == 0:
@@ -381,9 +382,15 @@ class SpanRuntime:
             item.input_hash or payload_sha256(item.inputs),
             payload_sha256(output),
         )
-        self.store.append(
-            item.session, item.step, ((record.input, record.input_hash), (record.output, record.output_hash))
-        )
+        try:
+            self.store.append(
+                item.session,
+                item.step,
+                ((record.input, record.input_hash), (record.output, record.output_hash)),
+            )
+        except OSError as exc:  # unretained, the step did not happen: the session may take it again
+            item.error = ProviderBusy(f"the step could not be kept for validators: {exc}"[:300])
+            return
         session.positions += seq
         session.input_dtype = item.inputs.dtype
         session.next_step += 1

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import torch
 
+from worker.errors import ProviderBusy
 from worker.runtime import PendingStep, SpanRuntime, StepRecord
+
+log = logging.getLogger(__name__)
 
 
 class StepScheduler:
@@ -53,7 +57,13 @@ class StepScheduler:
             batch = carried + [(pending, future, 0.0) for pending, future in self._waiting]
             self._waiting = []
             started = time.perf_counter()
-            await asyncio.to_thread(self.runtime.run_batch, [pending for pending, _, _ in batch])
+            try:
+                await asyncio.to_thread(self.runtime.run_batch, [pending for pending, _, _ in batch])
+            except Exception as exc:  # a bug, say: refuse the batch, keep serving
+                log.exception("a batch of %d steps failed", len(batch))
+                for pending, _, _ in batch:
+                    if not pending.done:
+                        pending.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
             spent_ms = (time.perf_counter() - started) * 1e3
             carried = []
             for pending, future, ms in batch:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.errors import BadStepInput, StepOutOfOrder, UnknownSession
+from worker.errors import BadStepInput, ProviderBusy, StepOutOfOrder, UnknownSession
 from worker.runtime import PendingStep, RuntimeLimits, SpanRuntime
 from worker.scheduler import StepScheduler
 from worker.shard import Shard, load_shard
@@ -193,3 +193,29 @@ def test_the_scheduler_batches_steps_that_arrive_together(tiny_models: dict[str,
     alone = [_greedy_alone(SpanRuntime(shard), b"a" * 16, torch.tensor([[i + 1, 2, 3]]), 6) for i in range(6)]
     assert together == alone
     assert max(batches) > 1 and len(batches) < 36, batches
+
+
+def test_a_batch_that_fails_is_refused_and_the_scheduler_serves_on(tiny_models: dict[str, Path]) -> None:
+    shard = load_shard(tiny_models["llama"], "0:3", device=CPU)
+    runtime = SpanRuntime(shard)
+    run_batch = runtime.run_batch
+    failures = [OSError("disk full")]
+
+    def failing(pending: list[PendingStep]) -> None:
+        if failures:
+            raise failures.pop()
+        run_batch(pending)
+
+    runtime.run_batch = failing  # type: ignore[method-assign]
+
+    async def main() -> None:
+        scheduler = StepScheduler(runtime)
+        runtime.open(b"s" * 16)
+        try:
+            with pytest.raises(ProviderBusy, match="disk full"):
+                await scheduler.run(b"s" * 16, 0, torch.tensor([[1, 2]]), None)
+            await scheduler.run(b"s" * 16, 0, torch.tensor([[1, 2]]), None)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(main())
