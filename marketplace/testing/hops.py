@@ -133,6 +133,7 @@ def plan(
     keys: KeyRing | None = None,
     job_id: bytes | None = None,
     expires_in_s: int = 120,
+    ring: bool = False,  # tickets for a token ring (RouteClient.generate then runs it as one)
 ) -> list[HopPlan]:
     return plan_route(
         keys or gateway_keys(),
@@ -141,6 +142,7 @@ def plan(
         model_root=bytes.fromhex(root.removeprefix("0x")),
         max_positions=max_positions,
         expires_at=int(time.time()) + expires_in_s,
+        ring=ring,
     )
 
 
