@@ -177,7 +177,8 @@ def runtime_steps(runtimes: Sequence[SpanRuntime], tokens: int) -> tuple[list[in
     memory); returns the tokens and, per decode step, each span's ms (the last span's includes sampling)."""
     sessions = [os.urandom(16) for _ in runtimes]
     for runtime, session in zip(runtimes, sessions, strict=True):
-        runtime.open(session)
+        # Sized as a gateway's ticket sizes a provider's session: the KV room it reserves is what the job needs.
+        runtime.open(session, max_positions=len(PROMPT) + tokens)
     sampler = Sampler(SamplingParams())  # greedy
 
     def step(index: int, inputs: torch.Tensor) -> tuple[int, list[float]]:
