@@ -36,6 +36,10 @@ hung up on after ``max_refused_pushes``. What a hop did with each step is kept (
 for the gateway's :class:`~worker.messages.Account` requests, for the last few steps of each session.
 
 Chain steps run on the connection's own task: the sender waits for the reply anyway.
+
+Compute. Every step, ring or chain, reaches the span through ``_compute``, which hands it to the provider's
+:class:`~worker.scheduler.StepScheduler`: steps of different sessions that wait at the same time run in one
+batched forward pass (:mod:`worker.batching`), on a worker thread, so the event loop keeps reading steps meanwhile.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ from worker.messages import (
 from worker.protocol import read_control, read_frame_body, read_frame_length, write_message
 from worker.runtime import SpanRuntime, StepRecord
 from worker.sampling import Sampler, SamplingParams
+from worker.scheduler import StepScheduler
 from worker.tls import NO_FINGERPRINT, TlsIdentity
 from worker.transcript import StepHashes, sampling_hash, transcript_root
 from worker.trust import Checks, Keys, ReceiptFields
@@ -200,6 +205,7 @@ class HopServer:
         self.clock = clock
         self.fingerprint = tls.fingerprint if tls is not None else NO_FINGERPRINT
         self.peers = Peers(keys, allow_plaintext=allow_plaintext or tls is None)
+        self._scheduler = StepScheduler(runtime)  # steps of many sessions, batched
         self._sessions: dict[bytes, _Session] = {}
         self._sessions_per_job: dict[bytes, int] = defaultdict(int)
         self._budget = _Budget(self.limits.max_inflight_bytes)
@@ -243,6 +249,7 @@ class HopServer:
             self._server.close()
             await self._server.wait_closed()
         await self.peers.close()
+        await self._scheduler.close()
 
     # -- connections ----------------------------------------------------------------------------------------
 
@@ -530,9 +537,7 @@ class HopServer:
     ) -> tuple[torch.Tensor, StepRecord, float]:
         """Runs one session's step on the span, the one place steps reach the runtime: its output, its record, and
         the milliseconds of compute it took. Raises WorkerError."""
-        started = time.perf_counter()
-        output, record = self.runtime.step(session, step, inputs, input_hash=input_hash)
-        return output, record, round((time.perf_counter() - started) * 1e3, 3)
+        return await self._scheduler.run(session, step, inputs, input_hash)
 
     async def _forward(
         self, ticket: Any, request: Step, output: torch.Tensor, output_hash: bytes, left_s: float
