@@ -56,13 +56,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
-from marketplace.gateway.orderbook import BookAsk, OrderBook, Route
+from marketplace.gateway.orderbook import BookAsk, Budget, OrderBook, Route
 from settlement.db.schema import HopStatus
 from settlement.pricing import hop_charge
 from settlement.tickets import KeyRing, SignatureChecks
@@ -135,6 +136,7 @@ class HopRecord:
     refusal: str | None = None  # why a false receipt does not bill it
     amount: int = 0  # what it bills; 0 unless its receipt verified
     status: str = HopStatus.RUNNING
+    recorded_at: float | None = None  # perf_counter when the gateway last recorded a step of it
 
     @property
     def transcript_root(self) -> bytes:
@@ -338,8 +340,9 @@ class Coordinator:
         )
 
     def _reroute(self, spec: JobSpec, excluded: set[str]) -> Route | None:
-        route = self.book.route(spec.model_root, spec.num_layers, exclude=excluded)
-        if route is None or (spec.budget is not None and route.quote(spec.quote_tokens) > spec.budget):
+        budget = None if spec.budget is None else Budget(spec.quote_tokens, spec.budget)
+        route = self.book.route(spec.model_root, spec.num_layers, exclude=excluded, budget=budget)
+        if route is None:
             return None
         self.book.reserve(route)
         return route
@@ -405,14 +408,18 @@ class Coordinator:
 
     def _record(self, records: list[HopRecord], result: StepResult) -> None:
         """What every hop authenticated of a step the gateway took: the steps it bills."""
+        now = time.perf_counter()
         for record, hashes in zip(records, result.hops, strict=True):
             record.steps.append(hashes)
             record.tokens += hashes.positions
-        self._observe(records, result)
-
-    def _observe(self, records: list[HopRecord], result: StepResult) -> None:
-        """Where the order book learns each hop's step timings (``result.compute_ms``, each hop's own account,
-        unsigned): matching by measured load reads them. Nothing is kept here yet."""
+        first = records[0]
+        if first.recorded_at is not None and len(first.steps) >= 2:
+            # A decode step's round trip: one result to the next (the ring's lap, or the chain's request and
+            # reply). The book attributes it to the hops, each's own unsigned account of its compute counting
+            # only towards the others' time (marketplace.gateway.orderbook). The prefill tells nothing of load.
+            route = Route(records[0].ask.model_root, tuple(record.ask for record in records))
+            self.book.observe_step(route, (now - first.recorded_at) * 1e3, result.compute_ms)
+        first.recorded_at = now
 
     def _bill(
         self,

@@ -47,7 +47,7 @@ from marketplace.gateway.coordinator import Coordinator, JobSpec, Outcome
 from marketplace.gateway.errors import Conflict, GatewayError, PaymentRejected
 from marketplace.gateway.jobstore import JobStore
 from marketplace.gateway.metrics import Metrics
-from marketplace.gateway.orderbook import OrderBook, Route
+from marketplace.gateway.orderbook import Budget, OrderBook, Route
 from marketplace.gateway.payments.gate import NONE, PaymentGate, Reservation, Settled, Terms, hex0x
 from marketplace.gateway.payments.x402 import EXACT, VOUCHER, Payment, decode_payment, payment_required
 from marketplace.gateway.resting import Resting, RestingJobs
@@ -194,9 +194,22 @@ class JobRunner:
 
     def quote(self, request: Request) -> Quote:
         started = time.perf_counter()
-        route = self.book.route(request.model.root, request.model.num_layers)
+        route = self._route(request)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
         return self._priced(request, route)
+
+    def _route(self, request: Request, *, reserve: bool = False) -> Route | None:
+        """The book's route for ``request`` (by price, load and speed), within its max_price if it has one; when
+        no route fits it, the best route all the same, so that the refusal names its cost. With ``reserve``, its
+        capacity is taken before anything else can take it."""
+        model = request.model
+        budget = None if request.max_price is None else Budget(request.quote_tokens, request.max_price)
+        route = self.book.route(model.root, model.num_layers, budget=budget)
+        if route is None and budget is not None:
+            route = self.book.route(model.root, model.num_layers)
+        if route is not None and reserve:
+            self.book.reserve(route)
+        return route
 
     def _priced(self, request: Request, route: Route | None) -> Quote:
         if route is None:
@@ -209,14 +222,13 @@ class JobRunner:
                 return Quote(None, request.max_price)  # rest until a cheaper route appears
             raise Conflict(
                 "max_price_exceeded",
-                f"the cheapest route costs {cost}, above max_price {request.max_price}",
+                f"the route costs {cost}, above max_price {request.max_price}",
                 quote=str(cost),
             )
         # A job that may rest reserves its whole max price, so any route up to it can take it later.
         if request.kind == "job" and request.max_price is not None:
             return Quote(route, request.max_price, cost)
-        # The margin lets a failover finish on a dearer spare (routing always picks the cheapest route, so a
-        # spare usually is dearer); max_price caps it.
+        # The margin lets a failover finish on a dearer spare; max_price caps it.
         amount = self.terms.with_margin(cost)
         return Quote(route, amount if request.max_price is None else min(amount, request.max_price), cost)
 
@@ -266,7 +278,7 @@ class JobRunner:
         # Matching reserves the route's capacity before payment, so the quote paid is the quote of the route that
         # will run; it is the one route this admission computes, and a refusal quotes it again.
         started = time.perf_counter()
-        route = self.book.match(request.model.root, request.model.num_layers)
+        route = self._route(request, reserve=True)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
         try:
             quote = self._priced(request, route)
@@ -304,7 +316,7 @@ class JobRunner:
         return self._launch(job_id, request, reservation, route)
 
     def _match(self, request: Request) -> Route:
-        route = self.book.match(request.model.root, request.model.num_layers)
+        route = self._route(request, reserve=True)
         if route is None:
             raise Conflict("no_route", f"no live, staked providers cover every layer of {request.model.name}")
         return route
@@ -501,6 +513,8 @@ class JobRunner:
             except Exception as exc:  # whatever the endpoint does, this job waits and the others go on
                 log.warning("job %s: its channel cannot be read yet: %r", run.job_id, exc)
                 continue
+            if not all(ask.live and ask.free > 0 for ask in route.asks):
+                return None  # an admission took the route's room while the chain was read: the next pass
             self._resting.remove(run.job_id)
             if leaving:
                 refused = Outcome(

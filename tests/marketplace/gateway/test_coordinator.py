@@ -142,3 +142,13 @@ def test_failovers_stop_at_the_limit(max_failovers: int) -> None:
     assert outcome.error_code == "route_failed"
     assert outcome.failovers == max_failovers
     assert len({hop.attempt for hop in outcome.hops}) == max_failovers + 1
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_each_decode_step_teaches_the_book_its_hops_step_times(ring: bool) -> None:
+    """The prefill tells nothing of load; every decode step's round trip is attributed to the route's hops."""
+    outcome, _, _, book, posted = run(ROUTE, FakeTransport, spec(), ring=ring)
+    assert outcome.finish == "length"
+    for ask in posted:
+        learned = book.providers[ask.provider].ms_per_layer
+        assert learned is not None and learned >= 0
