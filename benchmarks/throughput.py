@@ -11,7 +11,8 @@ ways in one run:
    - the three spans 0:8, 8:16 and 16:24, each its own ``SpanRuntime``, stepped in turn, the hidden state handed
      from one to the next in memory: what the providers compute per token between them, without any link.
    Step times are medians over the decode steps (the prefill is left out); the runtime's and the spans' include
-   sampling, as ``generate()``'s do.
+   sampling, as ``generate()``'s do. Their sessions reserve the KV room a gateway's ticket would, prompt + new
+   tokens: a step's cost grows with the room reserved, and the runtime's default is 8,192 positions.
 2. Concurrency. An anvil with the contracts, three ``strata provider serve`` processes on TLS (one per span, as
    many torch threads as this process has, OpenMP threads sleeping when idle), and ``strata gateway serve`` with
    payments on, which the providers' asks are announced to. Each client is the SDK's ``StrataClient`` paying
@@ -48,15 +49,19 @@ Figures (the last line is one JSON object):
                           decode rate of one stream with 20 ms on every link, without and with the ring
     ring_speedup_20ms     tps_20ms_ring ÷ tps_20ms_no_ring (target ≥ 1.6); null, with ring_note saying why,
                           while the gateway has no ring setting or under ``--skip-ring``
+    ring_in_levels        whether the levels above ran on the ring: the gateway's default (null while it has no
+                          ring setting)
 
 What may still limit concurrency besides the providers. The gateway is one uvicorn process (one event loop, one
-core's worth of Python) that verifies a voucher, tokenizes, reserves, matches, drives every step of every job
-and writes each job's outcome to SQLite; its per-address and per-payer rate limits are turned off here, its
+core's worth of Python) that verifies a voucher, tokenizes, reserves, matches, and for every token of every job
+receives the token and each hop's signed report (off the ring it also sends every step), then writes each
+job's outcome to SQLite; its per-address and per-payer rate limits are turned off here, its
 tokenizing queue is sized past the largest level, its ration of chain reads of channels it has not seen yet
 (every client's, at the warm-up) is raised past it, and the asks offer twice the largest level's sessions (the
 providers open as many), so neither a 429, a 503 nor a job resting for capacity should occur (a request
 that fails at all stops the run). The clients themselves are coroutines in this process, sharing the two cores
-with the gateway, the providers and anvil; and each payment is one more round trip (the 402) before a stream.
+with the gateway, the providers and anvil; each payment is one more round trip (the 402) before a stream, and
+while a stream's headers are awaited the SDK polls the channel (to release its wallet's lock early).
 
 Options: ``--clients 1,4,16,32``, ``--tokens 64``, ``--requests`` per client per level, ``--hidden``/``--layers``
 for a smaller model while developing, ``--rounds`` of the in-process compute, ``--skip-ring``, ``--keep`` (keep the
