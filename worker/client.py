@@ -508,7 +508,10 @@ class RouteClient:
             previous: HopEntry | None = None
             for step in range(steps):
                 try:
-                    reply, frame = await follow.receive(reply_frame if logits else None, self.step_timeout_s)
+                    # Read with the logits' limits even when none were asked for: the flag travels unsigned in
+                    # every push, so any hop may set it and the last hop then honestly sends them. A frame taken
+                    # for a broken stream would blame the last hop for another's doing; it is read and dropped.
+                    reply, frame = await follow.receive(reply_frame, self.step_timeout_s)
                 except (HopUnreachable, ProtocolError, WireError) as exc:
                     raise StepFailed(
                         f"step {step} did not come back: {exc}", await self._account_blame(step)
@@ -524,7 +527,7 @@ class RouteClient:
                 token = previous.token
                 assert token is not None  # checked with the last hop's entry
                 yield StepResult(
-                    token, hops, compute_ms, frame.tensor if frame is not None else None, logprobs
+                    token, hops, compute_ms, frame.tensor if frame is not None and logits else None, logprobs
                 )
                 if token in stop_token_ids:
                     return

@@ -324,6 +324,13 @@ class Replays(HopServer):
         return failure
 
 
+class AsksForLogits(HopServer):
+    """(middle) Pushes every step on asking the last hop for logits the gateway never asked for."""
+
+    async def _push(self, ticket: Any, push: Push, tensor: torch.Tensor, sha256: bytes | None) -> Any:
+        return await super()._push(ticket, replace(push, logits=True), tensor, sha256)
+
+
 def attacked(
     model: Path,
     tmp: Path,
@@ -394,6 +401,19 @@ def test_a_middle_hop_that_stops_forwarding_is_found_by_the_accounts(
         assert failure is not None and failure.blame.positions == [1, 2] and not failure.blame.suspend
 
     attacked(tiny_models["llama"], tmp_path, StopsForwarding, 1, expect)
+
+
+def test_logits_nobody_asked_for_are_dropped_and_blame_nobody(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The logits flag travels unsigned in each push: a middle hop that sets it has the honest last hop send
+    logits on its stream. The gateway reads and drops them, rather than taking the stream for broken and leaving
+    the last hop out while the hop that set the flag stays in."""
+
+    def expect(failure: StepFailed | None, _: list[int]) -> None:
+        assert failure is None
+
+    attacked(tiny_models["llama"], tmp_path, AsksForLogits, 1, expect)
 
 
 def test_replayed_old_and_future_steps_are_never_computed(
