@@ -35,6 +35,9 @@ Figures (the last line is one JSON object):
     itl_p50_ms_N, _p90_   level N: inter-token latency, the gaps between successive tokens' arrival at the
                           client, over every request of the level, ms
     ttft_p50_ms_N         level N: request sent → first token, median, ms
+    cores_gateway_N, cores_providers_N, cores_clients_N
+                          level N: CPU seconds the gateway, the three providers together and this process (the
+                          clients) used ÷ the level's wall time, from /proc: what kept the cores busy
     aggregate_ratio_16    aggregate_tps_16 ÷ aggregate_tps_1 (target ≥ 8)
     latency_ratio_16      itl_p50_ms_16 ÷ itl_p50_ms_1 (target ≤ 2.5)
     single_stream_tps     the 1-client level's decode rate: tokens after the first ÷ first → last token, median
@@ -339,9 +342,9 @@ def gateway_env(market: Market, database: Path, clients: int, ring: bool | None)
 @contextlib.contextmanager
 def gateway(
     market: Market, name: str, endpoints: Sequence[str], *, clients: int, ring: bool | None = None
-) -> Iterator[str]:
+) -> Iterator[tuple[str, int]]:
     """``strata gateway serve`` on a database of its own, the providers' asks announced to it at ``endpoints``
-    (theirs, or proxies in front of them); yields its URL and stops it on the way out."""
+    (theirs, or proxies in front of them); yields its URL and process id, and stops it on the way out."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = market.workdir / f"gateway-{name}.log"
@@ -360,7 +363,7 @@ def gateway(
                 provider.node.fingerprint, DEFAULT_RETENTION_S,
             )  # fmt: skip
             asyncio.run(_announce(url, provider.account, offer, domain))
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
@@ -389,6 +392,31 @@ async def _announce(url: str, provider: LocalAccount, offer: Offer, domain: Any)
         await announcer.heartbeat()
     finally:
         await announcer.aclose()
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) used by named processes, read from /proc (Linux): where a level's
+    time went, on a machine whose cores everyone shares. A name may stand for several processes, summed."""
+
+    def __init__(self, processes: dict[str, int | list[int]]) -> None:
+        self.processes = {
+            name: pids if isinstance(pids, list) else [pids] for name, pids in processes.items()
+        }
+
+    def read(self) -> dict[str, float]:
+        return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self.processes.items()}
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        return {name: seconds - before[name] for name, seconds in self.read().items()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        # Fields after the command's closing parenthesis: state is the first, utime the 12th, stime the 13th.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")  # not Linux, or the process is gone
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- streaming clients ----------------------------------------------------------------------------------------
@@ -472,6 +500,7 @@ class Level:
     clients: int
     streams: list[Stream]
     wall_s: float
+    cores: dict[str, float] = field(default_factory=dict)  # CPU seconds each party used ÷ wall_s
 
     @property
     def tokens(self) -> int:
@@ -509,20 +538,24 @@ async def run_level(clients: Sequence[StrataClient], requests: int, tokens: int,
 
 
 async def concurrency(
-    url: str, market: Market, levels: Sequence[int], requests: int, tokens: int
+    url: str, market: Market, levels: Sequence[int], requests: int, tokens: int, meter: CpuMeter
 ) -> list[Level]:
     async with paying_clients(url, market, max(levels)) as clients:
         # Warm-up: every client's first payment (its wallet reads its channel), connections everywhere, the
         # providers' first sessions and first-call paths.
         await run_level(clients, 1, min(tokens, 8), tag=0)
         print(f"{'clients':>7} {'tokens':>6} {'wall s':>7} {'agg tok/s':>9} {'ITL p50':>8} {'ITL p90':>8} "
-              f"{'TTFT p50':>9} {'decode tok/s':>12}", flush=True)  # fmt: skip
+              f"{'TTFT p50':>9} {'decode tok/s':>12}  cores busy: gateway, providers, clients", flush=True)  # fmt: skip
         measured = []
         for tag, count in enumerate(levels, start=1):
+            before = meter.read()
             level = await run_level(clients[:count], requests, tokens, tag)
+            level.cores = {name: cpu / level.wall_s for name, cpu in meter.since(before).items()}
+            busy = ", ".join(f"{cores:.2f}" for cores in level.cores.values())
             print(
                 f"{count:>7} {level.tokens:>6} {level.wall_s:>7.2f} {level.aggregate_tps:>9.2f} "
-                f"{level.itl_ms(50):>8.1f} {level.itl_ms(90):>8.1f} {level.ttft_ms:>9.1f} {level.decode_tps:>12.2f}",
+                f"{level.itl_ms(50):>8.1f} {level.itl_ms(90):>8.1f} {level.ttft_ms:>9.1f} {level.decode_tps:>12.2f}"
+                f"  {busy}",
                 flush=True,
             )
             measured.append(level)
@@ -545,7 +578,7 @@ def ring_figures(market: Market, requests: int, tokens: int, clients: int) -> di
     with contextlib.ExitStack() as stack:
         proxies = [stack.enter_context(DelayProxy(p.node.endpoint, LINK_DELAY_S)) for p in market.providers]
         endpoints = [proxy.endpoint for proxy in proxies]
-        with gateway(market, "20ms-no-ring", endpoints, clients=clients, ring=False) as url:
+        with gateway(market, "20ms-no-ring", endpoints, clients=clients, ring=False) as (url, _):
             without = asyncio.run(single_stream(url, market, requests, tokens))
         print(f"20 ms a link, without the ring: {without:.2f} tokens/s", flush=True)
         if setting is None:
@@ -554,7 +587,7 @@ def ring_figures(market: Market, requests: int, tokens: int, clients: int) -> di
                 "ring_note": "the gateway has no ring setting yet (GatewaySettings has no boolean field named "
                 "'ring' or '..._ring_...'; set RING_SETTING in benchmarks/throughput.py if it is named otherwise)",
             }  # fmt: skip
-        with gateway(market, "20ms-ring", endpoints, clients=clients, ring=True) as url:
+        with gateway(market, "20ms-ring", endpoints, clients=clients, ring=True) as (url, _):
             ring = asyncio.run(single_stream(url, market, requests, tokens))
         print(f"20 ms a link, with the ring ({setting}): {ring:.2f} tokens/s", flush=True)
     return {
@@ -586,8 +619,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with market(model_dir, args.layers, max(levels), workdir) as started:
         endpoints = [p.node.endpoint for p in started.providers]
-        with gateway(started, "direct", endpoints, clients=max(levels)) as url:
-            measured = asyncio.run(concurrency(url, started, levels, args.requests, args.tokens))
+        with gateway(started, "direct", endpoints, clients=max(levels)) as (url, pid):
+            meter = CpuMeter(
+                {
+                    "gateway": pid,
+                    "providers": [p.node.process.pid for p in started.providers],
+                    "clients": os.getpid(),
+                }
+            )
+            measured = asyncio.run(concurrency(url, started, levels, args.requests, args.tokens, meter))
         by_count = {level.clients: level for level in measured}
         for level in measured:
             n = level.clients
@@ -595,6 +635,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             result[f"itl_p50_ms_{n}"] = round(level.itl_ms(50), 2)
             result[f"itl_p90_ms_{n}"] = round(level.itl_ms(90), 2)
             result[f"ttft_p50_ms_{n}"] = round(level.ttft_ms, 1)
+            for name, cores in level.cores.items():
+                result[f"cores_{name}_{n}"] = round(cores, 2)
         if args.skip_ring:
             ring = {"tps_20ms_no_ring": None, "tps_20ms_ring": None, "ring_speedup_20ms": None,
                     "ring_note": "skipped (--skip-ring)"}  # fmt: skip
