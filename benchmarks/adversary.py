@@ -2,6 +2,8 @@
 processes (honest and rogue), the gateway's coordinator and app, and anvil.
 
     attacks        how many were tried
+    on_the_ring    of them, how many ran their jobs on the token ring (the gateway's default, HOP_RING)
+    on_the_chain   of them, how many on the request/reply chain (HOP_RING=false)
     succeeded      how many got what they were after (target 0)
     honest_harmed  how many blamed, suspended, underpaid or slowed an honest party (target 0)
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from marketplace.testing.adversary import ATTACKS, arena
+from marketplace.testing.adversary import ATTACKS, ON_THE_CHAIN, ON_THE_RING, arena
 
 
 def main() -> None:
@@ -38,6 +40,8 @@ def main() -> None:
         json.dumps(
             {
                 "attacks": len(verdicts),
+                "on_the_ring": len(ON_THE_RING & set(ATTACKS)),
+                "on_the_chain": len(ON_THE_CHAIN & set(ATTACKS)),
                 "succeeded": sum(v.succeeded for v in verdicts),
                 "honest_harmed": sum(v.honest_harmed for v in verdicts),
             }

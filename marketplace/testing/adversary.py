@@ -11,6 +11,14 @@ signed word stands against another's is left out of that job's later attempts wi
 (HopStatus.SUSPECT): that is the design, not harm. An attack "succeeds" when it gets what it was after, or when
 the rogue stays in the job's later attempts. tests/marketplace/test_adversary.py asserts every verdict;
 benchmarks/adversary.py counts them.
+
+Jobs run on the token ring, the way the gateway runs them by default (``HOP_RING``): the prefill pushed to the
+first provider, each step pushed on hop to hop, the last provider's reports read from its follow stream, a step
+that does not come back accounted for by every hop's signed account, receipts billing the steps the gateway took.
+Each rogue attacks the ring in its ring form (worker.testing.rogue), and the ring-only rogues attack what only
+the ring has: the token pushed from the last hop to the first, the accounts, the logits flag a push carries. The
+request/reply chain (``HOP_RING=false``) keeps the attacks on its relayed reports, which the ring does not have:
+the ``chain-…`` attacks.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +70,7 @@ PROMPT = [BOS, *b"Strangers on a route. "]
 NEW_TOKENS = 6
 VOCAB = 259
 MIN_STAKE = 100 * ONE_TOKEN
-SPANS = {"a": (0, 2), "b": (2, 4), "c": (4, 6), "spare": (2, 4), "spare-c": (4, 6)}
+SPANS = {"a": (0, 2), "b": (2, 4), "c": (4, 6), "spare-a": (0, 2), "spare": (2, 4), "spare-c": (4, 6)}
 STEP_TIMEOUT_S = 5.0  # the coordinator's: what a silent hop costs a job
 ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so that routing picks it first
     "alter-downstream": (2, 4),
@@ -78,6 +86,10 @@ ROGUES = {  # misbehaviour: the span it serves, cheaper than the honest one so t
     "silent-close": (0, 2),
     "inflate-receipt": (2, 4),
     "inflate-positions": (0, 2),
+    "split-token": (4, 6),
+    "withhold-token": (4, 6),
+    "lie-account": (2, 4),
+    "unasked-logits": (2, 4),
 }
 
 
@@ -92,7 +104,7 @@ class Verdict:
 @dataclass
 class Arena:
     """A chain with two deployments of the contracts (for replays across deployments), a gateway app on the first,
-    honest providers a 0:2, b 2:4, c 4:6 and spares for 2:4 and 4:6, and one rogue per misbehaviour, all staked,
+    honest providers a 0:2, b 2:4, c 4:6 and a spare for each span, and one rogue per misbehaviour, all staked,
     on TLS."""
 
     workdir: Path
@@ -121,7 +133,7 @@ class Arena:
 def arena(workdir: Path) -> Iterator[Arena]:
     """Starts everything the attacks need and stops it afterwards."""
     with ExitStack() as stack:
-        anvil = stack.enter_context(Anvil(accounts=24))
+        anvil = stack.enter_context(Anvil(accounts=4 + len(SPANS) + len(ROGUES)))
         accounts = anvil.accounts
         chain = Chain(anvil.url, receipt_timeout_s=30)
         admin, operator, treasury, validator = accounts[:4]
@@ -202,20 +214,25 @@ async def _honest_run(arena: Arena) -> tuple[list[int], float]:
 
 
 async def _timed_job(arena: Arena, route: list[Served]) -> tuple[list[int], list[float]]:
+    """A ring job's tokens, and the time from each token to the next (a decode step around the ring)."""
     peers = Peers(arena.keys)
     client = RouteClient(
-        plan(route, root=arena.root, keys=arena.keys), peers, checks=arena.checks, vocab_size=VOCAB
+        plan(route, root=arena.root, keys=arena.keys, ring=True), peers, checks=arena.checks, vocab_size=VOCAB
     )
     try:
-        await client.open({})
-        result = await client.step(0, torch.tensor([PROMPT]))
-        tokens, times = [result.token], []
-        for step in range(1, NEW_TOKENS):
-            started = time.perf_counter()
-            result = await client.step(step, torch.tensor([[tokens[-1]]]))
-            times.append((time.perf_counter() - started) * 1e3)
-            tokens.append(result.token)
-        await client.close()
+        await client.open({}, steps=NEW_TOKENS)
+        tokens: list[int] = []
+        times: list[float] = []
+        arrived = 0.0
+        ring = client.ring(torch.tensor([PROMPT]), steps=NEW_TOKENS)
+        async with aclosing(ring):
+            async for result in ring:
+                now = time.perf_counter()
+                if tokens:
+                    times.append((now - arrived) * 1e3)
+                tokens.append(result.token)
+                arrived = now
+        await client.close(len(tokens))
         return tokens, times
     finally:
         await peers.close()
@@ -224,19 +241,18 @@ async def _timed_job(arena: Arena, route: list[Served]) -> tuple[list[int], list
 # -- attacks on a route, through the gateway's coordinator --------------------------------------------------
 
 
-async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, OrderBook]:
-    """A job routed by the gateway's own coordinator over ``asks`` (the cheapest route is tried first)."""
+async def _coordinated(arena: Arena, asks: list[BookAsk], *, ring: bool = True) -> tuple[Outcome, OrderBook]:
+    """A job routed by the gateway's own coordinator over ``asks`` (the cheapest route is tried first), on the
+    token ring as production runs it, or (``ring=False``) on the request/reply chain."""
     book = OrderBook(heartbeat_ttl_s=3600, clock=time.time)
     for number, ask in enumerate(asks, start=1):
         ask.id, ask.in_use, ask.live = number, 0, True
         book.post(ask)
         book.set_active(ask.provider, True)
         book.heartbeat(ask.provider, time.time())
-    # The rogues of worker.testing.rogue attack the request/reply chain; the ring's attacks are
-    # tests/worker/test_ring.py's and tests/marketplace/gateway/test_ring_coordinator.py's.
     coordinator = Coordinator(
         book, arena.keys, check_receipt=arena.checks.receipt, clock=time.time, step_timeout_s=STEP_TIMEOUT_S,
-        ring=False,
+        ring=ring,
     )  # fmt: skip
     spec = JobSpec(os.urandom(32), arena.root, 6, VOCAB, PROMPT, NEW_TOKENS, {}, frozenset(), None)
     route = book.match(arena.root, 6)
@@ -248,7 +264,7 @@ async def _coordinated(arena: Arena, asks: list[BookAsk]) -> tuple[Outcome, Orde
     return await coordinator.run(spec, route, emit), book
 
 
-def _route_attack(arena: Arena, kind: str, *, suspended: bool = True) -> Verdict:
+def _route_attack(arena: Arena, kind: str, *, suspended: bool = True, ring: bool = True) -> Verdict:
     """A job through the coordinator with ``kind``'s rogue cheapest for its span. The job must complete with
     the honest answer, the rogue left out after it struck (``suspended``: blamed alone, or left out with the
     hop it disputes) and paid nothing; no honest provider blamed alone or suspended, and every honest hop of the
@@ -256,7 +272,7 @@ def _route_attack(arena: Arena, kind: str, *, suspended: bool = True) -> Verdict
     rogue = arena.rogues[kind]
     asks = [served.ask for served in (*arena.honest.values(), rogue)]
     started = time.monotonic()
-    outcome, book = asyncio.run(_coordinated(arena, asks))
+    outcome, book = asyncio.run(_coordinated(arena, asks, ring=ring))
     seconds = time.monotonic() - started
     honest = {served.account.address for served in arena.honest.values()}
     rogue_hops = [hop for hop in outcome.hops if hop.ask.provider == rogue.account.address]
@@ -280,42 +296,74 @@ def _route_attack(arena: Arena, kind: str, *, suspended: bool = True) -> Verdict
     )
 
 
+def _harmless_attack(arena: Arena, kind: str) -> Verdict:
+    """A job through the coordinator with ``kind``'s rogue cheapest for its span, whose deviation the protocol
+    makes idle: the job completes on its first route with the honest answer, every hop (the rogue's honest work
+    too) billed on a receipt that is exactly the gateway's record, nobody left out or suspended."""
+    rogue = arena.rogues[kind]
+    asks = [served.ask for served in (*arena.honest.values(), rogue)]
+    started = time.monotonic()
+    outcome, book = asyncio.run(_coordinated(arena, asks))
+    seconds = time.monotonic() - started
+    honest = {served.account.address for served in arena.honest.values()}
+    expected = len(PROMPT) + NEW_TOKENS - 1
+    succeeded = (
+        outcome.finish is None
+        or outcome.tokens != arena.reference
+        or outcome.failovers > 0
+        or rogue.account.address not in {hop.ask.provider for hop in outcome.hops}
+        or any(hop.tokens != expected for hop in outcome.hops)
+        or seconds > 4 * STEP_TIMEOUT_S
+    )
+    harmed = any(hop.status != HopStatus.BILLED for hop in outcome.hops if hop.ask.provider in honest) or any(
+        not book.matchable(address) for address in honest
+    )
+    statuses = [(hop.attempt, hop.ask.provider[:8], hop.status, hop.tokens) for hop in outcome.hops]
+    return Verdict(
+        kind, succeeded, harmed, f"failovers {outcome.failovers} in {seconds:.1f} s, hops {statuses}"
+    )
+
+
 def alter_downstream_report(arena: Arena) -> Verdict:
-    """A middle provider relays the next hop's report with its output hash changed."""
+    """A middle provider passes the first hop's signed entry on with its output hash changed, the signature kept,
+    and signs its own over it: the gateway, reading the step from the last hop down, finds the first hop's entry
+    not verifying under the middle hop's signature over it, and blames the middle hop alone."""
     return _route_attack(arena, "alter-downstream")
 
 
 def forge_error_report(arena: Arena) -> Verdict:
-    """A middle provider reports, in the next hop's name, an error the next hop never sent."""
+    """A middle provider sends the step nowhere and gives, as its account of it, an error in the next hop's name
+    that the next hop never sent: an account that is not its own signed word blames it alone."""
     return _route_attack(arena, "forge-error")
 
 
 def false_unreachable_report(arena: Arena) -> Verdict:
-    """A middle provider says the next hop could not be reached, to get it suspended. The gateway reaches the
-    next hop itself: the two hops' words stand against each other, and both are left out, neither suspended."""
+    """A middle provider sends the step nowhere and its signed account says the next hop could not be reached, to
+    get it suspended. The gateway reaches the next hop itself: the two hops' words stand against each other, and
+    both are left out, neither suspended."""
     return _route_attack(arena, "blame-next", suspended=False)
 
 
-def replay_a_step_to_frame_the_next_hop(arena: Arena) -> Verdict:
-    """The first provider sends a step on twice and relays the next hop's honest, signed refusal of the second
-    (step_out_of_order), hoping to get it blamed for an error its input caused."""
-    return _route_attack(arena, "replay-step", suspended=False)
+def replay_a_step(arena: Arena) -> Verdict:
+    """The first provider pushes each step on twice, and the step before again: the next hop takes each step
+    once, in order, and drops the others unread; nothing is computed twice, billed twice, or blamed."""
+    return _harmless_attack(arena, "replay-step")
 
 
-def garbage_report_to_frame_the_relayer(arena: Arena) -> Verdict:
-    """The last provider answers with a report whose signature is nobody's, hoping the gateway blames the hop
-    that relayed it. The relayer checks before it signs for relaying: it reports its next hop instead."""
-    return _route_attack(arena, "garbage-report", suspended=False)
+def garbage_report(arena: Arena) -> Verdict:
+    """The last provider streams the gateway, and pushes the first hop, reports whose signature is nobody's: the
+    report of the step the gateway reads is the last hop's own to vouch for, and it alone is blamed."""
+    return _route_attack(arena, "garbage-report")
 
 
 def stall_a_step(arena: Arena) -> Verdict:
-    """The last provider never answers: the hop before it gives up within the budget its step carried, while
-    the gateway and the first hop still wait, and says whom it waited for."""
-    return _route_attack(arena, "stall", suspended=False)
+    """The last provider takes step 2 and never finishes it: the step does not come back in the step timeout, the
+    gateway asks every hop for its account, and the last hop's own says it still holds the step."""
+    return _route_attack(arena, "stall")
 
 
 def inflate_positions_to_frame_the_next_hops(arena: Arena) -> Verdict:
-    """The first provider sends each decode step on with twice the positions, signing for what it sent, so that
+    """The first provider pushes each decode step on with twice the positions, signing for what it sent, so that
     the hops after it would sign receipts for more positions than the gateway sent, and be taken for liars. Every
     hop signs the positions it received at every step: the next hop's word against the first's, both are left
     out of the job at once, neither suspended, and no receipt is ever asked of that route."""
@@ -326,6 +374,45 @@ def never_answer_the_close(arena: Arena) -> Verdict:
     """The first provider of a route that completed never answers its close: the others' receipts do not wait
     for it, the job ends in bounded time, and it alone is unpaid."""
     return _route_attack(arena, "silent-close")
+
+
+def split_the_token(arena: Arena) -> Verdict:
+    """From step 2 on, the last provider pushes the first hop another token than the one it streams the gateway,
+    signing for each: the first hop's entry nests the one it was handed, and the gateway holds two entries for
+    one step signed by the last hop, proof against it alone."""
+    return _route_attack(arena, "split-token")
+
+
+def withhold_the_token(arena: Arena) -> Verdict:
+    """From step 2 on, the last provider streams the gateway each step's report but pushes no token on, and its
+    account says it did: the first hop's account says it never had the next step. Word against word: both left
+    out, neither suspended, and the job goes on on the spares."""
+    return _route_attack(arena, "withhold-token", suspended=False)
+
+
+def lie_in_the_account(arena: Arena) -> Verdict:
+    """From step 2 on, a middle provider pushes nothing on and its signed account says the step never reached it,
+    framing the first hop, whose account says it sent it: both left out, neither suspended."""
+    return _route_attack(arena, "lie-account", suspended=False)
+
+
+def ask_for_unasked_logits(arena: Arena) -> Verdict:
+    """A middle provider pushes every step on asking the last hop for logits the gateway never asked for, hoping
+    the gateway takes the frames on the last hop's stream for a broken stream and blames the last hop (which
+    would leave the honest last hop out and keep the rogue in). The gateway reads and drops logits it did not ask
+    for: nothing fails."""
+    return _harmless_attack(arena, "unasked-logits")
+
+
+def _on_the_chain(kind: str, *, suspended: bool = True) -> Callable[[Arena], Verdict]:
+    """``kind``'s attack on the request/reply chain (the gateway's ``HOP_RING=false``), where reports travel back
+    hop by hop and each relay checks the one it signs over."""
+
+    def attack(arena: Arena) -> Verdict:
+        return _route_attack(arena, kind, suspended=suspended, ring=False)
+
+    attack.__doc__ = f"{kind} on the request/reply chain."
+    return attack
 
 
 def inflate_a_receipt(arena: Arena) -> Verdict:
@@ -378,9 +465,10 @@ def inject_a_step(arena: Arena) -> Verdict:
 
 
 def substitute_the_emitted_token(arena: Arena) -> Verdict:
-    """The last provider emits other tokens than it sampled, keeping its logits honest, greedy and under a seeded
-    sampler: the job completes and bills (the gateway cannot tell), but its signed transcript commits to what it
-    emitted, and the validator, judging its retained steps as the validation task does, fails the hop."""
+    """The last provider emits other tokens than it sampled, to the gateway and to the first hop alike, keeping
+    its logits honest, greedy and under a seeded sampler: the job completes and bills (the gateway cannot tell),
+    but its signed transcript commits to what it emitted, and the validator, judging its retained steps as the
+    validation task does, fails the hop."""
     samplings = {"greedy": {"temperature": 0.0, "seed": 1}, "sampled": SAMPLED}
     return _judged_tokens(arena, "substitute-token", samplings)
 
@@ -399,9 +487,12 @@ def sample_outside_the_grammar_and_the_bias(arena: Arena) -> Verdict:
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 20, "seed": 7}
 
 
-def _judged_tokens(arena: Arena, kind: str, samplings: dict[str, dict[str, Any]]) -> Verdict:
-    """Runs the rogue last provider ``kind`` under each of ``samplings``: the attack fails when every run bills
-    (the gateway cannot tell) and the validator's judgement of the rogue's retained steps is WRONG_TOKEN."""
+def _judged_tokens(
+    arena: Arena, kind: str, samplings: dict[str, dict[str, Any]], *, ring: bool = True
+) -> Verdict:
+    """Runs the rogue last provider ``kind`` under each of ``samplings``, on the ring (or the chain): the attack
+    fails when every run bills (the gateway cannot tell) and the validator's judgement of the rogue's retained
+    steps is WRONG_TOKEN."""
     rogue = arena.rogues[kind]
     route = [arena.honest["a"], arena.honest["b"], rogue]
     reference = ReferenceSpan(
@@ -410,17 +501,12 @@ def _judged_tokens(arena: Arena, kind: str, samplings: dict[str, dict[str, Any]]
 
     async def run(sampling: dict[str, Any]) -> tuple[str | None, bool]:
         peers = Peers(arena.keys)
-        plans = plan(route, root=arena.root, keys=arena.keys)
+        plans = plan(route, root=arena.root, keys=arena.keys, ring=ring)
         client = RouteClient(plans, peers, checks=arena.checks, vocab_size=VOCAB)
-        transcript = []
         try:
-            await client.open(sampling)
-            result = await client.step(0, torch.tensor([PROMPT]))
-            transcript.append(result.hops[-1])
-            for step in range(1, NEW_TOKENS):
-                result = await client.step(step, torch.tensor([[result.token]]))
-                transcript.append(result.hops[-1])
-            receipts = await client.close()
+            _, results = await client.generate(PROMPT, max_tokens=NEW_TOKENS, sampling=sampling)
+            transcript = [result.hops[-1] for result in results]
+            receipts = await client.close(len(results))
         finally:
             await peers.close()
         validator = KeyRing(arena.validator, arena.contracts.protocol_domain())
@@ -453,7 +539,7 @@ def _judged_tokens(arena: Arena, kind: str, samplings: dict[str, dict[str, Any]]
 
 
 def withhold_downstream_receipts(arena: Arena) -> Verdict:
-    """The first provider of a route that completed goes away before the close: in the old protocol every
+    """The first provider of a ring that completed goes away before the close: in the old protocol every
     receipt came back through it. Each provider now hands its own to the gateway: the others are billed."""
     first = launch(
         arena.model, (0, 2), seed=777_001, root=arena.root, workdir=arena.workdir,
@@ -464,15 +550,15 @@ def withhold_downstream_receipts(arena: Arena) -> Verdict:
     async def run() -> list[str | None]:
         peers = Peers(arena.keys)
         client = RouteClient(
-            plan(route, root=arena.root, keys=arena.keys), peers, checks=arena.checks, vocab_size=VOCAB
+            plan(route, root=arena.root, keys=arena.keys, ring=True),
+            peers,
+            checks=arena.checks,
+            vocab_size=VOCAB,
         )
         try:
-            await client.open({})
-            token = (await client.step(0, torch.tensor([PROMPT]))).token
-            for step in range(1, 3):
-                token = (await client.step(step, torch.tensor([[token]]))).token
+            tokens, _ = await client.generate(PROMPT, max_tokens=3)
             first.node.kill()
-            receipts = await client.close()
+            receipts = await client.close(len(tokens))
         finally:
             await peers.close()
         return [None if r is None else r.provider for r in receipts]
@@ -830,10 +916,14 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "alter-downstream-report": alter_downstream_report,
     "forge-error-report": forge_error_report,
     "false-unreachable-report": false_unreachable_report,
-    "replay-a-step-to-frame-the-next-hop": replay_a_step_to_frame_the_next_hop,
-    "garbage-report-to-frame-the-relayer": garbage_report_to_frame_the_relayer,
+    "replay-a-step": replay_a_step,
+    "garbage-report": garbage_report,
     "stall-a-step": stall_a_step,
     "never-answer-the-close": never_answer_the_close,
+    "split-the-token": split_the_token,
+    "withhold-the-token": withhold_the_token,
+    "lie-in-the-account": lie_in_the_account,
+    "ask-for-unasked-logits": ask_for_unasked_logits,
     "close-another-providers-session": close_another_providers_session,
     "inject-a-step": inject_a_step,
     "substitute-the-emitted-token": substitute_the_emitted_token,
@@ -841,6 +931,12 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "withhold-downstream-receipts": withhold_downstream_receipts,
     "inflate-a-receipt": inflate_a_receipt,
     "inflate-positions-to-frame-the-next-hops": inflate_positions_to_frame_the_next_hops,
+    # The request/reply chain (HOP_RING=false) where its defences differ from the ring's: reports relayed back,
+    # each relay checking what it signs over.
+    "chain-alter-downstream-report": _on_the_chain("alter-downstream"),
+    "chain-forge-error-report": _on_the_chain("forge-error"),
+    "chain-replay-a-step-to-frame-the-next-hop": _on_the_chain("replay-step", suspended=False),
+    "chain-garbage-report-to-frame-the-relayer": _on_the_chain("garbage-report", suspended=False),
     "replay-tickets": replay_tickets,
     "route-to-an-unnamed-address": route_to_an_unnamed_address,
     "oversized-frame-without-a-ticket": oversized_frame_without_a_ticket,
@@ -850,6 +946,20 @@ ATTACKS: dict[str, Callable[[Arena], Verdict]] = {
     "replay-across-deployments": replay_across_deployments,
     "man-in-the-middle": man_in_the_middle,
 }
+
+
+# The attacks that run jobs through providers, by the way the jobs run: the rest attack a provider's door or the
+# market, which are the same whichever way jobs run.
+ON_THE_CHAIN = frozenset(name for name in ATTACKS if name.startswith("chain-"))
+ON_THE_RING = frozenset(
+    {
+        "alter-downstream-report", "forge-error-report", "false-unreachable-report", "replay-a-step",
+        "garbage-report", "stall-a-step", "never-answer-the-close", "split-the-token", "withhold-the-token",
+        "lie-in-the-account", "ask-for-unasked-logits", "close-another-providers-session", "inject-a-step",
+        "substitute-the-emitted-token", "sample-outside-the-grammar-and-the-bias", "withhold-downstream-receipts",
+        "inflate-a-receipt", "inflate-positions-to-frame-the-next-hops", "idle-connections", "fetch-flood",
+    }
+)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -872,4 +982,4 @@ if __name__ == "__main__":
     main(sys.argv[1:])
 
 
-__all__ = ["ATTACKS", "Arena", "Verdict", "arena"]
+__all__ = ["ATTACKS", "ON_THE_CHAIN", "ON_THE_RING", "Arena", "Verdict", "arena"]
