@@ -58,7 +58,9 @@ Figures (the last line is one JSON object):
 What may still limit concurrency besides the providers. The gateway is one uvicorn process (one event loop, one
 core's worth of Python) that verifies a voucher, tokenizes, reserves, matches, and for every token of every job
 receives the token and each hop's signed report (off the ring it also sends every step), then writes each
-job's outcome to SQLite; its per-address and per-payer rate limits are turned off here, its
+job's outcome to SQLite, whose one writer at a time makes concurrent reservations and outcomes wait on each
+other (on a loaded machine a 32-client level has failed with "database is locked": a 500, nothing charged;
+PostgreSQL is the gateway's database for scale); its per-address and per-payer rate limits are turned off here, its
 tokenizing queue is sized past the largest level, its ration of chain reads of channels it has not seen yet
 (every client's, at the warm-up) is raised past it, and the asks offer twice the largest level's sessions (the
 providers open as many), so neither a 429, a 503 nor a job resting for capacity should occur (a request
