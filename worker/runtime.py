@@ -257,6 +257,11 @@ class SpanRuntime:
         """Whether the session is open, or closed and its steps still retained."""
         return session_id in self._open or session_id in self.store
 
+    def active_sessions(self, within_s: float) -> int:
+        """Open sessions that opened or took a step within the last ``within_s`` seconds."""
+        since = self.clock() - within_s
+        return sum(1 for session in list(self._open.values()) if session.last_used >= since)
+
     @property
     def cached_tokens(self) -> int:
         """KV cache positions reserved by open sessions."""

@@ -380,7 +380,48 @@ def load_shard(
         raise ModelStructureError(f"span {span} of {directory} lacks tensors: {leftover[:5]}")
     cast(Any, model).to(dtype)  # PreTrainedModel.to's stub takes no dtype
     model.eval()
+    if device.type == "cpu" and dtype in PREPACKED_DTYPES and torch.backends.mkldnn.is_available():
+        _prepack_linears(model)
     return Shard(model, config, span_config, structure, span, manifest, device, dtype, Path(directory))
+
+
+# Dtypes whose linear layers oneDNN runs from prepacked weights on CPU.
+PREPACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PrepackedLinear(nn.Module):
+    """A linear layer that runs on oneDNN from a copy of its weight reordered once for oneDNN's kernels.
+
+    On CPU the BLAS path (``F.linear``) is slower than it need be at a decode step's few rows: here it takes twice
+    the time to read a weight for 2 to 32 rows as for 1, and 1.8 times what oneDNN takes for 1; prepacked,
+    oneDNN reads it at memory speed for one row and takes 2 times as long for 16 rows, not 3. Packing happens at
+    the first forward pass, after anything that changes weights at load (the testing cheats do); the
+    checkpoint's weight is then dropped, leaving a meta tensor with its shape and dtype for code that reads them.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            with self._lock:
+                if self._packed is None:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+                    self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def _prepack_linears(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, PrepackedLinear(child))
 
 
 def _token_embedding(names: TensorNames) -> str:

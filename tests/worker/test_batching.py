@@ -5,6 +5,7 @@ running decodes; one session's bad step costs the others nothing; the scheduler 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,43 @@ def test_a_batch_that_fails_is_refused_and_the_scheduler_serves_on(tiny_models: 
             await scheduler.close()
 
     asyncio.run(main())
+
+
+def test_steps_of_sessions_on_their_way_wait_to_share_a_pass_and_a_lone_session_never_waits(
+    tiny_models: dict[str, Path],
+) -> None:
+    shard = load_shard(tiny_models["llama"], "0:3", device=CPU)
+    runtime = SpanRuntime(shard)
+    batches: list[int] = []
+    run_batch = runtime.run_batch
+
+    def counted(pending: list[PendingStep]) -> None:
+        batches.append(len(pending))
+        run_batch(pending)
+
+    runtime.run_batch = counted  # type: ignore[method-assign]
+
+    async def main() -> float:
+        scheduler = StepScheduler(runtime)
+        try:
+            runtime.open(b"a" * 16)
+            scheduler._pass_s = 5.0  # as if passes were slow: a lone session must still not wait for one
+            started = time.perf_counter()
+            await scheduler.run(b"a" * 16, 0, torch.tensor([[1, 2]]), None)
+            alone_s = time.perf_counter() - started
+            runtime.open(b"b" * 16)
+            await scheduler.run(b"b" * 16, 0, torch.tensor([[3, 4]]), None)
+            # Both stepped within the second: a's next step waits for b's, which comes 50 ms later.
+            batches.clear()
+            scheduler._pass_s = 5.0
+            first = asyncio.ensure_future(scheduler.run(b"a" * 16, 1, torch.tensor([[5]]), None))
+            await asyncio.sleep(0.05)
+            await scheduler.run(b"b" * 16, 1, torch.tensor([[6]]), None)
+            await first
+            return alone_s
+        finally:
+            await scheduler.close()
+
+    alone_s = asyncio.run(main())
+    assert alone_s < 1.0
+    assert batches == [2]
