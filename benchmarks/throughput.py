@@ -12,9 +12,9 @@ ways in one run:
      from one to the next in memory: what the providers compute per token between them, without any link.
    Step times are medians over the decode steps (the prefill is left out); the runtime's and the spans' include
    sampling, as ``generate()``'s do. Their sessions reserve the KV room a gateway's ticket would, prompt + new
-   tokens: a step's cost grows with the room reserved, and the runtime's default is 8,192 positions.
-2. Concurrency. An anvil with the contracts, three ``strata provider serve`` processes on TLS (one per span, as
-   many torch threads as this process has, OpenMP threads sleeping when idle), and ``strata gateway serve`` with
+   tokens.
+2. Concurrency. An anvil with the contracts, three ``strata provider serve`` processes on TLS (one per span, one
+   torch thread each, OpenMP threads sleeping when idle), and ``strata gateway serve`` with
    payments on, which the providers' asks are announced to. Each client is the SDK's ``StrataClient`` paying
    from a channel of its own (a funded VoucherEscrow deposit, one account per client: clients are different
    people, and one wallet serialises its own requests' payments). After a warm-up in which every client streams
@@ -130,6 +130,10 @@ ASCII_ONLY = {str(token): -100 for token in range(128, VOCAB_SIZE)}
 # Providers, gateway and clients share this machine's cores: OpenMP threads that spin after a step would steal the
 # core the next process computes on.
 QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Torch threads per provider. Three providers share two cores here, and a pass reads weights at memory speed: a
+# second thread made no pass faster (16 rows of an 8-layer span: 34 ms on one thread, 40 on two, under load),
+# while every extra thread competes with the other providers' passes.
+PROVIDER_THREADS = 1
 # Set this to the GatewaySettings field that switches the token ring, if it is ever named so that ring_setting
 # cannot find it; None looks for a boolean field named "ring" or "..._ring_..." alone.
 RING_SETTING: str | None = None
@@ -296,7 +300,7 @@ def market(model_dir: Path, layers: int, clients: int, workdir: Path) -> Iterato
             )  # fmt: skip
             node = ProviderProcess.start(
                 command, key=account.key.hex(), log=workdir / f"provider-{index}.log",
-                env={**os.environ, **QUIET_THREADS}, threads=torch.get_num_threads(),
+                env={**os.environ, **QUIET_THREADS}, threads=PROVIDER_THREADS,
             )  # fmt: skip
             providers.append(Provider(account, (first, last), node))
         channels = []
