@@ -90,7 +90,7 @@ class Session:
     positions: int = 0
     closed_at: float | None = None
     spoiled: str | None = None  # why no further step can run: its cache holds a step that was refused
-    running: bool = False  # a step of it is in a batch
+    in_progress: PendingStep | None = None  # its step admitted to a pass and not yet finished or refused
     # Every step's input in one dtype, the first's: steps alike join into one fetch reply (worker.server), and
     # a previous hop alternating dtypes could otherwise make the provider's data too slow to fetch.
     input_dtype: torch.dtype | None = None
@@ -297,7 +297,8 @@ class SpanRuntime:
                     continue
                 count = min(item.left, max(room, 1 if not admitted else 0))
                 if count == 0:
-                    session.running = False
+                    if not item.computed:  # not begun: checked again when it gets room
+                        session.in_progress = None
                     continue
                 admitted.append((item, session, count))
                 room -= count
@@ -308,32 +309,39 @@ class SpanRuntime:
         except (RuntimeError, ValueError) as exc:  # out of memory, say: no session's cache can be trusted now
             with self._lock:
                 for item, session, _ in admitted:
-                    session.running = False
+                    session.in_progress = None
                     session.spoiled = f"a batch failed: {exc}"[:200]
                     item.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
             return
         with self._lock:
-            for _, session, _ in admitted:
-                session.running = False
             for (item, session, count), output in zip(admitted, outputs, strict=True):
                 item.computed += count
                 item.outputs.append(output)
                 if item.left == 0:
                     self._finish(item, session)
 
+    def abandon(self, item: PendingStep) -> None:
+        """Forgets a step whose caller went away before it finished (a prefill part way through its chunks): its
+        session may take the step again."""
+        with self._lock:
+            session = self._open.get(item.session)
+            if session is not None and session.in_progress is item:
+                session.in_progress = None
+
     def _admit(self, item: PendingStep) -> Session | None:
-        """The session ``item`` runs in, marked running, or None with ``item.error`` set (checked at the step's
-        first chunk; a later chunk only needs its session still open)."""
+        """The session ``item`` runs in, with ``item`` marked its step in progress, or None with ``item.error`` set
+        (checked at the step's first chunk; a later chunk only needs its session still open and still on it)."""
         session = self._open.get(item.session)
         try:
             if session is None:
                 raise UnknownSession(f"no open session {item.session.hex()}")
             if item.computed:
-                session.running = True
+                if session.in_progress is not item:
+                    raise UnknownSession(f"session {item.session.hex()} dropped the step")
                 return session
             if session.spoiled is not None:
                 raise BadStepInput(f"session {item.session.hex()} takes no more steps: {session.spoiled}")
-            if session.running or item.step != session.next_step:
+            if session.in_progress is not None or item.step != session.next_step:
                 raise StepOutOfOrder(item.session.hex(), session.next_step, item.step)
             seq = self._check_input(item.inputs)
             if session.input_dtype not in (None, item.inputs.dtype):
@@ -348,7 +356,7 @@ class SpanRuntime:
         except WorkerError as exc:
             item.error = exc
             return None
-        session.running = True
+        session.in_progress = item
         return session
 
     def _forward(self, admitted: list[tuple[PendingStep, Session, int]]) -> list[torch.Tensor]:
@@ -366,6 +374,7 @@ class SpanRuntime:
 
     def _finish(self, item: PendingStep, session: Session) -> None:
         """Records a step whose every position was computed, or refuses it if its output is not finite."""
+        session.in_progress = None
         if self._open.get(item.session) is not session:
             item.error = UnknownSession(f"session {item.session.hex()} closed while its step ran")
             return

@@ -80,6 +80,8 @@ class StepScheduler:
             carried = []
             for pending, future, ms in batch:
                 if future.done():  # its caller went away
+                    if not pending.done:
+                        self.runtime.abandon(pending)
                     continue
                 if pending.error is not None:
                     future.set_exception(pending.error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from types import TracebackType
@@ -60,6 +61,12 @@ class DelayProxy:
             writer.close()
             self._pipes.discard(task)
             return
+        for end in (writer, up_writer):
+            # Forwarded at once: Nagle's algorithm would hold a message's second write for the first's
+            # acknowledgement (a delayed ACK away), latency that is the proxy's, not the link's.
+            sock = end.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         except asyncio.CancelledError:

@@ -260,3 +260,33 @@ def test_steps_of_sessions_on_their_way_wait_to_share_a_pass_and_a_lone_session_
     alone_s = asyncio.run(main())
     assert alone_s < 1.0
     assert batches == [2]
+
+
+def test_a_second_copy_of_a_step_part_way_through_its_chunks_is_refused(tiny_models: dict[str, Path]) -> None:
+    """Two senders (a gateway and a previous hop) may both send a session's step: while one copy is being computed,
+    chunk by chunk, the other is out of order; a copy whose caller went away frees the session for another."""
+    shard = load_shard(tiny_models["llama"], "0:3", device=CPU)
+    prompt = torch.arange(1, 11).unsqueeze(0)
+    reference = SpanRuntime(shard)
+    reference.open(b"s" * 16)
+    expected, _ = reference.step(b"s" * 16, 0, prompt)
+
+    runtime = SpanRuntime(shard, RuntimeLimits(max_batch_positions=4))
+    runtime.open(b"s" * 16)
+    first = PendingStep(b"s" * 16, 0, prompt)
+    runtime.run_batch([first])
+    assert first.computed == 4 and not first.done
+    copy = PendingStep(b"s" * 16, 0, prompt)
+    runtime.run_batch([first, copy])
+    assert isinstance(copy.error, StepOutOfOrder)
+    while not first.done:
+        runtime.run_batch([first])
+    assert first.result is not None
+    assert torch.allclose(first.result[0], expected, atol=TOLERANCE)
+
+    runtime.open(b"t" * 16)
+    gone = PendingStep(b"t" * 16, 0, prompt)
+    runtime.run_batch([gone])
+    runtime.abandon(gone)
+    out, _ = runtime.step(b"t" * 16, 0, prompt)
+    assert torch.allclose(out, expected, atol=TOLERANCE)
