@@ -304,17 +304,28 @@ class SpanRuntime:
                 room -= count
         if not admitted:
             return
+        outputs: list[torch.Tensor | Exception]
         try:
-            outputs = self._forward(admitted)
-        except (RuntimeError, ValueError) as exc:  # out of memory, say: no session's cache can be trusted now
-            with self._lock:
-                for item, session, _ in admitted:
-                    session.in_progress = None
-                    session.spoiled = f"a batch failed: {exc}"[:200]
-                    item.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
-            return
+            outputs = list(self._forward(admitted))
+        except (
+            Exception
+        ) as exc:  # out of memory, say, or one session's step past a learned position embedding
+            if self.shard.packable and len(admitted) > 1:
+                # Each step alone, so that no session is refused for what another sent. A failed packed pass
+                # leaves every session's cache as good as before: positions past a session's own are written
+                # again before any attention reads them.
+                outputs = [self._forward_alone(entry) for entry in admitted]
+            else:
+                outputs = [exc] * len(admitted)
         with self._lock:
             for (item, session, count), output in zip(admitted, outputs, strict=True):
+                if isinstance(output, Exception):
+                    if session.in_progress is item:
+                        session.in_progress = None
+                    if not self.shard.packable:  # its cache took some of the step's positions
+                        session.spoiled = f"a batch failed: {output}"[:200]
+                    item.error = ProviderBusy(f"the step's batch failed on this provider: {output}"[:300])
+                    continue
                 item.computed += count
                 item.outputs.append(output)
                 if item.left == 0:
@@ -358,6 +369,12 @@ class SpanRuntime:
             return None
         session.in_progress = item
         return session
+
+    def _forward_alone(self, entry: tuple[PendingStep, Session, int]) -> torch.Tensor | Exception:
+        try:
+            return self._forward([entry])[0]
+        except Exception as exc:  # the step's own failure, reported to it
+            return exc
 
     def _forward(self, admitted: list[tuple[PendingStep, Session, int]]) -> list[torch.Tensor]:
         rows = []

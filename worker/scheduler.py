@@ -78,6 +78,7 @@ class StepScheduler:
                 log.exception("a batch of %d steps failed", len(batch))
                 for pending, _, _ in batch:
                     if not pending.done:
+                        self.runtime.abandon(pending)  # its session takes steps again
                         pending.error = ProviderBusy(f"the step's batch failed on this provider: {exc}"[:300])
             spent_ms = (time.perf_counter() - started) * 1e3
             self._pass_s = spent_ms / 1e3
