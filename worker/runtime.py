@@ -94,6 +94,12 @@ class Session:
     # Every step's input in one dtype, the first's: steps alike join into one fetch reply (worker.server), and
     # a previous hop alternating dtypes could otherwise make the provider's data too slow to fetch.
     input_dtype: torch.dtype | None = None
+    retained_from: int = 0  # the size of its file of steps when it opened, before any step
+
+    @property
+    def retained_steps(self) -> int:
+        """Bytes its steps took on disk so far."""
+        return self.retained.size - self.retained_from
 
     @property
     def job(self) -> bytes:
@@ -193,6 +199,7 @@ class SpanRuntime:
                 opened_at=now,
                 last_used=now,
                 max_positions=positions,
+                retained_from=retained.size,
             )
             self._open[session_id] = session
             return session
@@ -364,11 +371,23 @@ class SpanRuntime:
                     f"session {item.session.hex()} would hold {session.positions + seq} positions, "
                     f"the limit is {session.max_positions}"
                 )
+            # Its reservation was for the widest input a step takes in the span's terms (float32 hidden states);
+            # a previous hop sending float64 takes more per position, and past the reservation it is refused.
+            if session.retained_steps + self._step_bytes(item.inputs) > session.retained.reserved:
+                raise ProviderBusy(
+                    f"session {item.session.hex()}'s step would write past the disk it reserved for its steps"
+                )
         except WorkerError as exc:
             item.error = exc
             return None
         session.in_progress = item
         return session
+
+    def _step_bytes(self, inputs: torch.Tensor) -> int:
+        """The most a step of ``inputs`` writes to disk: its input as sent, its output at float32 width."""
+        shard = self.shard
+        output = shard.vocab_size if shard.span.last else int(inputs.shape[1]) * shard.hidden_size
+        return 2 * HEADER_SIZE + inputs.numel() * inputs.element_size() + output * 4
 
     def _forward_alone(self, entry: tuple[PendingStep, Session, int]) -> torch.Tensor | Exception:
         try:

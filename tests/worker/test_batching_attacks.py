@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from worker.errors import ProviderBusy
 from worker.runtime import PendingStep, RuntimeLimits, SpanRuntime
 from worker.scheduler import StepScheduler
 from worker.shard import load_shard
@@ -58,3 +59,32 @@ def test_the_scheduler_is_not_wedged_by_a_failing_batch_mate(tiny_models: dict[s
             await scheduler.close()
 
     asyncio.run(main())
+
+
+def test_float64_hidden_states_cannot_write_past_a_sessions_retention_reservation(
+    tiny_models: dict[str, Path],
+) -> None:
+    """A previous hop sends its hidden states in float64 (a wire dtype): each step's input takes twice what the
+    session reserved for it on disk. Past its reservation, a session's steps are refused; the disk budget holds."""
+    shard = load_shard(tiny_models["llama"], "3:6", device=CPU)
+    positions = 16
+    budget = SpanRuntime(shard).retained_bytes(positions)
+    runtime = SpanRuntime(shard, RuntimeLimits(max_retained_bytes=budget + 4096))
+    runtime.open(b"x" * 16, max_positions=positions)
+    for step in range(positions):
+        try:
+            runtime.step(b"x" * 16, step, torch.randn(1, 1, shard.hidden_size, dtype=torch.float64))
+        except ProviderBusy:
+            break
+    assert runtime.store.used_bytes <= runtime.limits.max_retained_bytes
+    # An honest session takes every position it reserved, one at a time, in the span's own width.
+    for span, make in (
+        ("3:6", lambda: torch.randn(1, 1, shard.hidden_size)),
+        ("0:3", lambda: torch.tensor([[7]])),
+        ("4:6", lambda: torch.randn(1, 1, shard.hidden_size)),
+    ):
+        honest = SpanRuntime(load_shard(tiny_models["llama"], span, device=CPU))
+        honest.open(b"h" * 16, max_positions=positions)
+        honest.step(b"h" * 16, 0, make().repeat(1, 2, 1) if make().dim() == 3 else make().repeat(1, 2))
+        for step in range(1, positions - 1):
+            honest.step(b"h" * 16, step, make())
