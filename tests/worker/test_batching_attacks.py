@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
 from worker.errors import ProviderBusy
 from worker.runtime import PendingStep, RuntimeLimits, SpanRuntime
 from worker.scheduler import StepScheduler
 from worker.shard import load_shard
+from worker.testing.tiny import ARCHITECTURES
 
 CPU = torch.device("cpu")
 
@@ -88,3 +90,26 @@ def test_float64_hidden_states_cannot_write_past_a_sessions_retention_reservatio
         honest.step(b"h" * 16, 0, make().repeat(1, 2, 1) if make().dim() == 3 else make().repeat(1, 2))
         for step in range(1, positions - 1):
             honest.step(b"h" * 16, step, make())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_row_that_overflows_in_the_span_leaves_its_batch_mates_exact(
+    tiny_models: dict[str, Path], arch: str
+) -> None:
+    """A hostile previous hop sends finite hidden states that overflow inside the span (inf, then NaN, in its
+    rows): the honest rows packed beside it, before and after it, still equal each one's result alone, bit for
+    bit with the same pass layout (MoE routing and every norm are per row)."""
+    shard = load_shard(tiny_models[arch], "1:4", device=CPU)
+    generator = torch.Generator().manual_seed(5)
+    honest = [torch.randn((1, n, shard.hidden_size), generator=generator) for n in (3, 1)]
+    hostile = torch.full((1, 4, shard.hidden_size), 3e38)
+    hostile[0, :, ::2] = -3e38
+
+    def run(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        return shard.forward_packed([(shard.new_kv(16), 0, row) for row in rows])
+
+    clean = run([honest[0], honest[1], honest[1]])
+    dirty = run([honest[0], hostile, honest[1]])
+    assert torch.equal(clean[0], dirty[0]) or float((clean[0] - dirty[0]).abs().max()) < 1e-5
+    assert torch.equal(clean[2], dirty[2]) or float((clean[2] - dirty[2]).abs().max()) < 1e-5
+    assert bool(torch.isfinite(dirty[0]).all()) and bool(torch.isfinite(dirty[2]).all())
