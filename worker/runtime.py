@@ -314,9 +314,7 @@ class SpanRuntime:
         outputs: list[torch.Tensor | Exception]
         try:
             outputs = list(self._forward(admitted))
-        except (
-            Exception
-        ) as exc:  # out of memory, say, or one session's step past a learned position embedding
+        except Exception as exc:  # out of memory, say, or one step past a learned position embedding
             if self.shard.packable and len(admitted) > 1:
                 # Each step alone, so that no session is refused for what another sent. A failed packed pass
                 # leaves every session's cache as good as before: positions past a session's own are written
