@@ -94,13 +94,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from eth_account.signers.local import LocalAccount
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from benchmarks.gateway import wait_healthy
 from marketplace.client import ChannelWallet, StrataClient, fund_channel, stream_chunks
 from marketplace.devnet.anvil import Anvil
 from marketplace.devnet.process import free_port
@@ -361,7 +361,7 @@ def gateway(
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=market.workdir,
         )  # fmt: skip
     try:
-        _wait_healthy(url, process, log)
+        wait_healthy(url, process, log)
         domain = market.contracts.protocol_domain()
         for provider, endpoint in zip(market.providers, endpoints, strict=True):
             offer = Offer(
@@ -377,18 +377,6 @@ def gateway(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited:\n{log.read_text()[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("the gateway did not start")
 
 
 async def _announce(url: str, provider: LocalAccount, offer: Offer, domain: Any) -> None:

@@ -475,25 +475,8 @@ class HopServer:
             )
         if session.positions + request.positions > ticket.max_positions:
             raise ProviderBusy(f"the ticket allows {ticket.max_positions} positions in this session")
+        frame = await self._read_step_frame(request.session, request.step, request.positions, reader)
         shard = self.runtime.shard
-        if shard.span.first:
-            limits = FrameLimits(max_payload_bytes=request.positions * 8, max_elements=request.positions)
-        else:
-            width = request.positions * shard.hidden_size
-            limits = FrameLimits(max_payload_bytes=width * 4, max_elements=width)
-        timeout_s = self.limits.read_timeout_s
-        async with asyncio.timeout(timeout_s):
-            length = await read_frame_length(reader)
-        if length == 0:
-            raise ProtocolError("a step carries its input as a frame")
-        async with self._budget.holding(length, timeout_s), asyncio.timeout(timeout_s):
-            frame = await read_frame_body(reader, length, limits)
-        if frame.session != request.session or frame.step != request.step:
-            raise ProtocolError("the frame belongs to another session or step")
-        if frame.tensor.dim() < 2 or int(frame.tensor.shape[1]) != request.positions:
-            raise ProtocolError(
-                f"the frame holds {frame.tensor.shape[1]} positions, the step says {request.positions}"
-            )
 
         entry = HopEntry(self.address, request.session, request.step, positions=request.positions)
         try:

@@ -360,17 +360,10 @@ class Coordinator:
         # Step 0 is the prefill: the prompt, and after a failover every token generated so far as well.
         result = await self._step(client, records, 0, [*spec.prompt, *tokens])
         step = 1
-        while True:
-            token = result.token
-            tokens.append(token)
-            if token in spec.stop_token_ids:
-                return "stop"
-            if not await emit(token, result.logprobs):
-                return "halted"
-            if len(tokens) >= spec.max_tokens:
-                return "length"
-            result = await self._step(client, records, step, [token])
+        while (finish := await self._take(spec, result, tokens, emit)) is None:
+            result = await self._step(client, records, step, [result.token])
             step += 1
+        return finish
 
     async def _generate_ring(
         self,
@@ -387,15 +380,21 @@ class Coordinator:
         async with contextlib.aclosing(ring):
             async for result in ring:
                 self._record(records, result)
-                token = result.token
-                tokens.append(token)
-                if token in spec.stop_token_ids:
-                    return "stop"
-                if not await emit(token, result.logprobs):
-                    return "halted"
-                if len(tokens) >= spec.max_tokens:
-                    return "length"
+                if (finish := await self._take(spec, result, tokens, emit)) is not None:
+                    return finish
         raise StepFailed("the ring ended before its last step", Blame([len(records) - 1], suspend=False))
+
+    @staticmethod
+    async def _take(spec: JobSpec, result: StepResult, tokens: list[int], emit: ChoiceEmit) -> Finish | None:
+        """Takes a step's token: how the choice finishes with it, or None to go on."""
+        tokens.append(result.token)
+        if result.token in spec.stop_token_ids:
+            return "stop"
+        if not await emit(result.token, result.logprobs):
+            return "halted"
+        if len(tokens) >= spec.max_tokens:
+            return "length"
+        return None
 
     async def _step(
         self, client: RouteSession, records: list[HopRecord], step: int, ids: list[int]

@@ -62,6 +62,19 @@ def test_packed_sessions_match_each_session_alone(tiny_models: dict[str, Path], 
     assert worst < TOLERANCE, worst
 
 
+def _count_batches(runtime: SpanRuntime) -> list[int]:
+    """The sizes of the batches ``runtime`` runs from now on, as it runs them."""
+    batches: list[int] = []
+    run_batch = runtime.run_batch
+
+    def counted(pending: list[PendingStep]) -> None:
+        batches.append(len(pending))
+        run_batch(pending)
+
+    runtime.run_batch = counted  # type: ignore[method-assign]
+    return batches
+
+
 def _greedy_alone(runtime: SpanRuntime, session: bytes, prompt: torch.Tensor, tokens: int) -> list[int]:
     runtime.open(session)
     out, _ = runtime.step(session, 0, prompt)
@@ -162,14 +175,7 @@ def test_a_session_closed_while_its_step_computes_records_nothing(tiny_models: d
 def test_the_scheduler_batches_steps_that_arrive_together(tiny_models: dict[str, Path]) -> None:
     shard = load_shard(tiny_models["llama"], "0:6", device=CPU)
     runtime = SpanRuntime(shard)
-    batches: list[int] = []
-    run_batch = runtime.run_batch
-
-    def counted(pending: list[PendingStep]) -> None:
-        batches.append(len(pending))
-        run_batch(pending)
-
-    runtime.run_batch = counted  # type: ignore[method-assign]
+    batches = _count_batches(runtime)
 
     async def main() -> list[list[int]]:
         scheduler = StepScheduler(runtime)
@@ -227,14 +233,7 @@ def test_steps_of_sessions_on_their_way_wait_to_share_a_pass_and_a_lone_session_
 ) -> None:
     shard = load_shard(tiny_models["llama"], "0:3", device=CPU)
     runtime = SpanRuntime(shard)
-    batches: list[int] = []
-    run_batch = runtime.run_batch
-
-    def counted(pending: list[PendingStep]) -> None:
-        batches.append(len(pending))
-        run_batch(pending)
-
-    runtime.run_batch = counted  # type: ignore[method-assign]
+    batches = _count_batches(runtime)
 
     async def main() -> float:
         scheduler = StepScheduler(runtime)
